@@ -1,0 +1,136 @@
+"""Per-stream frame buffers and the batcher that takes from them fairly.
+
+All buffers sit behind one condition variable: readers notify it, and the batcher waits on it for
+"any stream has a frame" without polling. A slow or dead stream therefore never holds up a batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pipeline.frames import Batch, Frame
+
+
+class OverflowPolicy(enum.Enum):
+    """What a full per-stream buffer does with a new frame."""
+
+    DROP_OLDEST = "drop_oldest"  # live sources: freshest frame wins
+    WAIT = "wait"  # files: the reader waits, nothing is lost
+
+
+@dataclass
+class _StreamBuffer:
+    frames: deque[Frame]
+    capacity: int
+    policy: OverflowPolicy
+
+
+class FrameHub:
+    """Bounded per-stream buffers with round-robin batch taking."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._buffers: dict[str, _StreamBuffer] = {}
+        self._next_stream = 0
+        self._in_flight = 0
+
+    def add_stream(self, stream_id: str, capacity: int, policy: OverflowPolicy) -> None:
+        with self._condition:
+            self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy)
+
+    def remove_stream(self, stream_id: str) -> None:
+        with self._condition:
+            self._buffers.pop(stream_id, None)
+            self._condition.notify_all()
+
+    def put(self, frame: Frame, stop: threading.Event) -> Frame | None:
+        """Add a frame; returns the frame dropped to make room (to be counted), if any.
+
+        With the WAIT policy this blocks until there is room, the stream is removed, or `stop` is set;
+        a frame refused because of `stop` is returned as dropped.
+        """
+        with self._condition:
+            buffer = self._buffers.get(frame.stream_id)
+            if buffer is None:
+                return frame
+            while len(buffer.frames) >= buffer.capacity:
+                if buffer.policy is OverflowPolicy.DROP_OLDEST:
+                    dropped = buffer.frames.popleft()
+                    buffer.frames.append(frame)
+                    self._condition.notify_all()
+                    return dropped
+                if stop.is_set() or self._buffers.get(frame.stream_id) is not buffer:
+                    return frame
+                self._condition.wait(timeout=0.1)
+            buffer.frames.append(frame)
+            self._condition.notify_all()
+            return None
+
+    def depth(self) -> int:
+        with self._condition:
+            return sum(len(buffer.frames) for buffer in self._buffers.values())
+
+    def drained(self) -> bool:
+        """No frame waits in a buffer and every taken batch was reported done."""
+        with self._condition:
+            return self._in_flight == 0 and not self._any_frame()
+
+    def batch_done(self, batch: Batch) -> None:
+        with self._condition:
+            self._in_flight -= len(batch.frames)
+
+    def take_batch(
+        self, max_batch: int, max_wait_s: float, max_per_stream: int, poll_s: float = 0.1
+    ) -> Batch | None:
+        """Wait up to `poll_s` for a first frame, then fill the batch for at most `max_wait_s`.
+
+        Streams are visited round-robin, starting one further each batch, and no stream gives more
+        than `max_per_stream` frames to one batch. Returns None when nothing arrived within `poll_s`,
+        so the caller can check its stop event.
+        """
+        taken: list[Frame] = []
+        per_stream: dict[str, int] = {}
+        with self._condition:
+            if not self._condition.wait_for(self._any_frame, timeout=poll_s):
+                return None
+            deadline = time.monotonic() + max_wait_s
+            while True:
+                self._take_round_robin(taken, per_stream, max_batch, max_per_stream)
+                remaining = deadline - time.monotonic()
+                if len(taken) >= max_batch or remaining <= 0 or not self._can_grow(per_stream, max_per_stream):
+                    break
+                self._condition.wait(timeout=remaining)
+            self._next_stream += 1
+            self._in_flight += len(taken)
+            self._condition.notify_all()
+        return Batch(frames=tuple(taken), formed_monotonic=time.monotonic())
+
+    def _any_frame(self) -> bool:
+        return any(buffer.frames for buffer in self._buffers.values())
+
+    def _can_grow(self, per_stream: dict[str, int], max_per_stream: int) -> bool:
+        return any(per_stream.get(stream_id, 0) < max_per_stream for stream_id in self._buffers)
+
+    def _take_round_robin(
+        self, taken: list[Frame], per_stream: dict[str, int], max_batch: int, max_per_stream: int
+    ) -> None:
+        stream_ids = list(self._buffers)
+        if not stream_ids:
+            return
+        start = self._next_stream % len(stream_ids)
+        order = stream_ids[start:] + stream_ids[:start]
+        progressed = True
+        while progressed and len(taken) < max_batch:
+            progressed = False
+            for stream_id in order:
+                buffer = self._buffers[stream_id]
+                if len(taken) >= max_batch:
+                    break
+                if buffer.frames and per_stream.get(stream_id, 0) < max_per_stream:
+                    taken.append(buffer.frames.popleft())
+                    per_stream[stream_id] = per_stream.get(stream_id, 0) + 1
+                    progressed = True

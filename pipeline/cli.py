@@ -1,0 +1,169 @@
+"""The `vap` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from pipeline import __version__
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+log = logging.getLogger("pipeline")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; this keeps its message to one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vap", description="Real-time video analytics: cameras -> YOLO -> Kafka.")
+    parser.add_argument("--version", action="version", version=f"vap {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the pipeline from a config file")
+    run.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config value (repeatable)")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument("--max-frames", type=int, help="stop after this many processed frames")
+
+    demo = commands.add_parser("demo", help="zero set-up demo: sample clips, bundled model, embedded broker")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    validate = commands.add_parser("validate", help="check a config file")
+    validate.add_argument("-c", "--config", type=Path, required=True)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    consume = commands.add_parser("consume", help="tail result messages from Kafka")
+    consume.add_argument("--bootstrap", default="localhost:9092", help="HOST:PORT[,HOST:PORT]")
+    consume.add_argument("--topic", default="vap.frames")
+    consume.add_argument("--stream", action="append", default=[], help="only this stream id (repeatable)")
+    consume.add_argument("--from-beginning", action="store_true")
+    consume.add_argument("--format", choices=["json", "table"], default="table")
+    consume.add_argument("--group", help="consumer group id (default: none, no offsets committed)")
+    consume.add_argument("--max-messages", type=int, help="exit after this many messages")
+    consume.add_argument("--idle-timeout", type=float, help="exit after this many seconds without a message")
+
+    commands.add_parser("schema", help="print the JSON Schema of the result message")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    handlers = {
+        "run": _run,
+        "demo": _demo,
+        "validate": _validate,
+        "consume": _consume,
+        "schema": _schema,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig | None:
+    """The validated config, or None after printing every problem with its key path."""
+    from pipeline.config import ConfigError, check_files_exist, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+        check_files_exist(config)
+    except ConfigError as error:
+        for line in error.lines():
+            print(f"invalid config {args.config}: {line}", file=sys.stderr)
+        return None
+    return config
+
+
+def _validate(args: argparse.Namespace) -> int:
+    if _load(args) is None:
+        return EXIT_USAGE
+    print(f"{args.config}: valid")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_USAGE
+    return run_pipeline(config, duration_s=args.duration, max_frames=args.max_frames)
+
+
+def run_pipeline(config: PipelineConfig, duration_s: float | None = None, max_frames: int | None = None) -> int:
+    """Run until a signal, the duration, the frame bound, or the end of every file source."""
+    from pipeline.app import Pipeline
+
+    pipeline = Pipeline(config)
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        pipeline.request_stop()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            pipeline.start(max_frames=max_frames)
+        except Exception as error:
+            log.error("cannot start: %s", error)
+            log.debug("start failure", exc_info=True)
+            return EXIT_FAILURE
+        reason = pipeline.wait(duration_s)
+        log.info("%s; stopping", reason)
+        return EXIT_OK
+    finally:
+        pipeline.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(duration_s=args.duration, overrides=args.overrides)
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from pipeline.consume import ConsumeOptions, consume
+
+    options = ConsumeOptions(
+        bootstrap=args.bootstrap,
+        topic=args.topic,
+        streams=tuple(args.stream),
+        from_beginning=args.from_beginning,
+        output_format=args.format,
+        group=args.group,
+        max_messages=args.max_messages,
+        idle_timeout_s=args.idle_timeout,
+    )
+    return consume(options, sys.stdout)
+
+
+def _schema(_args: argparse.Namespace) -> int:
+    from pipeline.messages import load_schema
+
+    print(json.dumps(load_schema(), indent=2))
+    return EXIT_OK

@@ -1,0 +1,267 @@
+"""The configuration tree: one pydantic model, with every default and bound in one place.
+
+Validation is pure (no network, no hardware probe, no file opened besides the config itself) so that
+`vap validate` gives the same answer on a laptop as on the camera box.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
+_LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` holds one `(key path, message)` pair per mistake."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+
+    def lines(self) -> list[str]:
+        return [f"{path}: {message}" if path else message for path, message in self.problems]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StreamConfig(_Section):
+    id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=128, description="Unique id; the Kafka key")]
+    url: str = Field(description="rtsp://, http(s)://, a file path, /dev/videoN or a camera index")
+    fps: float | None = Field(None, gt=0, le=1000, description="Cap: frames above this rate are dropped")
+    transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport")
+    loop: bool = Field(False, description="Files only: start again at the end")
+    realtime: bool = Field(True, description="Files only: pace at the file's frame rate")
+    open_timeout_ms: int = Field(5000, ge=100, le=120_000, description="Give up opening after this")
+    read_timeout_ms: int = Field(5000, ge=100, le=120_000, description="Give up one read after this")
+    reconnect_backoff_s: float = Field(0.5, gt=0, le=60, description="First wait before reconnecting")
+    reconnect_backoff_max_s: float = Field(10.0, gt=0, le=600, description="Longest wait between tries")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("url")
+    @classmethod
+    def _known_source_kind(cls, url: str) -> str:
+        if not url.strip():
+            raise ValueError("must not be empty")
+        scheme = urlsplit(url).scheme.lower()
+        if "://" in url and scheme not in (*_LIVE_SCHEMES, "file"):
+            raise ValueError(
+                f"unsupported scheme '{scheme}://'; use rtsp://, http(s)://, a file path, /dev/videoN "
+                "or a camera index"
+            )
+        return url
+
+    @property
+    def kind(self) -> Literal["live", "file", "camera"]:
+        """Live network streams drop old frames; files wait; cameras are local live devices."""
+        if self.url.isdigit() or self.url.startswith("/dev/video"):
+            return "camera"
+        if urlsplit(self.url).scheme.lower() in _LIVE_SCHEMES:
+            return "live"
+        return "file"
+
+    @property
+    def file_path(self) -> Path:
+        return Path(self.url[len("file://") :] if self.url.startswith("file://") else self.url)
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL safe for logs: credentials are replaced so they never reach a log line."""
+        parts = urlsplit(self.url)
+        if parts.password is None and parts.username is None:
+            return self.url
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class ModelConfig(_Section):
+    weights: str = Field("yolo11n-seg.pt", description="Path or Ultralytics model name (or a .yaml)")
+    task: Literal["auto", "detect", "segment", "classify"] = "auto"
+    imgsz: int = Field(640, ge=32, le=4096, description="Model input size in pixels")
+    device: str | list[str] = Field("auto", description="auto | cpu | cuda:N | a list of cuda devices")
+    half: Literal["auto"] | bool = Field("auto", description="FP16; auto means on CUDA only")
+    conf: float = Field(0.25, ge=0.0, le=1.0)
+    iou: float = Field(0.45, ge=0.0, le=1.0)
+    classes: list[int | str] | None = Field(None, description="Class ids or names to keep")
+    warmup: bool = Field(True, description="Run the real batch shapes once before reporting ready")
+
+    @field_validator("imgsz")
+    @classmethod
+    def _multiple_of_stride(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (the model stride); got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_names(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|\d+", name):
+                raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda:N or a list of cuda:N")
+        return value
+
+
+class BatchingConfig(_Section):
+    max_batch: int = Field(16, ge=1, le=256, description="Frames per inference call at most")
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="How long a partial batch may wait")
+    max_same_source_frames: int | None = Field(
+        None, ge=1, le=256, description="Frames one stream may give to one batch; default max_batch"
+    )
+    queue_size: int = Field(4, ge=1, le=1024, description="Frames buffered per stream before dropping")
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = Field("localhost:9092", min_length=1)
+    topic: str = Field("vap.frames", pattern=r"^[A-Za-z0-9._-]+$", max_length=249)
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
+    acks: Literal["all", "0", "1", 0, 1, -1] = "all"
+    client_id: str = "vap"
+    linger_ms: int = Field(5, ge=0, le=10_000)
+    request_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
+    spool_max_messages: int = Field(10_000, ge=1, description="Messages kept while the broker is away")
+
+
+class HttpConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+
+
+class PipelineConfig(_Section):
+    streams: list[StreamConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    batching: BatchingConfig = BatchingConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    http: HttpConfig = HttpConfig()
+
+    @model_validator(mode="after")
+    def _unique_stream_ids(self) -> PipelineConfig:
+        seen: set[str] = set()
+        for stream in self.streams:
+            if stream.id in seen:
+                raise ValueError(f"duplicate stream id '{stream.id}'; each stream needs its own id")
+            seen.add(stream.id)
+        return self
+
+
+def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:
+    """Expand `${VAR}` and `${VAR:-default}` so secrets stay out of config files."""
+    env = os.environ if environ is None else environ
+    missing: list[str] = []
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    expanded = _ENV_REFERENCE.sub(substitute, text)
+    if missing:
+        raise ConfigError([("", f"environment variable {name} is not set") for name in sorted(set(missing))])
+    return expanded
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set key.path=value`; the value is parsed as YAML so numbers and lists keep their type."""
+    key_path, sep, raw_value = assignment.partition("=")
+    if not sep or not key_path:
+        raise ConfigError([("--set", f"'{assignment}' is not key.path=value")])
+    value = yaml.safe_load(raw_value) if raw_value else ""
+    node: Any = tree
+    keys = key_path.split(".")
+    for depth, key in enumerate(keys[:-1]):
+        child_key: str | int = int(key) if isinstance(node, list) and key.isdigit() else key
+        try:
+            node = node[child_key]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                raise ConfigError([(".".join(keys[: depth + 1]), "does not exist")]) from None
+    last = keys[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError([(key_path, "does not exist")])
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    """Turn pydantic's location into `streams[1].url`."""
+    parts: list[str] = []
+    for item in location:
+        if isinstance(item, int) and parts:
+            parts[-1] = f"{parts[-1]}[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def parse_config(tree: Any) -> PipelineConfig:
+    if not isinstance(tree, dict):
+        raise ConfigError([("", "the config must be a YAML mapping with a 'streams' list")])
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown key (check its spelling)"
+            problems.append((_key_path(item["loc"]), message))
+        raise ConfigError(problems) from None
+
+
+def load_config(
+    path: Path | None,
+    overrides: list[str] | None = None,
+    text: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> PipelineConfig:
+    """Read, interpolate, override and validate a config file (or `text`, for embedded configs)."""
+    if text is None:
+        if path is None:
+            raise ConfigError([("", "no config given")])
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError([("", f"cannot read config file {path}: {error.strerror}")]) from None
+    try:
+        tree = yaml.safe_load(interpolate_env(text, environ)) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([("", f"not valid YAML: {error}")]) from None
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return parse_config(tree)
+
+
+def check_files_exist(config: PipelineConfig) -> None:
+    """Files named in the config must exist; kept apart from parsing so parsing stays pure."""
+    problems = [
+        (f"streams[{index}].url", f"file not found: {stream.url}")
+        for index, stream in enumerate(config.streams)
+        if stream.kind == "file" and not stream.file_path.is_file()
+    ]
+    weights = Path(config.model.weights)
+    if len(weights.parts) > 1 and not weights.is_file():
+        problems.append(("model.weights", f"file not found: {config.model.weights}"))
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,88 @@
+"""The small typed objects that travel between stages: a frame, a batch, a frame's result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded image from one stream, stamped where it was read.
+
+    `captured_at` is wall-clock UTC for the message; `captured_monotonic` measures latency and
+    staleness without being fooled by clock changes.
+    """
+
+    stream_id: str
+    frame_id: int
+    pts_ms: float | None
+    captured_at: datetime
+    captured_monotonic: float
+    image: npt.NDArray[np.uint8]
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Frames inferred together; `formed_monotonic` is when the batcher released it."""
+
+    frames: tuple[Frame, ...]
+    formed_monotonic: float
+
+
+@dataclass(frozen=True)
+class Detections:
+    """A frame's detections as parallel arrays, in source-frame pixels.
+
+    Arrays rather than a list of small objects: the inference stage fills them in one vectorised step.
+    `polygons[i]` is an (N, 2) float array or None when the model has no masks.
+    """
+
+    boxes_xyxy: npt.NDArray[np.float32]
+    confidences: npt.NDArray[np.float32]
+    class_ids: npt.NDArray[np.int64]
+    polygons: tuple[npt.NDArray[np.float32] | None, ...] = ()
+    track_ids: tuple[int | None, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.class_ids.shape[0])
+
+    @staticmethod
+    def empty() -> Detections:
+        return Detections(
+            boxes_xyxy=np.zeros((0, 4), np.float32),
+            confidences=np.zeros(0, np.float32),
+            class_ids=np.zeros(0, np.int64),
+        )
+
+
+@dataclass(frozen=True)
+class Classification:
+    class_id: int
+    label: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """What the model said about one frame, with the timings the message reports."""
+
+    frame: Frame
+    task: str
+    detections: Detections
+    labels: dict[int, str]
+    classes: tuple[Classification, ...] = ()
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    inferred_monotonic: float = 0.0

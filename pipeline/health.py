@@ -1,0 +1,33 @@
+"""Liveness and readiness facts shared by the stages and read by /healthz and /readyz."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pipeline.metrics import PipelineMetrics
+
+
+class Heartbeats:
+    """Each long-running loop beats here once per turn; a loop that stops beating is stuck."""
+
+    def __init__(self, metrics: PipelineMetrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._last_beat: dict[str, float] = {}
+
+    def beat(self, loop_name: str) -> None:
+        with self._lock:
+            self._last_beat[loop_name] = time.monotonic()
+        self._metrics.thread_heartbeat.labels(thread=loop_name).set(time.time())
+
+    def forget(self, loop_name: str) -> None:
+        with self._lock:
+            self._last_beat.pop(loop_name, None)
+        self._metrics.thread_heartbeat.remove(loop_name)
+
+    def stuck(self, max_age_s: float) -> list[str]:
+        """Loops whose last beat is older than `max_age_s`."""
+        now = time.monotonic()
+        with self._lock:
+            return sorted(name for name, last in self._last_beat.items() if now - last > max_age_s)

@@ -1,0 +1,81 @@
+"""The `vap.frame.v1` message: built from a frame's result, serialised with orjson.
+
+The JSON Schema in `schemas/` is the contract; this module is its only writer.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import orjson
+
+from pipeline.frames import FrameResult
+
+SCHEMA_ID = "vap.frame.v1"
+HEADERS: list[tuple[str, bytes]] = [("content-type", b"application/json"), ("schema", SCHEMA_ID.encode())]
+
+
+def load_schema() -> dict[str, Any]:
+    text = resources.files("pipeline").joinpath("schemas").joinpath(f"{SCHEMA_ID}.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def utc_iso(moment: datetime) -> str:
+    """RFC 3339 with milliseconds and a Z, the form dashboards parse without surprises."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _round(value: float, digits: int = 2) -> float:
+    return round(float(value), digits)
+
+
+def build_message(result: FrameResult, model_name: str, published_at: datetime, total_ms: float) -> dict[str, Any]:
+    frame = result.frame
+    message: dict[str, Any] = {
+        "schema": SCHEMA_ID,
+        "stream_id": frame.stream_id,
+        "frame_id": frame.frame_id,
+        "pts_ms": None if frame.pts_ms is None else _round(frame.pts_ms, 3),
+        "captured_at": utc_iso(frame.captured_at),
+        "published_at": utc_iso(published_at),
+        "image": {"width": frame.width, "height": frame.height},
+        "model": {"name": model_name, "task": result.task},
+        "latency_ms": {
+            "queue": _round(result.queue_ms),
+            "inference": _round(result.inference_ms),
+            "total": _round(max(0.0, total_ms)),
+        },
+    }
+    if result.task == "classify":
+        message["classes"] = [
+            {"class_id": c.class_id, "label": c.label, "confidence": _round(c.confidence, 4)}
+            for c in result.classes
+        ]
+        return message
+    detections = result.detections
+    entries = []
+    for index in range(len(detections)):
+        x1, y1, x2, y2 = (_round(v) for v in detections.boxes_xyxy[index])
+        class_id = int(detections.class_ids[index])
+        polygon = detections.polygons[index] if index < len(detections.polygons) else None
+        track_id = detections.track_ids[index] if index < len(detections.track_ids) else None
+        entries.append(
+            {
+                "class_id": class_id,
+                "label": result.labels.get(class_id, str(class_id)),
+                "confidence": _round(detections.confidences[index], 4),
+                "bbox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
+                "track_id": track_id,
+                "mask": None if polygon is None else {"polygon": [[_round(x), _round(y)] for x, y in polygon]},
+            }
+        )
+    message["detections"] = entries
+    return message
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)

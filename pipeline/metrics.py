@@ -1,0 +1,103 @@
+"""Every Prometheus metric of the pipeline, defined once against an injected registry.
+
+Tests pass a fresh `CollectorRegistry`, so no metric state leaks between runs.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DROP_REASONS = ("fps_cap", "stale", "queue_full", "decode_error")
+KAFKA_RESULTS = ("sent", "failed", "dropped")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+_SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PipelineMetrics:
+    """The metric names and labels of the design contract."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.frames_read = Counter(
+            "vap_frames_read_total", "Frames decoded from each stream", ["stream"], registry=registry
+        )
+        self.frames_dropped = Counter(
+            "vap_frames_dropped_total",
+            "Frames dropped before inference, by reason",
+            ["stream", "reason"],
+            registry=registry,
+        )
+        self.frames_processed = Counter(
+            "vap_frames_processed_total", "Frames inferred and handed to the publisher", ["stream"],
+            registry=registry,
+        )
+        self.stream_up = Gauge(
+            "vap_stream_up", "1 while the stream delivers frames, else 0", ["stream"], registry=registry
+        )
+        self.stream_reconnects = Counter(
+            "vap_stream_reconnects_total", "Reconnect attempts after a stream failed", ["stream"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "vap_batch_size", "Frames per inference batch", ["device"], buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inference_seconds = Histogram(
+            "vap_inference_seconds", "Time of one batch through the model, pre- and post-processing included",
+            ["device"], buckets=_INFERENCE_BUCKETS, registry=registry,
+        )
+        self.end_to_end_latency = Histogram(
+            "vap_end_to_end_latency_seconds", "From frame capture to the message handed to Kafka",
+            ["stream"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "vap_queue_depth", "Items waiting in each stage's queue", ["stage"], registry=registry
+        )
+        self.kafka_messages = Counter(
+            "vap_kafka_messages_total", "Result messages by delivery outcome", ["result"], registry=registry
+        )
+        self.kafka_send_latency = Histogram(
+            "vap_kafka_send_latency_seconds", "From send to broker acknowledgement",
+            buckets=_SEND_BUCKETS, registry=registry,
+        )
+        self.detections = Counter(
+            "vap_detections_total", "Detections published, by class label", ["stream", "label"],
+            registry=registry,
+        )
+        self.inference_errors = Counter(
+            "vap_inference_errors_total", "Batches the model failed on (their frames are not published)",
+            ["device"], registry=registry,
+        )
+        self.build_info = Gauge(
+            "vap_build_info", "Version, model and device of this process", ["version", "model", "device"],
+            registry=registry,
+        )
+        self.thread_heartbeat = Gauge(
+            "vap_thread_heartbeat_timestamp_seconds", "Last time each pipeline thread's loop turned",
+            ["thread"], registry=registry,
+        )
+        for result in KAFKA_RESULTS:
+            self.kafka_messages.labels(result=result)
+
+    def add_stream(self, stream_id: str) -> None:
+        """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""
+        self.frames_read.labels(stream=stream_id)
+        self.frames_processed.labels(stream=stream_id)
+        self.stream_up.labels(stream=stream_id).set(0)
+        self.stream_reconnects.labels(stream=stream_id)
+        self.end_to_end_latency.labels(stream=stream_id)
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(stream=stream_id, reason=reason)
+
+    def remove_stream(self, stream_id: str) -> None:
+        for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
+                       self.end_to_end_latency):
+            metric.remove(stream_id)
+        for reason in DROP_REASONS:
+            self.frames_dropped.remove(stream_id, reason)
+
+    def drop(self, stream_id: str, reason: str, count: int = 1) -> None:
+        self.frames_dropped.labels(stream=stream_id, reason=reason).inc(count)

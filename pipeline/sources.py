@@ -1,0 +1,276 @@
+"""Stream readers: one thread per camera or file, decoding with OpenCV and feeding the frame hub.
+
+Each reader owns an explicit state machine (connecting -> up -> backoff -> connecting ... -> stopped)
+and reconnects with exponential backoff and jitter. On failure it emits nothing: never a black or a
+repeated frame. Every OpenCV call that can block has a timeout, so stop always gets through.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Protocol
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.batching import FrameHub, OverflowPolicy
+from pipeline.config import StreamConfig
+from pipeline.frames import Frame
+from pipeline.health import Heartbeats
+from pipeline.metrics import PipelineMetrics
+
+log = logging.getLogger(__name__)
+
+# OpenCV reads FFmpeg options from the environment when a capture opens; this lock keeps one
+# stream's RTSP transport from leaking into another stream opening at the same moment.
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
+
+
+class StreamState(enum.Enum):
+    CONNECTING = "connecting"
+    UP = "up"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+ALLOWED_TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
+    StreamState.CONNECTING: frozenset({StreamState.UP, StreamState.BACKOFF, StreamState.STOPPED}),
+    StreamState.UP: frozenset({StreamState.CONNECTING, StreamState.BACKOFF, StreamState.STOPPED}),
+    StreamState.BACKOFF: frozenset({StreamState.CONNECTING, StreamState.STOPPED}),
+    StreamState.STOPPED: frozenset(),
+}
+
+
+class VideoSource(Protocol):
+    """What a reader needs from a decoder; OpenCV in production, fakes in unit tests."""
+
+    def open(self) -> bool: ...
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        """The next decoded image, or None at the end of a file or when the stream failed."""
+
+    def position_ms(self) -> float | None: ...
+
+    def frame_rate(self) -> float | None: ...
+
+    def close(self) -> None: ...
+
+
+class OpenCvSource:
+    """cv2.VideoCapture with open and read timeouts (FFmpeg backend for files and URLs)."""
+
+    def __init__(self, config: StreamConfig) -> None:
+        self._config = config
+        self._capture: cv2.VideoCapture | None = None
+
+    def open(self) -> bool:
+        config = self._config
+        timeouts = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, config.open_timeout_ms,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, config.read_timeout_ms,
+        ]
+        if config.kind == "camera":
+            device = int(config.url) if config.url.isdigit() else config.url
+            capture = cv2.VideoCapture(device, cv2.CAP_ANY, timeouts)
+        else:
+            target = str(config.file_path) if config.kind == "file" else config.url
+            with _FFMPEG_OPTIONS_LOCK:
+                previous = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
+                if config.url.lower().startswith("rtsp"):
+                    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{config.transport}"
+                try:
+                    capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
+                finally:
+                    if previous is None:
+                        os.environ.pop("OPENCV_FFMPEG_CAPTURE_OPTIONS", None)
+                    else:
+                        os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = previous
+        if not capture.isOpened():
+            capture.release()
+            return False
+        self._capture = capture
+        return True
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        if self._capture is None:
+            return None
+        ok, image = self._capture.read()
+        if not ok or image is None or image.size == 0:
+            return None
+        decoded: npt.NDArray[np.uint8] = image
+        return decoded
+
+    def position_ms(self) -> float | None:
+        if self._capture is None:
+            return None
+        position = float(self._capture.get(cv2.CAP_PROP_POS_MSEC))
+        return position if position > 0 or self._config.kind == "file" else None
+
+    def frame_rate(self) -> float | None:
+        if self._capture is None:
+            return None
+        fps = float(self._capture.get(cv2.CAP_PROP_FPS))
+        return fps if 0 < fps < 1000 else None
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+class StreamReader:
+    """Reads one stream on its own thread until stopped or, for a non-looping file, until its end."""
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        hub: FrameHub,
+        metrics: PipelineMetrics,
+        heartbeats: Heartbeats,
+        source_factory: Callable[[StreamConfig], VideoSource] = OpenCvSource,
+    ) -> None:
+        self.config = config
+        self._hub = hub
+        self._metrics = metrics
+        self._heartbeats = heartbeats
+        self._source_factory = source_factory
+        self._stop = threading.Event()
+        self._state = StreamState.CONNECTING
+        self._state_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"reader-{config.id}", daemon=True)
+        self.finished = threading.Event()
+        self.last_frame_monotonic: float | None = None
+        self._frame_id = 0
+        self._failures = 0
+
+    @property
+    def state(self) -> StreamState:
+        return self._state
+
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _set_state(self, new_state: StreamState) -> None:
+        with self._state_lock:
+            if new_state is self._state:
+                return
+            if new_state not in ALLOWED_TRANSITIONS[self._state]:
+                raise RuntimeError(f"stream {self.config.id}: {self._state.value} -> {new_state.value}")
+            log.info("stream %s: %s -> %s", self.config.id, self._state.value, new_state.value)
+            self._state = new_state
+        self._metrics.stream_up.labels(stream=self.config.id).set(1 if new_state is StreamState.UP else 0)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._set_state(StreamState.CONNECTING)
+                self._heartbeats.beat(self.thread_name)
+                source = self._source_factory(self.config)
+                if not source.open():
+                    log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
+                    self._back_off()
+                    continue
+                self._set_state(StreamState.UP)
+                try:
+                    reached_end = self._read_until_failure(source)
+                finally:
+                    source.close()
+                if reached_end and self.config.kind == "file":
+                    if not self.config.loop:
+                        break
+                    continue
+                if not self._stop.is_set():
+                    log.warning("stream %s: lost, reconnecting", self.config.id)
+                    self._back_off()
+        except Exception:
+            log.exception("stream %s: reader failed", self.config.id)
+        finally:
+            self._set_state(StreamState.STOPPED)
+            self._heartbeats.forget(self.thread_name)
+            self.finished.set()
+
+    def _back_off(self) -> None:
+        self._set_state(StreamState.BACKOFF)
+        base = self.config.reconnect_backoff_s * (2 ** min(self._failures, 16))
+        delay = min(self.config.reconnect_backoff_max_s, base) * random.uniform(0.5, 1.0)
+        self._failures += 1
+        self._stop.wait(delay)
+        if not self._stop.is_set():
+            self._metrics.stream_reconnects.labels(stream=self.config.id).inc()
+
+    def _read_until_failure(self, source: VideoSource) -> bool:
+        """Read frames until stop (False), the end of a file (True) or a failure (False)."""
+        is_file = self.config.kind == "file"
+        pace = is_file and self.config.realtime
+        file_fps = source.frame_rate() or 25.0
+        opened_at = time.monotonic()
+        first_pts: float | None = None
+        last_kept_time: float | None = None
+        frames_this_session = 0
+        stream_id = self.config.id
+        while not self._stop.is_set():
+            image = source.read()
+            self._heartbeats.beat(self.thread_name)
+            if image is None:
+                if is_file and frames_this_session > 0:
+                    return True
+                self._metrics.drop(stream_id, "decode_error")
+                return False
+            now = time.monotonic()
+            pts_ms = source.position_ms()
+            media_s = (pts_ms if pts_ms is not None else frames_this_session * 1000 / file_fps) / 1000
+            frames_this_session += 1
+            self._failures = 0
+            frame_id = self._frame_id
+            self._frame_id += 1
+            self.last_frame_monotonic = now
+            self._metrics.frames_read.labels(stream=stream_id).inc()
+            if pace:
+                first_pts = media_s if first_pts is None else first_pts
+                if self._stop.wait(max(0.0, opened_at + (media_s - first_pts) - time.monotonic())):
+                    return False
+            if self.config.fps is not None:
+                clock = media_s if is_file else now
+                if last_kept_time is not None and clock - last_kept_time < 0.95 / self.config.fps:
+                    self._metrics.drop(stream_id, "fps_cap")
+                    continue
+                last_kept_time = clock
+            frame = Frame(
+                stream_id=stream_id,
+                frame_id=frame_id,
+                pts_ms=pts_ms,
+                captured_at=datetime.now(timezone.utc),
+                captured_monotonic=time.monotonic(),
+                image=image,
+            )
+            dropped = self._hub.put(frame, self._stop)
+            if dropped is not None and not self._stop.is_set():
+                self._metrics.drop(dropped.stream_id, "queue_full")
+        return False
+
+
+def overflow_policy_for(config: StreamConfig) -> OverflowPolicy:
+    """Files wait (nothing lost); live streams keep the freshest frames."""
+    return OverflowPolicy.WAIT if config.kind == "file" else OverflowPolicy.DROP_OLDEST
