@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
 _LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
@@ -148,14 +148,18 @@ class PipelineConfig(_Section):
     kafka: KafkaConfig = KafkaConfig()
     http: HttpConfig = HttpConfig()
 
-    @model_validator(mode="after")
-    def _unique_stream_ids(self) -> PipelineConfig:
-        seen: set[str] = set()
-        for stream in self.streams:
-            if stream.id in seen:
-                raise ValueError(f"duplicate stream id '{stream.id}'; each stream needs its own id")
-            seen.add(stream.id)
-        return self
+    @field_validator("streams")
+    @classmethod
+    def _unique_stream_ids(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+        first_index: dict[str, int] = {}
+        for index, stream in enumerate(streams):
+            if stream.id in first_index:
+                raise ValueError(
+                    f"duplicate stream id '{stream.id}' (streams[{first_index[stream.id]}] and streams[{index}]); "
+                    "each stream needs its own id"
+                )
+            first_index[stream.id] = index
+        return streams
 
 
 def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:

@@ -97,7 +97,7 @@ class UltralyticsDetector:
                 conf=self._config.conf,
                 iou=self._config.iou,
                 classes=self._class_filter,
-                half=self._half,
+                quantize=16 if self._half else None,
                 device=self.device,
                 verbose=False,
             )

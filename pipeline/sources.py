@@ -272,5 +272,5 @@ class StreamReader:
 
 
 def overflow_policy_for(config: StreamConfig) -> OverflowPolicy:
-    """Files wait (nothing lost); live streams keep the freshest frames."""
-    return OverflowPolicy.WAIT if config.kind == "file" else OverflowPolicy.DROP_OLDEST
+    """Files read as fast as possible wait (nothing lost); live streams and paced files keep the freshest frames."""
+    return OverflowPolicy.WAIT if config.kind == "file" and not config.realtime else OverflowPolicy.DROP_OLDEST

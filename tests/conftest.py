@@ -1,0 +1,128 @@
+"""Shared fixtures: a real Kafka-protocol broker, small video files, and config builders."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import orjson
+import pytest
+from kafka import KafkaConsumer
+
+from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.config import PipelineConfig, parse_config
+from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
+
+CLIP_FRAMES = 12
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as running:
+        yield running
+
+
+def write_moving_box_clip(path: Path, width: int, height: int, frames: int = CLIP_FRAMES, fps: float = 10.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
+    assert writer.isOpened(), f"cannot write {path}"
+    for index in range(frames):
+        image = np.full((height, width, 3), 40, np.uint8)
+        x = 10 + index * 6
+        cv2.rectangle(image, (x, height // 3), (x + 40, height // 3 + 40), (0, 200, 255), -1)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A landscape and a portrait clip, so image sizes can be told apart in messages."""
+    directory = tmp_path_factory.mktemp("clips")
+    return {
+        "landscape": write_moving_box_clip(directory / "landscape.mp4", 320, 192),
+        "portrait": write_moving_box_clip(directory / "portrait.mp4", 160, 256),
+    }
+
+
+@pytest.fixture(scope="session")
+def model_weights() -> str:
+    """The bundled trained model when present; otherwise an untrained one built from Ultralytics' YAML."""
+    return str(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else UNTRAINED_FALLBACK
+
+
+ConfigFactory = Callable[..., PipelineConfig]
+
+
+@pytest.fixture
+def make_config(model_weights: str) -> ConfigFactory:
+    def build(streams: list[dict[str, Any]], bootstrap: str, topic: str, **sections: Any) -> PipelineConfig:
+        tree: dict[str, Any] = {
+            "streams": streams,
+            "model": {"weights": model_weights, "imgsz": 160, "warmup": False},
+            "batching": {"max_batch": 4, "max_wait_ms": 10},
+            "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "linger_ms": 0},
+            "http": {"host": "127.0.0.1", "port": 0},
+        }
+        for name, values in sections.items():
+            tree.setdefault(name, {}).update(values)
+        return parse_config(tree)
+
+    return build
+
+
+def unused_topic(name: str) -> str:
+    return f"{name}-{time.monotonic_ns()}"
+
+
+def closed_port_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0,
+               group: str | None = None) -> list[Any]:
+    """Consume until `expected` messages arrived or the timeout passed (then return what came)."""
+    extra: dict[str, Any] = {}
+    if group is not None:
+        extra = {"group_id": group, "session_timeout_ms": 3000, "heartbeat_interval_ms": 1000,
+                 "max_poll_interval_ms": 3000}
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, **extra)
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+def decode(record: Any) -> dict[str, Any]:
+    message: dict[str, Any] = orjson.loads(record.value)
+    return message
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text, matched by name and a subset of labels."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample_name = head.split("{", 1)[0]
+        if sample_name != name:
+            continue
+        if all(f'{key}="{val}"' in head for key, val in labels.items()):
+            return float(value)
+    return None

@@ -1,0 +1,105 @@
+"""Fakes for unit tests of one class: frames, a decoder, a detector and a Kafka producer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.frames import Detections, Frame, FrameResult
+
+
+def make_frame(stream_id: str, frame_id: int, width: int = 32, height: int = 24) -> Frame:
+    return Frame(
+        stream_id=stream_id,
+        frame_id=frame_id,
+        pts_ms=frame_id * 100.0,
+        captured_at=datetime.now(timezone.utc),
+        captured_monotonic=time.monotonic(),
+        image=np.zeros((height, width, 3), np.uint8),
+    )
+
+
+def make_result(frame: Frame) -> FrameResult:
+    return FrameResult(frame=frame, task="detect", detections=Detections.empty(), labels={})
+
+
+class FakeSource:
+    """Gives `frames` images then fails or ends; `open_results` scripts failed connection attempts."""
+
+    def __init__(self, frames: int, open_results: Sequence[bool] = (True,), fps: float = 10.0) -> None:
+        self._frames = frames
+        self._open_results = list(open_results)
+        self._fps = fps
+        self._read = 0
+        self.opened = 0
+
+    def open(self) -> bool:
+        result = self._open_results.pop(0) if self._open_results else True
+        self.opened += 1
+        return result
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        if self._read >= self._frames:
+            return None
+        self._read += 1
+        return np.full((24, 32, 3), self._read % 255, np.uint8)
+
+    def position_ms(self) -> float | None:
+        return (self._read - 1) * 1000 / self._fps
+
+    def frame_rate(self) -> float | None:
+        return self._fps
+
+    def close(self) -> None:
+        self._read = 0
+
+
+class FakeFuture:
+    def __init__(self) -> None:
+        self._callbacks: list[Any] = []
+        self._errbacks: list[Any] = []
+
+    def add_callback(self, fn: Any, *args: Any) -> FakeFuture:
+        self._callbacks.append((fn, args))
+        return self
+
+    def add_errback(self, fn: Any, *args: Any) -> FakeFuture:
+        self._errbacks.append((fn, args))
+        return self
+
+    def succeed(self) -> None:
+        for fn, args in self._callbacks:
+            fn(*args, object())
+
+    def fail(self, error: Exception) -> None:
+        for fn, args in self._errbacks:
+            fn(*args, error)
+
+
+class FakeProducer:
+    """Acknowledges at once unless `available` is cleared; then every send fails like a dead broker."""
+
+    def __init__(self, available: threading.Event) -> None:
+        self.available = available
+        self.sent: list[tuple[bytes, bytes]] = []
+        self.closed = False
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        future = FakeFuture()
+        if not self.available.is_set():
+            raise TimeoutError("metadata not available")
+        self.sent.append((key, value))
+        threading.Timer(0.001, future.succeed).start()
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        self.closed = True

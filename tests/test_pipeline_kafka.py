@@ -1,0 +1,190 @@
+"""End to end with real parts: video files -> the real model -> a real Kafka-protocol broker -> a consumer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from pipeline.app import Pipeline
+from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.cli import main
+from pipeline.messages import load_schema
+from tests.conftest import (
+    CLIP_FRAMES,
+    ConfigFactory,
+    closed_port_address,
+    decode,
+    metric_value,
+    read_topic,
+    scrape,
+    unused_topic,
+)
+
+DESIGN_METRICS = [
+    "vap_frames_read_total", "vap_frames_dropped_total", "vap_frames_processed_total", "vap_stream_up",
+    "vap_stream_reconnects_total", "vap_batch_size", "vap_inference_seconds", "vap_end_to_end_latency_seconds",
+    "vap_queue_depth", "vap_kafka_messages_total", "vap_kafka_send_latency_seconds", "vap_detections_total",
+    "vap_build_info",
+]
+
+
+def run_files_to_completion(config: Any) -> tuple[Pipeline, str]:
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        reason = pipeline.wait(duration_s=60)
+        assert pipeline.http is not None
+        metrics = scrape(pipeline.http.port)
+    finally:
+        pipeline.stop()
+    assert reason == "all sources finished"
+    return pipeline, metrics
+
+
+def test_two_files_give_one_valid_ordered_message_per_processed_frame(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    topic = unused_topic("frames")
+    sizes = {"landscape": (320, 192), "portrait": (160, 256)}
+    config = make_config(
+        [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()],
+        broker.bootstrap_servers, topic,
+    )
+    pipeline, _ = run_files_to_completion(config)
+    assert pipeline.processed == 2 * CLIP_FRAMES
+
+    records = read_topic(broker.bootstrap_servers, topic, expected=2 * CLIP_FRAMES, group=f"test-{topic}")
+    assert len(records) == 2 * CLIP_FRAMES
+    schema = load_schema()
+    frame_ids: dict[str, list[int]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        message = decode(record)
+        jsonschema.validate(message, schema)
+        assert record.key.decode() == message["stream_id"]
+        assert dict(record.headers) == {"content-type": b"application/json", "schema": b"vap.frame.v1"}
+        width, height = sizes[message["stream_id"].removeprefix("cam-")]
+        assert message["image"] == {"width": width, "height": height}
+        frame_ids[message["stream_id"]].append(message["frame_id"])
+    for stream_id, ids in frame_ids.items():
+        assert ids == list(range(CLIP_FRAMES)), f"{stream_id} out of order or incomplete: {ids}"
+
+
+def test_metrics_endpoint_serves_every_design_metric_with_real_values(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    config = make_config(
+        [{"id": "cam-a", "url": str(clips["landscape"]), "realtime": False}],
+        broker.bootstrap_servers, unused_topic("metrics"),
+    )
+    _, metrics = run_files_to_completion(config)
+    for name in DESIGN_METRICS:
+        declared = (f"# TYPE {name} ", f"# TYPE {name.removesuffix('_total')} ")
+        assert any(line in metrics for line in declared), f"{name} missing from /metrics"
+    assert metric_value(metrics, "vap_frames_read_total", stream="cam-a") == CLIP_FRAMES
+    assert metric_value(metrics, "vap_frames_processed_total", stream="cam-a") == CLIP_FRAMES
+    assert (metric_value(metrics, "vap_batch_size_count", device="cpu") or 0) > 0
+    assert (metric_value(metrics, "vap_inference_seconds_sum", device="cpu") or 0) > 0
+    assert metric_value(metrics, "vap_end_to_end_latency_seconds_count", stream="cam-a") == CLIP_FRAMES
+    assert metric_value(metrics, "vap_frames_dropped_total", stream="cam-a", reason="queue_full") == 0
+    assert metric_value(metrics, "vap_build_info", device="cpu") == 1
+
+
+def test_health_and_readiness_probes_answer_over_http(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    config = make_config(
+        [{"id": "cam-a", "url": str(clips["landscape"]), "loop": True}], broker.bootstrap_servers, unused_topic("h")
+    )
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        assert pipeline.http is not None
+        base = f"http://127.0.0.1:{pipeline.http.port}"
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(base + "/readyz", timeout=5) as response:
+            body = json.loads(response.read())
+        assert body["ready"] is True
+        assert set(body["streams"]) == {"cam-a"}
+        assert body["streams"]["cam-a"]["state"] in {"connecting", "up"}
+    finally:
+        pipeline.stop()
+
+
+def test_consume_command_prints_published_messages_as_json(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic = unused_topic("consume")
+    config = make_config(
+        [{"id": "cam-a", "url": str(clips["landscape"]), "realtime": False},
+         {"id": "cam-b", "url": str(clips["portrait"]), "realtime": False}],
+        broker.bootstrap_servers, topic,
+    )
+    run_files_to_completion(config)
+    capsys.readouterr()
+    code = main(["consume", "--bootstrap", broker.bootstrap_servers, "--topic", topic, "--from-beginning",
+                 "--format", "json", "--stream", "cam-b", "--idle-timeout", "3"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == CLIP_FRAMES
+    assert {json.loads(line)["stream_id"] for line in lines} == {"cam-b"}
+
+
+def test_schema_command_prints_the_shipped_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == load_schema()
+
+
+def test_unreachable_broker_keeps_inferring_counts_failures_and_stops_on_sigterm(
+    tmp_path: Path, clips: dict[str, Path], model_weights: str
+) -> None:
+    port = free_port()
+    config = {
+        "streams": [{"id": "cam-a", "url": str(clips["landscape"]), "loop": True}],
+        "model": {"weights": model_weights, "imgsz": 160},
+        "batching": {"max_batch": 2},
+        "kafka": {"bootstrap_servers": closed_port_address(), "spool_max_messages": 5},
+        "http": {"host": "127.0.0.1", "port": port},
+    }
+    path = tmp_path / "unreachable.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "-c", str(path)],
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        metrics = ""
+        while time.monotonic() < deadline:
+            try:
+                metrics = scrape(port)
+            except OSError:
+                metrics = ""
+            failed = metric_value(metrics, "vap_kafka_messages_total", result="failed") or 0
+            dropped = metric_value(metrics, "vap_kafka_messages_total", result="dropped") or 0
+            if failed > 0 and dropped > 0:
+                break
+            assert process.poll() is None, "the pipeline exited while the broker was unreachable"
+            time.sleep(0.25)
+        assert (metric_value(metrics, "vap_frames_processed_total", stream="cam-a") or 0) > 5
+        assert (metric_value(metrics, "vap_kafka_messages_total", result="failed") or 0) > 0
+        assert (metric_value(metrics, "vap_kafka_messages_total", result="dropped") or 0) > 0
+        assert metric_value(metrics, "vap_kafka_messages_total", result="sent") == 0
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - stopped_at < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
