@@ -25,7 +25,7 @@ from pipeline.http import HttpServer, Probe
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_device
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
-from pipeline.sources import StreamReader, StreamState, overflow_policy_for
+from pipeline.sources import StreamReader, StreamState, max_age_for, overflow_policy_for
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Pipeline:
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.heartbeats = Heartbeats(self.metrics)
-        self.hub = FrameHub()
+        self.hub = FrameHub(on_stale=lambda frame: self.metrics.drop(frame.stream_id, "stale"))
         self._detector_factory = detector_factory or _ultralytics_detector
         self._producer_factory = producer_factory
         self._timeouts = timeouts
@@ -96,7 +96,9 @@ class Pipeline:
             self.detector.warmup([1, config.batching.max_batch])
         for stream in config.streams:
             self.metrics.add_stream(stream.id)
-            self.hub.add_stream(stream.id, config.batching.queue_size, overflow_policy_for(stream))
+            self.hub.add_stream(
+                stream.id, config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
+            )
             reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats)
             self.readers[stream.id] = reader
         self.worker = InferenceWorker(

@@ -10,6 +10,7 @@ import enum
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.frames import Batch, Frame
@@ -27,20 +28,25 @@ class _StreamBuffer:
     frames: deque[Frame]
     capacity: int
     policy: OverflowPolicy
+    max_age_s: float | None
 
 
 class FrameHub:
     """Bounded per-stream buffers with round-robin batch taking."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stale: Callable[[Frame], None] | None = None) -> None:
+        self._on_stale = on_stale
         self._condition = threading.Condition()
         self._buffers: dict[str, _StreamBuffer] = {}
         self._next_stream = 0
         self._in_flight = 0
 
-    def add_stream(self, stream_id: str, capacity: int, policy: OverflowPolicy) -> None:
+    def add_stream(
+        self, stream_id: str, capacity: int, policy: OverflowPolicy, max_age_s: float | None = None
+    ) -> None:
+        """`max_age_s`: a frame older than this when a batch takes it is dropped as stale instead."""
         with self._condition:
-            self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy)
+            self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy, max_age_s)
 
     def remove_stream(self, stream_id: str) -> None:
         with self._condition:
@@ -89,8 +95,8 @@ class FrameHub:
         """Wait up to `poll_s` for a first frame, then fill the batch for at most `max_wait_s`.
 
         Streams are visited round-robin, starting one further each batch, and no stream gives more
-        than `max_per_stream` frames to one batch. Returns None when nothing arrived within `poll_s`,
-        so the caller can check its stop event.
+        than `max_per_stream` frames to one batch. Returns None when no usable frame arrived within
+        `poll_s`, so the caller can check its stop event. The caller reports `batch_done` afterwards.
         """
         taken: list[Frame] = []
         per_stream: dict[str, int] = {}
@@ -107,6 +113,8 @@ class FrameHub:
             self._next_stream += 1
             self._in_flight += len(taken)
             self._condition.notify_all()
+        if not taken:
+            return None
         return Batch(frames=tuple(taken), formed_monotonic=time.monotonic())
 
     def _any_frame(self) -> bool:
@@ -123,6 +131,7 @@ class FrameHub:
             return
         start = self._next_stream % len(stream_ids)
         order = stream_ids[start:] + stream_ids[:start]
+        now = time.monotonic()
         progressed = True
         while progressed and len(taken) < max_batch:
             progressed = False
@@ -131,6 +140,11 @@ class FrameHub:
                 if len(taken) >= max_batch:
                     break
                 if buffer.frames and per_stream.get(stream_id, 0) < max_per_stream:
-                    taken.append(buffer.frames.popleft())
-                    per_stream[stream_id] = per_stream.get(stream_id, 0) + 1
+                    frame = buffer.frames.popleft()
                     progressed = True
+                    if buffer.max_age_s is not None and now - frame.captured_monotonic > buffer.max_age_s:
+                        if self._on_stale is not None:
+                            self._on_stale(frame)
+                        continue
+                    taken.append(frame)
+                    per_stream[stream_id] = per_stream.get(stream_id, 0) + 1

@@ -43,7 +43,12 @@ class StreamConfig(_Section):
     loop: bool = Field(False, description="Files only: start again at the end")
     realtime: bool = Field(True, description="Files only: pace at the file's frame rate")
     open_timeout_ms: int = Field(5000, ge=100, le=120_000, description="Give up opening after this")
-    read_timeout_ms: int = Field(5000, ge=100, le=120_000, description="Give up one read after this")
+    stall_timeout_s: float = Field(
+        5.0, ge=0.1, le=600, description="No frame for this long means the stream is lost: reconnect"
+    )
+    max_staleness_ms: float | None = Field(
+        2000, gt=0, description="Live streams: a frame older than this when batched is dropped as stale"
+    )
     reconnect_backoff_s: float = Field(0.5, gt=0, le=60, description="First wait before reconnecting")
     reconnect_backoff_max_s: float = Field(10.0, gt=0, le=600, description="Longest wait between tries")
 

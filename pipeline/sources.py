@@ -49,13 +49,20 @@ ALLOWED_TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
 }
 
 
+class InvalidFrame(Exception):
+    """The decoder answered but gave no usable image (corrupt data, a stream still starting up)."""
+
+
 class VideoSource(Protocol):
     """What a reader needs from a decoder; OpenCV in production, fakes in unit tests."""
 
     def open(self) -> bool: ...
 
     def read(self) -> npt.NDArray[np.uint8] | None:
-        """The next decoded image, or None at the end of a file or when the stream failed."""
+        """The next decoded image, or None at the end of a file or when the stream failed.
+
+        Raises InvalidFrame for a frame that decoded to nothing usable; the stream goes on.
+        """
 
     def position_ms(self) -> float | None: ...
 
@@ -75,7 +82,7 @@ class OpenCvSource:
         config = self._config
         timeouts = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, config.open_timeout_ms,
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC, config.read_timeout_ms,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(config.stall_timeout_s * 1000),
         ]
         if config.kind == "camera":
             device = int(config.url) if config.url.isdigit() else config.url
@@ -103,8 +110,10 @@ class OpenCvSource:
         if self._capture is None:
             return None
         ok, image = self._capture.read()
-        if not ok or image is None or image.size == 0:
+        if not ok:
             return None
+        if image is None or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+            raise InvalidFrame(f"decoder returned {None if image is None else image.shape}")
         decoded: npt.NDArray[np.uint8] = image
         return decoded
 
@@ -230,15 +239,20 @@ class StreamReader:
         last_kept_time: float | None = None
         frames_this_session = 0
         stream_id = self.config.id
+        last_valid = time.monotonic()
         while not self._stop.is_set():
-            image = source.read()
-            self._heartbeats.beat(self.thread_name)
-            if image is None:
-                if is_file and frames_this_session > 0:
-                    return True
+            try:
+                image = source.read()
+            except InvalidFrame:
                 self._metrics.drop(stream_id, "decode_error")
-                return False
-            now = time.monotonic()
+                if time.monotonic() - last_valid > self.config.stall_timeout_s:
+                    return False
+                continue
+            finally:
+                self._heartbeats.beat(self.thread_name)
+            if image is None:
+                return is_file and frames_this_session > 0
+            now = last_valid = time.monotonic()
             pts_ms = source.position_ms()
             media_s = (pts_ms if pts_ms is not None else frames_this_session * 1000 / file_fps) / 1000
             frames_this_session += 1
@@ -269,6 +283,13 @@ class StreamReader:
             if dropped is not None and not self._stop.is_set():
                 self._metrics.drop(dropped.stream_id, "queue_full")
         return False
+
+
+def max_age_for(config: StreamConfig) -> float | None:
+    """The staleness budget in seconds; files that wait for the batcher are never stale."""
+    if overflow_policy_for(config) is OverflowPolicy.WAIT or config.max_staleness_ms is None:
+        return None
+    return config.max_staleness_ms / 1000
 
 
 def overflow_policy_for(config: StreamConfig) -> OverflowPolicy:

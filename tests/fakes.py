@@ -103,3 +103,19 @@ class FakeProducer:
 
     def close(self, timeout: float | None = None) -> None:
         self.closed = True
+
+
+class GarbageThenGoodSource(FakeSource):
+    """A decoder that starts with `garbage` unusable frames, like a stream joining between key frames."""
+
+    def __init__(self, garbage: int, frames: int) -> None:
+        super().__init__(frames=frames)
+        self._garbage = garbage
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        from pipeline.sources import InvalidFrame
+
+        if self._garbage > 0:
+            self._garbage -= 1
+            raise InvalidFrame("no key frame yet")
+        return super().read()

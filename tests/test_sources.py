@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -12,8 +13,8 @@ from pipeline.config import StreamConfig
 from pipeline.frames import Frame
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
-from pipeline.sources import ALLOWED_TRANSITIONS, StreamReader, StreamState, overflow_policy_for
-from tests.fakes import FakeSource
+from pipeline.sources import ALLOWED_TRANSITIONS, StreamReader, StreamState, max_age_for, overflow_policy_for
+from tests.fakes import FakeSource, GarbageThenGoodSource, make_frame
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
@@ -144,3 +145,31 @@ def test_every_state_can_reach_stopped_and_stopped_is_final() -> None:
 def test_threads_are_named_after_their_stream() -> None:
     harness = ReaderHarness(file_stream(), FakeSource(frames=1))
     assert harness.reader.thread_name == "reader-s"
+
+
+def test_unusable_frames_at_start_are_skipped_and_counted_as_decode_errors() -> None:
+    harness = ReaderHarness(file_stream(), GarbageThenGoodSource(garbage=3, frames=4))
+    harness.reader.start()
+    assert harness.reader.finished.wait(5)
+    assert [f.frame_id for f in harness.frames()] == [0, 1, 2, 3]
+    assert harness.value("vap_frames_dropped_total", reason="decode_error") == 3
+
+
+def test_frames_older_than_the_staleness_budget_are_dropped_as_stale() -> None:
+    config = live_stream(max_staleness_ms=50)
+    stale: list[Frame] = []
+    hub = FrameHub(on_stale=stale.append)
+    hub.add_stream("s", 10, overflow_policy_for(config), max_age_for(config))
+    stop = threading.Event()
+    old = make_frame("s", 0)
+    hub.put(old, stop)
+    time.sleep(0.1)
+    hub.put(make_frame("s", 1), stop)
+    batch = hub.take_batch(max_batch=4, max_wait_s=0.0, max_per_stream=4)
+    assert batch is not None and [f.frame_id for f in batch.frames] == [1]
+    assert stale == [old]
+
+
+def test_files_read_as_fast_as_possible_are_never_stale() -> None:
+    assert max_age_for(file_stream()) is None
+    assert max_age_for(file_stream(realtime=True)) == 2.0
