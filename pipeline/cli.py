@@ -61,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--idle-timeout", type=float, help="exit after this many seconds without a message")
 
     commands.add_parser("schema", help="print the JSON Schema of the result message")
+
+    bench = commands.add_parser("bench", help="benchmark vap against the model limit and Ultralytics' streaming")
+    bench.add_argument("--quick", action="store_true", help="short clips and timings (about 2 minutes on CPU)")
+    bench.add_argument("--streams", type=int, default=4)
+    bench.add_argument("--frames", type=int, default=150, help="frames per generated clip")
+    bench.add_argument("--size", default="640x360", help="clip size WIDTHxHEIGHT")
+    bench.add_argument("--imgsz", type=int, default=320)
+    bench.add_argument("--batch", type=int, default=4)
+    bench.add_argument("--max-wait-ms", type=float, default=20.0)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--weights", help="model file (default: the bundled model)")
+    bench.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a paced run this long")
+    bench.add_argument("--json", type=Path, help="also write the numbers to this file")
+
+    train = commands.add_parser("train-demo-model", help="regenerate the synthetic dataset and retrain the demo model",
+                                add_help=False)
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -78,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": _validate,
         "consume": _consume,
         "schema": _schema,
+        "bench": _bench,
+        "train-demo-model": _train_demo_model,
     }
     try:
         return handlers[args.command](args)
@@ -167,3 +186,29 @@ def _schema(_args: argparse.Namespace) -> int:
 
     print(json.dumps(load_schema(), indent=2))
     return EXIT_OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import BenchOptions, format_report, report_json, run_bench
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        print(f"vap bench: --size must be WIDTHxHEIGHT, got {args.size!r}", file=sys.stderr)
+        return EXIT_USAGE
+    options = BenchOptions(
+        streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,
+        max_wait_ms=args.max_wait_ms, device=args.device, weights=args.weights, quick=args.quick,
+        soak_s=args.soak, json_path=args.json,
+    )
+    report = run_bench(options)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(report_json(report), encoding="utf-8")
+    return EXIT_OK
+
+
+def _train_demo_model(args: argparse.Namespace) -> int:
+    from pipeline.synth.train import main as train_main
+
+    return train_main(args.train_args)

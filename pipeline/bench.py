@@ -1,0 +1,369 @@
+"""`vap bench`: vap against the model's own limit and against Ultralytics' streaming, in one run.
+
+Every contender sees the same generated clips, the same weights and the same input size:
+  1. limit: batched forward + NMS on a pre-made device tensor (no decoding, no copies);
+  2. Ultralytics alone, as users run it: `predict(source=<.streams file>, stream=True)`, and a plain
+     loop calling `model(frame)` per decoded frame;
+  3. vap end to end: files read as fast as possible, real broker, every message published.
+A fourth, paced run feeds vap at about 70% of its measured throughput to measure latency as cameras
+see it (a run that reads files as fast as possible measures queueing, not latency).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipeline.app import Pipeline
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import PipelineConfig, parse_config
+from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
+from pipeline.inference import resolve_device
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    streams: int = 4
+    frames: int = 150
+    width: int = 640
+    height: int = 360
+    imgsz: int = 320
+    batch: int = 4
+    max_wait_ms: float = 20.0
+    device: str = "auto"
+    weights: str | None = None
+    quick: bool = False
+    soak_s: float = 0.0
+    json_path: Path | None = None
+
+
+@dataclass
+class Measurement:
+    name: str
+    frames: int
+    seconds: float
+    peak_rss_mb: float
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    gpu_peak_mb: float | None = None
+    notes: str = ""
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, Any]
+    options: dict[str, Any]
+    measurements: list[Measurement] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    soak: dict[str, Any] | None = None
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextmanager
+def peak_rss() -> Iterator[Callable[[], float]]:
+    """Samples RSS every 50 ms while the block runs; yields a getter for the peak."""
+    peak = [rss_mb()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], rss_mb())
+
+    sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
+    sampler.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        done.set()
+        sampler.join()
+
+
+def _percentile(values: list[float], fraction: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def make_clips(directory: Path, options: BenchOptions, fps: float, prefix: str) -> list[Path]:
+    from pipeline.synth.clips import write_clip
+    from pipeline.synth.world import SceneSpec
+
+    paths = []
+    for index in range(options.streams):
+        spec = SceneSpec(width=options.width, height=options.height, n_frames=options.frames, fps=fps,
+                         seed=7000 + index)
+        paths.append(write_clip(directory / f"{prefix}-{index}.mp4", spec))
+    return paths
+
+
+def decode_all(paths: list[Path]) -> list[np.ndarray]:
+    frames = []
+    for path in paths:
+        capture = cv2.VideoCapture(str(path))
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            frames.append(image)
+        capture.release()
+    return frames
+
+
+def _cuda_peak_mb(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return float(torch.cuda.max_memory_allocated(device)) / 2**20
+
+
+def _reset_cuda_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure_limit(options: BenchOptions, weights: str, device: str, sample: np.ndarray, seconds: float) -> Measurement:
+    """Forward + NMS (and mask assembly) on one pre-made device tensor, repeated."""
+    import torch
+    from ultralytics import YOLO
+
+    half = device.startswith("cuda")
+    model = YOLO(weights)
+    batch = [sample] * options.batch
+    model.predict(batch, imgsz=options.imgsz, device=device, quantize=16 if half else None, verbose=False)
+    predictor = model.predictor
+    tensor = predictor.preprocess(batch)
+    _reset_cuda_peak(device)
+    frames = 0
+    with peak_rss() as peak, torch.inference_mode():
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds or frames == 0:
+            predictor.postprocess(predictor.inference(tensor), tensor, batch)
+            frames += options.batch
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        return Measurement("limit (forward+NMS, device tensors)", frames, elapsed, peak(),
+                           gpu_peak_mb=_cuda_peak_mb(device), notes=f"batch {options.batch}")
+
+
+def measure_ultralytics_streams(options: BenchOptions, weights: str, device: str, clips: list[Path],
+                                workdir: Path) -> Measurement:
+    from ultralytics import YOLO
+
+    streams_file = workdir / "bench.streams"
+    streams_file.write_text("\n".join(str(p) for p in clips) + "\n", encoding="utf-8")
+    model = YOLO(weights)
+    half = device.startswith("cuda")
+    _reset_cuda_peak(device)
+    frames = 0
+    with peak_rss() as peak:
+        started = time.perf_counter()
+        results = model.predict(source=str(streams_file), stream=True, stream_buffer=True, imgsz=options.imgsz,
+                                device=device, quantize=16 if half else None, verbose=False)
+        for _ in results:
+            frames += 1
+        elapsed = time.perf_counter() - started
+        return Measurement("ultralytics predict(.streams, stream=True)", frames, elapsed, peak(),
+                           gpu_peak_mb=_cuda_peak_mb(device), notes="stream_buffer=True, so no frame is skipped")
+
+
+def measure_ultralytics_loop(options: BenchOptions, weights: str, device: str,
+                             frames: list[np.ndarray]) -> Measurement:
+    from ultralytics import YOLO
+
+    model = YOLO(weights)
+    half = device.startswith("cuda")
+    model.predict(frames[0], imgsz=options.imgsz, device=device, quantize=16 if half else None, verbose=False)
+    _reset_cuda_peak(device)
+    with peak_rss() as peak:
+        started = time.perf_counter()
+        for frame in frames:
+            model(frame, imgsz=options.imgsz, device=device, quantize=16 if half else None, verbose=False)
+        elapsed = time.perf_counter() - started
+        return Measurement("ultralytics model(frame) loop", len(frames), elapsed, peak(),
+                           gpu_peak_mb=_cuda_peak_mb(device), notes="frames decoded beforehand")
+
+
+def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap: str, topic: str,
+               realtime: bool) -> PipelineConfig:
+    return parse_config({
+        "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime} for i, path in enumerate(clips)],
+        "model": {"weights": weights, "imgsz": options.imgsz, "device": options.device},
+        "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool_max_messages": 100_000},
+        "http": {"host": "127.0.0.1", "port": 0},
+    })
+
+
+def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float) -> Measurement:
+    """Run until every file is done; latencies are read back from the published messages."""
+    pipeline = Pipeline(config)
+    pipeline.start()
+    _reset_cuda_peak(device)
+    with peak_rss() as peak:
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        while not pipeline.sources_exhausted() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        pipeline.stop()
+        peak_mb = peak()
+    latencies = published_latencies(config.kafka.bootstrap_servers, config.kafka.topic, pipeline.processed)
+    return Measurement(name, pipeline.processed, elapsed, peak_mb,
+                       latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
+                       gpu_peak_mb=_cuda_peak_mb(device), notes=f"{len(latencies)} messages read back")
+
+
+def published_latencies(bootstrap: str, topic: str, expected: int) -> list[float]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False)
+    latencies: list[float] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(latencies) < expected and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                latencies.extend(float(json.loads(r.value)["latency_ms"]["total"]) for r in records)
+    finally:
+        consumer.close()
+    return latencies
+
+
+def machine_facts(device: str) -> dict[str, Any]:
+    import os
+    import platform
+
+    import torch
+
+    facts: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                             "python": platform.python_version(), "torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        facts["cpu"] = platform.processor() or platform.machine()
+    return facts
+
+
+def run_bench(options: BenchOptions) -> BenchReport:
+    if options.quick:
+        options = BenchOptions(**{**asdict(options), "frames": min(options.frames, 60), "quick": True})
+    weights = options.weights or (str(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else UNTRAINED_FALLBACK)
+    device = resolve_device(options.device)
+    report = BenchReport(machine_facts(device), {**asdict(options), "weights": weights,
+                                                  "json_path": str(options.json_path or "")})
+    with tempfile.TemporaryDirectory(prefix="vap-bench-") as tmp, EmbeddedBroker() as broker:
+        workdir = Path(tmp)
+        progress(f"generating {options.streams} clips of {options.frames} frames ({options.width}x{options.height})")
+        clips = make_clips(workdir, options, fps=10.0, prefix="fast")
+        frames = decode_all(clips)
+        seconds = 5.0 if options.quick else 15.0
+        progress(f"1/4 model-bound limit ({seconds:.0f} s)")
+        limit = measure_limit(options, weights, device, frames[0], seconds)
+        progress("2/4 ultralytics predict on a .streams source")
+        streams = measure_ultralytics_streams(options, weights, device, clips, workdir)
+        progress("2/4 ultralytics model(frame) loop")
+        loop = measure_ultralytics_loop(options, weights, device, frames)
+        progress("3/4 vap end to end, files as fast as possible, publishing to the broker")
+        vap = run_vap(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False),
+                      "vap end to end (throughput)", device, timeout_s=600)
+        paced_fps = max(1.0, 0.7 * vap.fps / options.streams)
+        progress(f"4/4 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
+        paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
+        paced = run_vap(vap_config(options, weights, paced_clips, broker.bootstrap_servers, "bench.paced", True),
+                        "vap end to end (paced, latency)", device, timeout_s=600)
+        report.measurements = [limit, streams, loop, vap, paced]
+        best_ultralytics = max(streams.fps, loop.fps)
+        report.ratios = {
+            "vap_over_limit": vap.fps / limit.fps if limit.fps else 0.0,
+            "vap_over_best_ultralytics": vap.fps / best_ultralytics if best_ultralytics else 0.0,
+            "batch_inference_ms": 1000 * options.batch / limit.fps if limit.fps else 0.0,
+        }
+        report.ratios["p99_budget_ms"] = 2 * report.ratios["batch_inference_ms"] + options.max_wait_ms
+        if options.soak_s > 0:
+            report.soak = soak(options, weights, device, workdir, broker.bootstrap_servers, paced_fps)
+    return report
+
+
+def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootstrap: str,
+         paced_fps: float) -> dict[str, Any]:
+    """A long paced run on looping clips; RSS is sampled every 10 s to show it stays flat."""
+    progress(f"soak: {options.soak_s:.0f} s paced run, RSS sampled every 10 s")
+    clips = make_clips(workdir, options, fps=paced_fps, prefix="soak")
+    config = vap_config(options, weights, clips, bootstrap, "bench.soak", True)
+    config = parse_config({**config.model_dump(), "streams": [
+        {**s.model_dump(), "loop": True} for s in config.streams]})
+    samples: list[float] = []
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < options.soak_s:
+            time.sleep(10.0)
+            samples.append(rss_mb())
+            progress(f"soak {time.monotonic() - started:.0f} s: RSS {samples[-1]:.0f} MB")
+    finally:
+        pipeline.stop()
+    warm = samples[len(samples) // 10:] or samples
+    first, last = statistics.mean(warm[: max(1, len(warm) // 5)]), statistics.mean(warm[-max(1, len(warm) // 5):])
+    return {"seconds": options.soak_s, "rss_mb_samples": samples, "rss_growth_ratio": last / first if first else 0.0}
+
+
+def format_report(report: BenchReport) -> str:
+    lines = [
+        f"machine: {report.machine}",
+        f"{'contender':<44} {'frames':>7} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} {'GPU MB':>8}",
+    ]
+    for m in report.measurements:
+        lines.append(
+            f"{m.name:<44} {m.frames:>7} {m.fps:>8.1f} {_fmt(m.latency_p50_ms):>8} {_fmt(m.latency_p99_ms):>8} "
+            f"{m.peak_rss_mb:>12.0f} {_fmt(m.gpu_peak_mb):>8}"
+        )
+    ratios = report.ratios
+    lines.append(f"vap / limit: {ratios['vap_over_limit']:.2f}x   "
+                 f"vap / best Ultralytics: {ratios['vap_over_best_ultralytics']:.2f}x   "
+                 f"p99 budget (2 x batch inference + max_wait): {ratios['p99_budget_ms']:.0f} ms")
+    if report.soak is not None:
+        lines.append(f"soak {report.soak['seconds']:.0f} s: RSS growth {report.soak['rss_growth_ratio']:.3f}x")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def report_json(report: BenchReport) -> str:
+    measurements = [{**asdict(m), "fps": m.fps} for m in report.measurements]
+    return json.dumps({**asdict(report), "measurements": measurements}, indent=2)

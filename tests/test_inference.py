@@ -1,0 +1,101 @@
+"""Inference-stage semantics: batching does not change answers, and results go back to their own frame."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pipeline.batching import FrameHub, OverflowPolicy
+from pipeline.config import BatchingConfig, ModelConfig
+from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.health import Heartbeats
+from pipeline.inference import InferenceWorker, UltralyticsDetector
+from pipeline.metrics import PipelineMetrics
+from pipeline.synth.world import SceneSpec, render_scene
+from tests.fakes import make_frame
+
+
+class ContentReadingDetector:
+    """Reports one box whose x1 encodes the frame's pixel value, so a misrouted result is visible."""
+
+    name = "content-reader"
+    task = "detect"
+    device = "cpu"
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        pass
+
+    def infer(self, frames: Sequence[Frame]) -> list[FrameResult]:
+        shuffled = list(reversed(frames))
+        answers = {id(frame): float(frame.image[0, 0, 0]) for frame in shuffled}
+        return [
+            FrameResult(
+                frame=frame,
+                task=self.task,
+                detections=Detections(
+                    boxes_xyxy=np.array([[answers[id(frame)], 0, 1, 1]], np.float32),
+                    confidences=np.ones(1, np.float32),
+                    class_ids=np.zeros(1, np.int64),
+                ),
+                labels={0: "marker"},
+            )
+            for frame in frames
+        ]
+
+
+def marked_frame(stream_index: int, frame_id: int) -> Frame:
+    frame = make_frame(f"s{stream_index}", frame_id)
+    frame.image[0, 0, 0] = (stream_index * 50 + frame_id) % 256
+    return frame
+
+
+def test_worker_routes_each_result_to_its_own_stream_and_frame() -> None:
+    metrics = PipelineMetrics(CollectorRegistry())
+    hub = FrameHub()
+    stop = threading.Event()
+    for stream_index in range(3):
+        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    delivered: list[FrameResult] = []
+    worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=5, max_wait_ms=5),
+                             delivered.append, metrics, Heartbeats(metrics))
+    worker.start()
+    for frame_id in range(20):
+        for stream_index in range(3):
+            hub.put(marked_frame(stream_index, frame_id), stop)
+    deadline = time.monotonic() + 10
+    while len(delivered) < 60 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    assert worker.join(5)
+    assert len(delivered) == 60
+    for result in delivered:
+        stream_index = int(result.frame.stream_id[1:])
+        assert result.detections.boxes_xyxy[0, 0] == (stream_index * 50 + result.frame.frame_id) % 256
+    for stream_index in range(3):
+        ids = [r.frame.frame_id for r in delivered if r.frame.stream_id == f"s{stream_index}"]
+        assert ids == list(range(20))
+
+
+@pytest.fixture(scope="module")
+def detector(model_weights: str) -> UltralyticsDetector:
+    return UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=320, conf=0.25), "cpu")
+
+
+def test_a_batch_of_eight_gives_the_same_detections_as_eight_single_frames(detector: UltralyticsDetector) -> None:
+    scene = render_scene(SceneSpec(width=480, height=320, n_frames=8, seed=4242))
+    frames = [replace(make_frame("s", index), image=image) for index, (image, _) in enumerate(scene)]
+    batched = detector.infer(frames)
+    singles = [detector.infer([frame])[0] for frame in frames]
+    assert sum(len(result.detections) for result in batched) >= 8, "the bundled model should see the shapes"
+    for together, alone in zip(batched, singles, strict=True):
+        assert together.frame is alone.frame
+        assert len(together.detections) == len(alone.detections)
+        np.testing.assert_allclose(together.detections.boxes_xyxy, alone.detections.boxes_xyxy, atol=0.5)
+        np.testing.assert_array_equal(together.detections.class_ids, alone.detections.class_ids)
+        np.testing.assert_allclose(together.detections.confidences, alone.detections.confidences, atol=1e-3)
