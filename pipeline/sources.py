@@ -192,9 +192,12 @@ class StreamReader:
         self._metrics.stream_up.labels(stream=self.config.id).set(1 if new_state is StreamState.UP else 0)
 
     def _run(self) -> None:
+        looping = False
         try:
             while not self._stop.is_set():
-                self._set_state(StreamState.CONNECTING)
+                if not looping:
+                    self._set_state(StreamState.CONNECTING)
+                looping = False
                 self._heartbeats.beat(self.thread_name)
                 source = self._source_factory(self.config)
                 if not source.open():
@@ -209,6 +212,7 @@ class StreamReader:
                 if reached_end and self.config.kind == "file":
                     if not self.config.loop:
                         break
+                    looping = True
                     continue
                 if not self._stop.is_set():
                     log.warning("stream %s: lost, reconnecting", self.config.id)
