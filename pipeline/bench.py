@@ -222,7 +222,7 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
         "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime} for i, path in enumerate(clips)],
         "model": {"weights": weights, "imgsz": options.imgsz, "device": options.device},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
-        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool_max_messages": 100_000},
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},
     })
 

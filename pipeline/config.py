@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
 _LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
@@ -130,6 +130,14 @@ class BatchingConfig(_Section):
     queue_size: int = Field(4, ge=1, le=1024, description="Frames buffered per stream before dropping")
 
 
+class SpoolConfig(_Section):
+    """Where results wait while the broker is away; beyond either bound the oldest are dropped and counted."""
+
+    max_messages: int = Field(10_000, ge=1, le=10_000_000, description="Messages kept at most")
+    max_bytes: int = Field(64 * 2**20, ge=1024, description="Encoded bytes kept at most")
+    dir: Path | None = Field(None, description="Keep undelivered messages here across a restart of vap")
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = Field("localhost:9092", min_length=1)
     topic: str = Field("vap.frames", pattern=r"^[A-Za-z0-9._-]+$", max_length=249)
@@ -138,7 +146,27 @@ class KafkaConfig(_Section):
     client_id: str = "vap"
     linger_ms: int = Field(5, ge=0, le=10_000)
     request_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
-    spool_max_messages: int = Field(10_000, ge=1, description="Messages kept while the broker is away")
+    spool: SpoolConfig = SpoolConfig()
+    create_topic: bool = Field(True, description="Create the topic at start when it is missing")
+    partitions: int = Field(3, ge=1, le=10_000, description="Partitions of a topic vap creates")
+    replication: int = Field(1, ge=1, le=16, description="Replication factor of a topic vap creates")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="Use ${ENV_VAR}; never logged")
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism is None:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+        return self
 
 
 class HttpConfig(_Section):

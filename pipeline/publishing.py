@@ -1,13 +1,13 @@
 """The Kafka publisher: one message per frame result, a bounded spool, and every loss counted.
 
-Why a spool of our own in front of kafka-python's buffer: while the broker is away, `send` blocks and
-a stuck producer (one that lost its producer id after a broker restart) never recovers by itself.
-Keeping encoded messages here lets the publisher rebuild the producer and resend, and lets it decide
-exactly what is dropped when the bound is reached (the oldest, counted as `dropped`).
+Why a spool of our own in front of kafka-python's buffer: while the broker is away, `send` blocks, and
+a stuck producer (one whose broker lost its producer ids after a restart) never recovers by itself.
+Keeping encoded messages here lets the publisher rebuild the producer and resend, and decide exactly
+what is dropped when a bound is reached (the oldest, counted as `dropped`).
 
 Counting: `sent` is a message the broker acknowledged; `failed` is a delivery attempt that did not
-succeed (the message stays in the spool and is tried again); `dropped` is a message lost for good
-(spool overflow, or still unsent when a stop's flush deadline passed).
+succeed (the message goes back to the spool and is tried again); `dropped` is a message lost for good
+(spool overflow, or still undelivered when a stop's flush deadline passed and there is no spool dir).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -26,6 +25,7 @@ from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.messages import HEADERS, build_message, encode
 from pipeline.metrics import PipelineMetrics
+from pipeline.spool import OutgoingMessage, Spool, load_undelivered, save_undelivered
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +34,44 @@ _MAX_IN_FLIGHT = 1000
 _FAILURES_BEFORE_REBUILD = 3
 
 
-@dataclass(frozen=True)
-class OutgoingMessage:
-    key: bytes
-    value: bytes
-
-
 class Producer(Protocol):
     """The part of `kafka.KafkaProducer` the publisher uses."""
 
     def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> Any: ...
 
-    def flush(self, timeout: float | None = None) -> None: ...
-
     def close(self, timeout: float | None = None) -> None: ...
 
 
-def kafka_producer_settings(config: KafkaConfig) -> dict[str, Any]:
-    """Settings for per-stream order without duplicates on retry (idempotence, acks=all)."""
-    acks: int | str = config.acks if config.acks == "all" else int(config.acks)
-    return {
+def kafka_client_settings(config: KafkaConfig) -> dict[str, Any]:
+    """Connection and security settings shared by producers, admin clients and consumers."""
+    settings: dict[str, Any] = {
         "bootstrap_servers": config.bootstrap_servers.split(","),
         "client_id": config.client_id,
+        "security_protocol": config.security_protocol,
+        "request_timeout_ms": config.request_timeout_ms,
+    }
+    if config.sasl_mechanism is not None and config.sasl_password is not None:
+        settings["sasl_mechanism"] = config.sasl_mechanism
+        settings["sasl_plain_username"] = config.sasl_username
+        settings["sasl_plain_password"] = config.sasl_password.get_secret_value()
+    if config.security_protocol in ("SSL", "SASL_SSL"):
+        settings["ssl_check_hostname"] = config.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(config, name)
+            if value is not None:
+                settings[name] = str(value)
+    return settings
+
+
+def kafka_producer_settings(config: KafkaConfig) -> dict[str, Any]:
+    """Per-stream order without duplicates on retry: acks=all, idempotence, at most 5 requests in flight."""
+    acks: int | str = config.acks if config.acks == "all" else int(config.acks)
+    return {
+        **kafka_client_settings(config),
         "acks": acks,
+        "enable_idempotence": acks in ("all", -1),
         "compression_type": None if config.compression == "none" else config.compression,
         "linger_ms": config.linger_ms,
-        "request_timeout_ms": config.request_timeout_ms,
         "delivery_timeout_ms": config.request_timeout_ms * 2,
         "max_block_ms": 1000,
         "bootstrap_timeout_ms": 2000,
@@ -70,8 +82,32 @@ def kafka_producer_settings(config: KafkaConfig) -> dict[str, Any]:
 def make_kafka_producer(config: KafkaConfig) -> Producer:
     from kafka import KafkaProducer
 
+    ensure_topic(config)
     producer: Producer = KafkaProducer(**kafka_producer_settings(config))
     return producer
+
+
+def ensure_topic(config: KafkaConfig) -> None:
+    """Create the topic when it is missing and allowed; say clearly what to do when it is not."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka_client_settings(config), bootstrap_timeout_ms=2000)
+    try:
+        if config.topic in admin.list_topics():
+            return
+        if not config.create_topic:
+            log.error("Kafka topic '%s' does not exist and kafka.create_topic is false: create it on the "
+                      "cluster or allow vap to create it", config.topic)
+            return
+        try:
+            admin.create_topics([NewTopic(config.topic, config.partitions, config.replication)])
+            log.info("created Kafka topic '%s' (%d partitions, replication %d)", config.topic, config.partitions,
+                     config.replication)
+        except TopicAlreadyExistsError:
+            pass
+    finally:
+        admin.close()
 
 
 class KafkaPublisher:
@@ -92,7 +128,7 @@ class KafkaPublisher:
         self._producer_factory = producer_factory
         self._condition = threading.Condition()
         self._inbox: deque[FrameResult] = deque()
-        self._spool: deque[OutgoingMessage] = deque()
+        self._spool = Spool(config.spool.max_messages, config.spool.max_bytes)
         self._failed_deliveries: list[OutgoingMessage] = []
         self._in_flight = 0
         self._consecutive_failures = 0
@@ -110,6 +146,11 @@ class KafkaPublisher:
         return self._thread.name
 
     def start(self) -> None:
+        if self._config.spool.dir is not None:
+            restored = load_undelivered(self._config.spool.dir)
+            if restored:
+                log.info("resending %d message(s) left undelivered by the previous run", len(restored))
+                self._count_dropped(self._spool.put_back(restored))
         self._thread.start()
 
     def is_alive(self) -> bool:
@@ -119,7 +160,7 @@ class KafkaPublisher:
         with self._condition:
             if len(self._inbox) >= _INBOX_CAPACITY:
                 self._inbox.popleft()
-                self._metrics.kafka_messages.labels(result="dropped").inc()
+                self._count_dropped(1)
             self._inbox.append(result)
             self._condition.notify_all()
 
@@ -129,7 +170,7 @@ class KafkaPublisher:
             return len(self._inbox) + len(self._spool) + len(self._failed_deliveries) + self._in_flight
 
     def stop(self, flush_timeout_s: float) -> None:
-        """Deliver what is pending until the deadline, then count the rest as dropped and end."""
+        """Deliver what is pending until the deadline, then keep (spool dir) or count as dropped the rest."""
         with self._condition:
             self._flush_deadline = time.monotonic() + flush_timeout_s
             self._stop.set()
@@ -139,11 +180,15 @@ class KafkaPublisher:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def _count_dropped(self, count: int) -> None:
+        if count:
+            self._metrics.kafka_messages.labels(result="dropped").inc(count)
+
     def _run(self) -> None:
         try:
             while True:
                 self._heartbeats.beat(self.thread_name)
-                self._encode_inbox()
+                self._spool_inbox()
                 self._send_spooled()
                 if self._stop.is_set() and (self.backlog() == 0 or time.monotonic() >= self._flush_deadline):
                     break
@@ -154,38 +199,44 @@ class KafkaPublisher:
             log.exception("publisher failed")
         finally:
             self._close_producer(timeout=max(0.0, min(2.0, self._flush_deadline - time.monotonic())))
-            lost = self.backlog()
-            if lost:
-                log.warning("stopping with %d undelivered messages; counted as dropped", lost)
-                self._metrics.kafka_messages.labels(result="dropped").inc(lost)
+            self._keep_or_drop_undelivered()
             self._heartbeats.forget(self.thread_name)
 
-    def _encode_inbox(self) -> None:
+    def _keep_or_drop_undelivered(self) -> None:
+        self._spool_inbox()
+        with self._condition:
+            undelivered = self._spool.drain()
+            lost_in_flight = self._in_flight
+        if self._config.spool.dir is not None:
+            save_undelivered(self._config.spool.dir, undelivered)
+            if undelivered:
+                log.warning("kept %d undelivered message(s) in %s for the next start", len(undelivered),
+                            self._config.spool.dir)
+            undelivered = []
+        lost = len(undelivered) + lost_in_flight
+        if lost:
+            log.warning("stopping with %d undelivered message(s); counted as dropped", lost)
+            self._count_dropped(lost)
+
+    def _spool_inbox(self) -> None:
         with self._condition:
             results = list(self._inbox)
             self._inbox.clear()
-            retry = self._failed_deliveries
-            self._failed_deliveries = []
-            self._spool.extendleft(reversed(retry))
+            retry, self._failed_deliveries = self._failed_deliveries, []
+            dropped = self._spool.put_back(retry)
         for result in results:
-            now = datetime.now(timezone.utc)
             total_s = time.monotonic() - result.frame.captured_monotonic
-            message = build_message(result, self._model_name, now, total_s * 1000)
+            message = build_message(result, self._model_name, datetime.now(timezone.utc), total_s * 1000)
             outgoing = OutgoingMessage(key=result.frame.stream_id.encode(), value=encode(message))
-            self._metrics.end_to_end_latency.labels(stream=result.frame.stream_id).observe(total_s)
-            self._metrics.frames_processed.labels(stream=result.frame.stream_id).inc()
-            for label in message.get("detections", ()):
-                self._metrics.detections.labels(stream=result.frame.stream_id, label=label["label"]).inc()
+            stream_id = result.frame.stream_id
+            self._metrics.end_to_end_latency.labels(stream=stream_id).observe(total_s)
+            self._metrics.frames_processed.labels(stream=stream_id).inc()
+            for detection in message.get("detections", ()):
+                self._metrics.detections.labels(stream=stream_id, label=detection["label"]).inc()
             with self._condition:
-                self._spool.append(outgoing)
-        with self._condition:
-            overflow = len(self._spool) - self._config.spool_max_messages
-            for _ in range(max(0, overflow)):
-                self._spool.popleft()
-            spooled = len(self._spool)
-        if overflow > 0:
-            self._metrics.kafka_messages.labels(result="dropped").inc(overflow)
-        self._metrics.queue_depth.labels(stage="kafka_spool").set(spooled)
+                dropped += self._spool.append(outgoing)
+        self._count_dropped(dropped)
+        self._metrics.queue_depth.labels(stage="kafka_spool").set(len(self._spool))
 
     def _send_spooled(self) -> None:
         producer = self._ensure_producer()
@@ -193,9 +244,11 @@ class KafkaPublisher:
             return
         while True:
             with self._condition:
-                if not self._spool or self._in_flight >= _MAX_IN_FLIGHT:
+                if self._in_flight >= _MAX_IN_FLIGHT:
                     return
                 message = self._spool.popleft()
+                if message is None:
+                    return
                 self._in_flight += 1
             sent_at = time.monotonic()
             try:
@@ -260,7 +313,7 @@ class KafkaPublisher:
 
     def _count_unreachable(self, error: Exception) -> None:
         with self._condition:
-            pending = bool(self._spool)
+            pending = len(self._spool) > 0
         if pending:
             self._metrics.kafka_messages.labels(result="failed").inc()
         log.warning("Kafka at %s is unreachable (%s); spooling", self._config.bootstrap_servers, error)

@@ -18,6 +18,8 @@ from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
+pytest_plugins = ["tests.servers.fixtures"]
+
 CLIP_FRAMES = 12
 
 

@@ -155,7 +155,7 @@ def test_unreachable_broker_keeps_inferring_counts_failures_and_stops_on_sigterm
         "streams": [{"id": "cam-a", "url": str(clips["landscape"]), "loop": True}],
         "model": {"weights": model_weights, "imgsz": 160},
         "batching": {"max_batch": 2},
-        "kafka": {"bootstrap_servers": closed_port_address(), "spool_max_messages": 5},
+        "kafka": {"bootstrap_servers": closed_port_address(), "spool": {"max_messages": 5}},
         "http": {"host": "127.0.0.1", "port": port},
     }
     path = tmp_path / "unreachable.yaml"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import orjson
 from prometheus_client import CollectorRegistry
 
-from pipeline.config import KafkaConfig
+from pipeline.config import KafkaConfig, SpoolConfig
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import KafkaPublisher, Producer
@@ -33,7 +33,7 @@ class Harness:
         if broker_up:
             self.available.set()
         self.producers: list[FakeProducer] = []
-        config = KafkaConfig(spool_max_messages=spool_max_messages)
+        config = KafkaConfig(spool=SpoolConfig(max_messages=spool_max_messages))
         self.publisher = KafkaPublisher(config, "test-model", self.metrics, Heartbeats(self.metrics), self._factory)
 
     def _factory(self, _config: KafkaConfig) -> Producer:

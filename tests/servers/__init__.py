@@ -1,0 +1,1 @@
+"""Real stream servers (RTSP, MJPEG) and their pytest fixtures, for the stream-reader tests."""

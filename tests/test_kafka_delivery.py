@@ -1,0 +1,151 @@
+"""Delivery guarantees against a real broker: order, no duplicates, outages, restarts of vap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kafka import KafkaConsumer
+
+from pipeline.app import Pipeline
+from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.spool import SPOOL_FILE
+from tests.conftest import ConfigFactory, decode, metric_value, read_topic, scrape, unused_topic
+
+
+def counter(pipeline: Pipeline, name: str, **labels: str) -> float:
+    return pipeline.registry.get_sample_value(name, labels) or 0.0
+
+
+def wait_for(condition: Any, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(message)
+
+
+def test_vap_creates_a_partitioned_topic_and_keeps_each_stream_in_order_without_duplicates(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    topic = unused_topic("ordered")
+    streams = [{"id": f"cam-{i}", "url": str(clips["landscape" if i % 2 else "portrait"]), "realtime": False}
+               for i in range(4)]
+    config = make_config(streams, broker.bootstrap_servers, topic, kafka={"partitions": 3})
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        assert pipeline.wait(duration_s=60) == "all sources finished"
+    finally:
+        pipeline.stop()
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        assert consumer.partitions_for_topic(topic) == {0, 1, 2}
+    finally:
+        consumer.close()
+    records = read_topic(broker.bootstrap_servers, topic, expected=pipeline.processed, group=f"g-{topic}")
+    by_stream: dict[str, list[int]] = defaultdict(list)
+    partitions: dict[str, set[int]] = defaultdict(set)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        message = decode(record)
+        by_stream[message["stream_id"]].append(message["frame_id"])
+        partitions[message["stream_id"]].add(record.partition)
+    assert len(records) == pipeline.processed == counter(pipeline, "vap_kafka_messages_total", result="sent")
+    for stream_id, frame_ids in by_stream.items():
+        assert frame_ids == sorted(set(frame_ids)), f"{stream_id}: duplicates or out of order"
+        assert len(partitions[stream_id]) == 1, "one stream must stay in one partition"
+    assert len(set().union(*partitions.values())) > 1, "streams should spread over partitions"
+
+
+def test_broker_outage_and_restart_loses_only_spool_overflow_and_counts_it_exactly(
+    clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    spool_bound = 15
+    broker = EmbeddedBroker().start()
+    topic = "outage"
+    config = make_config(
+        [{"id": "cam", "url": str(clips["landscape"]), "loop": True}], broker.bootstrap_servers, topic,
+        kafka={"spool": {"max_messages": spool_bound}, "request_timeout_ms": 2000},
+    )
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        wait_for(lambda: counter(pipeline, "vap_kafka_messages_total", result="sent") >= 5, 30, "nothing sent")
+        broker.stop()
+        sent_at_kill = counter(pipeline, "vap_kafka_messages_total", result="sent")
+        processed_at_kill = pipeline.processed
+        time.sleep(10)
+        assert pipeline.processed >= processed_at_kill + 40, "inference must go on while the broker is down"
+        processed_at_restart = pipeline.processed
+        broker.start()
+        wait_for(lambda: pipeline.processed > processed_at_restart + 20
+                 and counter(pipeline, "vap_kafka_messages_total", result="sent") > sent_at_kill + spool_bound,
+                 60, "delivery did not resume after the broker came back")
+    finally:
+        pipeline.stop()
+    try:
+        sent = counter(pipeline, "vap_kafka_messages_total", result="sent")
+        dropped = counter(pipeline, "vap_kafka_messages_total", result="dropped")
+        assert sent + dropped == pipeline.processed, "every processed frame is either sent or counted as dropped"
+        assert dropped >= processed_at_restart - processed_at_kill - spool_bound - 5
+        records = read_topic(broker.bootstrap_servers, topic, expected=int(sent - sent_at_kill), timeout_s=30)
+        frame_ids = [decode(record)["frame_id"] for record in records]
+        assert len(frame_ids) == sent - sent_at_kill, "the restarted broker holds exactly what was sent to it"
+        assert len(set(frame_ids)) == len(frame_ids), "no duplicates after the producer was rebuilt"
+        assert frame_ids == sorted(frame_ids)
+        during_outage = [f for f in frame_ids if processed_at_kill <= f < processed_at_restart]
+        assert 0 < len(during_outage) <= spool_bound, "frames from the outage arrive, up to the spool bound"
+    finally:
+        broker.stop()
+
+
+def test_spool_dir_keeps_undelivered_messages_across_a_restart_of_vap(
+    tmp_path: Path, clips: dict[str, Path], model_weights: str
+) -> None:
+    port, http_port = free_port(), free_port()
+    spool_dir = tmp_path / "spool"
+    config = {
+        "streams": [{"id": "first-run", "url": str(clips["landscape"]), "loop": True}],
+        "model": {"weights": model_weights, "imgsz": 160},
+        "batching": {"max_batch": 2},
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{port}", "topic": "spooled", "spool": {"dir": str(spool_dir)}},
+        "http": {"host": "127.0.0.1", "port": http_port},
+    }
+    path = tmp_path / "spool.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = [sys.executable, "-m", "pipeline", "run", "-c", str(path)]
+    first = subprocess.Popen(command, env=dict(os.environ))
+    try:
+        wait_for(lambda: _processed(http_port, "first-run") >= 8, 90, "first run processed nothing")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=10) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert (spool_dir / SPOOL_FILE).is_file()
+    with EmbeddedBroker(port=port):
+        second = subprocess.run(
+            [*command, "--set", f"streams.0.url={clips['portrait']}", "--set", "streams.0.id=second-run",
+             "--set", "streams.0.loop=false", "--set", "streams.0.realtime=false"],
+            env=dict(os.environ), timeout=120,
+        )
+        assert second.returncode == 0
+        records = read_topic(f"127.0.0.1:{port}", "spooled", expected=1000, timeout_s=8)
+    first_run = [decode(r)["frame_id"] for r in records if r.key == b"first-run"]
+    assert len(first_run) >= 8 and first_run == sorted(set(first_run))
+    assert not (spool_dir / SPOOL_FILE).exists(), "a delivered spool is removed"
+
+
+def _processed(port: int, stream: str) -> float:
+    try:
+        return metric_value(scrape(port), "vap_frames_processed_total", stream=stream) or 0.0
+    except OSError:
+        return 0.0
