@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-INSTALL := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+# The install command lives in deploy/install.sh, shared with the Dockerfiles (tests/test_deploy.py checks).
+INSTALL := sh deploy/install.sh $(VENV) dev
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +25,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/mypy
 
-test: lint
+# Real stream servers for the reader tests (GStreamer's RTSP server); a no-op once installed.
+system-deps:
+	bash tools/install-system-deps.sh
+
+test: lint system-deps
 	$(BIN)/pytest
 
 clean:

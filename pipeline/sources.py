@@ -92,7 +92,9 @@ class OpenCvSource:
             with _FFMPEG_OPTIONS_LOCK:
                 previous = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
                 if config.url.lower().startswith("rtsp"):
-                    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{config.transport}"
+                    # fpsprobesize 0: FFmpeg otherwise buffers seconds of frames to guess the frame rate,
+                    # which delays every (re)connect and starts the stream behind live.
+                    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{config.transport}|fpsprobesize;0"
                 try:
                     capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
                 finally:
