@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--bootstrap", default="localhost:9092", help="HOST:PORT[,HOST:PORT]")
     consume.add_argument("--topic", default="vap.frames")
     consume.add_argument("--stream", action="append", default=[], help="only this stream id (repeatable)")
+    consume.add_argument("--label", action="append", default=[],
+                         help="only messages with a detection of this label (repeatable)")
     consume.add_argument("--from-beginning", action="store_true")
     consume.add_argument("--format", choices=["json", "table"], default="table")
     consume.add_argument("--group", help="consumer group id (default: none, no offsets committed)")
@@ -172,6 +174,7 @@ def _consume(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         topic=args.topic,
         streams=tuple(args.stream),
+        labels=tuple(args.label),
         from_beginning=args.from_beginning,
         output_format=args.format,
         group=args.group,

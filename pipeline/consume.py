@@ -18,6 +18,7 @@ class ConsumeOptions:
     bootstrap: str
     topic: str
     streams: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
     from_beginning: bool = False
     output_format: str = "table"
     group: str | None = None
@@ -28,9 +29,18 @@ class ConsumeOptions:
 _TABLE_HEADER = f"{'captured_at':<24} {'stream':<16} {'frame':>7} {'dets':>4} {'total_ms':>8}  labels"
 
 
-def format_table_row(message: dict[str, Any]) -> str:
+def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
     detections = message.get("detections")
-    items = detections if detections is not None else message.get("classes", [])
+    items: list[dict[str, Any]] = detections if detections is not None else message.get("classes", [])
+    return items
+
+
+def _labels_of(message: dict[str, Any]) -> set[str]:
+    return {str(item["label"]) for item in _items(message)}
+
+
+def format_table_row(message: dict[str, Any]) -> str:
+    items = _items(message)
     labels = Counter(str(item["label"]) for item in items)
     summary = ", ".join(f"{label} x{count}" for label, count in labels.most_common())
     total_ms = message.get("latency_ms", {}).get("total", 0.0)
@@ -55,6 +65,7 @@ def consume(options: ConsumeOptions, out: TextIO) -> int:
         max_poll_interval_ms=60_000,
     )
     wanted = set(options.streams)
+    labels = set(options.labels)
     printed = 0
     last_message = time.monotonic()
     if options.output_format == "table":
@@ -72,10 +83,13 @@ def consume(options: ConsumeOptions, out: TextIO) -> int:
                 key = record.key.decode("utf-8", "replace") if record.key else ""
                 if wanted and key not in wanted:
                     continue
+                message = orjson.loads(record.value)
+                if labels and not labels & _labels_of(message):
+                    continue
                 if options.output_format == "json":
                     out.write(record.value.decode("utf-8", "replace") + "\n")
                 else:
-                    out.write(format_table_row(orjson.loads(record.value)) + "\n")
+                    out.write(format_table_row(message) + "\n")
                 printed += 1
                 if options.max_messages is not None and printed >= options.max_messages:
                     break

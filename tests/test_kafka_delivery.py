@@ -149,3 +149,27 @@ def _processed(port: int, stream: str) -> float:
         return metric_value(scrape(port), "vap_frames_processed_total", stream=stream) or 0.0
     except OSError:
         return 0.0
+
+
+def test_result_reader_yields_typed_messages_and_reports_frames_dropped_by_the_fps_cap(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    from pipeline.client import ResultReader
+
+    topic = unused_topic("reader")
+    config = make_config([{"id": "capped", "url": str(clips["landscape"]), "realtime": False, "fps": 5}],
+                         broker.bootstrap_servers, topic)
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        assert pipeline.wait(duration_s=60) == "all sources finished"
+    finally:
+        pipeline.stop()
+    with ResultReader(broker.bootstrap_servers, topic=topic, from_beginning=True, idle_timeout_s=3) as reader:
+        messages = list(reader)
+    assert [m.frame_id for m in messages] == list(range(0, 12, 2))
+    assert [m.gap for m in messages] == [0] + [1] * 5
+    assert all(m.image.width == 320 and m.schema_id == "vap.frame.v1" for m in messages)
+    dropped = counter(pipeline, "vap_frames_dropped_total", stream="capped", reason="fps_cap")
+    trailing = 11 - messages[-1].frame_id
+    assert dropped == sum(m.gap for m in messages) + trailing

@@ -1,0 +1,69 @@
+"""The message contract: a schema change without a version bump fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.client import GapTracker, parse_message
+from pipeline.messages import SCHEMA_ID, build_message, encode, load_schema
+from tests.fakes import make_frame, make_result
+
+RELEASED = Path(__file__).parent / "data" / f"{SCHEMA_ID}.released.json"
+
+
+def required_fields(schema: dict[str, Any]) -> dict[str, Any]:
+    """Every required property path with its declared type, recursively, as v1 promised them."""
+    found: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        node = resolve(schema, node)
+        for name in node.get("required", []):
+            child = resolve(schema, node.get("properties", {}).get(name, {}))
+            found[f"{path}{name}"] = child.get("type", child.get("const", child.get("enum", child.get("oneOf"))))
+            walk(child, f"{path}{name}.")
+        items = node.get("items")
+        if isinstance(items, dict):
+            walk(items, f"{path}[].")
+
+    walk(schema, "")
+    return found
+
+
+def resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    reference = node.get("$ref")
+    if reference is None:
+        return node
+    target: Any = schema
+    for part in reference.removeprefix("#/").split("/"):
+        target = target[part]
+    return dict(target)
+
+
+def test_shipped_schema_keeps_every_promise_of_the_released_version() -> None:
+    released, current = json.loads(RELEASED.read_text()), load_schema()
+    assert current["title"] == released["title"] == SCHEMA_ID, "a new version needs a new schema file and id"
+    assert required_fields(current) == required_fields(released), (
+        "required fields or their types changed within v1: publish vap.frame.v2 instead (docs/message-schema.md)"
+    )
+    for name, definition in released["properties"].items():
+        assert name in current["properties"], f"field '{name}' removed within v1"
+        assert current["properties"][name].get("type") == definition.get("type"), f"type of '{name}' changed"
+
+
+def test_required_fields_catches_a_changed_type() -> None:
+    released = json.loads(RELEASED.read_text())
+    changed = json.loads(RELEASED.read_text())
+    changed["properties"]["frame_id"]["type"] = "string"
+    assert required_fields(changed) != required_fields(released)
+
+
+def test_typed_reader_parses_a_real_message_and_reports_gaps() -> None:
+    message = parse_message(encode(build_message(make_result(make_frame("cam-1", 7)), "m", make_frame("x", 0)
+                                                 .captured_at, 12.5)))
+    assert (message.stream_id, message.frame_id, message.model.name) == ("cam-1", 7, "m")
+    assert message.latency_ms.total == 12.5 and message.detections == []
+    gaps = GapTracker()
+    assert [gaps.observe("a", i) for i in (0, 1, 4, 5)] == [0, 0, 2, 0]
+    assert gaps.observe("b", 10) == 0 and gaps.observe("a", 0) == 0
