@@ -138,6 +138,16 @@ class SpoolConfig(_Section):
     dir: Path | None = Field(None, description="Keep undelivered messages here across a restart of vap")
 
 
+class SnapshotConfig(_Section):
+    """Annotated JPEG thumbnails referenced from the messages; off unless `dir` is set."""
+
+    dir: Path | None = Field(None, description="Write thumbnails under DIR/<stream id>/")
+    every_n_frames: int = Field(10, ge=1, description="One thumbnail per this many frames of a stream")
+    max_width: int = Field(640, ge=32, le=8192)
+    jpeg_quality: int = Field(80, ge=10, le=100)
+    keep_last: int = Field(100, ge=1, description="Older thumbnails of a stream are deleted")
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = Field("localhost:9092", min_length=1)
     topic: str = Field("vap.frames", pattern=r"^[A-Za-z0-9._-]+$", max_length=249)
@@ -147,6 +157,7 @@ class KafkaConfig(_Section):
     linger_ms: int = Field(5, ge=0, le=10_000)
     request_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
     spool: SpoolConfig = SpoolConfig()
+    snapshots: SnapshotConfig = SnapshotConfig()
     create_topic: bool = Field(True, description="Create the topic at start when it is missing")
     partitions: int = Field(3, ge=1, le=10_000, description="Partitions of a topic vap creates")
     replication: int = Field(1, ge=1, le=16, description="Replication factor of a topic vap creates")

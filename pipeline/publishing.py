@@ -25,6 +25,7 @@ from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.messages import HEADERS, build_message, encode
 from pipeline.metrics import PipelineMetrics
+from pipeline.snapshots import SnapshotWriter
 from pipeline.spool import OutgoingMessage, Spool, load_undelivered, save_undelivered
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class KafkaPublisher:
         self._condition = threading.Condition()
         self._inbox: deque[FrameResult] = deque()
         self._spool = Spool(config.spool.max_messages, config.spool.max_bytes)
+        self._snapshots = SnapshotWriter(config.snapshots) if config.snapshots.dir is not None else None
         self._failed_deliveries: list[OutgoingMessage] = []
         self._in_flight = 0
         self._consecutive_failures = 0
@@ -227,6 +229,9 @@ class KafkaPublisher:
         for result in results:
             total_s = time.monotonic() - result.frame.captured_monotonic
             message = build_message(result, self._model_name, datetime.now(timezone.utc), total_s * 1000)
+            snapshot_uri = self._snapshots.write(result) if self._snapshots is not None else None
+            if snapshot_uri is not None:
+                message["snapshot"] = {"uri": snapshot_uri}
             outgoing = OutgoingMessage(key=result.frame.stream_id.encode(), value=encode(message))
             stream_id = result.frame.stream_id
             self._metrics.end_to_end_latency.labels(stream=stream_id).observe(total_s)

@@ -173,3 +173,35 @@ def test_result_reader_yields_typed_messages_and_reports_frames_dropped_by_the_f
     dropped = counter(pipeline, "vap_frames_dropped_total", stream="capped", reason="fps_cap")
     trailing = 11 - messages[-1].frame_id
     assert dropped == sum(m.gap for m in messages) + trailing
+
+
+def test_snapshots_are_written_as_annotated_thumbnails_and_referenced_from_messages(
+    tmp_path: Path, broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    import cv2
+    import jsonschema
+
+    from pipeline.messages import load_schema
+
+    topic = unused_topic("snapshots")
+    snapshot_dir = tmp_path / "thumbs"
+    config = make_config(
+        [{"id": "cam", "url": str(clips["landscape"]), "realtime": False}], broker.bootstrap_servers, topic,
+        kafka={"snapshots": {"dir": str(snapshot_dir), "every_n_frames": 4, "max_width": 160, "keep_last": 2}},
+    )
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        assert pipeline.wait(duration_s=60) == "all sources finished"
+    finally:
+        pipeline.stop()
+    messages = [decode(r) for r in read_topic(broker.bootstrap_servers, topic, expected=12)]
+    with_snapshot = [m for m in messages if "snapshot" in m]
+    assert [m["frame_id"] for m in with_snapshot] == [0, 4, 8]
+    for message in messages:
+        jsonschema.validate(message, load_schema())
+    kept = sorted(path.name for path in (snapshot_dir / "cam").iterdir())
+    assert kept == ["000000000004.jpg", "000000000008.jpg"], "only the newest keep_last thumbnails stay"
+    newest = Path(with_snapshot[-1]["snapshot"]["uri"].removeprefix("file://"))
+    image = cv2.imread(str(newest))
+    assert image is not None and image.shape[:2] == (96, 160)

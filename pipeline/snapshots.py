@@ -1,0 +1,51 @@
+"""Optional annotated JPEG thumbnails for dashboards that want a picture next to the numbers.
+
+Thumbnails go to a directory, never into the result topic; the message carries a reference to the file.
+Only the newest `keep_last` thumbnails of each stream are kept, so the directory cannot fill a disk.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.config import SnapshotConfig
+from pipeline.frames import FrameResult
+
+_COLOURS = ((56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72))
+
+
+class SnapshotWriter:
+    """Writes every `every_n_frames`-th frame of a stream, boxes and labels drawn in."""
+
+    def __init__(self, config: SnapshotConfig) -> None:
+        assert config.dir is not None
+        self._config = config
+        self._root = config.dir.resolve()
+
+    def write(self, result: FrameResult) -> str | None:
+        """The thumbnail's `file://` URI, or None when this frame gets none."""
+        frame = result.frame
+        if frame.frame_id % self._config.every_n_frames:
+            return None
+        scale = min(1.0, self._config.max_width / frame.width)
+        image = frame.image if scale == 1.0 else cv2.resize(
+            frame.image, (round(frame.width * scale), round(frame.height * scale)), interpolation=cv2.INTER_AREA
+        )
+        image = np.ascontiguousarray(image).copy()
+        detections = result.detections
+        for index in range(len(detections)):
+            x1, y1, x2, y2 = (int(v * scale) for v in detections.boxes_xyxy[index])
+            class_id = int(detections.class_ids[index])
+            colour = _COLOURS[class_id % len(_COLOURS)]
+            cv2.rectangle(image, (x1, y1), (x2, y2), colour, 2)
+            caption = f"{result.labels.get(class_id, class_id)} {detections.confidences[index]:.2f}"
+            cv2.putText(image, caption, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
+        directory = self._root / frame.stream_id
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{frame.frame_id:012d}.jpg"
+        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, self._config.jpeg_quality])
+        expired = frame.frame_id - self._config.every_n_frames * self._config.keep_last
+        if expired >= 0:
+            (directory / f"{expired:012d}.jpg").unlink(missing_ok=True)
+        return path.as_uri()
