@@ -13,19 +13,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from pipeline import __version__
 from pipeline.batching import FrameHub
-from pipeline.config import KafkaConfig, PipelineConfig
+from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
-from pipeline.http import HttpServer, Probe
+from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_app
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_device
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
-from pipeline.sources import StreamReader, StreamState, max_age_for, overflow_policy_for
+from pipeline.sources import StreamReader, max_age_for, overflow_policy_for
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Pipeline:
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
         self._stopped = False
+        self._streams_lock = threading.RLock()
+        self._started_monotonic = time.monotonic()
 
     @property
     def processed(self) -> int:
@@ -80,8 +83,10 @@ class Pipeline:
     def start(self, max_frames: int | None = None) -> None:
         config = self.config
         self._max_frames = max_frames
-        self.http = HttpServer(config.http.host, config.http.port, self.registry, self.health, self.readiness)
+        token = config.http.auth_token.get_secret_value() if config.http.auth_token is not None else None
+        self.http = HttpServer(config.http.host, config.http.port, build_app(self, config.http.host, token))
         self.http.start()
+        self._started_monotonic = time.monotonic()
         log.info("metrics and health on http://%s:%d", config.http.host, self.http.port)
         self.detector = self._detector_factory(config)
         self.metrics.build_info.labels(
@@ -94,21 +99,83 @@ class Pipeline:
         if config.model.warmup:
             log.info("warming up %s on %s", self.detector.name, self.detector.device)
             self.detector.warmup([1, config.batching.max_batch])
-        for stream in config.streams:
-            self.metrics.add_stream(stream.id)
-            self.hub.add_stream(
-                stream.id, config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
-            )
-            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats)
-            self.readers[stream.id] = reader
         self.worker = InferenceWorker(
             self.detector, self.hub, config.batching, self._deliver, self.metrics, self.heartbeats
         )
         self.worker.start()
-        for reader in self.readers.values():
-            reader.start()
+        for stream in config.streams:
+            self.add_stream(stream)
         self._ready.set()
         log.info("ready: %d stream(s), model %s on %s", len(self.readers), self.detector.name, self.detector.device)
+
+    def add_stream(self, stream: StreamConfig) -> None:
+        """Start reading one more stream; the others never pause."""
+        with self._streams_lock:
+            if stream.id in self.readers:
+                raise StreamExists(stream.id)
+            if stream.kind == "file" and not stream.file_path.is_file():
+                raise ValueError(f"url: file not found: {stream.url}")
+            self.metrics.add_stream(stream.id)
+            self.hub.add_stream(
+                stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
+            )
+            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats)
+            self.readers[stream.id] = reader
+            reader.start()
+        log.info("stream %s: added (%s)", stream.id, stream.redacted_url)
+
+    def remove_stream(self, stream_id: str) -> None:
+        """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later."""
+        with self._streams_lock:
+            reader = self.readers.pop(stream_id, None)
+            if reader is None:
+                raise UnknownStream(stream_id)
+            reader.stop()
+            self.hub.remove_stream(stream_id)
+        threading.Thread(target=self._reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
+        log.info("stream %s: removed", stream_id)
+
+    def _reap(self, reader: StreamReader) -> None:
+        if reader.join(timeout=60):
+            self.metrics.remove_stream(reader.config.id)
+        else:
+            log.warning("stream %s: reader still blocked 60 s after removal", reader.config.id)
+
+    def list_streams(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._streams_lock:
+            readers = list(self.readers.values())
+        return [
+            {
+                "id": reader.config.id,
+                "url": reader.config.redacted_url,
+                "kind": reader.config.kind,
+                "state": reader.state.value,
+                "last_frame_age_s": None if reader.last_frame_monotonic is None
+                else round(now - reader.last_frame_monotonic, 3),
+                "frames_read": self.registry.get_sample_value("vap_frames_read_total", {"stream": reader.config.id}),
+                "frames_processed": self.registry.get_sample_value(
+                    "vap_frames_processed_total", {"stream": reader.config.id}
+                ),
+            }
+            for reader in readers
+        ]
+
+    def status(self) -> dict[str, Any]:
+        publisher = self.publisher
+        return {
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self._started_monotonic, 1),
+            "ready": self._ready.is_set(),
+            "model": None if self.detector is None else {
+                "name": self.detector.name, "task": self.detector.task, "device": self.detector.device
+            },
+            "streams": len(self.readers),
+            "frames_processed": self._processed,
+            "kafka": None if publisher is None else {
+                "topic": self.config.kafka.topic, "connected": publisher.connected, "backlog": publisher.backlog()
+            },
+        }
 
     def _deliver(self, result: FrameResult) -> None:
         assert self.publisher is not None
@@ -124,7 +191,9 @@ class Pipeline:
 
     def sources_exhausted(self) -> bool:
         """Every stream was a file that ended, and every frame read went through the model."""
-        return all(reader.finished.is_set() for reader in self.readers.values()) and self.hub.drained()
+        with self._streams_lock:
+            readers = list(self.readers.values())
+        return bool(readers) and all(reader.finished.is_set() for reader in readers) and self.hub.drained()
 
     def wait(self, duration_s: float | None = None) -> str:
         """Block until a stop is requested, the duration passes, or all files are done; says which."""
@@ -135,7 +204,7 @@ class Pipeline:
                     else "max frames reached"
             if deadline is not None and time.monotonic() >= deadline:
                 return "duration reached"
-            if self.readers and self.sources_exhausted():
+            if self.sources_exhausted():
                 return "all sources finished"
 
     def stop(self) -> None:
@@ -143,9 +212,11 @@ class Pipeline:
             return
         self._stopped = True
         self._ready.clear()
-        for reader in self.readers.values():
+        with self._streams_lock:
+            readers = list(self.readers.values())
+        for reader in readers:
             reader.stop()
-        for reader in self.readers.values():
+        for reader in readers:
             if not reader.join(_READER_JOIN_S):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
         deadline = time.monotonic() + self._timeouts.drain_s
@@ -175,25 +246,23 @@ class Pipeline:
         return Probe(ok, {"status": "ok" if ok else "failing", "stuck": stuck, "dead": dead})
 
     def readiness(self) -> Probe:
-        now = time.monotonic()
-        streams = {}
-        for stream_id, reader in self.readers.items():
-            last = reader.last_frame_monotonic
-            streams[stream_id] = {
-                "state": reader.state.value,
-                "last_frame_age_s": None if last is None else round(now - last, 3),
-            }
+        streams = {
+            entry["id"]: {"state": entry["state"], "last_frame_age_s": entry["last_frame_age_s"]}
+            for entry in self.list_streams()
+        }
         publisher = self.publisher
+        spool_limit = self.config.kafka.spool.max_messages
+        kafka_ok = publisher is not None and (publisher.connected or publisher.backlog() < spool_limit)
+        ready = self._ready.is_set() and kafka_ok
         body = {
-            "ready": self._ready.is_set(),
-            "model": None if self.detector is None else {"name": self.detector.name, "device": self.detector.device},
-            "kafka": None if publisher is None else {"connected": publisher.connected, "backlog": publisher.backlog()},
+            "ready": ready,
+            "model_warm": self._ready.is_set(),
+            "kafka": None if publisher is None else {
+                "connected": publisher.connected, "backlog": publisher.backlog(), "spool_limit": spool_limit
+            },
             "streams": streams,
         }
-        return Probe(self._ready.is_set(), body)
-
-    def stream_states(self) -> dict[str, StreamState]:
-        return {stream_id: reader.state for stream_id, reader in self.readers.items()}
+        return Probe(ready, body)
 
 
 def _ultralytics_detector(config: PipelineConfig) -> Detector:

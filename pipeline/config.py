@@ -183,6 +183,9 @@ class KafkaConfig(_Section):
 class HttpConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token for stream changes; use ${ENV_VAR}. Without it, changes need a loopback host"
+    )
 
 
 class PipelineConfig(_Section):

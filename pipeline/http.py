@@ -1,16 +1,28 @@
-"""One HTTP port for Prometheus (/metrics), liveness (/healthz) and readiness (/readyz)."""
+"""One HTTP port: Prometheus (/metrics), liveness (/healthz), readiness (/readyz) and the control API.
+
+The control API adds and removes streams at run time. Mutating calls need `Authorization: Bearer
+<http.auth_token>` when a token is configured; without one they are refused unless the server only
+listens on loopback, so an exposed port never lets strangers add cameras.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
+import socket
 import threading
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
-import orjson
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from pipeline import __version__
+from pipeline.config import StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,59 +35,132 @@ class Probe:
     body: dict[str, Any]
 
 
+class StreamExists(Exception):
+    pass
+
+
+class UnknownStream(Exception):
+    pass
+
+
+class Control(Protocol):
+    """What the HTTP layer needs from the running pipeline."""
+
+    registry: CollectorRegistry
+
+    def health(self) -> Probe: ...
+
+    def readiness(self) -> Probe: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def list_streams(self) -> list[dict[str, Any]]: ...
+
+    def add_stream(self, stream: StreamConfig) -> None: ...
+
+    def remove_stream(self, stream_id: str) -> None: ...
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
+    app = FastAPI(title="vap", version=__version__, description="Real-time video analytics pipeline")
+
+    def authorise(request: Request) -> None:
+        if auth_token is None:
+            if not is_loopback(host):
+                raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                    "stream changes are disabled: set http.auth_token or listen on loopback")
+            return
+        supplied = request.headers.get("authorization", "")
+        if not hmac.compare_digest(supplied.encode(), f"Bearer {auth_token}".encode()):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(control.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", tags=["probes"])
+    def healthz() -> JSONResponse:
+        probe = control.health()
+        return JSONResponse(probe.body, status_code=200 if probe.ok else 503)
+
+    @app.get("/readyz", tags=["probes"])
+    def readyz() -> JSONResponse:
+        probe = control.readiness()
+        return JSONResponse(probe.body, status_code=200 if probe.ok else 503)
+
+    @app.get("/api/v1/status", tags=["control"])
+    def get_status() -> dict[str, Any]:
+        return control.status()
+
+    @app.get("/api/v1/streams", tags=["control"])
+    def list_streams() -> list[dict[str, Any]]:
+        return control.list_streams()
+
+    @app.post("/api/v1/streams", status_code=status.HTTP_201_CREATED, tags=["control"],
+              dependencies=[Depends(authorise)])
+    def add_stream(stream: StreamConfig) -> dict[str, Any]:
+        try:
+            control.add_stream(stream)
+        except StreamExists:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"stream '{stream.id}' already exists") from None
+        except ValueError as error:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
+        return {"id": stream.id, "url": stream.redacted_url}
+
+    @app.delete("/api/v1/streams/{stream_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["control"],
+                dependencies=[Depends(authorise)])
+    def remove_stream(stream_id: str) -> Response:
+        try:
+            control.remove_stream(stream_id)
+        except UnknownStream:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream '{stream_id}'") from None
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return app
+
+
 class HttpServer:
-    """Serves on its own named thread; `port` is the bound port (useful when 0 was asked for)."""
+    """Uvicorn on its own named thread; `port` is the bound port (useful when 0 was asked for)."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        registry: CollectorRegistry,
-        health: Callable[[], Probe],
-        readiness: Callable[[], Probe],
-    ) -> None:
-        handler = _make_handler(registry, health, readiness)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+    def __init__(self, host: str, port: int, app: FastAPI) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as error:
+            self._socket.close()
+            raise RuntimeError(f"cannot listen on {host}:{port} (http.port): {error.strerror}") from None
+        self.port = int(self._socket.getsockname()[1])
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
 
-    def start(self) -> None:
+    def _serve(self) -> None:
+        self._server.run(sockets=[self._socket])
+
+    def start(self, timeout_s: float = 10.0) -> None:
         self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._server.started:
+            raise RuntimeError("the HTTP server did not start")
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.should_exit = True
         self._thread.join(timeout=5)
-
-
-def _make_handler(
-    registry: CollectorRegistry, health: Callable[[], Probe], readiness: Callable[[], Probe]
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "vap"
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path in ("/healthz", "/readyz"):
-                probe = health() if path == "/healthz" else readiness()
-                self._reply(200 if probe.ok else 503, orjson.dumps(probe.body), "application/json")
-            else:
-                self._reply(404, orjson.dumps({"error": f"no such endpoint: {path}"}), "application/json")
-
-        def _reply(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http: " + format, *args)
-
-    return Handler
+        self._socket.close()

@@ -1,0 +1,122 @@
+"""The control API over real HTTP: streams added and removed at run time, validation and authorisation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.app import Pipeline
+from pipeline.broker import EmbeddedBroker
+from tests.conftest import ConfigFactory, decode, read_topic, unused_topic
+
+TOKEN = "s3cret-token"
+
+
+def call(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+    request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def processed(pipeline: Pipeline, stream_id: str) -> float:
+    return pipeline.registry.get_sample_value("vap_frames_processed_total", {"stream": stream_id}) or 0.0
+
+
+def wait_for(condition: Any, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(message)
+
+
+def test_streams_added_and_removed_at_run_time_while_another_never_pauses(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    topic = unused_topic("api")
+    config = make_config([{"id": "steady", "url": str(clips["landscape"]), "loop": True}],
+                         broker.bootstrap_servers, topic, http={"auth_token": TOKEN}, model={"warmup": True})
+    pipeline = Pipeline(config)
+    pipeline.start()
+    assert pipeline.http is not None
+    port = pipeline.http.port
+    try:
+        wait_for(lambda: processed(pipeline, "steady") >= 5, 30, "steady stream did not start")
+        code, body = call(port, "POST", "/api/v1/streams", {"id": "added", "url": str(clips["portrait"]), "loop": True})
+        assert (code, body["id"]) == (201, "added")
+        wait_for(lambda: processed(pipeline, "added") >= 10, 30, "the added stream published nothing")
+        code, listed = call(port, "GET", "/api/v1/streams")
+        assert code == 200 and {entry["id"] for entry in listed} == {"steady", "added"}
+        code, _ = call(port, "DELETE", "/api/v1/streams/added")
+        assert code == 204
+        removed_at = processed(pipeline, "added")
+        steady_at_removal = processed(pipeline, "steady")
+        wait_for(lambda: processed(pipeline, "steady") >= steady_at_removal + 10, 30, "steady stream stalled")
+        assert processed(pipeline, "added") <= removed_at + 4, "a removed stream keeps no more than its buffer"
+        assert call(port, "DELETE", "/api/v1/streams/added")[0] == 404
+        code, status = call(port, "GET", "/api/v1/status")
+        assert code == 200 and status["streams"] == 1 and status["ready"] is True
+    finally:
+        pipeline.stop()
+    messages = [decode(r) for r in read_topic(broker.bootstrap_servers, topic, expected=pipeline.processed)]
+    assert any(m["stream_id"] == "added" for m in messages)
+    steady = sorted(datetime.fromisoformat(m["captured_at"]) for m in messages if m["stream_id"] == "steady")
+    worst_gap = max((b - a).total_seconds() for a, b in itertools.pairwise(steady))
+    assert worst_gap < 1.0, f"the steady stream paused {worst_gap:.2f} s while streams were added and removed"
+
+
+def test_invalid_stream_body_gets_422_naming_the_field_and_no_token_gets_401(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    config = make_config([{"id": "steady", "url": str(clips["landscape"]), "loop": True}],
+                         broker.bootstrap_servers, unused_topic("api-422"), http={"auth_token": TOKEN})
+    pipeline = Pipeline(config)
+    pipeline.start()
+    assert pipeline.http is not None
+    port = pipeline.http.port
+    try:
+        code, body = call(port, "POST", "/api/v1/streams", {"id": "bad id!", "url": "ftp://x", "fps": -1})
+        assert code == 422
+        locations = {tuple(error["loc"]) for error in body["detail"]}
+        assert {("body", "id"), ("body", "url"), ("body", "fps")} <= locations
+        new_stream = {"id": "x", "url": str(clips["portrait"])}
+        assert call(port, "POST", "/api/v1/streams", new_stream, token=None)[0] == 401
+        assert call(port, "POST", "/api/v1/streams", new_stream, token="wrong")[0] == 401
+        assert call(port, "DELETE", "/api/v1/streams/steady", token=None)[0] == 401
+        assert call(port, "POST", "/api/v1/streams", {"id": "steady", "url": str(clips["portrait"])})[0] == 409
+        assert call(port, "GET", "/api/v1/streams", token=None)[0] == 200
+        code, openapi = call(port, "GET", "/openapi.json", token=None)
+        assert code == 200 and "/api/v1/streams" in openapi["paths"]
+    finally:
+        pipeline.stop()
+
+
+def test_without_a_token_changes_are_refused_on_a_non_loopback_host(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    config = make_config([{"id": "steady", "url": str(clips["landscape"]), "loop": True}],
+                         broker.bootstrap_servers, unused_topic("api-403"), http={"host": "0.0.0.0"})
+    pipeline = Pipeline(config)
+    pipeline.start()
+    assert pipeline.http is not None
+    try:
+        code, body = call(pipeline.http.port, "DELETE", "/api/v1/streams/steady", token=None)
+        assert code == 403 and "auth_token" in body["detail"]
+        assert "steady" in pipeline.readers
+    finally:
+        pipeline.stop()
