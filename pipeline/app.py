@@ -122,7 +122,7 @@ class Pipeline:
             reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats)
             self.readers[stream.id] = reader
             reader.start()
-        log.info("stream %s: added (%s)", stream.id, stream.redacted_url)
+        log.info("stream %s: added (%s)", stream.id, stream.redacted_url, extra={"stream": stream.id})
 
     def remove_stream(self, stream_id: str) -> None:
         """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later."""
@@ -133,7 +133,7 @@ class Pipeline:
             reader.stop()
             self.hub.remove_stream(stream_id)
         threading.Thread(target=self._reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
-        log.info("stream %s: removed", stream_id)
+        log.info("stream %s: removed", stream_id, extra={"stream": stream_id})
 
     def _reap(self, reader: StreamReader) -> None:
         if reader.join(timeout=60):

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vap", description="Real-time video analytics: cameras -> YOLO -> Kafka.")
     parser.add_argument("--version", action="version", version=f"vap {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line, with the stream id on stream events")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser("run", help="run the pipeline from a config file")
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value (repeatable)")
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--max-frames", type=int, help="stop after this many processed frames")
+    run.add_argument("--watch", action="store_true",
+                     help="re-read the config file when it changes (SIGHUP always re-reads it)")
 
     demo = commands.add_parser("demo", help="zero set-up demo: sample clips, bundled model, embedded broker")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
@@ -85,12 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    configure_logging(args.log_level, args.log_format)
     handlers = {
         "run": _run,
         "demo": _demo,
@@ -131,20 +130,33 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    return run_pipeline(config, duration_s=args.duration, max_frames=args.max_frames)
+    return run_pipeline(config, args.config, args.overrides, args.watch, args.duration, args.max_frames)
 
 
-def run_pipeline(config: PipelineConfig, duration_s: float | None = None, max_frames: int | None = None) -> int:
+def run_pipeline(
+    config: PipelineConfig,
+    path: Path,
+    overrides: list[str],
+    watch: bool,
+    duration_s: float | None = None,
+    max_frames: int | None = None,
+) -> int:
     """Run until a signal, the duration, the frame bound, or the end of every file source."""
     from pipeline.app import Pipeline
+    from pipeline.reload import ConfigReloader
 
     pipeline = Pipeline(config)
+    reloader = ConfigReloader(path, overrides, config, pipeline, watch=watch)
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         pipeline.request_stop()
 
+    def request_reload(_signum: int, _frame: FrameType | None) -> None:
+        reloader.request_reload()
+
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, request_reload)
     try:
         try:
             pipeline.start(max_frames=max_frames)
@@ -152,13 +164,48 @@ def run_pipeline(config: PipelineConfig, duration_s: float | None = None, max_fr
             log.error("cannot start: %s", error)
             log.debug("start failure", exc_info=True)
             return EXIT_FAILURE
+        reloader.start()
         reason = pipeline.wait(duration_s)
         log.info("%s; stopping", reason)
         return EXIT_OK
     finally:
+        reloader.stop()
         pipeline.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line for log shippers; stream events carry their stream id as a field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        entry: dict[str, object] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        stream = getattr(record, "stream", None)
+        if stream is not None:
+            entry["stream"] = stream
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level))
+    logging.getLogger("kafka").setLevel(logging.ERROR)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -153,6 +153,7 @@ class StreamReader:
         self._metrics = metrics
         self._heartbeats = heartbeats
         self._source_factory = source_factory
+        self._log = logging.LoggerAdapter(log, {"stream": config.id})
         self._stop = threading.Event()
         self._state = StreamState.CONNECTING
         self._state_lock = threading.Lock()
@@ -189,7 +190,7 @@ class StreamReader:
                 return
             if new_state not in ALLOWED_TRANSITIONS[self._state]:
                 raise RuntimeError(f"stream {self.config.id}: {self._state.value} -> {new_state.value}")
-            log.info("stream %s: %s -> %s", self.config.id, self._state.value, new_state.value)
+            self._log.info("stream %s: %s -> %s", self.config.id, self._state.value, new_state.value)
             self._state = new_state
         self._metrics.stream_up.labels(stream=self.config.id).set(1 if new_state is StreamState.UP else 0)
 
@@ -203,7 +204,7 @@ class StreamReader:
                 self._heartbeats.beat(self.thread_name)
                 source = self._source_factory(self.config)
                 if not source.open():
-                    log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
+                    self._log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
                     self._back_off()
                     continue
                 self._set_state(StreamState.UP)
@@ -217,10 +218,10 @@ class StreamReader:
                     looping = True
                     continue
                 if not self._stop.is_set():
-                    log.warning("stream %s: lost, reconnecting", self.config.id)
+                    self._log.warning("stream %s: lost, reconnecting", self.config.id)
                     self._back_off()
         except Exception:
-            log.exception("stream %s: reader failed", self.config.id)
+            self._log.exception("stream %s: reader failed", self.config.id)
         finally:
             self._set_state(StreamState.STOPPED)
             self._heartbeats.forget(self.thread_name)

@@ -1,0 +1,137 @@
+"""Config hot reload: re-read the file on change (`vap run --watch`) or on SIGHUP, apply stream changes.
+
+Streams are added, removed or restarted (when any of their fields changed) without pausing the
+others. Other sections (model, batching, kafka, http) need a restart; a change there is logged as
+such, never silently ignored. A config that no longer validates is reported and the running one kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.config import ConfigError, PipelineConfig, StreamConfig, check_files_exist, load_config
+
+log = logging.getLogger(__name__)
+
+_RESTART_SECTIONS = ("model", "batching", "kafka", "http")
+
+
+class StreamControl(Protocol):
+    def add_stream(self, stream: StreamConfig) -> None: ...
+
+    def remove_stream(self, stream_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    add: tuple[StreamConfig, ...]
+    remove: tuple[str, ...]
+    restart: tuple[StreamConfig, ...]
+    needs_restart: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.add or self.remove or self.restart or self.needs_restart)
+
+
+def plan_reload(current: PipelineConfig, new: PipelineConfig) -> ReloadPlan:
+    old_streams = {stream.id: stream for stream in current.streams}
+    new_streams = {stream.id: stream for stream in new.streams}
+    changed_keys: list[str] = []
+    for section in _RESTART_SECTIONS:
+        before, after = getattr(current, section).model_dump(), getattr(new, section).model_dump()
+        changed_keys.extend(f"{section}.{key}" for key in after if before.get(key) != after[key])
+    return ReloadPlan(
+        add=tuple(stream for stream_id, stream in new_streams.items() if stream_id not in old_streams),
+        remove=tuple(stream_id for stream_id in old_streams if stream_id not in new_streams),
+        restart=tuple(
+            stream for stream_id, stream in new_streams.items()
+            if stream_id in old_streams and old_streams[stream_id] != stream
+        ),
+        needs_restart=tuple(changed_keys),
+    )
+
+
+class ConfigReloader:
+    """Watches one config file (optionally) and applies reloads on its own named thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        overrides: list[str],
+        current: PipelineConfig,
+        control: StreamControl,
+        watch: bool,
+        poll_s: float = 0.5,
+    ) -> None:
+        self._path = path
+        self._overrides = overrides
+        self._current = current
+        self._control = control
+        self._watch = watch
+        self._poll_s = poll_s
+        self._requested = threading.Event()
+        self._stop = threading.Event()
+        self._last_seen = self._fingerprint()
+        self._thread = threading.Thread(target=self._run, name="config-reload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_reload(self) -> None:
+        """Safe from a signal handler: only sets a flag the reload thread watches."""
+        self._requested.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._requested.set()
+        self._thread.join(timeout=5)
+
+    def _fingerprint(self) -> tuple[float, int] | None:
+        try:
+            stat = self._path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            requested = self._requested.wait(self._poll_s)
+            if self._stop.is_set():
+                return
+            self._requested.clear()
+            seen = self._fingerprint()
+            if requested or (self._watch and seen != self._last_seen):
+                self._last_seen = seen
+                try:
+                    self.reload()
+                except Exception:
+                    log.exception("config reload failed; the running config stays")
+
+    def reload(self) -> ReloadPlan | None:
+        try:
+            new = load_config(self._path, self._overrides)
+            check_files_exist(new)
+        except ConfigError as error:
+            for line in error.lines():
+                log.error("config reload rejected, keeping the running config: %s", line)
+            return None
+        plan = plan_reload(self._current, new)
+        for key in plan.needs_restart:
+            log.warning("config reload: %s changed but needs a restart of vap to apply; not applied", key)
+        for stream_id in plan.remove:
+            self._control.remove_stream(stream_id)
+        for stream in plan.restart:
+            self._control.remove_stream(stream.id)
+            self._control.add_stream(stream)
+        for stream in plan.add:
+            self._control.add_stream(stream)
+        applied = [s.model_copy() for s in new.streams]
+        self._current = self._current.model_copy(update={"streams": applied})
+        log.info("config reloaded: %d added, %d removed, %d restarted", len(plan.add), len(plan.remove),
+                 len(plan.restart))
+        return plan
