@@ -5,7 +5,12 @@ Tests pass a fresh `CollectorRegistry`, so no metric state leaks between runs.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 DROP_REASONS = ("fps_cap", "stale", "queue_full", "decode_error")
 KAFKA_RESULTS = ("sent", "failed", "dropped")
@@ -81,6 +86,8 @@ class PipelineMetrics:
         )
         for result in KAFKA_RESULTS:
             self.kafka_messages.labels(result=result)
+        ProcessCollector(registry=registry)
+        registry.register(GpuCollector())
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""
@@ -101,3 +108,26 @@ class PipelineMetrics:
 
     def drop(self, stream_id: str, reason: str, count: int = 1) -> None:
         self.frames_dropped.labels(stream=stream_id, reason=reason).inc(count)
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilisation per CUDA device, read at scrape time; nothing on machines without one."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            import torch
+        except ImportError:
+            return
+        if not torch.cuda.is_available():
+            return
+        memory = GaugeMetricFamily("vap_gpu_memory_bytes", "GPU memory held by this process", labels=["device"])
+        utilisation = GaugeMetricFamily(
+            "vap_gpu_utilization_ratio", "GPU busy fraction over the last sample period (NVML)", labels=["device"]
+        )
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            memory.add_metric([device], float(torch.cuda.memory_reserved(index)))
+            with contextlib.suppress(Exception):  # NVML missing: memory alone is still worth exporting
+                utilisation.add_metric([device], torch.cuda.utilization(index) / 100.0)
+        yield memory
+        yield utilisation

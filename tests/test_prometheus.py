@@ -1,0 +1,129 @@
+"""A real Prometheus server scrapes a running pipeline; PromQL answers match what the test produced."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.app import Pipeline
+from pipeline.broker import EmbeddedBroker, free_port
+from tests.conftest import ConfigFactory, decode, read_topic, unused_topic, write_moving_box_clip
+
+PROMETHEUS = shutil.which("prometheus")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def prometheus_server(tmp_path: Path) -> Iterator[Any]:
+    if PROMETHEUS is None:
+        pytest.skip("Debian's prometheus package is not installed (tools/install-system-deps.sh installs it)")
+
+    class Server:
+        process: subprocess.Popen[bytes] | None = None
+        port = free_port()
+
+        def start(self, target_port: int) -> None:
+            config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                      "scrape_configs": [{"job_name": "vap", "static_configs": [
+                          {"targets": [f"127.0.0.1:{target_port}"]}]}]}
+            config_path = tmp_path / "prometheus.yml"
+            config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            self.process = subprocess.Popen(
+                [str(PROMETHEUS), f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+
+        def query(self, promql: str) -> list[dict[str, Any]]:
+            url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = json.loads(response.read())
+            assert body["status"] == "success", body
+            result: list[dict[str, Any]] = body["data"]["result"]
+            return result
+
+        def scalar(self, promql: str) -> float | None:
+            result = self.query(promql)
+            return float(result[0]["value"][1]) if result else None
+
+    server = Server()
+    yield server
+    if server.process is not None:
+        server.process.terminate()
+        server.process.wait(timeout=10)
+
+
+def wait_for(condition: Any, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(message)
+
+
+def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_run(
+    tmp_path: Path, broker: EmbeddedBroker, make_config: ConfigFactory, prometheus_server: Any
+) -> None:
+    clip = write_moving_box_clip(tmp_path / "ten-fps.mp4", 320, 192, frames=100, fps=10.0)
+    topic = unused_topic("prom")
+    port = free_port()
+    config = make_config(
+        [{"id": "full", "url": str(clip)}, {"id": "capped", "url": str(clip), "fps": 5}],
+        broker.bootstrap_servers, topic, model={"warmup": True}, http={"port": port},
+    )
+    prometheus_server.start(port)
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        wait_for(lambda: prometheus_server.scalar('up{job="vap"}') == 1, 60, "Prometheus never scraped vap")
+        rates: list[float] = []
+        while not pipeline.sources_exhausted():
+            rate = prometheus_server.scalar('rate(vap_frames_processed_total{stream="full"}[4s])')
+            if rate:
+                rates.append(rate)
+            time.sleep(1)
+        registry = pipeline.registry
+        expected_drops = registry.get_sample_value(
+            "vap_frames_dropped_total", {"stream": "capped", "reason": "fps_cap"})
+        expected_full = registry.get_sample_value("vap_frames_processed_total", {"stream": "full"})
+        query = 'vap_frames_dropped_total{stream="capped",reason="fps_cap"}'
+        wait_for(lambda: prometheus_server.scalar(query) == expected_drops, 10, "drop count never matched")
+        wait_for(lambda: prometheus_server.scalar('vap_frames_processed_total{stream="full"}') == expected_full,
+                 10, "processed count never matched")
+        p99 = prometheus_server.scalar(
+            'histogram_quantile(0.99, sum by (le) (vap_end_to_end_latency_seconds_bucket{stream="full"}))')
+    finally:
+        pipeline.stop()
+    assert expected_drops is not None and 40 <= expected_drops <= 60, "a 5 fps cap on 10 fps drops about half"
+    fps = sorted(rates)[len(rates) // 2] if rates else None
+    assert fps is not None and 7 <= fps <= 13, f"Prometheus saw {rates} frames/s for a 10 frames/s stream"
+    latencies = sorted(decode(r)["latency_ms"]["total"] / 1000 for r in read_topic(
+        broker.bootstrap_servers, topic, expected=pipeline.processed) if r.key == b"full")
+    true_p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    buckets = [b for b in pipeline.metrics.end_to_end_latency._upper_bounds]
+    upper = next(b for b in buckets if b >= true_p99)
+    lower = max([0.0] + [b for b in buckets if b < true_p99])
+    assert p99 is not None and lower <= p99 <= upper, f"Prometheus p99 {p99} vs measured {true_p99}"
+
+
+def test_alert_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (tools/install-system-deps.sh installs Debian's prometheus)")
+    rules = REPO / "deploy" / "prometheus" / "alerts.yml"
+    result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
