@@ -106,7 +106,8 @@ class Pipeline:
         for stream in config.streams:
             self.add_stream(stream)
         self._ready.set()
-        log.info("ready: %d stream(s), model %s on %s", len(self.readers), self.detector.name, self.detector.device)
+        log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
+                 self.detector.device, self.detector.runtime)
 
     def add_stream(self, stream: StreamConfig) -> None:
         """Start reading one more stream; the others never pause."""
@@ -168,7 +169,8 @@ class Pipeline:
             "uptime_s": round(time.monotonic() - self._started_monotonic, 1),
             "ready": self._ready.is_set(),
             "model": None if self.detector is None else {
-                "name": self.detector.name, "task": self.detector.task, "device": self.detector.device
+                "name": self.detector.name, "task": self.detector.task, "device": self.detector.device,
+                "runtime": self.detector.runtime,
             },
             "streams": len(self.readers),
             "frames_processed": self._processed,
@@ -266,4 +268,4 @@ class Pipeline:
 
 
 def _ultralytics_detector(config: PipelineConfig) -> Detector:
-    return UltralyticsDetector(config.model, resolve_device(config.model.device))
+    return UltralyticsDetector(config.model, resolve_device(config.model.device), config.batching.max_batch)

@@ -31,6 +31,7 @@ from pipeline.broker import EmbeddedBroker
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 from pipeline.inference import resolve_device
+from pipeline.runtimes import default_export_dir, resolve_model
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class BenchOptions:
     batch: int = 4
     max_wait_ms: float = 20.0
     device: str = "auto"
+    runtime: str = "auto"
     weights: str | None = None
     quick: bool = False
     soak_s: float = 0.0
@@ -153,13 +155,14 @@ def _reset_cuda_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure_limit(options: BenchOptions, weights: str, device: str, sample: np.ndarray, seconds: float) -> Measurement:
+def measure_limit(options: BenchOptions, weights: str, task: str, device: str, sample: np.ndarray, seconds: float,
+                  label: str) -> Measurement:
     """Forward + NMS (and mask assembly) on one pre-made device tensor, repeated."""
     import torch
     from ultralytics import YOLO
 
     half = device.startswith("cuda")
-    model = YOLO(weights)
+    model = YOLO(weights, task=task)
     batch = [sample] * options.batch
     model.predict(batch, imgsz=options.imgsz, device=device, quantize=16 if half else None, verbose=False)
     predictor = model.predictor
@@ -174,17 +177,17 @@ def measure_limit(options: BenchOptions, weights: str, device: str, sample: np.n
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
-        return Measurement("limit (forward+NMS, device tensors)", frames, elapsed, peak(),
+        return Measurement(label, frames, elapsed, peak(),
                            gpu_peak_mb=_cuda_peak_mb(device), notes=f"batch {options.batch}")
 
 
-def measure_ultralytics_streams(options: BenchOptions, weights: str, device: str, clips: list[Path],
+def measure_ultralytics_streams(options: BenchOptions, weights: str, task: str, device: str, clips: list[Path],
                                 workdir: Path) -> Measurement:
     from ultralytics import YOLO
 
     streams_file = workdir / "bench.streams"
     streams_file.write_text("\n".join(str(p) for p in clips) + "\n", encoding="utf-8")
-    model = YOLO(weights)
+    model = YOLO(weights, task=task)
     half = device.startswith("cuda")
     _reset_cuda_peak(device)
     frames = 0
@@ -199,11 +202,11 @@ def measure_ultralytics_streams(options: BenchOptions, weights: str, device: str
                            gpu_peak_mb=_cuda_peak_mb(device), notes="stream_buffer=True, so no frame is skipped")
 
 
-def measure_ultralytics_loop(options: BenchOptions, weights: str, device: str,
+def measure_ultralytics_loop(options: BenchOptions, weights: str, task: str, device: str,
                              frames: list[np.ndarray]) -> Measurement:
     from ultralytics import YOLO
 
-    model = YOLO(weights)
+    model = YOLO(weights, task=task)
     half = device.startswith("cuda")
     model.predict(frames[0], imgsz=options.imgsz, device=device, quantize=16 if half else None, verbose=False)
     _reset_cuda_peak(device)
@@ -220,7 +223,7 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
                realtime: bool) -> PipelineConfig:
     return parse_config({
         "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime} for i, path in enumerate(clips)],
-        "model": {"weights": weights, "imgsz": options.imgsz, "device": options.device},
+        "model": {"weights": weights, "imgsz": options.imgsz, "device": options.device, "runtime": options.runtime},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},
@@ -290,12 +293,25 @@ def run_bench(options: BenchOptions) -> BenchReport:
         clips = make_clips(workdir, options, fps=10.0, prefix="fast")
         frames = decode_all(clips)
         seconds = 5.0 if options.quick else 15.0
-        progress(f"1/4 model-bound limit ({seconds:.0f} s)")
-        limit = measure_limit(options, weights, device, frames[0], seconds)
+        from ultralytics import YOLO
+
+        task = str(YOLO(weights).task)
+        resolved = resolve_model(weights, options.runtime, device, options.imgsz, options.batch,
+                                 device.startswith("cuda"), default_export_dir())
+        report.options["runtime"] = resolved.runtime
+        progress(f"1/4 model-bound limit on {resolved.runtime} ({seconds:.0f} s)")
+        limit = measure_limit(options, resolved.path, task, device, frames[0], seconds,
+                              f"limit ({resolved.runtime}, forward+NMS)")
+        extra: list[Measurement] = []
+        if resolved.runtime != "torch":
+            progress(f"1/4 model-bound limit on torch, for the runtime's speed-up ({seconds:.0f} s)")
+            extra.append(
+                measure_limit(options, weights, task, device, frames[0], seconds, "limit (torch, forward+NMS)")
+            )
         progress("2/4 ultralytics predict on a .streams source")
-        streams = measure_ultralytics_streams(options, weights, device, clips, workdir)
+        streams = measure_ultralytics_streams(options, resolved.path, task, device, clips, workdir)
         progress("2/4 ultralytics model(frame) loop")
-        loop = measure_ultralytics_loop(options, weights, device, frames)
+        loop = measure_ultralytics_loop(options, resolved.path, task, device, frames)
         progress("3/4 vap end to end, files as fast as possible, publishing to the broker")
         vap = run_vap(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False),
                       "vap end to end (throughput)", device, timeout_s=600)
@@ -304,7 +320,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
         paced = run_vap(vap_config(options, weights, paced_clips, broker.bootstrap_servers, "bench.paced", True),
                         "vap end to end (paced, latency)", device, timeout_s=600)
-        report.measurements = [limit, streams, loop, vap, paced]
+        report.measurements = [limit, *extra, streams, loop, vap, paced]
         best_ultralytics = max(streams.fps, loop.fps)
         report.ratios = {
             "vap_over_limit": vap.fps / limit.fps if limit.fps else 0.0,
@@ -344,6 +360,8 @@ def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootst
 def format_report(report: BenchReport) -> str:
     lines = [
         f"machine: {report.machine}",
+        f"runtime: {report.options.get('runtime')}, batch {report.options.get('batch')}, "
+        f"imgsz {report.options.get('imgsz')}, {report.options.get('streams')} streams",
         f"{'contender':<44} {'frames':>7} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} {'GPU MB':>8}",
     ]
     for m in report.measurements:

@@ -104,6 +104,10 @@ class ModelConfig(_Section):
     iou: float = Field(0.45, ge=0.0, le=1.0)
     classes: list[int | str] | None = Field(None, description="Class ids or names to keep")
     warmup: bool = Field(True, description="Run the real batch shapes once before reporting ready")
+    runtime: Literal["auto", "torch", "onnx", "openvino", "tensorrt"] = Field(
+        "auto", description="auto: TensorRT on CUDA, OpenVINO on CPU when installed, else PyTorch"
+    )
+    export_dir: Path | None = Field(None, description="Cache of exported models; default ~/.cache/vap/exports")
 
     @field_validator("imgsz")
     @classmethod

@@ -21,6 +21,7 @@ from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
+from pipeline.runtimes import default_export_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Detector(Protocol):
     name: str
     task: str
     device: str
+    runtime: str
 
     def warmup(self, batch_sizes: Sequence[int]) -> None: ...
 
@@ -57,16 +59,22 @@ def model_display_name(weights: str) -> str:
 class UltralyticsDetector:
     """Wraps `ultralytics.YOLO` for detect, segment and classify models."""
 
-    def __init__(self, config: ModelConfig, device: str) -> None:
+    def __init__(self, config: ModelConfig, device: str, max_batch: int = 1) -> None:
         from ultralytics import YOLO
 
         self._config = config
         self.device = device
-        self._model = YOLO(config.weights, task=None if config.task == "auto" else config.task)
-        self.task = str(self._model.task)
-        self.name = model_display_name(config.weights)
-        self.labels: dict[int, str] = {int(k): str(v) for k, v in self._model.names.items()}
         self._half = device.startswith("cuda") if config.half == "auto" else bool(config.half)
+        task = None if config.task == "auto" else config.task
+        original = YOLO(config.weights, task=task)
+        self.task = str(original.task)
+        self.labels: dict[int, str] = {int(k): str(v) for k, v in original.names.items()}
+        export_dir = config.export_dir or default_export_dir()
+        resolved = resolve_model(config.weights, config.runtime, device, config.imgsz, max_batch, self._half,
+                                 export_dir)
+        self.runtime = resolved.runtime
+        self._model = original if resolved.path == config.weights else YOLO(resolved.path, task=self.task)
+        self.name = model_display_name(config.weights)
         self._class_filter = self._class_ids(config.classes)
 
     def _class_ids(self, classes: list[int | str] | None) -> list[int] | None:

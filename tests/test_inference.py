@@ -27,6 +27,7 @@ class ContentReadingDetector:
     name = "content-reader"
     task = "detect"
     device = "cpu"
+    runtime = "python"
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         pass

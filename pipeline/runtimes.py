@@ -1,0 +1,109 @@
+"""Faster runtimes through Ultralytics' export, cached on disk.
+
+An export is keyed by the weights' content hash, input size, batch size, precision, device kind and
+format, so a changed model or setting never reuses a stale export. Exports are written to a temporary
+folder and renamed into place, so two processes starting at once cannot see a half-written one.
+An export that fails falls back to PyTorch with a warning: an optimisation never stops the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_EXPORT_FORMATS = {"onnx": "onnx", "openvino": "openvino", "tensorrt": "engine"}
+_EXPORT_SUFFIX = {"onnx": ".onnx", "openvino": "_openvino_model", "tensorrt": ".engine"}
+_RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The weights to load and the runtime they run on."""
+
+    path: str
+    runtime: str
+
+
+def default_export_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vap" / "exports"
+
+
+def runtime_available(runtime: str) -> bool:
+    module = _RUNTIME_MODULES.get(runtime)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def choose_runtime(requested: str, device: str) -> str:
+    """`auto`: TensorRT on CUDA, OpenVINO on CPU, when installed; PyTorch otherwise."""
+    if requested != "auto":
+        return requested
+    preferred = "tensorrt" if device.startswith("cuda") else "openvino"
+    return preferred if runtime_available(preferred) else "torch"
+
+
+def _weights_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resolve_model(
+    weights: str, requested_runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path
+) -> ResolvedModel:
+    """Export `weights` for the chosen runtime (once), or return them as they are for PyTorch."""
+    runtime = choose_runtime(requested_runtime, device)
+    source = Path(weights)
+    if runtime == "torch" or source.suffix != ".pt" or not source.is_file():
+        return ResolvedModel(weights, "torch")
+    if not runtime_available(runtime):
+        log.warning("model.runtime %s needs the '%s' package; running on PyTorch", runtime, _RUNTIME_MODULES[runtime])
+        return ResolvedModel(weights, "torch")
+    precision = "fp16" if half else "fp32"
+    device_kind = "cuda" if device.startswith("cuda") else "cpu"
+    key = f"{source.stem}-{_weights_hash(source)}-{imgsz}px-b{batch}-{precision}-{device_kind}"
+    target = export_dir / runtime / key / f"{source.stem}{_EXPORT_SUFFIX[runtime]}"
+    if target.exists():
+        return ResolvedModel(str(target), runtime)
+    try:
+        _export(source, runtime, device, imgsz, batch, half, target)
+    except Exception as error:
+        log.warning("exporting %s to %s failed (%s); running on PyTorch", source.name, runtime, error)
+        return ResolvedModel(weights, "torch")
+    return ResolvedModel(str(target), runtime)
+
+
+def _export(source: Path, runtime: str, device: str, imgsz: int, batch: int, half: bool, target: Path) -> None:
+    from ultralytics import YOLO
+
+    log.info("exporting %s to %s for %s at %d px, batch %d (first run only; cached in %s)", source.name, runtime,
+             device, imgsz, batch, target.parent)
+    started = time.monotonic()
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent.parent, prefix=".export-") as scratch:
+        copy = Path(scratch) / source.name
+        shutil.copyfile(source, copy)
+        exported = YOLO(str(copy)).export(
+            format=_EXPORT_FORMATS[runtime], imgsz=imgsz, batch=batch, dynamic=True, half=half, device=device,
+            verbose=False,
+        )
+        staged = Path(scratch) / "staged"
+        staged.mkdir()
+        Path(exported).rename(staged / target.name)
+        try:
+            staged.rename(target.parent)
+        except OSError:
+            if not target.exists():
+                raise
+    log.info("export to %s done in %.1f s", runtime, time.monotonic() - started)

@@ -1,0 +1,73 @@
+"""Exported runtimes: cached by what determines them, equivalent to PyTorch, and never fatal."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import ModelConfig
+from pipeline.inference import UltralyticsDetector
+from pipeline.runtimes import choose_runtime, resolve_model, runtime_available
+from pipeline.synth.world import SceneSpec, render_scene
+from tests.fakes import make_frame
+
+
+def test_auto_prefers_openvino_on_cpu_and_tensorrt_on_cuda_when_installed() -> None:
+    expected_cpu = "openvino" if runtime_available("openvino") else "torch"
+    assert choose_runtime("auto", "cpu") == expected_cpu
+    assert choose_runtime("auto", "cuda:0") == ("tensorrt" if runtime_available("tensorrt") else "torch")
+    assert choose_runtime("onnx", "cpu") == "onnx"
+
+
+def test_non_pt_weights_and_torch_runtime_are_used_as_they_are(tmp_path: Path) -> None:
+    assert resolve_model("yolo11n-seg.yaml", "openvino", "cpu", 320, 4, False, tmp_path).runtime == "torch"
+    assert resolve_model("missing.pt", "auto", "cpu", 320, 4, False, tmp_path).path == "missing.pt"
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_export_falls_back_to_torch(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    resolved = resolve_model(str(broken), "onnx", "cpu", 320, 4, False, tmp_path / "exports")
+    assert resolved.path == str(broken) and resolved.runtime == "torch"
+
+
+@pytest.mark.skipif(not runtime_available("openvino"), reason="openvino is not installed")
+def test_openvino_export_is_cached_and_detects_what_pytorch_detects(tmp_path: Path, model_weights: str) -> None:
+    if not model_weights.endswith(".pt"):
+        pytest.skip("needs the bundled .pt model")
+    export_dir = tmp_path / "exports"
+    first = resolve_model(model_weights, "openvino", "cpu", 320, 4, False, export_dir)
+    assert first.runtime == "openvino" and Path(first.path).is_dir()
+    again = resolve_model(model_weights, "openvino", "cpu", 320, 4, False, export_dir)
+    assert again == first, "a second start must reuse the cached export"
+    other_size = resolve_model(model_weights, "openvino", "cpu", 256, 4, False, export_dir)
+    assert other_size.path != first.path, "the cache key includes the input size"
+
+    scene = render_scene(SceneSpec(width=480, height=320, n_frames=4, seed=99))
+    frames = [replace(make_frame("s", i), image=image) for i, (image, _) in enumerate(scene)]
+    base = ModelConfig(weights=model_weights, imgsz=320, export_dir=export_dir)
+    torch_results = UltralyticsDetector(base.model_copy(update={"runtime": "torch"}), "cpu", 4).infer(frames)
+    openvino = UltralyticsDetector(base.model_copy(update={"runtime": "openvino"}), "cpu", 4)
+    assert openvino.runtime == "openvino"
+    confident = 0
+    for ours, reference in zip(openvino.infer(frames), torch_results, strict=True):
+        for box, class_id, confidence in zip(reference.detections.boxes_xyxy, reference.detections.class_ids,
+                                             reference.detections.confidences, strict=True):
+            if confidence < 0.5:
+                continue
+            confident += 1
+            same_class = ours.detections.boxes_xyxy[ours.detections.class_ids == class_id]
+            assert len(same_class) and max(box_iou(box, other) for other in same_class) > 0.9
+    assert confident > 0
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
