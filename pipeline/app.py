@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from pipeline import __version__
+from pipeline.analytics import StreamAnalytics
 from pipeline.batching import FrameHub
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.frames import FrameResult
@@ -74,6 +75,8 @@ class Pipeline:
         self.http: HttpServer | None = None
         self._stopped = False
         self._streams_lock = threading.RLock()
+        self._analytics: dict[str, StreamAnalytics] = {}
+        self._occupancy_keys: dict[str, set[tuple[str, str]]] = {}
         self._started_monotonic = time.monotonic()
 
     @property
@@ -93,7 +96,8 @@ class Pipeline:
             version=__version__, model=self.detector.name, device=self.detector.device
         ).set(1)
         self.publisher = KafkaPublisher(
-            config.kafka, self.detector.name, self.metrics, self.heartbeats, self._producer_factory
+            config.kafka, self.detector.name, self.metrics, self.heartbeats, self._producer_factory,
+            events_topic=config.tracking.events_topic,
         )
         self.publisher.start()
         if config.model.warmup:
@@ -120,6 +124,11 @@ class Pipeline:
             self.hub.add_stream(
                 stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
             )
+            if stream.analytics.tracks:
+                assert self.detector is not None
+                self._analytics[stream.id] = StreamAnalytics(
+                    stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels
+                )
             reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats)
             self.readers[stream.id] = reader
             reader.start()
@@ -133,6 +142,7 @@ class Pipeline:
                 raise UnknownStream(stream_id)
             reader.stop()
             self.hub.remove_stream(stream_id)
+            self._analytics.pop(stream_id, None)
         threading.Thread(target=self._reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
         log.info("stream %s: removed", stream_id, extra={"stream": stream_id})
 
@@ -181,11 +191,27 @@ class Pipeline:
 
     def _deliver(self, result: FrameResult) -> None:
         assert self.publisher is not None
+        analytics = self._analytics.get(result.frame.stream_id)
+        if analytics is not None:
+            result, events = analytics.process(result)
+            self._set_occupancy(result.frame.stream_id, analytics.occupancy())
+        else:
+            events = []
         self.publisher.submit(result)
+        for event in events:
+            self.publisher.submit(event)
         with self._processed_lock:
             self._processed += 1
             if self._max_frames is not None and self._processed >= self._max_frames:
                 self._stop_requested.set()
+
+    def _set_occupancy(self, stream_id: str, counts: dict[tuple[str, str], int]) -> None:
+        previous = self._occupancy_keys.get(stream_id, set())
+        for zone_id, label in previous | set(counts):
+            self.metrics.zone_occupancy.labels(stream=stream_id, zone=zone_id, label=label).set(
+                counts.get((zone_id, label), 0)
+            )
+        self._occupancy_keys[stream_id] = previous | set(counts)
 
     def request_stop(self) -> None:
         """Safe from signal handlers: only sets a flag that `wait` watches."""

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     consume = commands.add_parser("consume", help="tail result messages from Kafka")
     consume.add_argument("--bootstrap", default="localhost:9092", help="HOST:PORT[,HOST:PORT]")
-    consume.add_argument("--topic", default="vap.frames")
+    consume.add_argument("--topic", default="vap.frames", help="vap.frames for results, vap.events for zone events")
     consume.add_argument("--stream", action="append", default=[], help="only this stream id (repeatable)")
     consume.add_argument("--label", action="append", default=[],
                          help="only messages with a detection of this label (repeatable)")

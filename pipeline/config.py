@@ -35,6 +35,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Point = tuple[float, float]
+Anchor = Literal["bottom_center", "center", "top_center", "left_center", "right_center"]
+
+
+class ZoneConfig(_Section):
+    """A polygon; a tracked object is inside when its anchor point is."""
+
+    id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=64)]
+    polygon: list[Point] = Field(min_length=3, description="Vertices in pixels, or 0..1 with normalized: true")
+    classes: list[int | str] | None = Field(None, description="Class ids or labels counted; default all")
+    dwell_s: float | None = Field(None, gt=0, description="Emit a dwell event once an object stays this long")
+
+
+class LineConfig(_Section):
+    """A segment from `start` to `end`; crossing it left-to-right (seen from start) is `direction: in`."""
+
+    id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=64)]
+    start: Point
+    end: Point
+    classes: list[int | str] | None = None
+    directions: tuple[str, str] = Field(("in", "out"), description="Names for left-to-right and right-to-left")
+
+
+class AnalyticsConfig(_Section):
+    """Per-stream tracking, zones and lines; tracking turns on when there is a zone or line."""
+
+    tracking: bool = Field(False, description="Track objects (fills track_id) even without zones or lines")
+    normalized: bool = Field(False, description="Coordinates are fractions of the frame size, not pixels")
+    anchor: Anchor = Field("bottom_center", description="The point of a box tested against zones and lines")
+    zones: list[ZoneConfig] = []
+    lines: list[LineConfig] = []
+
+    @property
+    def tracks(self) -> bool:
+        return self.tracking or bool(self.zones) or bool(self.lines)
+
+
 class StreamConfig(_Section):
     id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=128, description="Unique id; the Kafka key")]
     url: str = Field(description="rtsp://, http(s)://, a file path, /dev/videoN or a camera index")
@@ -51,6 +88,7 @@ class StreamConfig(_Section):
     )
     reconnect_backoff_s: float = Field(0.5, gt=0, le=60, description="First wait before reconnecting")
     reconnect_backoff_max_s: float = Field(10.0, gt=0, le=600, description="Longest wait between tries")
+    analytics: AnalyticsConfig = AnalyticsConfig()
 
     @field_validator("url", mode="before")
     @classmethod
@@ -192,8 +230,14 @@ class HttpConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    tracker: Literal["bytetrack", "botsort"] = Field("bytetrack", description="Ultralytics tracker")
+    events_topic: str = Field("vap.events", pattern=r"^[A-Za-z0-9._-]+$", description="Topic of vap.event.v1")
+
+
 class PipelineConfig(_Section):
     streams: list[StreamConfig] = Field(min_length=1)
+    tracking: TrackingConfig = TrackingConfig()
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
     kafka: KafkaConfig = KafkaConfig()

@@ -36,10 +36,19 @@ def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _labels_of(message: dict[str, Any]) -> set[str]:
+    if message.get("schema") == "vap.event.v1":
+        return {str(message["label"])}
     return {str(item["label"]) for item in _items(message)}
 
 
 def format_table_row(message: dict[str, Any]) -> str:
+    if message.get("schema") == "vap.event.v1":
+        detail = message.get("direction") or (f"{message['dwell_s']} s" if message.get("dwell_s") else "")
+        return (
+            f"{message.get('occurred_at', ''):<24} {message.get('stream_id', ''):<16} {message.get('frame_id', ''):>7} "
+            f"{message['event']:>5} {message['zone_kind']} {message['zone_id']} track {message['track_id']} "
+            f"{message['label']} {detail}".rstrip()
+        )
     items = _items(message)
     labels = Counter(str(item["label"]) for item in items)
     summary = ", ".join(f"{label} x{count}" for label, count in labels.most_common())

@@ -33,6 +33,7 @@ class Detector(Protocol):
     task: str
     device: str
     runtime: str
+    labels: dict[int, str]
 
     def warmup(self, batch_sizes: Sequence[int]) -> None: ...
 

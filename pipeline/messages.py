@@ -8,18 +8,24 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 
 from pipeline.frames import FrameResult
 
+if TYPE_CHECKING:
+    from pipeline.analytics import ZoneEvent
+
 SCHEMA_ID = "vap.frame.v1"
+EVENT_SCHEMA_ID = "vap.event.v1"
 HEADERS: list[tuple[str, bytes]] = [("content-type", b"application/json"), ("schema", SCHEMA_ID.encode())]
+EVENT_HEADERS: list[tuple[str, bytes]] = [("content-type", b"application/json"), ("schema", EVENT_SCHEMA_ID.encode())]
 
 
-def load_schema() -> dict[str, Any]:
-    text = resources.files("pipeline").joinpath("schemas").joinpath(f"{SCHEMA_ID}.json").read_text(encoding="utf-8")
+def load_schema(schema_id: str = SCHEMA_ID) -> dict[str, Any]:
+    text = resources.files("pipeline").joinpath("schemas").joinpath(f"{schema_id}.json").read_text(encoding="utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 
@@ -70,7 +76,7 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
                 "confidence": _round(detections.confidences[index], 4),
                 "bbox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
                 "track_id": track_id,
-                "mask": None if polygon is None else {"polygon": [[_round(x), _round(y)] for x, y in polygon]},
+                "mask": None if polygon is None else {"polygon": np.round(polygon.astype(np.float64), 2).tolist()},
             }
         )
     message["detections"] = entries
@@ -79,3 +85,23 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
 
 def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
+
+
+def build_event(event: ZoneEvent, published_at: datetime) -> dict[str, Any]:
+    return {
+        "schema": EVENT_SCHEMA_ID,
+        "stream_id": event.stream_id,
+        "event": event.event,
+        "zone_id": event.zone_id,
+        "zone_kind": event.zone_kind,
+        "track_id": event.track_id,
+        "class_id": event.class_id,
+        "label": event.label,
+        "frame_id": event.frame_id,
+        "pts_ms": None if event.pts_ms is None else _round(event.pts_ms, 3),
+        "occurred_at": utc_iso(event.occurred_at),
+        "published_at": utc_iso(published_at),
+        "position": {"x": _round(event.position[0]), "y": _round(event.position[1])},
+        "direction": event.direction,
+        "dwell_s": event.dwell_s,
+    }

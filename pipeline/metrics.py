@@ -76,6 +76,14 @@ class PipelineMetrics:
             "vap_inference_errors_total", "Batches the model failed on (their frames are not published)",
             ["device"], registry=registry,
         )
+        self.zone_events = Counter(
+            "vap_zone_events_total", "Zone and line events of tracked objects", ["stream", "zone", "event", "label"],
+            registry=registry,
+        )
+        self.zone_occupancy = Gauge(
+            "vap_zone_occupancy", "Tracked objects inside each zone now", ["stream", "zone", "label"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             "vap_build_info", "Version, model and device of this process", ["version", "model", "device"],
             registry=registry,

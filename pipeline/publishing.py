@@ -20,10 +20,11 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from pipeline.analytics import ZoneEvent
 from pipeline.config import KafkaConfig
 from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
-from pipeline.messages import HEADERS, build_message, encode
+from pipeline.messages import EVENT_HEADERS, HEADERS, build_event, build_message, encode
 from pipeline.metrics import PipelineMetrics
 from pipeline.snapshots import SnapshotWriter
 from pipeline.spool import OutgoingMessage, Spool, load_undelivered, save_undelivered
@@ -121,14 +122,16 @@ class KafkaPublisher:
         metrics: PipelineMetrics,
         heartbeats: Heartbeats,
         producer_factory: Callable[[KafkaConfig], Producer] = make_kafka_producer,
+        events_topic: str = "vap.events",
     ) -> None:
         self._config = config
+        self._events_topic = events_topic
         self._model_name = model_name
         self._metrics = metrics
         self._heartbeats = heartbeats
         self._producer_factory = producer_factory
         self._condition = threading.Condition()
-        self._inbox: deque[FrameResult] = deque()
+        self._inbox: deque[FrameResult | ZoneEvent] = deque()
         self._spool = Spool(config.spool.max_messages, config.spool.max_bytes)
         self._snapshots = SnapshotWriter(config.snapshots) if config.snapshots.dir is not None else None
         self._failed_deliveries: list[OutgoingMessage] = []
@@ -158,7 +161,8 @@ class KafkaPublisher:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, result: FrameResult) -> None:
+    def submit(self, result: FrameResult | ZoneEvent) -> None:
+        """Queue a frame's result or a zone event for publishing; the oldest is dropped if the inbox is full."""
         with self._condition:
             if len(self._inbox) >= _INBOX_CAPACITY:
                 self._inbox.popleft()
@@ -227,6 +231,12 @@ class KafkaPublisher:
             retry, self._failed_deliveries = self._failed_deliveries, []
             dropped = self._spool.put_back(retry)
         for result in results:
+            if isinstance(result, ZoneEvent):
+                self._count_zone_event(result)
+                encoded = encode(build_event(result, datetime.now(timezone.utc)))
+                with self._condition:
+                    dropped += self._spool.append(OutgoingMessage(result.stream_id.encode(), encoded, event=True))
+                continue
             total_s = time.monotonic() - result.frame.captured_monotonic
             message = build_message(result, self._model_name, datetime.now(timezone.utc), total_s * 1000)
             snapshot_uri = self._snapshots.write(result) if self._snapshots is not None else None
@@ -243,6 +253,11 @@ class KafkaPublisher:
         self._count_dropped(dropped)
         self._metrics.queue_depth.labels(stage="kafka_spool").set(len(self._spool))
 
+    def _count_zone_event(self, event: ZoneEvent) -> None:
+        self._metrics.zone_events.labels(
+            stream=event.stream_id, zone=event.zone_id, event=event.event, label=event.label
+        ).inc()
+
     def _send_spooled(self) -> None:
         producer = self._ensure_producer()
         if producer is None:
@@ -257,7 +272,8 @@ class KafkaPublisher:
                 self._in_flight += 1
             sent_at = time.monotonic()
             try:
-                future = producer.send(self._config.topic, value=message.value, key=message.key, headers=HEADERS)
+                topic, headers = (self._events_topic, EVENT_HEADERS) if message.event else (self._config.topic, HEADERS)
+                future = producer.send(topic, value=message.value, key=message.key, headers=headers)
             except Exception as error:
                 self._delivery_failed(message, error)
                 return

@@ -18,14 +18,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SPOOL_FILE = "undelivered.spool"
-_MAGIC = b"VAPSPOOL1\n"
-_LENGTHS = struct.Struct(">II")
+_MAGIC = b"VAPSPOOL2\n"
+_LENGTHS = struct.Struct(">?II")
 
 
 @dataclass(frozen=True)
 class OutgoingMessage:
+    """An encoded message; `event` ones go to the events topic, the others to the results topic."""
+
     key: bytes
     value: bytes
+    event: bool = False
 
     @property
     def size(self) -> int:
@@ -92,7 +95,7 @@ def save_undelivered(directory: Path, messages: list[OutgoingMessage]) -> None:
     with partial.open("wb") as handle:
         handle.write(_MAGIC)
         for message in messages:
-            handle.write(_LENGTHS.pack(len(message.key), len(message.value)))
+            handle.write(_LENGTHS.pack(message.event, len(message.key), len(message.value)))
             handle.write(message.key)
             handle.write(message.value)
         handle.flush()
@@ -112,13 +115,13 @@ def load_undelivered(directory: Path) -> list[OutgoingMessage]:
         return []
     offset = len(_MAGIC)
     while offset + _LENGTHS.size <= len(data):
-        key_length, value_length = _LENGTHS.unpack_from(data, offset)
+        event, key_length, value_length = _LENGTHS.unpack_from(data, offset)
         offset += _LENGTHS.size
         end = offset + key_length + value_length
         if end > len(data):
             log.error("%s is truncated; kept the %d complete messages before the damage", target, len(messages))
             break
-        messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end]))
+        messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end], event))
         offset = end
     target.unlink()
     return messages

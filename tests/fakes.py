@@ -61,25 +61,42 @@ class FakeSource:
 
 
 class FakeFuture:
+    """Like kafka-python's future: a callback added after completion runs at once."""
+
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._callbacks: list[Any] = []
         self._errbacks: list[Any] = []
+        self._outcome: tuple[bool, Any] | None = None
 
     def add_callback(self, fn: Any, *args: Any) -> FakeFuture:
-        self._callbacks.append((fn, args))
-        return self
+        return self._add(True, fn, args)
 
     def add_errback(self, fn: Any, *args: Any) -> FakeFuture:
-        self._errbacks.append((fn, args))
+        return self._add(False, fn, args)
+
+    def _add(self, on_success: bool, fn: Any, args: tuple[Any, ...]) -> FakeFuture:
+        with self._lock:
+            if self._outcome is None:
+                (self._callbacks if on_success else self._errbacks).append((fn, args))
+                return self
+            succeeded, value = self._outcome
+        if succeeded == on_success:
+            fn(*args, value)
         return self
 
+    def _complete(self, succeeded: bool, value: Any) -> None:
+        with self._lock:
+            self._outcome = (succeeded, value)
+            waiting = self._callbacks if succeeded else self._errbacks
+        for fn, args in waiting:
+            fn(*args, value)
+
     def succeed(self) -> None:
-        for fn, args in self._callbacks:
-            fn(*args, object())
+        self._complete(True, object())
 
     def fail(self, error: Exception) -> None:
-        for fn, args in self._errbacks:
-            fn(*args, error)
+        self._complete(False, error)
 
 
 class FakeProducer:

@@ -28,6 +28,7 @@ class ContentReadingDetector:
     task = "detect"
     device = "cpu"
     runtime = "python"
+    labels = {0: "marker"}
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.synth.clips import load_ground_truth, write_clip
 from pipeline.synth.world import GroundTruthObject, SceneSpec
 
 LABEL_MIN_VISIBLE = 0.2
@@ -186,6 +188,14 @@ class AccuracyStats:
         self.ignored += len(result.ignored)
         self.mask_ious.extend(m.mask_iou for m in result.matches)
 
+    def merge(self, other: AccuracyStats) -> None:
+        self.frames += other.frames
+        self.true_positives += other.true_positives
+        self.false_negatives += other.false_negatives
+        self.false_positives += other.false_positives
+        self.ignored += other.ignored
+        self.mask_ious.extend(other.mask_ious)
+
     def update(
         self,
         gt: Sequence[GroundTruthObject],
@@ -281,8 +291,6 @@ def evaluate_model(
     """Score a weights file on freshly generated clips per frame size, and over all of them together."""
     from ultralytics import YOLO
 
-    from pipeline.synth.clips import load_ground_truth, write_clip
-
     model = YOLO(str(weights), task="segment")
     results: dict[str, dict[str, float | int]] = {}
     overall = AccuracyStats()
@@ -294,13 +302,8 @@ def evaluate_model(
                 spec = SceneSpec(width=w, height=h, n_frames=n_frames, seed=seed + 1000 * w + 10 * h + k)
                 video = write_clip(root / f"eval_{w}x{h}_{k}.mp4", spec)
                 clip_stats = evaluate_clip(model, video, load_ground_truth(video), imgsz, conf)
-                for target in (stats, overall):
-                    target.true_positives += clip_stats.true_positives
-                    target.false_negatives += clip_stats.false_negatives
-                    target.false_positives += clip_stats.false_positives
-                    target.ignored += clip_stats.ignored
-                    target.frames += clip_stats.frames
-                    target.mask_ious.extend(clip_stats.mask_ious)
+                stats.merge(clip_stats)
+                overall.merge(clip_stats)
             results[f"{w}x{h}"] = stats.summary()
         results["all"] = overall.summary()
     return results
@@ -314,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=EVAL_SEED_BASE)
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--conf", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    os.environ["YOLO_OFFLINE"] = "1"
+    import torch
+
+    torch.set_num_threads(args.threads)
     start = time.monotonic()
     results = evaluate_model(
         args.weights, n_clips=args.clips, n_frames=args.frames, seed=args.seed, imgsz=args.imgsz, conf=args.conf

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -150,16 +150,28 @@ def _full_area(vertices: npt.NDArray[np.float64]) -> int:
     return int(_fill(vertices, (h, w), (ox, oy)).sum())
 
 
-def _random_colour(rng: np.random.Generator, avoid: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Pick a colour far from the background's base so a small model always sees a clear edge."""
-    base = np.array(avoid)
+def _random_colour(
+    rng: np.random.Generator, background: tuple[float, float, float], neighbours: list[tuple[float, float, float]]
+) -> tuple[float, float, float]:
+    """Pick a colour far from the background and from objects on screen at the same time.
+
+    Distance from the background keeps every edge clear for a small model; distance from the neighbours keeps
+    the boundary between overlapping objects visible too.
+    """
+    base = np.array(background)
+    others = np.array(neighbours, dtype=np.float64).reshape(-1, 3)
+
+    def score(c: npt.NDArray[np.float64]) -> float:
+        to_bg = min(float(np.linalg.norm(c - base)) / 150, abs(float(c.mean() - base.mean())) / 45)
+        to_others = float(np.linalg.norm(others - c, axis=1).min()) / 90 if len(others) else 1.0
+        return min(to_bg, to_others)
+
     best = rng.uniform(0, 255, 3)
-    for _ in range(64):
-        candidate = rng.uniform(0, 255, 3)
-        if np.linalg.norm(candidate - base) >= 150 and abs(candidate.mean() - base.mean()) >= 45:
-            best = candidate
+    for _ in range(96):
+        if score(best) >= 1.0:
             break
-        if np.linalg.norm(candidate - base) > np.linalg.norm(best - base):
+        candidate = rng.uniform(0, 255, 3)
+        if score(candidate) > score(best):
             best = candidate
     return (float(best[0]), float(best[1]), float(best[2]))
 
@@ -219,29 +231,23 @@ def _plan_tracks(spec: SceneSpec, rng: np.random.Generator, background: Backgrou
                 size=size,
                 angle0=rng.uniform(0, 2 * math.pi),
                 spin=rng.uniform(-0.05, 0.05) if rng.random() < 0.5 else 0.0,
-                colour=_random_colour(rng, background.base),
+                colour=(0.0, 0.0, 0.0),
                 shade=(rng.uniform(-20, 20) / size, rng.uniform(-20, 20) / size),
                 z=rng.random(),
             )
             end = frame
             while end + 1 < spec.n_frames:
-                cx, cy = _track_center(track, end + 1 - frame, spec.width, spec.height)
+                cx, cy = _track_center(track, end + 1, spec.width, spec.height)
                 if end + 1 - frame > 2 and _outside(cx, cy, size, spec.width, spec.height):
                     break
                 end += 1
-            raw.append((frame, slot, _replace_end(track, end)))
+            neighbours = [t.colour for _, _, t in raw if t.start_frame <= end and t.end_frame >= frame]
+            colour = _random_colour(rng, background.base, neighbours)
+            raw.append((frame, slot, replace(track, end_frame=end, colour=colour)))
             frame = end + 1 + int(rng.integers(0, max(2, spec.n_frames // 8)))
             first = False
     raw.sort(key=lambda item: (item[0], item[1]))
-    return [_with_id(track, i) for i, (_, _, track) in enumerate(raw)]
-
-
-def _replace_end(track: _Track, end: int) -> _Track:
-    return _Track(**{**track.__dict__, "end_frame": end})
-
-
-def _with_id(track: _Track, object_id: int) -> _Track:
-    return _Track(**{**track.__dict__, "object_id": object_id})
+    return [replace(track, object_id=i) for i, (_, _, track) in enumerate(raw)]
 
 
 def plan_scene(spec: SceneSpec) -> ScenePlan:

@@ -1,0 +1,192 @@
+"""Zone and line analytics per stream: from tracked boxes to enter, exit, cross and dwell events.
+
+Each tracked object is reduced to one anchor point (bottom-centre by default: where a person or a car
+touches the ground). An object enters a zone when its anchor moves inside the polygon (or first appears
+inside), exits when it moves out or its track expires while inside, dwells once it has stayed
+`dwell_s`, and crosses a line when its anchor passes from one side of the segment to the other.
+Time is media time when the source gives it, so files read faster than real time dwell correctly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.config import AnalyticsConfig, ZoneConfig
+from pipeline.frames import FrameResult
+from pipeline.tracking import StreamTracker
+
+TRACK_EXPIRY_S = 3.0
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ZoneEvent:
+    """One `vap.event.v1` message before encoding."""
+
+    stream_id: str
+    event: str
+    zone_id: str
+    zone_kind: str
+    track_id: int
+    class_id: int
+    label: str
+    frame_id: int
+    pts_ms: float | None
+    occurred_at: datetime
+    position: Point
+    direction: str | None = None
+    dwell_s: float | None = None
+
+
+@dataclass
+class _TrackState:
+    last_seen_s: float
+    anchor: Point
+    class_id: int
+    label: str
+    inside_since: dict[str, float] = field(default_factory=dict)
+    dwelled: set[str] = field(default_factory=set)
+
+
+def anchor_point(box: npt.NDArray[np.float32], anchor: str) -> Point:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return {
+        "bottom_center": (cx, y2), "center": (cx, cy), "top_center": (cx, y1),
+        "left_center": (x1, cy), "right_center": (x2, cy),
+    }[anchor]
+
+
+def point_in_polygon(point: Point, polygon: list[Point]) -> bool:
+    """Even-odd ray casting; points exactly on an edge count as inside the lower/left side consistently."""
+    x, y = point
+    inside = False
+    for (x1, y1), (x2, y2) in zip(polygon, polygon[1:] + polygon[:1], strict=True):
+        if (y1 > y) != (y2 > y):
+            crossing_x = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
+            if x < crossing_x:
+                inside = not inside
+    return inside
+
+
+def side_of_line(point: Point, start: Point, end: Point) -> float:
+    """Positive on the left of start->end in image coordinates (y down), negative on the right."""
+    return (end[0] - start[0]) * (point[1] - start[1]) - (end[1] - start[1]) * (point[0] - start[0])
+
+
+def crosses_segment(previous: Point, current: Point, start: Point, end: Point) -> int:
+    """+1 when the move goes from the negative to the positive side through the segment, -1 back, else 0."""
+    before, after = side_of_line(previous, start, end), side_of_line(current, start, end)
+    if before == 0 or after == 0 or (before > 0) == (after > 0):
+        return 0
+    along_before = side_of_line(start, previous, current)
+    along_after = side_of_line(end, previous, current)
+    if (along_before > 0) == (along_after > 0):
+        return 0
+    return 1 if after > 0 else -1
+
+
+class StreamAnalytics:
+    """Tracker plus zone and line state for one stream; fed that stream's results in frame order."""
+
+    def __init__(self, stream_id: str, config: AnalyticsConfig, tracker: str, labels: dict[int, str]) -> None:
+        self._stream_id = stream_id
+        self._config = config
+        self._tracker = StreamTracker(tracker)
+        self._zone_classes = {zone.id: self._class_ids(zone.classes, labels) for zone in config.zones}
+        self._line_classes = {line.id: self._class_ids(line.classes, labels) for line in config.lines}
+        self._tracks: dict[int, _TrackState] = {}
+
+    @staticmethod
+    def _class_ids(classes: list[int | str] | None, labels: dict[int, str]) -> set[int] | None:
+        if classes is None:
+            return None
+        by_label = {label: class_id for class_id, label in labels.items()}
+        return {entry if isinstance(entry, int) else by_label.get(entry, -1) for entry in classes}
+
+    def _scaled(self, points: list[Point], width: int, height: int) -> list[Point]:
+        return [(x * width, y * height) for x, y in points] if self._config.normalized else points
+
+    def process(self, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
+        frame = result.frame
+        detections = self._tracker.update(result.detections, frame.image)
+        result = replace(result, detections=detections)
+        now_s = frame.pts_ms / 1000 if frame.pts_ms is not None else frame.captured_monotonic
+        events: list[ZoneEvent] = []
+        zones = [(zone, self._scaled(zone.polygon, frame.width, frame.height)) for zone in self._config.zones]
+        lines = [(line, self._scaled([line.start, line.end], frame.width, frame.height)) for line in self._config.lines]
+
+        def emit(kind: str, event: str, zone_id: str, track_id: int, state: _TrackState,
+                 direction: str | None = None, dwell_s: float | None = None) -> None:
+            events.append(ZoneEvent(
+                stream_id=self._stream_id, event=event, zone_id=zone_id, zone_kind=kind, track_id=track_id,
+                class_id=state.class_id, label=state.label, frame_id=frame.frame_id, pts_ms=frame.pts_ms,
+                occurred_at=frame.captured_at, position=state.anchor, direction=direction, dwell_s=dwell_s,
+            ))
+
+        for index, track_id in enumerate(detections.track_ids):
+            if track_id is None:
+                continue
+            class_id = int(detections.class_ids[index])
+            anchor = anchor_point(detections.boxes_xyxy[index], self._config.anchor)
+            state = self._tracks.get(track_id)
+            previous_anchor = None if state is None else state.anchor
+            if state is None:
+                state = _TrackState(now_s, anchor, class_id, result.labels.get(class_id, str(class_id)))
+                self._tracks[track_id] = state
+            state.last_seen_s, state.anchor = now_s, anchor
+            for zone, polygon in zones:
+                change = self._update_zone(zone, polygon, state, now_s)
+                if change is not None:
+                    emit("zone", change[0], zone.id, track_id, state, dwell_s=change[1])
+            if previous_anchor is not None:
+                for line, (start, end) in lines:
+                    allowed = self._line_classes[line.id]
+                    if allowed is not None and state.class_id not in allowed:
+                        continue
+                    direction = crosses_segment(previous_anchor, anchor, start, end)
+                    if direction:
+                        emit("line", "cross", line.id, track_id, state,
+                             direction=line.directions[0 if direction > 0 else 1])
+        for track_id, state in list(self._tracks.items()):
+            if now_s - state.last_seen_s > TRACK_EXPIRY_S:
+                for zone_id in list(state.inside_since):
+                    emit("zone", "exit", zone_id, track_id, state)
+                del self._tracks[track_id]
+        return result, events
+
+    def _update_zone(
+        self, zone: ZoneConfig, polygon: list[Point], state: _TrackState, now_s: float
+    ) -> tuple[str, float | None] | None:
+        """The zone event this observation causes, if any, as (event, dwell seconds)."""
+        allowed = self._zone_classes[zone.id]
+        if allowed is not None and state.class_id not in allowed:
+            return None
+        inside = point_in_polygon(state.anchor, polygon)
+        was_inside = zone.id in state.inside_since
+        if inside and not was_inside:
+            state.inside_since[zone.id] = now_s
+            state.dwelled.discard(zone.id)
+            return "enter", None
+        if was_inside and not inside:
+            del state.inside_since[zone.id]
+            return "exit", None
+        if inside and zone.dwell_s is not None and zone.id not in state.dwelled:
+            stayed = now_s - state.inside_since[zone.id]
+            if stayed >= zone.dwell_s:
+                state.dwelled.add(zone.id)
+                return "dwell", round(stayed, 3)
+        return None
+
+    def occupancy(self) -> dict[tuple[str, str], int]:
+        """Objects inside each zone right now, by label."""
+        counts: dict[tuple[str, str], int] = {}
+        for state in self._tracks.values():
+            for zone_id in state.inside_since:
+                counts[(zone_id, state.label)] = counts.get((zone_id, state.label), 0) + 1
+        return counts
