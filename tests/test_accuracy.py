@@ -15,7 +15,6 @@ Mask polygons are rasterised and compared with the ground-truth masks (mean IoU 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from pipeline.demo import SHIPPED_WEIGHTS
 from pipeline.synth.clips import load_ground_truth, write_clip
 from pipeline.synth.evaluate import AccuracyStats
 from pipeline.synth.world import GroundTruthObject, SceneSpec
-from tests.conftest import ConfigFactory, decode, read_topic, unused_topic
+from tests.conftest import decode, read_topic, unused_topic
 
 SIZES = {"wide": (640, 360, 5101), "tall": (480, 640, 5102)}
 FRAMES = 30
