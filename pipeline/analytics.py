@@ -9,6 +9,7 @@ Time is media time when the source gives it, so files read faster than real time
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -45,12 +46,23 @@ class ZoneEvent:
 
 @dataclass
 class _TrackState:
+    """What is known of one track. Its class is the one most often detected so far: a detector that
+    calls an object by another class for a frame or two must not rename the track."""
+
     last_seen_s: float
     anchor: Point
-    class_id: int
-    label: str
+    labels: dict[int, str]
+    class_votes: Counter[int] = field(default_factory=Counter)
     inside_since: dict[str, float] = field(default_factory=dict)
     dwelled: set[str] = field(default_factory=set)
+
+    @property
+    def class_id(self) -> int:
+        return self.class_votes.most_common(1)[0][0]
+
+    @property
+    def label(self) -> str:
+        return self.labels.get(self.class_id, str(self.class_id))
 
 
 def anchor_point(box: npt.NDArray[np.float32], anchor: str) -> Point:
@@ -75,12 +87,12 @@ def point_in_polygon(point: Point, polygon: list[Point]) -> bool:
 
 
 def side_of_line(point: Point, start: Point, end: Point) -> float:
-    """Positive on the left of start->end in image coordinates (y down), negative on the right."""
+    """Positive on the right-hand side of start->end as drawn on the image (y pointing down), else negative."""
     return (end[0] - start[0]) * (point[1] - start[1]) - (end[1] - start[1]) * (point[0] - start[0])
 
 
 def crosses_segment(previous: Point, current: Point, start: Point, end: Point) -> int:
-    """+1 when the move goes from the negative to the positive side through the segment, -1 back, else 0."""
+    """+1 when the move passes through the segment to its right-hand side, -1 to its left, else 0."""
     before, after = side_of_line(previous, start, end), side_of_line(current, start, end)
     if before == 0 or after == 0 or (before > 0) == (after > 0):
         return 0
@@ -137,9 +149,10 @@ class StreamAnalytics:
             state = self._tracks.get(track_id)
             previous_anchor = None if state is None else state.anchor
             if state is None:
-                state = _TrackState(now_s, anchor, class_id, result.labels.get(class_id, str(class_id)))
+                state = _TrackState(now_s, anchor, result.labels)
                 self._tracks[track_id] = state
             state.last_seen_s, state.anchor = now_s, anchor
+            state.class_votes[class_id] += 1
             for zone, polygon in zones:
                 change = self._update_zone(zone, polygon, state, now_s)
                 if change is not None:

@@ -49,13 +49,14 @@ class ZoneConfig(_Section):
 
 
 class LineConfig(_Section):
-    """A segment from `start` to `end`; crossing it left-to-right (seen from start) is `direction: in`."""
+    """A segment from `start` to `end`. Facing from start to end as drawn on the image, an object crossing
+    to the right-hand side gets the first direction name, one crossing to the left-hand side the second."""
 
     id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=64)]
     start: Point
     end: Point
     classes: list[int | str] | None = None
-    directions: tuple[str, str] = Field(("in", "out"), description="Names for left-to-right and right-to-left")
+    directions: tuple[str, str] = Field(("in", "out"), description="Names for crossing to the right and to the left")
 
 
 class AnalyticsConfig(_Section):
@@ -141,6 +142,7 @@ class ModelConfig(_Section):
     conf: float = Field(0.25, ge=0.0, le=1.0)
     iou: float = Field(0.45, ge=0.0, le=1.0)
     classes: list[int | str] | None = Field(None, description="Class ids or names to keep")
+    agnostic_nms: bool = Field(False, description="Suppress overlapping boxes across classes, not only within one")
     warmup: bool = Field(True, description="Run the real batch shapes once before reporting ready")
     runtime: Literal["auto", "torch", "onnx", "openvino", "tensorrt"] = Field(
         "auto", description="auto: TensorRT on CUDA, OpenVINO on CPU when installed, else PyTorch"

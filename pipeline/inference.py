@@ -106,6 +106,7 @@ class UltralyticsDetector:
                 conf=self._config.conf,
                 iou=self._config.iou,
                 classes=self._class_filter,
+                agnostic_nms=self._config.agnostic_nms,
                 quantize=16 if self._half else None,
                 device=self.device,
                 verbose=False,

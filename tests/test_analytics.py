@@ -82,3 +82,12 @@ def test_a_track_that_vanishes_inside_a_zone_exits_after_expiry() -> None:
     config = {"zones": [{"id": "all", "polygon": [[0, 0], [320, 0], [320, 240], [0, 240]]}]}
     frames: list[list[Box]] = [[(50.0, 50.0, 70.0, 70.0, 2)]] * 5 + [[]] * 40
     assert summary(run(config, frames)) == [("enter", "all", None), ("exit", "all", None)]
+
+
+def test_a_track_is_labelled_by_its_most_frequent_class_not_its_first() -> None:
+    config = {"zones": [{"id": "right", "polygon": [[160, 0], [320, 0], [320, 240], [160, 240]]}]}
+    boxes = moving_right(1, 100, frames=25, start_x=10, step=8)
+    first: Box = (*boxes[0][:4], 0)
+    frames = [[first], *([box] for box in boxes[1:])]
+    events = run(config, frames)
+    assert [(e.event, e.label) for e in events] == [("enter", "square")]

@@ -192,3 +192,17 @@ def test_dataset_layout(tmp_path: Path) -> None:
         coords = [float(v) for v in row[1:]]
         assert len(coords) >= 6 and len(coords) % 2 == 0
         assert all(0.0 <= v <= 1.0 for v in coords)
+
+
+def test_objects_only_vanish_at_the_border_or_behind_others() -> None:
+    spec = SceneSpec(width=200, height=150, n_frames=150, seed=5, n_objects=4)
+    last: dict[int, tuple[int, GroundTruthObject]] = {}
+    for index, (_, objects) in enumerate(render_scene(spec)):
+        for obj in objects:
+            last[obj.object_id] = (index, obj)
+    gone = [obj for index, obj in last.values() if index < spec.n_frames - 1]
+    assert gone
+    for obj in gone:
+        x1, y1, x2, y2 = obj.bbox
+        at_border = x1 == 0 or y1 == 0 or x2 == spec.width or y2 == spec.height
+        assert at_border or obj.visible_fraction < 0.5, obj

@@ -55,7 +55,7 @@ SCENES: dict[str, dict[str, Any]] = {
                    scripted_track(2, 0, (340, 680), (0, -11), 30, (220, 60, 200))],
         "analytics": {"zones": [{"id": "hall", "polygon": [[40, 220], [440, 220], [440, 440], [40, 440]]}],
                       "lines": [{"id": "door", "start": [20, 330], "end": [460, 330],
-                                 "directions": ["northbound", "southbound"]}]},
+                                 "directions": ["southbound", "northbound"]}]},
     },
 }
 
@@ -109,7 +109,7 @@ def test_two_streams_give_exact_zone_and_line_counts_with_stable_track_ids(
     config = parse_config({
         "streams": [{"id": name, "url": str(tmp_path / f"{name}.mp4"), "realtime": False,
                      "analytics": scene["analytics"]} for name, scene in SCENES.items()],
-        "model": {"weights": str(SHIPPED_WEIGHTS), "imgsz": 320},
+        "model": {"weights": str(SHIPPED_WEIGHTS), "imgsz": 320, "agnostic_nms": True},
         "batching": {"max_batch": 4},
         "tracking": {"events_topic": events_topic},
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic": frames_topic},
