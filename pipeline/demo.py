@@ -108,7 +108,7 @@ class LiveSummary:
 
     def _run(self) -> None:
         while not self._stop.wait(_SUMMARY_EVERY_S):
-            lines = [f"{'stream':<16} {'fps':>6} {'dets/frame':>10} {'latency ms':>10}  {'sent':>6}"]
+            lines = [f"{'stream':<16} {'fps':>6} {'dets/frame':>10} {'latency ms':>10}"]
             sent = self._value("vap_kafka_messages_total", result="sent")
             for stream_id in self._stream_ids:
                 processed = self._value("vap_frames_processed_total", stream=stream_id)
@@ -121,7 +121,8 @@ class LiveSummary:
                 fps = frames / _SUMMARY_EVERY_S
                 per_frame = (detections - p_detections) / frames if frames else 0.0
                 latency = (latency_sum - p_sum) / (latency_count - p_count) * 1000 if latency_count > p_count else 0
-                lines.append(f"{stream_id:<16} {fps:>6.1f} {per_frame:>10.2f} {latency:>10.0f}  {sent:>6.0f}")
+                lines.append(f"{stream_id:<16} {fps:>6.1f} {per_frame:>10.2f} {latency:>10.0f}")
+            lines.append(f"{'kafka':<16} {sent:.0f} messages delivered")
             print("\n".join(lines), flush=True)
 
 
