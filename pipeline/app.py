@@ -1,9 +1,9 @@
 """The composition root: builds every stage from a validated config, starts them in order, stops them
 in reverse, and decides when a bounded run is over.
 
-Start order: HTTP (so /healthz answers during warm-up), publisher, model load and warm-up (then
-/readyz turns 200), readers, inference worker. Stop order: readers, the hub drains through the model,
-the worker finishes its batch, the publisher flushes within a deadline, HTTP last.
+Start order: HTTP (so /healthz answers during warm-up), model load, publisher, warm-up, inference
+worker, readers; then /readyz turns 200. Stop order: readers, the hub drains through the model, the
+worker finishes its batch, the publisher flushes within a deadline, HTTP last.
 """
 
 from __future__ import annotations
