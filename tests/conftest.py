@@ -1,7 +1,12 @@
-"""Shared fixtures: a real Kafka-protocol broker, small video files, and config builders."""
+"""Shared fixtures and helpers: a real Kafka-protocol broker, small video files, config builders, polling,
+metric readers, and running the pipeline in process or as a `python -m pipeline` subprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -14,6 +19,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer
 
+from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
@@ -128,3 +134,75 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
         if all(f'{key}="{val}"' in head for key, val in labels.items()):
             return float(value)
     return None
+
+
+def _holds(condition: Callable[[], object], ignore: tuple[type[BaseException], ...]) -> bool:
+    try:
+        return bool(condition())
+    except ignore:
+        return False
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.01,
+               ignore: tuple[type[BaseException], ...] = ()) -> bool:
+    """Poll until `condition` holds; False if it still does not after `timeout_s`.
+
+    Exceptions of the types in `ignore` raised by the condition count as "not yet".
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _holds(condition, ignore):
+            return True
+        time.sleep(interval_s)
+    return _holds(condition, ignore)
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, message: str,
+             ignore: tuple[type[BaseException], ...] = ()) -> float:
+    """Poll until `condition` holds and return the seconds it took; AssertionError(message) after `timeout_s`."""
+    started = time.monotonic()
+    if not wait_until(condition, timeout_s, interval_s=0.05, ignore=ignore):
+        raise AssertionError(message)
+    return time.monotonic() - started
+
+
+def sample(pipeline: Pipeline, name: str, **labels: str) -> float:
+    """One sample from the pipeline's own registry; 0.0 while it does not exist yet."""
+    return pipeline.registry.get_sample_value(name, labels) or 0.0
+
+
+def run_to_completion(config: PipelineConfig, timeout_s: float = 60.0,
+                      before_stop: Callable[[Pipeline], object] | None = None) -> Pipeline:
+    """Run a pipeline over sources that end; assert they all finished within `timeout_s`, then stop it.
+
+    `before_stop` is called with the finished, still running pipeline (to scrape /metrics, say).
+    """
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        assert pipeline.wait(duration_s=timeout_s) == "all sources finished"
+        if before_stop is not None:
+            before_stop(pipeline)
+    finally:
+        pipeline.stop()
+    return pipeline
+
+
+@contextlib.contextmanager
+def vap_process(args: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m pipeline *args` as a subprocess, killed on the way out if it is still running."""
+    process: subprocess.Popen[bytes] = subprocess.Popen([sys.executable, "-m", "pipeline", *args], **popen_kwargs)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def stop_with_sigterm(process: subprocess.Popen[bytes], within_s: float = 10.0) -> None:
+    """SIGTERM must make the process exit with code 0 within `within_s`."""
+    stopped_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=within_s) == 0
+    assert time.monotonic() - stopped_at < within_s

@@ -19,13 +19,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker
 from pipeline.demo import SHIPPED_WEIGHTS
 from pipeline.synth.clips import load_ground_truth, write_clip
 from pipeline.synth.evaluate import AccuracyStats
 from pipeline.synth.world import GroundTruthObject, SceneSpec
-from tests.conftest import decode, read_topic, unused_topic
+from tests.conftest import decode, read_topic, run_to_completion, unused_topic
 
 SIZES = {"wide": (640, 360, 5101), "tall": (480, 640, 5102)}
 FRAMES = 30
@@ -50,12 +49,7 @@ def published(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) 
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic": topic},
         "http": {"host": "127.0.0.1", "port": 0},
     })
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        assert pipeline.wait(duration_s=180) == "all sources finished"
-    finally:
-        pipeline.stop()
+    run_to_completion(config, timeout_s=180)
     messages: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in SIZES}
     for record in read_topic(broker.bootstrap_servers, topic, expected=2 * FRAMES):
         message = decode(record)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 import urllib.error
 import urllib.request
 from datetime import datetime
@@ -13,9 +12,10 @@ from typing import Any
 
 from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker
-from tests.conftest import ConfigFactory, decode, read_topic, unused_topic
+from tests.conftest import ConfigFactory, decode, read_topic, sample, unused_topic, wait_for
 
 TOKEN = "s3cret-token"
+PROCESSED = "vap_frames_processed_total"
 
 
 def call(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> tuple[int, Any]:
@@ -32,19 +32,6 @@ def call(port: int, method: str, path: str, body: Any = None, token: str | None 
         return error.code, json.loads(error.read() or b"null")
 
 
-def processed(pipeline: Pipeline, stream_id: str) -> float:
-    return pipeline.registry.get_sample_value("vap_frames_processed_total", {"stream": stream_id}) or 0.0
-
-
-def wait_for(condition: Any, timeout_s: float, message: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(message)
-
-
 def test_streams_added_and_removed_at_run_time_while_another_never_pauses(
     broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
 ) -> None:
@@ -56,18 +43,20 @@ def test_streams_added_and_removed_at_run_time_while_another_never_pauses(
     assert pipeline.http is not None
     port = pipeline.http.port
     try:
-        wait_for(lambda: processed(pipeline, "steady") >= 5, 30, "steady stream did not start")
+        wait_for(lambda: sample(pipeline, PROCESSED, stream="steady") >= 5, 30, "steady stream did not start")
         code, body = call(port, "POST", "/api/v1/streams", {"id": "added", "url": str(clips["portrait"]), "loop": True})
         assert (code, body["id"]) == (201, "added")
-        wait_for(lambda: processed(pipeline, "added") >= 10, 30, "the added stream published nothing")
+        wait_for(lambda: sample(pipeline, PROCESSED, stream="added") >= 10, 30, "the added stream published nothing")
         code, listed = call(port, "GET", "/api/v1/streams")
         assert code == 200 and {entry["id"] for entry in listed} == {"steady", "added"}
         code, _ = call(port, "DELETE", "/api/v1/streams/added")
         assert code == 204
-        removed_at = processed(pipeline, "added")
-        steady_at_removal = processed(pipeline, "steady")
-        wait_for(lambda: processed(pipeline, "steady") >= steady_at_removal + 10, 30, "steady stream stalled")
-        assert processed(pipeline, "added") <= removed_at + 4, "a removed stream keeps no more than its buffer"
+        removed_at = sample(pipeline, PROCESSED, stream="added")
+        steady_at_removal = sample(pipeline, PROCESSED, stream="steady")
+        wait_for(lambda: sample(pipeline, PROCESSED, stream="steady") >= steady_at_removal + 10, 30,
+                 "steady stream stalled")
+        assert sample(pipeline, PROCESSED, stream="added") <= removed_at + 4, (
+            "a removed stream keeps no more than its buffer")
         assert call(port, "DELETE", "/api/v1/streams/added")[0] == 404
         code, status = call(port, "GET", "/api/v1/status")
         assert code == 200 and status["streams"] == 1 and status["ready"] is True

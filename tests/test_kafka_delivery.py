@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import yaml
 from kafka import KafkaConsumer
@@ -17,20 +15,19 @@ from kafka import KafkaConsumer
 from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.spool import SPOOL_FILE
-from tests.conftest import ConfigFactory, decode, metric_value, read_topic, scrape, unused_topic
-
-
-def counter(pipeline: Pipeline, name: str, **labels: str) -> float:
-    return pipeline.registry.get_sample_value(name, labels) or 0.0
-
-
-def wait_for(condition: Any, timeout_s: float, message: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(message)
+from tests.conftest import (
+    ConfigFactory,
+    decode,
+    metric_value,
+    read_topic,
+    run_to_completion,
+    sample,
+    scrape,
+    stop_with_sigterm,
+    unused_topic,
+    vap_process,
+    wait_for,
+)
 
 
 def test_vap_creates_a_partitioned_topic_and_keeps_each_stream_in_order_without_duplicates(
@@ -40,12 +37,7 @@ def test_vap_creates_a_partitioned_topic_and_keeps_each_stream_in_order_without_
     streams = [{"id": f"cam-{i}", "url": str(clips["landscape" if i % 2 else "portrait"]), "realtime": False}
                for i in range(4)]
     config = make_config(streams, broker.bootstrap_servers, topic, kafka={"partitions": 3})
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        assert pipeline.wait(duration_s=60) == "all sources finished"
-    finally:
-        pipeline.stop()
+    pipeline = run_to_completion(config)
     consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers)
     try:
         assert consumer.partitions_for_topic(topic) == {0, 1, 2}
@@ -58,7 +50,7 @@ def test_vap_creates_a_partitioned_topic_and_keeps_each_stream_in_order_without_
         message = decode(record)
         by_stream[message["stream_id"]].append(message["frame_id"])
         partitions[message["stream_id"]].add(record.partition)
-    assert len(records) == pipeline.processed == counter(pipeline, "vap_kafka_messages_total", result="sent")
+    assert len(records) == pipeline.processed == sample(pipeline, "vap_kafka_messages_total", result="sent")
     for stream_id, frame_ids in by_stream.items():
         assert frame_ids == sorted(set(frame_ids)), f"{stream_id}: duplicates or out of order"
         assert len(partitions[stream_id]) == 1, "one stream must stay in one partition"
@@ -78,22 +70,22 @@ def test_broker_outage_and_restart_loses_only_spool_overflow_and_counts_it_exact
     pipeline = Pipeline(config)
     pipeline.start()
     try:
-        wait_for(lambda: counter(pipeline, "vap_kafka_messages_total", result="sent") >= 5, 30, "nothing sent")
+        wait_for(lambda: sample(pipeline, "vap_kafka_messages_total", result="sent") >= 5, 30, "nothing sent")
         broker.stop()
-        sent_at_kill = counter(pipeline, "vap_kafka_messages_total", result="sent")
+        sent_at_kill = sample(pipeline, "vap_kafka_messages_total", result="sent")
         processed_at_kill = pipeline.processed
         time.sleep(10)
         assert pipeline.processed >= processed_at_kill + 40, "inference must go on while the broker is down"
         processed_at_restart = pipeline.processed
         broker.start()
         wait_for(lambda: pipeline.processed > processed_at_restart + 20
-                 and counter(pipeline, "vap_kafka_messages_total", result="sent") > sent_at_kill + spool_bound,
+                 and sample(pipeline, "vap_kafka_messages_total", result="sent") > sent_at_kill + spool_bound,
                  60, "delivery did not resume after the broker came back")
     finally:
         pipeline.stop()
     try:
-        sent = counter(pipeline, "vap_kafka_messages_total", result="sent")
-        dropped = counter(pipeline, "vap_kafka_messages_total", result="dropped")
+        sent = sample(pipeline, "vap_kafka_messages_total", result="sent")
+        dropped = sample(pipeline, "vap_kafka_messages_total", result="dropped")
         assert sent + dropped == pipeline.processed, "every processed frame is either sent or counted as dropped"
         assert dropped >= processed_at_restart - processed_at_kill - spool_bound - 5
         records = read_topic(broker.bootstrap_servers, topic, expected=int(sent - sent_at_kill), timeout_s=30)
@@ -121,19 +113,15 @@ def test_spool_dir_keeps_undelivered_messages_across_a_restart_of_vap(
     }
     path = tmp_path / "spool.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    command = [sys.executable, "-m", "pipeline", "run", "-c", str(path)]
-    first = subprocess.Popen(command, env=dict(os.environ))
-    try:
+    run_args = ["run", "-c", str(path)]
+    with vap_process(run_args, env=dict(os.environ)) as first:
         wait_for(lambda: _processed(http_port, "first-run") >= 8, 90, "first run processed nothing")
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=10) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
+        stop_with_sigterm(first)
     assert (spool_dir / SPOOL_FILE).is_file()
     with EmbeddedBroker(port=port):
         second = subprocess.run(
-            [*command, "--set", f"streams.0.url={clips['portrait']}", "--set", "streams.0.id=second-run",
+            [sys.executable, "-m", "pipeline", *run_args,
+             "--set", f"streams.0.url={clips['portrait']}", "--set", "streams.0.id=second-run",
              "--set", "streams.0.loop=false", "--set", "streams.0.realtime=false"],
             env=dict(os.environ), timeout=120,
         )
@@ -159,18 +147,13 @@ def test_result_reader_yields_typed_messages_and_reports_frames_dropped_by_the_f
     topic = unused_topic("reader")
     config = make_config([{"id": "capped", "url": str(clips["landscape"]), "realtime": False, "fps": 5}],
                          broker.bootstrap_servers, topic)
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        assert pipeline.wait(duration_s=60) == "all sources finished"
-    finally:
-        pipeline.stop()
+    pipeline = run_to_completion(config)
     with ResultReader(broker.bootstrap_servers, topic=topic, from_beginning=True, idle_timeout_s=3) as reader:
         messages = list(reader)
     assert [m.frame_id for m in messages] == list(range(0, 12, 2))
     assert [m.gap for m in messages] == [0] + [1] * 5
     assert all(m.image.width == 320 and m.schema_id == "vap.frame.v1" for m in messages)
-    dropped = counter(pipeline, "vap_frames_dropped_total", stream="capped", reason="fps_cap")
+    dropped = sample(pipeline, "vap_frames_dropped_total", stream="capped", reason="fps_cap")
     trailing = 11 - messages[-1].frame_id
     assert dropped == sum(m.gap for m in messages) + trailing
 
@@ -189,12 +172,7 @@ def test_snapshots_are_written_as_annotated_thumbnails_and_referenced_from_messa
         [{"id": "cam", "url": str(clips["landscape"]), "realtime": False}], broker.bootstrap_servers, topic,
         kafka={"snapshots": {"dir": str(snapshot_dir), "every_n_frames": 4, "max_width": 160, "keep_last": 2}},
     )
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        assert pipeline.wait(duration_s=60) == "all sources finished"
-    finally:
-        pipeline.stop()
+    run_to_completion(config)
     messages = [decode(r) for r in read_topic(broker.bootstrap_servers, topic, expected=12)]
     with_snapshot = [m for m in messages if "snapshot" in m]
     assert [m["frame_id"] for m in with_snapshot] == [0, 4, 8]

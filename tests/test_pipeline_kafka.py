@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import defaultdict
@@ -28,8 +25,11 @@ from tests.conftest import (
     decode,
     metric_value,
     read_topic,
+    run_to_completion,
     scrape,
+    stop_with_sigterm,
     unused_topic,
+    vap_process,
 )
 
 DESIGN_METRICS = [
@@ -41,16 +41,14 @@ DESIGN_METRICS = [
 
 
 def run_files_to_completion(config: Any) -> tuple[Pipeline, str]:
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        reason = pipeline.wait(duration_s=60)
+    """Run to the end of the files; also return /metrics as it was scraped just before the pipeline stopped."""
+    scraped: list[str] = []
+
+    def scrape_metrics(pipeline: Pipeline) -> None:
         assert pipeline.http is not None
-        metrics = scrape(pipeline.http.port)
-    finally:
-        pipeline.stop()
-    assert reason == "all sources finished"
-    return pipeline, metrics
+        scraped.append(scrape(pipeline.http.port))
+
+    return run_to_completion(config, before_stop=scrape_metrics), scraped[0]
 
 
 def test_two_files_give_one_valid_ordered_message_per_processed_frame(
@@ -160,9 +158,7 @@ def test_unreachable_broker_keeps_inferring_counts_failures_and_stops_on_sigterm
     }
     path = tmp_path / "unreachable.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "-c", str(path)],
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
+    with vap_process(["run", "-c", str(path)], env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
         deadline = time.monotonic() + 90
         metrics = ""
         while time.monotonic() < deadline:
@@ -180,11 +176,4 @@ def test_unreachable_broker_keeps_inferring_counts_failures_and_stops_on_sigterm
         assert (metric_value(metrics, "vap_kafka_messages_total", result="failed") or 0) > 0
         assert (metric_value(metrics, "vap_kafka_messages_total", result="dropped") or 0) > 0
         assert metric_value(metrics, "vap_kafka_messages_total", result="sent") == 0
-        stopped_at = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-        assert time.monotonic() - stopped_at < 10
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_with_sigterm(process)

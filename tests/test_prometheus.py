@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker, free_port
-from tests.conftest import ConfigFactory, decode, read_topic, unused_topic, write_moving_box_clip
+from tests.conftest import ConfigFactory, decode, read_topic, unused_topic, wait_for, write_moving_box_clip
 
 PROMETHEUS = shutil.which("prometheus")
 REPO = Path(__file__).resolve().parent.parent
@@ -63,18 +63,6 @@ def prometheus_server(tmp_path: Path) -> Iterator[Any]:
         server.process.wait(timeout=10)
 
 
-def wait_for(condition: Any, timeout_s: float, message: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError(message)
-
-
 def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_run(
     tmp_path: Path, broker: EmbeddedBroker, make_config: ConfigFactory, prometheus_server: Any
 ) -> None:
@@ -89,7 +77,8 @@ def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_
     pipeline = Pipeline(config)
     pipeline.start()
     try:
-        wait_for(lambda: prometheus_server.scalar('up{job="vap"}') == 1, 60, "Prometheus never scraped vap")
+        wait_for(lambda: prometheus_server.scalar('up{job="vap"}') == 1, 60, "Prometheus never scraped vap",
+                 ignore=(OSError,))
         rates: list[float] = []
         while not pipeline.sources_exhausted():
             rate = prometheus_server.scalar('rate(vap_frames_processed_total{stream="full"}[4s])')
@@ -101,9 +90,10 @@ def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_
             "vap_frames_dropped_total", {"stream": "capped", "reason": "fps_cap"})
         expected_full = registry.get_sample_value("vap_frames_processed_total", {"stream": "full"})
         query = 'vap_frames_dropped_total{stream="capped",reason="fps_cap"}'
-        wait_for(lambda: prometheus_server.scalar(query) == expected_drops, 10, "drop count never matched")
+        wait_for(lambda: prometheus_server.scalar(query) == expected_drops, 10, "drop count never matched",
+                 ignore=(OSError,))
         wait_for(lambda: prometheus_server.scalar('vap_frames_processed_total{stream="full"}') == expected_full,
-                 10, "processed count never matched")
+                 10, "processed count never matched", ignore=(OSError,))
         p99 = prometheus_server.scalar(
             'histogram_quantile(0.99, sum by (le) (vap_end_to_end_latency_seconds_bucket{stream="full"}))')
     finally:

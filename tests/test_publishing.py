@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -13,16 +12,8 @@ from pipeline.config import KafkaConfig, SpoolConfig
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import KafkaPublisher, Producer
+from tests.conftest import wait_until
 from tests.fakes import FakeProducer, make_frame, make_result
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 class Harness:

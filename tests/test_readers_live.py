@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +13,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker, free_port
-from tests.conftest import ConfigFactory, metric_value, read_topic, scrape, unused_topic, write_moving_box_clip
+from tests.conftest import (
+    ConfigFactory,
+    metric_value,
+    read_topic,
+    run_to_completion,
+    sample,
+    scrape,
+    stop_with_sigterm,
+    unused_topic,
+    vap_process,
+    write_moving_box_clip,
+)
 
 
 @pytest.fixture
@@ -66,8 +73,7 @@ def test_dead_cameras_never_block_start_or_stop_and_the_good_stream_publishes(
     }
     path = tmp_path / "dead.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "-c", str(path)], env=dict(os.environ))
-    try:
+    with vap_process(["run", "-c", str(path)], env=dict(os.environ)) as process:
         deadline = time.monotonic() + 90
         processed = 0.0
         while time.monotonic() < deadline and processed < 10:
@@ -79,14 +85,7 @@ def test_dead_cameras_never_block_start_or_stop_and_the_good_stream_publishes(
         assert metric_value(metrics, "vap_stream_up", stream="good") == 1
         assert metric_value(metrics, "vap_stream_up", stream="closed-port") == 0
         assert metric_value(metrics, "vap_stream_up", stream="hangs") == 0
-        stopped_at = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-        assert time.monotonic() - stopped_at < 10
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_with_sigterm(process)
     messages = read_topic(broker.bootstrap_servers, topic, expected=10, timeout_s=10)
     assert {record.key for record in messages} == {b"good"}
 
@@ -102,19 +101,12 @@ def test_realtime_file_feeding_faster_than_the_model_drops_old_frames_and_keeps_
         batching={"max_batch": 2, "queue_size": 2},
         model={"warmup": True},
     )
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        assert pipeline.wait(duration_s=60) == "all sources finished"
-    finally:
-        pipeline.stop()
-    registry = pipeline.registry
-    dropped = sum(
-        registry.get_sample_value("vap_frames_dropped_total", {"stream": "fast", "reason": reason}) or 0
-        for reason in ("queue_full", "stale")
-    )
+    pipeline = run_to_completion(config)
+    dropped = sum(sample(pipeline, "vap_frames_dropped_total", stream="fast", reason=reason)
+                  for reason in ("queue_full", "stale"))
     assert dropped > 0, "a source faster than the model must lose its oldest frames"
-    assert (registry.get_sample_value("vap_frames_processed_total", {"stream": "slow"}) or 0) == 20
+    assert sample(pipeline, "vap_frames_processed_total", stream="slow") == 20
+    registry = pipeline.registry
     bucket = registry.get_sample_value("vap_end_to_end_latency_seconds_bucket", {"stream": "fast", "le": "1.0"})
     count = registry.get_sample_value("vap_end_to_end_latency_seconds_count", {"stream": "fast"})
     assert count and bucket is not None and bucket / count >= 0.99, f"{bucket} of {count} under 1 s"

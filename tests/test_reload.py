@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import yaml
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import parse_config
 from pipeline.reload import plan_reload
-from tests.conftest import metric_value, scrape
+from tests.conftest import metric_value, scrape, stop_with_sigterm, vap_process
 
 
 def tree(streams: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
@@ -64,12 +62,9 @@ def test_editing_the_config_during_a_run_adds_and_removes_streams_within_5_secon
     path = tmp_path / "watched.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     log_path = tmp_path / "vap.log"
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "--log-format", "json", "run", "-c", str(path), "--watch"],
-        env=dict(os.environ), stderr=log_file,
-    )
-    try:
+    with (log_path.open("w") as log_file,
+          vap_process(["--log-format", "json", "run", "-c", str(path), "--watch"], env=dict(os.environ),
+                      stderr=log_file) as process):
         wait_for_metric(port, "vap_frames_processed_total", "old", lambda v: (v or 0) > 3, 90)
         config["streams"] = [config["streams"][0], {"id": "new", "url": str(clips["portrait"]), "loop": True}]
         edited_at = time.monotonic()
@@ -82,13 +77,7 @@ def test_editing_the_config_during_a_run_adds_and_removes_streams_within_5_secon
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         process.send_signal(signal.SIGHUP)
         wait_for_metric(port, "vap_frames_processed_total", "by-sighup", lambda v: (v or 0) > 0, 5)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log_file.close()
+        stop_with_sigterm(process)
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert entries, "--log-format json must print JSON lines"
     assert any(e.get("stream") == "new" and "added" in e["message"] for e in entries)

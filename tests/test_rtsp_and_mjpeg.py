@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -12,21 +11,8 @@ import pytest
 
 from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker
-from tests.conftest import ConfigFactory, decode, read_topic, unused_topic
+from tests.conftest import ConfigFactory, decode, read_topic, sample, unused_topic, wait_for
 from tests.servers.fixtures import MjpegServerFactory, RtspServerFactory
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, message: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(message)
-
-
-def value(pipeline: Pipeline, name: str, **labels: str) -> float:
-    return pipeline.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_rtsp_camera_killed_mid_stream_goes_down_comes_back_and_other_streams_never_pause(
@@ -47,19 +33,19 @@ def test_rtsp_camera_killed_mid_stream_goes_down_comes_back_and_other_streams_ne
     pipeline = Pipeline(config)
     pipeline.start()
     try:
-        wait_for(lambda: value(pipeline, "vap_frames_processed_total", stream="camera") >= 5, 30, "no RTSP frames")
-        assert value(pipeline, "vap_stream_up", stream="camera") == 1
+        wait_for(lambda: sample(pipeline, "vap_frames_processed_total", stream="camera") >= 5, 30, "no RTSP frames")
+        assert sample(pipeline, "vap_stream_up", stream="camera") == 1
         server.kill()
-        went_down_after = wait_for(lambda: value(pipeline, "vap_stream_up", stream="camera") == 0,
+        went_down_after = wait_for(lambda: sample(pipeline, "vap_stream_up", stream="camera") == 0,
                                    stall_timeout_s + backoff_max_s + 5, "the dead camera still shows up=1")
         assert went_down_after <= stall_timeout_s + backoff_max_s + 5
-        processed_while_down = value(pipeline, "vap_frames_processed_total", stream="camera")
+        processed_while_down = sample(pipeline, "vap_frames_processed_total", stream="camera")
         time.sleep(2)
         server.restart()
-        wait_for(lambda: value(pipeline, "vap_frames_processed_total", stream="camera") >= processed_while_down + 5,
+        wait_for(lambda: sample(pipeline, "vap_frames_processed_total", stream="camera") >= processed_while_down + 5,
                  30, "the camera did not come back by itself")
-        assert value(pipeline, "vap_stream_up", stream="camera") == 1
-        assert value(pipeline, "vap_stream_reconnects_total", stream="camera") >= 1
+        assert sample(pipeline, "vap_stream_up", stream="camera") == 1
+        assert sample(pipeline, "vap_stream_reconnects_total", stream="camera") >= 1
     finally:
         pipeline.stop()
     records = read_topic(broker.bootstrap_servers, topic, expected=pipeline.processed)
@@ -83,7 +69,7 @@ def test_rtsp_camera_is_read_over_both_transports(
     pipeline = Pipeline(config)
     pipeline.start()
     try:
-        wait_for(lambda: value(pipeline, "vap_frames_processed_total", stream="camera") >= 5, 30,
+        wait_for(lambda: sample(pipeline, "vap_frames_processed_total", stream="camera") >= 5, 30,
                  f"no frames over RTSP/{transport}")
     finally:
         pipeline.stop()
@@ -102,10 +88,10 @@ def test_mjpeg_camera_is_read_and_reconnects_after_it_drops(
     pipeline = Pipeline(config)
     pipeline.start()
     try:
-        wait_for(lambda: value(pipeline, "vap_frames_processed_total", stream="mjpeg") >= 5, 30, "no MJPEG frames")
+        wait_for(lambda: sample(pipeline, "vap_frames_processed_total", stream="mjpeg") >= 5, 30, "no MJPEG frames")
         server.drop_clients()
-        before = value(pipeline, "vap_frames_processed_total", stream="mjpeg")
-        wait_for(lambda: value(pipeline, "vap_frames_processed_total", stream="mjpeg") >= before + 5, 30,
+        before = sample(pipeline, "vap_frames_processed_total", stream="mjpeg")
+        wait_for(lambda: sample(pipeline, "vap_frames_processed_total", stream="mjpeg") >= before + 5, 30,
                  "MJPEG did not come back after the server dropped its clients")
     finally:
         pipeline.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -14,16 +13,8 @@ from pipeline.frames import Frame
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 from pipeline.sources import ALLOWED_TRANSITIONS, StreamReader, StreamState, max_age_for, overflow_policy_for
+from tests.conftest import wait_until
 from tests.fakes import FakeSource, GarbageThenGoodSource, make_frame
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 class ReaderHarness:

@@ -18,14 +18,13 @@ import jsonschema
 import pytest
 
 from pipeline.analytics import anchor_point, crosses_segment, point_in_polygon
-from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import parse_config
 from pipeline.demo import SHIPPED_WEIGHTS
 from pipeline.messages import load_schema
 from pipeline.synth.evaluate import box_iou
 from pipeline.synth.world import GroundTruthObject, SceneSpec, _Track, plan_scene, render_frame
-from tests.conftest import decode, read_topic, unused_topic
+from tests.conftest import decode, read_topic, run_to_completion, unused_topic
 
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="the bundled model is not in the tree")
 
@@ -115,12 +114,7 @@ def test_two_streams_give_exact_zone_and_line_counts_with_stable_track_ids(
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic": frames_topic},
         "http": {"host": "127.0.0.1", "port": 0},
     })
-    pipeline = Pipeline(config)
-    pipeline.start()
-    try:
-        assert pipeline.wait(duration_s=240) == "all sources finished"
-    finally:
-        pipeline.stop()
+    pipeline = run_to_completion(config, timeout_s=240)
 
     events = [decode(r) for r in read_topic(broker.bootstrap_servers, events_topic, expected=1000, timeout_s=8)]
     schema = load_schema("vap.event.v1")
