@@ -72,11 +72,13 @@ def test_broker_outage_and_restart_loses_only_spool_overflow_and_counts_it_exact
     try:
         wait_for(lambda: sample(pipeline, "vap_kafka_messages_total", result="sent") >= 5, 30, "nothing sent")
         broker.stop()
-        sent_at_kill = sample(pipeline, "vap_kafka_messages_total", result="sent")
         processed_at_kill = pipeline.processed
+        read_at_kill = sample(pipeline, "vap_frames_read_total", stream="cam")
         time.sleep(10)
-        assert pipeline.processed >= processed_at_kill + 40, "inference must go on while the broker is down"
+        assert pipeline.processed >= processed_at_kill + 20, "inference must go on while the broker is down"
         processed_at_restart = pipeline.processed
+        read_at_restart = sample(pipeline, "vap_frames_read_total", stream="cam")
+        sent_at_kill = sample(pipeline, "vap_kafka_messages_total", result="sent")
         broker.start()
         wait_for(lambda: pipeline.processed > processed_at_restart + 20
                  and sample(pipeline, "vap_kafka_messages_total", result="sent") > sent_at_kill + spool_bound,
@@ -93,7 +95,7 @@ def test_broker_outage_and_restart_loses_only_spool_overflow_and_counts_it_exact
         assert len(frame_ids) == sent - sent_at_kill, "the restarted broker holds exactly what was sent to it"
         assert len(set(frame_ids)) == len(frame_ids), "no duplicates after the producer was rebuilt"
         assert frame_ids == sorted(frame_ids)
-        during_outage = [f for f in frame_ids if processed_at_kill <= f < processed_at_restart]
+        during_outage = [f for f in frame_ids if read_at_kill <= f < read_at_restart]
         assert 0 < len(during_outage) <= spool_bound, "frames from the outage arrive, up to the spool bound"
     finally:
         broker.stop()
