@@ -33,7 +33,8 @@ class SceneSpec:
     """Everything that determines a scene; equal specs render identical frames.
 
     Sizes are fractions of the shorter frame side so the same spec family works for landscape and portrait
-    frames, and the object size range keeps shapes large enough for a small model at a 320 px input.
+    frames, and the object size range keeps shapes large enough for a small model at a 320 px input. Speeds
+    scale with ``fps`` so a clip covers the same motion in seconds whatever its frame rate.
     """
 
     width: int
@@ -67,6 +68,10 @@ class GroundTruthObject:
     ``bbox`` and ``polygon`` describe only the pixels that are visible (inside the frame and not covered by a
     nearer object); ``visible_fraction`` relates that to the whole shape so callers can decide what is
     reasonable to expect a detector to find. ``center`` is the true shape centre and may lie off-frame.
+
+    Coordinates follow the detector's conventions: ``bbox`` uses pixel edges (a box around pixels 10..19 is
+    ``x1=10, x2=20``), while polygon vertices are the indices of traced boundary pixels, the form
+    ``cv2.findContours`` returns for predicted masks, so ``cv2.fillPoly`` of the polygon gives back the mask.
     """
 
     object_id: int
