@@ -136,6 +136,8 @@ class KafkaPublisher:
         self._snapshots = SnapshotWriter(config.snapshots) if config.snapshots.dir is not None else None
         self._failed_deliveries: list[OutgoingMessage] = []
         self._in_flight = 0
+        # Messages in flight count against the spool bound too: a dead broker holds them until they fail.
+        self._max_in_flight = max(1, min(_MAX_IN_FLIGHT, config.spool.max_messages // 2))
         self._consecutive_failures = 0
         self._producer: Producer | None = None
         self._generation = 0
@@ -250,6 +252,8 @@ class KafkaPublisher:
                 self._metrics.detections.labels(stream=stream_id, label=detection["label"]).inc()
             with self._condition:
                 dropped += self._spool.append(outgoing)
+        with self._condition:
+            dropped += self._spool.trim_to(self._config.spool.max_messages - self._in_flight)
         self._count_dropped(dropped)
         self._metrics.queue_depth.labels(stage="kafka_spool").set(len(self._spool))
 
@@ -264,7 +268,7 @@ class KafkaPublisher:
             return
         while True:
             with self._condition:
-                if self._in_flight >= _MAX_IN_FLIGHT:
+                if self._in_flight >= self._max_in_flight:
                     return
                 message = self._spool.popleft()
                 if message is None:

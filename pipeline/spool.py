@@ -63,6 +63,14 @@ class Spool:
         self._bytes += sum(message.size for message in returned)
         return self._enforce_bounds()
 
+    def trim_to(self, max_messages: int) -> int:
+        """Drop the oldest until at most `max_messages` are left; returns how many went."""
+        dropped = 0
+        while len(self._messages) > max(0, max_messages):
+            self._bytes -= self._messages.popleft().size
+            dropped += 1
+        return dropped
+
     def popleft(self) -> OutgoingMessage | None:
         if not self._messages:
             return None
