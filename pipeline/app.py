@@ -1,9 +1,9 @@
 """The composition root: builds every stage from a validated config, starts them in order, stops them
 in reverse, and decides when a bounded run is over.
 
-Start order: HTTP (so /healthz answers during warm-up), model load, publisher, warm-up, inference
-worker, readers; then /readyz turns 200. Stop order: readers, the hub drains through the model, the
-worker finishes its batch, the publisher flushes within a deadline, HTTP last.
+Start order: HTTP (so /healthz answers during warm-up), model load, publisher, warm-up, one inference
+worker per device, readers; then /readyz turns 200. Stop order: readers, the hub drains through the model, the
+workers finish their batches, the publisher flushes within a deadline, HTTP last.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_app
-from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_device
+from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
 from pipeline.sources import StreamReader, max_age_for, overflow_policy_for
@@ -51,7 +51,7 @@ class Pipeline:
         self,
         config: PipelineConfig,
         registry: CollectorRegistry | None = None,
-        detector_factory: Callable[[PipelineConfig], Detector] | None = None,
+        detector_factory: Callable[[PipelineConfig, str], Detector] | None = None,
         producer_factory: Callable[[KafkaConfig], Producer] = make_kafka_producer,
         timeouts: StopTimeouts = StopTimeouts(),
     ) -> None:
@@ -70,7 +70,7 @@ class Pipeline:
         self._max_frames: int | None = None
         self.detector: Detector | None = None
         self.publisher: KafkaPublisher | None = None
-        self.worker: InferenceWorker | None = None
+        self.workers: list[InferenceWorker] = []
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
         self._stopped = False
@@ -91,27 +91,31 @@ class Pipeline:
         self.http.start()
         self._started_monotonic = time.monotonic()
         log.info("metrics and health on http://%s:%d", config.http.host, self.http.port)
-        self.detector = self._detector_factory(config)
-        self.metrics.build_info.labels(
-            version=__version__, model=self.detector.name, device=self.detector.device
-        ).set(1)
+        devices = resolve_devices(config.model.device)
+        detectors = [self._detector_factory(config, device) for device in devices]
+        self.detector = detectors[0]
+        self.hub.set_workers(len(detectors))
+        for detector in detectors:
+            self.metrics.build_info.labels(version=__version__, model=detector.name, device=detector.device).set(1)
         self.publisher = KafkaPublisher(
             config.kafka, self.detector.name, self.metrics, self.heartbeats, self._producer_factory,
             events_topic=config.tracking.events_topic,
         )
         self.publisher.start()
-        if config.model.warmup:
-            log.info("warming up %s on %s", self.detector.name, self.detector.device)
-            self.detector.warmup([1, config.batching.max_batch])
-        self.worker = InferenceWorker(
-            self.detector, self.hub, config.batching, self._deliver, self.metrics, self.heartbeats
-        )
-        self.worker.start()
+        for index, detector in enumerate(detectors):
+            if config.model.warmup:
+                log.info("warming up %s on %s", detector.name, detector.device)
+                detector.warmup([1, config.batching.max_batch])
+            worker = InferenceWorker(
+                detector, self.hub, config.batching, self._deliver, self.metrics, self.heartbeats, index
+            )
+            self.workers.append(worker)
+            worker.start()
         for stream in config.streams:
             self.add_stream(stream)
         self._ready.set()
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
-                 self.detector.device, self.detector.runtime)
+                 ", ".join(devices), self.detector.runtime)
 
     def add_stream(self, stream: StreamConfig) -> None:
         """Start reading one more stream; the others never pause."""
@@ -179,7 +183,8 @@ class Pipeline:
             "uptime_s": round(time.monotonic() - self._started_monotonic, 1),
             "ready": self._ready.is_set(),
             "model": None if self.detector is None else {
-                "name": self.detector.name, "task": self.detector.task, "device": self.detector.device,
+                "name": self.detector.name, "task": self.detector.task,
+                "device": ", ".join(worker.device for worker in self.workers) or self.detector.device,
                 "runtime": self.detector.runtime,
             },
             "streams": len(self.readers),
@@ -248,11 +253,12 @@ class Pipeline:
             if not reader.join(_READER_JOIN_S):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
         deadline = time.monotonic() + self._timeouts.drain_s
-        while self.worker is not None and not self.hub.drained() and time.monotonic() < deadline:
+        while self.workers and not self.hub.drained() and time.monotonic() < deadline:
             time.sleep(0.02)
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker.join(self._timeouts.drain_s)
+        for worker in self.workers:
+            worker.stop()
+        for worker in self.workers:
+            worker.join(max(0.1, deadline + self._timeouts.drain_s - time.monotonic()))
         if self.publisher is not None:
             self.publisher.stop(self._timeouts.kafka_flush_s)
             self.publisher.join(self._timeouts.kafka_flush_s + 3)
@@ -265,7 +271,7 @@ class Pipeline:
         dead = [
             name
             for name, alive in (
-                ("inference", self.worker is None or self.worker.is_alive() or self._stopped),
+                ("inference", all(worker.is_alive() for worker in self.workers) or self._stopped),
                 ("publisher", self.publisher is None or self.publisher.is_alive() or self._stopped),
             )
             if not alive
@@ -293,5 +299,5 @@ class Pipeline:
         return Probe(ready, body)
 
 
-def _ultralytics_detector(config: PipelineConfig) -> Detector:
-    return UltralyticsDetector(config.model, resolve_device(config.model.device), config.batching.max_batch)
+def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:
+    return UltralyticsDetector(config.model, device, config.batching.max_batch)

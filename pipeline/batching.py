@@ -29,24 +29,37 @@ class _StreamBuffer:
     capacity: int
     policy: OverflowPolicy
     max_age_s: float | None
+    worker: int = 0
 
 
 class FrameHub:
     """Bounded per-stream buffers with round-robin batch taking."""
 
-    def __init__(self, on_stale: Callable[[Frame], None] | None = None) -> None:
+    def __init__(self, on_stale: Callable[[Frame], None] | None = None, workers: int = 1) -> None:
+        """`workers`: how many inference workers take batches. Each stream belongs to one of them, so its
+        frames are never inferred on two devices at once and its results stay in order."""
         self._on_stale = on_stale
+        self._workers = max(1, workers)
         self._condition = threading.Condition()
         self._buffers: dict[str, _StreamBuffer] = {}
         self._next_stream = 0
         self._in_flight = 0
+
+    def set_workers(self, workers: int) -> None:
+        """Set before streams are added; streams already added keep their worker."""
+        with self._condition:
+            self._workers = max(1, workers)
 
     def add_stream(
         self, stream_id: str, capacity: int, policy: OverflowPolicy, max_age_s: float | None = None
     ) -> None:
         """`max_age_s`: a frame older than this when a batch takes it is dropped as stale instead."""
         with self._condition:
-            self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy, max_age_s)
+            load = [0] * self._workers
+            for buffer in self._buffers.values():
+                load[buffer.worker] += 1
+            worker = load.index(min(load))
+            self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy, max_age_s, worker)
 
     def remove_stream(self, stream_id: str) -> None:
         with self._condition:
@@ -90,24 +103,26 @@ class FrameHub:
             self._in_flight -= len(batch.frames)
 
     def take_batch(
-        self, max_batch: int, max_wait_s: float, max_per_stream: int, poll_s: float = 0.1
+        self, max_batch: int, max_wait_s: float, max_per_stream: int, poll_s: float = 0.1, worker: int = 0
     ) -> Batch | None:
         """Wait up to `poll_s` for a first frame, then fill the batch for at most `max_wait_s`.
 
         Streams are visited round-robin, starting one further each batch, and no stream gives more
         than `max_per_stream` frames to one batch. Returns None when no usable frame arrived within
         `poll_s`, so the caller can check its stop event. The caller reports `batch_done` afterwards.
+        Only the streams that belong to `worker` are visited.
         """
         taken: list[Frame] = []
         per_stream: dict[str, int] = {}
         with self._condition:
-            if not self._condition.wait_for(self._any_frame, timeout=poll_s):
+            if not self._condition.wait_for(lambda: self._any_frame(worker), timeout=poll_s):
                 return None
             deadline = time.monotonic() + max_wait_s
             while True:
-                self._take_round_robin(taken, per_stream, max_batch, max_per_stream)
+                self._take_round_robin(taken, per_stream, max_batch, max_per_stream, worker)
                 remaining = deadline - time.monotonic()
-                if len(taken) >= max_batch or remaining <= 0 or not self._can_grow(per_stream, max_per_stream):
+                if (len(taken) >= max_batch or remaining <= 0
+                        or not self._can_grow(per_stream, max_per_stream, worker)):
                     break
                 self._condition.wait(timeout=remaining)
             self._next_stream += 1
@@ -117,16 +132,17 @@ class FrameHub:
             return None
         return Batch(frames=tuple(taken), formed_monotonic=time.monotonic())
 
-    def _any_frame(self) -> bool:
-        return any(buffer.frames for buffer in self._buffers.values())
+    def _any_frame(self, worker: int | None = None) -> bool:
+        return any(buffer.frames for buffer in self._buffers.values() if worker is None or buffer.worker == worker)
 
-    def _can_grow(self, per_stream: dict[str, int], max_per_stream: int) -> bool:
-        return any(per_stream.get(stream_id, 0) < max_per_stream for stream_id in self._buffers)
+    def _can_grow(self, per_stream: dict[str, int], max_per_stream: int, worker: int) -> bool:
+        return any(per_stream.get(stream_id, 0) < max_per_stream
+                   for stream_id, buffer in self._buffers.items() if buffer.worker == worker)
 
     def _take_round_robin(
-        self, taken: list[Frame], per_stream: dict[str, int], max_batch: int, max_per_stream: int
+        self, taken: list[Frame], per_stream: dict[str, int], max_batch: int, max_per_stream: int, worker: int
     ) -> None:
-        stream_ids = list(self._buffers)
+        stream_ids = [stream_id for stream_id, buffer in self._buffers.items() if buffer.worker == worker]
         if not stream_ids:
             return
         start = self._next_stream % len(stream_ids)

@@ -7,10 +7,12 @@ first camera frames do not pay for lazy initialisation. Results come back in sou
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,13 +23,18 @@ from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
+from pipeline.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.runtimes import default_export_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
 
 class Detector(Protocol):
-    """A model that turns a batch of frames into one result per frame, in the same order."""
+    """A model that turns a batch of frames into one result per frame, in the same order.
+
+    `submit` queues a batch's device work and returns at once where the device allows; `collect` waits
+    for it and builds the results. A worker keeps one batch in each, so host and device overlap.
+    """
 
     name: str
     task: str
@@ -37,28 +44,60 @@ class Detector(Protocol):
 
     def warmup(self, batch_sizes: Sequence[int]) -> None: ...
 
-    def infer(self, frames: Sequence[Frame]) -> list[FrameResult]: ...
+    def submit(self, frames: Sequence[Frame]) -> Any: ...
+
+    def collect(self, pending: Any) -> list[FrameResult]: ...
+
+
+def infer(detector: Detector, frames: Sequence[Frame]) -> list[FrameResult]:
+    """One batch, start to finish."""
+    return detector.collect(detector.submit(frames))
+
+
+def resolve_devices(requested: str | list[str]) -> list[str]:
+    """Every device that gets a worker: each CUDA GPU for `auto` when there is one, else the CPU."""
+    import torch
+
+    names = [requested] if isinstance(requested, str) else list(requested)
+    if names == ["auto"]:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
+    for name in names:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"model.device is {name} but no CUDA device is available; use 'cpu' or 'auto'")
+    return names
 
 
 def resolve_device(requested: str | list[str]) -> str:
-    """Pick the device for the worker: the first CUDA GPU for `auto` when there is one, else the CPU."""
-    import torch
-
-    names = [requested] if isinstance(requested, str) else requested
-    first = names[0]
-    if first == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if first.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"model.device is {first} but no CUDA device is available; use 'cpu' or 'auto'")
-    return first
+    """The first device `resolve_devices` picks; for single-device tools such as the benchmark."""
+    return resolve_devices(requested)[0]
 
 
 def model_display_name(weights: str) -> str:
     return Path(weights).stem
 
 
+@dataclass
+class PendingBatch:
+    """A batch whose device work is queued. Device tensors stay on the device until `collect`."""
+
+    frames: Sequence[Frame]
+    started: float
+    plan: list[Letterbox] = field(default_factory=list)
+    boxes: Any = None
+    counts: list[int] = field(default_factory=list)
+    masks: list[Any] = field(default_factory=list)
+    copied: Any = None
+    raw: list[Any] | None = None
+
+
 class UltralyticsDetector:
-    """Wraps `ultralytics.YOLO` for detect, segment and classify models."""
+    """Runs an Ultralytics detect, segment or classify model on whole batches.
+
+    Detection and segmentation bypass `YOLO.predict`: frames are letterboxed in batch (on the device when
+    it is a GPU), NMS, box rescaling and mask assembly run on the device, and only boxes and the masks'
+    visible part come back to the host. Other tasks go through `predict`.
+    """
 
     def __init__(self, config: ModelConfig, device: str, max_batch: int = 1) -> None:
         from ultralytics import YOLO
@@ -77,6 +116,12 @@ class UltralyticsDetector:
         self._model = original if resolved.path == config.weights else YOLO(resolved.path, task=self.task)
         self.name = model_display_name(config.weights)
         self._class_filter = self._class_ids(config.classes)
+        self._direct = self.task in ("detect", "segment")
+        self._cuda = device.startswith("cuda")
+        self._letterbox: HostLetterbox | DeviceLetterbox = DeviceLetterbox(device) if self._cuda else HostLetterbox()
+        self._backend: Any = None
+        self._stride = 32
+        self._rect = True
 
     def _class_ids(self, classes: list[int | str] | None) -> list[int] | None:
         if classes is None:
@@ -92,11 +137,30 @@ class UltralyticsDetector:
                 raise ValueError(f"model.classes: '{entry}' is not a class of {self.name}")
         return ids
 
+    def _ensure_backend(self) -> Any:
+        """Let Ultralytics build its predictor and runtime backend once, then use them directly."""
+        if self._backend is None:
+            size = self._config.imgsz
+            self._predict([np.zeros((size, size, 3), np.uint8)])
+            predictor = self._model.predictor
+            backend = predictor.model
+            stride = backend.stride
+            self._stride = int(max(stride)) if isinstance(stride, (list, tuple)) else int(stride)
+            dynamic = bool(getattr(backend, "dynamic", False)) and backend.format != "imx"
+            self._rect = bool(predictor.args.rect) and (backend.format == "pt" or dynamic)
+            self._backend = backend
+        return self._backend
+
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         size = self._config.imgsz
+        self._ensure_backend()
+        now = time.monotonic()
         for batch_size in sorted(set(batch_sizes)):
-            images = [np.zeros((size, size, 3), np.uint8) for _ in range(batch_size)]
-            self._predict(images)
+            frames = [
+                Frame("warmup", index, None, datetime.now(timezone.utc), now, np.zeros((size, size, 3), np.uint8))
+                for index in range(batch_size)
+            ]
+            infer(self, frames)
 
     def _predict(self, images: list[Any]) -> list[Any]:
         return list(
@@ -113,26 +177,109 @@ class UltralyticsDetector:
             )
         )
 
-    def infer(self, frames: Sequence[Frame]) -> list[FrameResult]:
-        started = time.monotonic()
-        raw = self._predict([frame.image for frame in frames])
+    def submit(self, frames: Sequence[Frame]) -> PendingBatch:
+        pending = PendingBatch(frames=frames, started=time.monotonic())
+        if not self._direct:
+            pending.raw = self._predict([frame.image for frame in frames])
+            return pending
+        import torch
+
+        backend = self._ensure_backend()
+        images = [frame.image for frame in frames]
+        pending.plan = plan_batch(images, self._config.imgsz, self._stride, self._rect)
+        dtype = torch.float16 if backend.fp16 else torch.float32
+        with torch.inference_mode():
+            batch = self._letterbox(images, pending.plan, dtype)
+            self._postprocess(backend(batch), pending)
+        return pending
+
+    def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
+        """NMS, box rescaling and mask assembly for the whole batch, on the model's device."""
+        import torch
+        from ultralytics.utils import nms, ops
+
+        segment = self.task == "segment"
+        protos = None
+        if segment:
+            protos = preds[0][1] if isinstance(preds[0], tuple) else preds[1]
+            preds = preds[0]
+        detections = nms.non_max_suppression(
+            preds, self._config.conf, self._config.iou, self._class_filter, self._config.agnostic_nms,
+            max_det=300, nc=len(self.labels) if segment else 0, end2end=bool(getattr(self._backend, "end2end", False)),
+        )
+        boxes = []
+        for index, (found, box) in enumerate(zip(detections, pending.plan, strict=True)):
+            resized_h, resized_w = box.resized_hw
+            if segment and protos is not None and len(found):
+                masks = ops.process_mask(protos[index], found[:, 6:], found[:, :4], box.input_hw, upsample=True)
+                pending.masks.append(masks[:, box.top:box.top + resized_h, box.left:box.left + resized_w])
+            elif segment:
+                pending.masks.append(None)
+            scaled = found[:, :6].float()
+            gain_x, gain_y = box.gain_xy
+            scaled[:, [0, 2]] = ((scaled[:, [0, 2]] - box.left) / gain_x).clamp_(0, box.source_hw[1])
+            scaled[:, [1, 3]] = ((scaled[:, [1, 3]] - box.top) / gain_y).clamp_(0, box.source_hw[0])
+            boxes.append(scaled)
+        pending.counts = [len(b) for b in boxes]
+        all_boxes = torch.cat(boxes) if boxes else torch.zeros((0, 6))
+        if self._cuda:
+            pending.boxes = all_boxes.to("cpu", non_blocking=True)
+            pending.masks = [None if m is None else m.to("cpu", non_blocking=True) for m in pending.masks]
+            pending.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            pending.copied.record()
+        else:
+            pending.boxes = all_boxes
+
+    def collect(self, pending: PendingBatch) -> list[FrameResult]:
+        if pending.copied is not None:
+            pending.copied.synchronize()
         finished = time.monotonic()
-        inference_ms = (finished - started) * 1000
+        inference_ms = (finished - pending.started) * 1000
+        if pending.raw is not None:
+            per_frame = [(self._result_detections(r), self._result_classes(r)) for r in pending.raw]
+        else:
+            per_frame = [(d, ()) for d in self._detections(pending)]
         return [
-            FrameResult(
-                frame=frame,
-                task=self.task,
-                detections=self._detections(result),
-                classes=self._classes(result),
-                labels=self.labels,
-                inference_ms=inference_ms,
-                inferred_monotonic=finished,
-            )
-            for frame, result in zip(frames, raw, strict=True)
+            FrameResult(frame=frame, task=self.task, detections=detections, classes=classes, labels=self.labels,
+                        inference_ms=inference_ms, inferred_monotonic=finished)
+            for frame, (detections, classes) in zip(pending.frames, per_frame, strict=True)
         ]
 
+    def _detections(self, pending: PendingBatch) -> list[Detections]:
+        from ultralytics.utils import ops
+
+        rows = pending.boxes.numpy()
+        out: list[Detections] = []
+        offset = 0
+        for index, (count, box) in enumerate(zip(pending.counts, pending.plan, strict=True)):
+            if count == 0:
+                out.append(Detections.empty())
+                continue
+            found = rows[offset:offset + count]
+            offset += count
+            polygons: tuple[Any, ...] = ()
+            if pending.masks:
+                masks = pending.masks[index].numpy()
+                visible = masks.reshape(count, -1).any(axis=1)
+                if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
+                    found, masks = found[visible], masks[visible]
+                if len(found) == 0:
+                    out.append(Detections.empty())
+                    continue
+                scale = np.array(box.gain_xy, np.float32)
+                limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
+                contours = ops.masks2segments(np.ascontiguousarray(masks))
+                polygons = tuple(np.clip(c / scale, 0, limit).astype(np.float32) for c in contours)
+            out.append(Detections(
+                boxes_xyxy=np.ascontiguousarray(found[:, :4], np.float32),
+                confidences=np.ascontiguousarray(found[:, 4], np.float32),
+                class_ids=found[:, 5].astype(np.int64),
+                polygons=polygons,
+            ))
+        return out
+
     @staticmethod
-    def _detections(result: Any) -> Detections:
+    def _result_detections(result: Any) -> Detections:
         boxes = result.boxes
         if boxes is None or len(boxes) == 0:
             return Detections.empty()
@@ -146,7 +293,7 @@ class UltralyticsDetector:
             polygons=polygons,
         )
 
-    def _classes(self, result: Any) -> tuple[Classification, ...]:
+    def _result_classes(self, result: Any) -> tuple[Classification, ...]:
         probs = result.probs
         if probs is None:
             return ()
@@ -158,7 +305,13 @@ class UltralyticsDetector:
 
 
 class InferenceWorker:
-    """Takes batches from the hub, runs the detector, and hands each frame's result on."""
+    """One device's worker: takes batches from the hub, runs the detector, hands each frame's result on.
+
+    Two threads form a two-stage pipeline with at most one batch between them: `infer-<device>` takes a
+    batch and queues its device work; `finish-<device>` waits for it, builds the results and delivers
+    them. While the host turns one batch's masks into polygons, the device already runs the next, and
+    batches stay in order, so each stream's results do too.
+    """
 
     def __init__(
         self,
@@ -168,6 +321,7 @@ class InferenceWorker:
         deliver: Callable[[FrameResult], None],
         metrics: PipelineMetrics,
         heartbeats: Heartbeats,
+        worker_index: int = 0,
     ) -> None:
         self._detector = detector
         self._hub = hub
@@ -175,53 +329,102 @@ class InferenceWorker:
         self._deliver = deliver
         self._metrics = metrics
         self._heartbeats = heartbeats
+        self._worker_index = worker_index
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"infer-{detector.device}", daemon=True)
+        self._handoff: queue.Queue[tuple[Batch, Any, float] | None] = queue.Queue(maxsize=1)
+        suffix = detector.device if worker_index == 0 else f"{detector.device}-{worker_index}"
+        self._thread = threading.Thread(target=self._run, name=f"infer-{suffix}", daemon=True)
+        self._finisher = threading.Thread(target=self._finish, name=f"finish-{suffix}", daemon=True)
 
     @property
     def thread_name(self) -> str:
         return self._thread.name
 
+    @property
+    def device(self) -> str:
+        return self._detector.device
+
     def start(self) -> None:
+        self._finisher.start()
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the batch in flight, then end."""
+        """Finish the batches in flight, then end."""
         self._stop.set()
 
     def join(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._finisher.join(max(0.0, deadline - time.monotonic()))
+        return not self.is_alive()
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() or self._finisher.is_alive()
 
     def _run(self) -> None:
         batching = self._batching
         max_per_stream = batching.max_same_source_frames or batching.max_batch
-        device = self._detector.device
-        while not self._stop.is_set():
-            self._heartbeats.beat(self.thread_name)
-            self._metrics.queue_depth.labels(stage="batcher").set(self._hub.depth())
-            batch = self._hub.take_batch(batching.max_batch, batching.max_wait_ms / 1000, max_per_stream)
-            if batch is None:
-                continue
-            try:
-                self._run_batch(batch, device)
-            finally:
-                self._hub.batch_done(batch)
-        self._heartbeats.forget(self.thread_name)
-
-    def _run_batch(self, batch: Batch, device: str) -> None:
-        started = time.monotonic()
         try:
-            results = self._detector.infer(batch.frames)
-        except Exception:
-            log.exception("inference failed on a batch of %d frames", len(batch.frames))
-            self._metrics.inference_errors.labels(device=device).inc()
-            return
-        self._metrics.inference_seconds.labels(device=device).observe(time.monotonic() - started)
-        self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
-        for result in results:
-            queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
-            self._deliver(replace(result, queue_ms=max(0.0, queue_ms)))
+            while not self._stop.is_set():
+                self._heartbeats.beat(self.thread_name)
+                self._metrics.queue_depth.labels(stage="batcher").set(self._hub.depth())
+                batch = self._hub.take_batch(batching.max_batch, batching.max_wait_ms / 1000, max_per_stream,
+                                             worker=self._worker_index)
+                if batch is None:
+                    continue
+                submitted = time.monotonic()
+                try:
+                    pending = self._detector.submit(batch.frames)
+                except Exception:
+                    self._failed(batch)
+                    continue
+                self._hand_over((batch, pending, submitted))
+        finally:
+            self._heartbeats.forget(self.thread_name)
+            self._hand_over(None)
+
+    def _hand_over(self, item: tuple[Batch, Any, float] | None) -> None:
+        """Blocks while the finisher is busy, beating so a long batch does not look like a stuck loop."""
+        while True:
+            try:
+                self._handoff.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._finisher.is_alive():
+                    return
+                self._heartbeats.beat(self.thread_name)
+
+    def _failed(self, batch: Batch) -> None:
+        log.exception("inference failed on a batch of %d frames", len(batch.frames))
+        self._metrics.inference_errors.labels(device=self._detector.device).inc()
+        self._hub.batch_done(batch)
+
+    def _finish(self) -> None:
+        name = self._finisher.name
+        device = self._detector.device
+        try:
+            while True:
+                self._heartbeats.beat(name)
+                try:
+                    item = self._handoff.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                batch, pending, submitted = item
+                try:
+                    results = self._detector.collect(pending)
+                except Exception:
+                    self._failed(batch)
+                    continue
+                try:
+                    self._metrics.inference_seconds.labels(device=device).observe(
+                        time.monotonic() - submitted)
+                    self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
+                    for result in results:
+                        queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
+                        self._deliver(replace(result, queue_ms=max(0.0, queue_ms)))
+                finally:
+                    self._hub.batch_done(batch)
+        finally:
+            self._heartbeats.forget(name)

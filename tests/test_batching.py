@@ -111,3 +111,23 @@ def test_drained_accounts_for_batches_still_in_the_model() -> None:
     assert not hub.drained()
     hub.batch_done(batch)
     assert hub.drained()
+
+
+def test_with_two_workers_each_stream_belongs_to_one_and_load_is_split() -> None:
+    hub = FrameHub(workers=2)
+    stop = threading.Event()
+    for stream_id in ("a", "b", "c", "d"):
+        hub.add_stream(stream_id, 64, OverflowPolicy.WAIT)
+        for frame_id in range(4):
+            hub.put(make_frame(stream_id, frame_id), stop)
+    owners: dict[int, set[str]] = {0: set(), 1: set()}
+    for worker in (0, 1):
+        batch = hub.take_batch(max_batch=16, max_wait_s=0.0, max_per_stream=8, worker=worker)
+        assert batch is not None
+        owners[worker] |= {frame.stream_id for frame in batch.frames}
+        hub.batch_done(batch)
+        assert len(batch.frames) == 8
+    assert len(owners[0]) == 2 and len(owners[1]) == 2
+    assert not owners[0] & owners[1]
+    assert owners[0] | owners[1] == {"a", "b", "c", "d"}
+    assert hub.drained()

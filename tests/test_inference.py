@@ -15,7 +15,7 @@ from pipeline.batching import FrameHub, OverflowPolicy
 from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.health import Heartbeats
-from pipeline.inference import InferenceWorker, UltralyticsDetector
+from pipeline.inference import InferenceWorker, UltralyticsDetector, infer
 from pipeline.metrics import PipelineMetrics
 from pipeline.synth.world import SceneSpec, render_scene
 from tests.fakes import make_frame
@@ -33,7 +33,10 @@ class ContentReadingDetector:
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         pass
 
-    def infer(self, frames: Sequence[Frame]) -> list[FrameResult]:
+    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
+        return frames
+
+    def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         shuffled = list(reversed(frames))
         answers = {id(frame): float(frame.image[0, 0, 0]) for frame in shuffled}
         return [
@@ -92,8 +95,8 @@ def detector(model_weights: str) -> UltralyticsDetector:
 def test_a_batch_of_eight_gives_the_same_detections_as_eight_single_frames(detector: UltralyticsDetector) -> None:
     scene = render_scene(SceneSpec(width=480, height=320, n_frames=8, seed=4242))
     frames = [replace(make_frame("s", index), image=image) for index, (image, _) in enumerate(scene)]
-    batched = detector.infer(frames)
-    singles = [detector.infer([frame])[0] for frame in frames]
+    batched = infer(detector, frames)
+    singles = [infer(detector, [frame])[0] for frame in frames]
     assert sum(len(result.detections) for result in batched) >= 8, "the bundled model should see the shapes"
     for together, alone in zip(batched, singles, strict=True):
         assert together.frame is alone.frame
@@ -101,3 +104,53 @@ def test_a_batch_of_eight_gives_the_same_detections_as_eight_single_frames(detec
         np.testing.assert_allclose(together.detections.boxes_xyxy, alone.detections.boxes_xyxy, atol=0.5)
         np.testing.assert_array_equal(together.detections.class_ids, alone.detections.class_ids)
         np.testing.assert_allclose(together.detections.confidences, alone.detections.confidences, atol=1e-3)
+
+
+class SlowContentReadingDetector(ContentReadingDetector):
+    """Takes a little time per batch, so two workers genuinely run at once."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.batches = 0
+
+    def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
+        time.sleep(0.01)
+        self.batches += 1
+        return super().collect(frames)
+
+
+def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() -> None:
+    metrics = PipelineMetrics(CollectorRegistry())
+    hub = FrameHub(workers=2)
+    stop = threading.Event()
+    for stream_index in range(4):
+        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    delivered: list[FrameResult] = []
+    lock = threading.Lock()
+
+    def deliver(result: FrameResult) -> None:
+        with lock:
+            delivered.append(result)
+
+    detectors = [SlowContentReadingDetector("dev0"), SlowContentReadingDetector("dev1")]
+    workers = [InferenceWorker(d, hub, BatchingConfig(max_batch=3, max_wait_ms=1), deliver, metrics,
+                               Heartbeats(metrics), index) for index, d in enumerate(detectors)]
+    for worker in workers:
+        worker.start()
+    for frame_id in range(30):
+        for stream_index in range(4):
+            hub.put(marked_frame(stream_index, frame_id), stop)
+    deadline = time.monotonic() + 10
+    while len(delivered) < 120 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for worker in workers:
+        worker.stop()
+    assert all(worker.join(5) for worker in workers)
+    assert len(delivered) == 120
+    assert all(d.batches > 0 for d in detectors), [d.batches for d in detectors]
+    for stream_index in range(4):
+        ids = [r.frame.frame_id for r in delivered if r.frame.stream_id == f"s{stream_index}"]
+        assert ids == list(range(30))
+    for result in delivered:
+        stream_index = int(result.frame.stream_id[1:])
+        assert result.detections.boxes_xyxy[0, 0] == (stream_index * 50 + result.frame.frame_id) % 256

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.inference import UltralyticsDetector
+from pipeline.inference import UltralyticsDetector, infer
 from pipeline.runtimes import choose_runtime, resolve_model, runtime_available
 from pipeline.synth.world import SceneSpec, render_scene
 from tests.fakes import make_frame
@@ -50,11 +50,11 @@ def test_openvino_export_is_cached_and_detects_what_pytorch_detects(tmp_path: Pa
     scene = render_scene(SceneSpec(width=480, height=320, n_frames=4, seed=99))
     frames = [replace(make_frame("s", i), image=image) for i, (image, _) in enumerate(scene)]
     base = ModelConfig(weights=model_weights, imgsz=320, export_dir=export_dir)
-    torch_results = UltralyticsDetector(base.model_copy(update={"runtime": "torch"}), "cpu", 4).infer(frames)
+    torch_results = infer(UltralyticsDetector(base.model_copy(update={"runtime": "torch"}), "cpu", 4), frames)
     openvino = UltralyticsDetector(base.model_copy(update={"runtime": "openvino"}), "cpu", 4)
     assert openvino.runtime == "openvino"
     confident = 0
-    for ours, reference in zip(openvino.infer(frames), torch_results, strict=True):
+    for ours, reference in zip(infer(openvino, frames), torch_results, strict=True):
         for box, class_id, confidence in zip(reference.detections.boxes_xyxy, reference.detections.class_ids,
                                              reference.detections.confidences, strict=True):
             if confidence < 0.5:

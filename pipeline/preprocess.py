@@ -1,0 +1,145 @@
+"""Letterboxing a batch of camera frames into one model input tensor.
+
+Two implementations with the same geometry as Ultralytics' `LetterBox`, so boxes and masks map back
+exactly as `YOLO.predict` maps them:
+- on a GPU, the frames are copied to the device once as uint8 (through a pinned staging buffer) and
+  resized, padded, colour-swapped and normalised there in batch; the host does no per-pixel work;
+- on a CPU, OpenCV's uint8 resize is several times faster than any float path, so the host letterboxes
+  straight into one preallocated batch array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where one source frame sits inside the model input: scaled to `resized_hw`, offset by (top, left)."""
+
+    source_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    top: int
+    left: int
+
+    @property
+    def gain_xy(self) -> tuple[float, float]:
+        return self.resized_hw[1] / self.source_hw[1], self.resized_hw[0] / self.source_hw[0]
+
+
+def input_shape(source_shapes: Sequence[tuple[int, int]], imgsz: int, stride: int, rect: bool) -> tuple[int, int]:
+    """The model input (H, W) for a batch: the smallest stride-aligned rectangle when every frame has the
+    same shape and the runtime accepts any shape, else the `imgsz` square (as Ultralytics does)."""
+    if not rect or len(set(source_shapes)) != 1:
+        return imgsz, imgsz
+    height, width = source_shapes[0]
+    gain = min(imgsz / height, imgsz / width)
+    resized_h, resized_w = max(round(height * gain), 1), max(round(width * gain), 1)
+    return resized_h + (imgsz - resized_h) % stride, resized_w + (imgsz - resized_w) % stride
+
+
+def letterbox(source_hw: tuple[int, int], input_hw: tuple[int, int]) -> Letterbox:
+    height, width = source_hw
+    gain = min(input_hw[0] / height, input_hw[1] / width)
+    resized_h, resized_w = max(round(height * gain), 1), max(round(width * gain), 1)
+    top = round((input_hw[0] - resized_h) / 2 - 0.1)
+    left = round((input_hw[1] - resized_w) / 2 - 0.1)
+    return Letterbox(source_hw, input_hw, (resized_h, resized_w), top, left)
+
+
+def plan_batch(images: Sequence[npt.NDArray[np.uint8]], imgsz: int, stride: int, rect: bool) -> list[Letterbox]:
+    shapes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
+    target = input_shape(shapes, imgsz, stride, rect)
+    return [letterbox(shape, target) for shape in shapes]
+
+
+class HostLetterbox:
+    """CPU path: OpenCV resize into a reused uint8 batch buffer, then one conversion to float."""
+
+    def __init__(self) -> None:
+        self._buffer: npt.NDArray[np.uint8] = np.zeros((0, 0, 0, 3), np.uint8)
+
+    def __call__(self, images: Sequence[npt.NDArray[np.uint8]], plan: Sequence[Letterbox],
+                 dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        height, width = plan[0].input_hw
+        shape = (len(images), height, width, 3)
+        if self._buffer.shape != shape:
+            self._buffer = np.empty(shape, np.uint8)
+        batch = self._buffer
+        batch.fill(PAD_VALUE)
+        for index, (image, box) in enumerate(zip(images, plan, strict=True)):
+            resized_h, resized_w = box.resized_hw
+            target = batch[index, box.top:box.top + resized_h, box.left:box.left + resized_w]
+            if (resized_h, resized_w) == box.source_hw:
+                target[...] = image
+            else:
+                cv2.resize(image, (resized_w, resized_h), dst=target, interpolation=cv2.INTER_LINEAR)
+        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).flip(1)
+        return tensor.to(dtype).div_(255).contiguous()
+
+
+class DeviceLetterbox:
+    """GPU path: uint8 frames go up once through pinned memory; everything else happens on the device.
+
+    The staging buffer is reused across batches. That is safe because the caller waits for each batch's
+    results before it preprocesses the next one on the same instance.
+    """
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self._device = torch.device(device)
+        self._pin = self._device.type == "cuda"
+        self._staging: torch.Tensor | None = None
+
+    def _upload(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[torch.Tensor]:
+        """One host-to-device copy per batch when frames share a shape (the usual case), else one per frame."""
+        import torch
+
+        first = images[0].shape
+        if all(image.shape == first for image in images):
+            shape = (len(images), *first)
+            if self._staging is None or self._staging.shape != shape:
+                self._staging = torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin)
+            staging = self._staging
+            for index, image in enumerate(images):
+                staging[index].copy_(torch.from_numpy(image))
+            uploaded = staging.to(self._device, non_blocking=self._pin)
+            return list(uploaded.unbind(0))
+        return [torch.from_numpy(image).to(self._device) for image in images]
+
+    def __call__(self, images: Sequence[npt.NDArray[np.uint8]], plan: Sequence[Letterbox],
+                 dtype: torch.dtype) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as functional
+
+        height, width = plan[0].input_hw
+        batch = torch.full((len(images), 3, height, width), PAD_VALUE / 255, dtype=dtype, device=self._device)
+        uploaded = self._upload(images)
+        groups: dict[tuple[tuple[int, int], tuple[int, int], int, int], list[int]] = {}
+        for index, box in enumerate(plan):
+            groups.setdefault((box.source_hw, box.resized_hw, box.top, box.left), []).append(index)
+        for (source_hw, resized_hw, top, left), indices in groups.items():
+            frames = torch.stack([uploaded[i] for i in indices]) if len(indices) > 1 else uploaded[indices[0]][None]
+            frames = frames.permute(0, 3, 1, 2).flip(1).to(dtype)
+            if resized_hw != source_hw:
+                frames = functional.interpolate(frames, size=resized_hw, mode="bilinear", align_corners=False)
+            target = batch[indices] if len(indices) < len(images) else batch
+            target[:, :, top:top + resized_hw[0], left:left + resized_hw[1]] = frames.div_(255)
+            if len(indices) < len(images):
+                batch[indices] = target
+        return batch
