@@ -8,6 +8,7 @@ workers finish their batches, the publisher flushes within a deadline, HTTP last
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
-from pipeline.sources import StreamReader, max_age_for, overflow_policy_for
+from pipeline.sources import OpenCvSource, StreamReader, decoder_threads, max_age_for, overflow_policy_for
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class Pipeline:
                 self._analytics[stream.id] = StreamAnalytics(
                     stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels
                 )
-            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats)
+            threads = decoder_threads(max(len(self.config.streams), len(self.readers) + 1))
+            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats,
+                                  functools.partial(OpenCvSource, threads=threads))
             self.readers[stream.id] = reader
             reader.start()
         log.info("stream %s: added (%s)", stream.id, stream.redacted_url, extra={"stream": stream.id})

@@ -23,10 +23,13 @@ from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
+from pipeline.postprocess import BatchDetections, assemble, batched_nms
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.runtimes import default_export_dir, resolve_model
 
 log = logging.getLogger(__name__)
+
+_MAX_DETECTIONS = 300
 
 
 class Detector(Protocol):
@@ -79,14 +82,12 @@ def model_display_name(weights: str) -> str:
 
 @dataclass
 class PendingBatch:
-    """A batch whose device work is queued. Device tensors stay on the device until `collect`."""
+    """A batch whose device work is queued; its results are copied to the host when `copied` fires."""
 
     frames: Sequence[Frame]
     started: float
     plan: list[Letterbox] = field(default_factory=list)
-    boxes: Any = None
-    counts: list[int] = field(default_factory=list)
-    masks: list[Any] = field(default_factory=list)
+    found: BatchDetections | None = None
     copied: Any = None
     raw: list[Any] | None = None
 
@@ -194,41 +195,43 @@ class UltralyticsDetector:
         return pending
 
     def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
-        """NMS, box rescaling and mask assembly for the whole batch, on the model's device."""
+        """NMS, box rescaling and mask assembly for the whole batch on the model's device; the small
+        results are copied to the host without waiting, so the next batch can start meanwhile."""
         import torch
-        from ultralytics.utils import nms, ops
 
         segment = self.task == "segment"
         protos = None
         if segment:
             protos = preds[0][1] if isinstance(preds[0], tuple) else preds[1]
             preds = preds[0]
-        detections = nms.non_max_suppression(
-            preds, self._config.conf, self._config.iou, self._class_filter, self._config.agnostic_nms,
-            max_det=300, nc=len(self.labels) if segment else 0, end2end=bool(getattr(self._backend, "end2end", False)),
-        )
-        boxes = []
-        for index, (found, box) in enumerate(zip(detections, pending.plan, strict=True)):
-            resized_h, resized_w = box.resized_hw
-            if segment and protos is not None and len(found):
-                masks = ops.process_mask(protos[index], found[:, 6:], found[:, :4], box.input_hw, upsample=True)
-                pending.masks.append(masks[:, box.top:box.top + resized_h, box.left:box.left + resized_w])
-            elif segment:
-                pending.masks.append(None)
-            scaled = found[:, :6].float()
-            gain_x, gain_y = box.gain_xy
-            scaled[:, [0, 2]] = ((scaled[:, [0, 2]] - box.left) / gain_x).clamp_(0, box.source_hw[1])
-            scaled[:, [1, 3]] = ((scaled[:, [1, 3]] - box.top) / gain_y).clamp_(0, box.source_hw[0])
-            boxes.append(scaled)
-        pending.counts = [len(b) for b in boxes]
-        all_boxes = torch.cat(boxes) if boxes else torch.zeros((0, 6))
+        if isinstance(preds, (list, tuple)):
+            preds = preds[0]
+        if bool(getattr(self._backend, "end2end", False)):
+            rows, image_index = self._end_to_end_rows(preds)
+        else:
+            rows, image_index = batched_nms(preds, len(self.labels), self._config.conf, self._config.iou,
+                                            self._class_filter, self._config.agnostic_nms, pending.plan[0].input_hw)
+        found = assemble(rows, image_index, pending.plan, protos)
         if self._cuda:
-            pending.boxes = all_boxes.to("cpu", non_blocking=True)
-            pending.masks = [None if m is None else m.to("cpu", non_blocking=True) for m in pending.masks]
+            found = BatchDetections(
+                rows=found.rows.to("cpu", non_blocking=True),
+                image_index=found.image_index.to("cpu", non_blocking=True),
+                masks=None if found.masks is None else found.masks.to("cpu", non_blocking=True),
+            )
             pending.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             pending.copied.record()
-        else:
-            pending.boxes = all_boxes
+        pending.found = found
+
+    def _end_to_end_rows(self, preds: Any) -> tuple[Any, Any]:
+        """Models with NMS built in (YOLO26, YOLOv10) only need their confidence and class filter."""
+        import torch
+        from ultralytics.utils import nms
+
+        per_image = nms.non_max_suppression(preds, self._config.conf, self._config.iou, self._class_filter,
+                                            self._config.agnostic_nms, max_det=_MAX_DETECTIONS, end2end=True)
+        counts = torch.tensor([len(rows) for rows in per_image], device=per_image[0].device)
+        image_index = torch.repeat_interleave(torch.arange(len(per_image), device=counts.device), counts)
+        return torch.cat(per_image), image_index
 
     def collect(self, pending: PendingBatch) -> list[FrameResult]:
         if pending.copied is not None:
@@ -248,28 +251,29 @@ class UltralyticsDetector:
     def _detections(self, pending: PendingBatch) -> list[Detections]:
         from ultralytics.utils import ops
 
-        rows = pending.boxes.numpy()
+        assert pending.found is not None
+        rows = pending.found.rows.numpy()
+        image_index = pending.found.image_index.numpy()
+        masks = None if pending.found.masks is None else pending.found.masks.numpy()
+        bounds = np.searchsorted(image_index, np.arange(len(pending.plan) + 1))
         out: list[Detections] = []
-        offset = 0
-        for index, (count, box) in enumerate(zip(pending.counts, pending.plan, strict=True)):
-            if count == 0:
-                out.append(Detections.empty())
-                continue
-            found = rows[offset:offset + count]
-            offset += count
+        for index, box in enumerate(pending.plan):
+            start, end = int(bounds[index]), min(int(bounds[index + 1]), int(bounds[index]) + _MAX_DETECTIONS)
+            found = rows[start:end]
             polygons: tuple[Any, ...] = ()
-            if pending.masks:
-                masks = pending.masks[index].numpy()
-                visible = masks.reshape(count, -1).any(axis=1)
+            if masks is not None and len(found):
+                resized_h, resized_w = box.resized_hw
+                visible_part = masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w]
+                visible = visible_part.reshape(len(found), -1).any(axis=1)
                 if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
-                    found, masks = found[visible], masks[visible]
-                if len(found) == 0:
-                    out.append(Detections.empty())
-                    continue
+                    found, visible_part = found[visible], visible_part[visible]
                 scale = np.array(box.gain_xy, np.float32)
                 limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
-                contours = ops.masks2segments(np.ascontiguousarray(masks))
+                contours = ops.masks2segments(np.ascontiguousarray(visible_part))
                 polygons = tuple(np.clip(c / scale, 0, limit).astype(np.float32) for c in contours)
+            if len(found) == 0:
+                out.append(Detections.empty())
+                continue
             out.append(Detections(
                 boxes_xyxy=np.ascontiguousarray(found[:, :4], np.float32),
                 confidences=np.ascontiguousarray(found[:, 4], np.float32),

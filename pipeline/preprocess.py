@@ -115,10 +115,10 @@ class DeviceLetterbox:
             shape = (len(images), *first)
             if self._staging is None or self._staging.shape != shape:
                 self._staging = torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin)
-            staging = self._staging
+            host = self._staging.numpy()
             for index, image in enumerate(images):
-                staging[index].copy_(torch.from_numpy(image))
-            uploaded = staging.to(self._device, non_blocking=self._pin)
+                np.copyto(host[index], image)  # single-threaded on purpose: the cores are busy decoding
+            uploaded = self._staging.to(self._device, non_blocking=self._pin)
             return list(uploaded.unbind(0))
         return [torch.from_numpy(image).to(self._device) for image in images]
 

@@ -71,11 +71,18 @@ class VideoSource(Protocol):
     def close(self) -> None: ...
 
 
+def decoder_threads(streams: int) -> int:
+    """FFmpeg decoder threads per stream: its default, one per core for every stream, puts hundreds of
+    threads on a host with many cameras and starves the inference thread; share the cores instead."""
+    return max(1, (os.cpu_count() or 1) // max(1, streams))
+
+
 class OpenCvSource:
     """cv2.VideoCapture with open and read timeouts (FFmpeg backend for files and URLs)."""
 
-    def __init__(self, config: StreamConfig) -> None:
+    def __init__(self, config: StreamConfig, threads: int = 0) -> None:
         self._config = config
+        self._threads = threads
         self._capture: cv2.VideoCapture | None = None
 
     def open(self) -> bool:
@@ -89,6 +96,8 @@ class OpenCvSource:
             capture = cv2.VideoCapture(device, cv2.CAP_ANY, timeouts)
         else:
             target = str(config.file_path) if config.kind == "file" else config.url
+            if self._threads > 0:
+                timeouts += [cv2.CAP_PROP_N_THREADS, self._threads]
             with _FFMPEG_OPTIONS_LOCK:
                 previous = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
                 if config.url.lower().startswith("rtsp"):
