@@ -179,19 +179,31 @@ class UltralyticsDetector:
         )
 
     def submit(self, frames: Sequence[Frame]) -> PendingBatch:
-        pending = PendingBatch(frames=frames, started=time.monotonic())
         if not self._direct:
+            pending = PendingBatch(frames=frames, started=time.monotonic())
             pending.raw = self._predict([frame.image for frame in frames])
             return pending
+        batch, pending = self.letterbox_batch(frames)
+        return self.forward(batch, pending)
+
+    def letterbox_batch(self, frames: Sequence[Frame]) -> tuple[Any, PendingBatch]:
+        """The model input for `frames` (on the model's device) and the batch it belongs to."""
         import torch
 
+        pending = PendingBatch(frames=frames, started=time.monotonic())
         backend = self._ensure_backend()
         images = [frame.image for frame in frames]
         pending.plan = plan_batch(images, self._config.imgsz, self._stride, self._rect)
         dtype = torch.float16 if backend.fp16 else torch.float32
         with torch.inference_mode():
-            batch = self._letterbox(images, pending.plan, dtype)
-            self._postprocess(backend(batch), pending)
+            return self._letterbox(images, pending.plan, dtype), pending
+
+    def forward(self, batch: Any, pending: PendingBatch) -> PendingBatch:
+        """Model, NMS and mask assembly on a prepared input; `collect` then builds the results."""
+        import torch
+
+        with torch.inference_mode():
+            self._postprocess(self._ensure_backend()(batch), pending)
         return pending
 
     def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
