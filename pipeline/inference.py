@@ -153,15 +153,17 @@ class UltralyticsDetector:
         return self._backend
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Runs each batch size on square and 16:9 frames: a GPU compiles kernels per input shape, and most
+        cameras are 16:9, whose input is a stride-aligned rectangle rather than the square."""
         size = self._config.imgsz
         self._ensure_backend()
         now = time.monotonic()
-        for batch_size in sorted(set(batch_sizes)):
-            frames = [
-                Frame("warmup", index, None, datetime.now(timezone.utc), now, np.zeros((size, size, 3), np.uint8))
-                for index in range(batch_size)
-            ]
-            infer(self, frames)
+        for height, width in ((size, size), (size * 9 // 16, size)):
+            image = np.zeros((height, width, 3), np.uint8)
+            for batch_size in sorted(set(batch_sizes)):
+                frames = [Frame("warmup", index, None, datetime.now(timezone.utc), now, image)
+                          for index in range(batch_size)]
+                infer(self, frames)
 
     def _predict(self, images: list[Any]) -> list[Any]:
         return list(
