@@ -51,17 +51,19 @@ def run_files_to_completion(config: Any) -> tuple[Pipeline, str]:
     return run_to_completion(config, before_stop=scrape_metrics), scraped[0]
 
 
+@pytest.mark.parametrize("devices", ["cpu", ["cpu", "cpu"]], ids=["one-worker", "two-workers"])
 def test_two_files_give_one_valid_ordered_message_per_processed_frame(
-    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory, devices: str | list[str]
 ) -> None:
     topic = unused_topic("frames")
     sizes = {"landscape": (320, 192), "portrait": (160, 256)}
     config = make_config(
         [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()],
-        broker.bootstrap_servers, topic,
+        broker.bootstrap_servers, topic, model={"device": devices},
     )
     pipeline, _ = run_files_to_completion(config)
     assert pipeline.processed == 2 * CLIP_FRAMES
+    assert len(pipeline.workers) == (1 if isinstance(devices, str) else len(devices))
 
     records = read_topic(broker.bootstrap_servers, topic, expected=2 * CLIP_FRAMES, group=f"test-{topic}")
     assert len(records) == 2 * CLIP_FRAMES
