@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/vap demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/mypy
 
 # Real stream servers for the reader tests (GStreamer's RTSP server); a no-op once installed.

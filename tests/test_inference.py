@@ -60,31 +60,43 @@ def marked_frame(stream_index: int, frame_id: int) -> Frame:
     return frame
 
 
+def run_workers(workers: list[InferenceWorker], hub: FrameHub, streams: int, frames: int,
+                delivered: list[FrameResult]) -> None:
+    """Feed `frames` marked frames per stream through the workers, wait for every result, stop them."""
+    stop = threading.Event()
+    for worker in workers:
+        worker.start()
+    for frame_id in range(frames):
+        for stream_index in range(streams):
+            hub.put(marked_frame(stream_index, frame_id), stop)
+    deadline = time.monotonic() + 10
+    while len(delivered) < streams * frames and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for worker in workers:
+        worker.stop()
+    assert all(worker.join(5) for worker in workers)
+
+
+def assert_routed_in_order(delivered: list[FrameResult], streams: int, frames: int) -> None:
+    assert len(delivered) == streams * frames
+    for result in delivered:
+        stream_index = int(result.frame.stream_id[1:])
+        assert result.detections.boxes_xyxy[0, 0] == (stream_index * 50 + result.frame.frame_id) % 256
+    for stream_index in range(streams):
+        ids = [r.frame.frame_id for r in delivered if r.frame.stream_id == f"s{stream_index}"]
+        assert ids == list(range(frames))
+
+
 def test_worker_routes_each_result_to_its_own_stream_and_frame() -> None:
     metrics = PipelineMetrics(CollectorRegistry())
     hub = FrameHub()
-    stop = threading.Event()
     for stream_index in range(3):
         hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
     delivered: list[FrameResult] = []
     worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=5, max_wait_ms=5),
                              delivered.append, metrics, Heartbeats(metrics))
-    worker.start()
-    for frame_id in range(20):
-        for stream_index in range(3):
-            hub.put(marked_frame(stream_index, frame_id), stop)
-    deadline = time.monotonic() + 10
-    while len(delivered) < 60 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.stop()
-    assert worker.join(5)
-    assert len(delivered) == 60
-    for result in delivered:
-        stream_index = int(result.frame.stream_id[1:])
-        assert result.detections.boxes_xyxy[0, 0] == (stream_index * 50 + result.frame.frame_id) % 256
-    for stream_index in range(3):
-        ids = [r.frame.frame_id for r in delivered if r.frame.stream_id == f"s{stream_index}"]
-        assert ids == list(range(20))
+    run_workers([worker], hub, 3, 20, delivered)
+    assert_routed_in_order(delivered, 3, 20)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +134,6 @@ class SlowContentReadingDetector(ContentReadingDetector):
 def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() -> None:
     metrics = PipelineMetrics(CollectorRegistry())
     hub = FrameHub(workers=2)
-    stop = threading.Event()
     for stream_index in range(4):
         hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
     delivered: list[FrameResult] = []
@@ -135,22 +146,6 @@ def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() ->
     detectors = [SlowContentReadingDetector("dev0"), SlowContentReadingDetector("dev1")]
     workers = [InferenceWorker(d, hub, BatchingConfig(max_batch=3, max_wait_ms=1), deliver, metrics,
                                Heartbeats(metrics), index) for index, d in enumerate(detectors)]
-    for worker in workers:
-        worker.start()
-    for frame_id in range(30):
-        for stream_index in range(4):
-            hub.put(marked_frame(stream_index, frame_id), stop)
-    deadline = time.monotonic() + 10
-    while len(delivered) < 120 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for worker in workers:
-        worker.stop()
-    assert all(worker.join(5) for worker in workers)
-    assert len(delivered) == 120
+    run_workers(workers, hub, 4, 30, delivered)
     assert all(d.batches > 0 for d in detectors), [d.batches for d in detectors]
-    for stream_index in range(4):
-        ids = [r.frame.frame_id for r in delivered if r.frame.stream_id == f"s{stream_index}"]
-        assert ids == list(range(30))
-    for result in delivered:
-        stream_index = int(result.frame.stream_id[1:])
-        assert result.detections.boxes_xyxy[0, 0] == (stream_index * 50 + result.frame.frame_id) % 256
+    assert_routed_in_order(delivered, 4, 30)
