@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.app import Pipeline
+from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
@@ -319,6 +319,7 @@ def machine_facts(device: str) -> dict[str, Any]:
 
 
 def run_bench(options: BenchOptions) -> BenchReport:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # what the pipeline runs with, for every contender alike
     if options.quick:
         options = BenchOptions(**{**asdict(options), "frames": min(options.frames, 60), "quick": True})
     weights = options.weights or (str(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else UNTRAINED_FALLBACK)
