@@ -96,8 +96,9 @@ class UltralyticsDetector:
     """Runs an Ultralytics detect, segment or classify model on whole batches.
 
     Detection and segmentation bypass `YOLO.predict`: frames are letterboxed in batch (on the device when
-    it is a GPU), NMS, box rescaling and mask assembly run on the device, and only boxes and the masks'
-    visible part come back to the host. Other tasks go through `predict`.
+    it is a GPU), NMS, box rescaling and mask assembly run on the device, and only boxes and binary uint8
+    masks at model-input size come back to the host, where masks become polygons. Other tasks go through
+    `predict`.
     """
 
     def __init__(self, config: ModelConfig, device: str, max_batch: int = 1) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -96,8 +96,8 @@ class HostLetterbox:
 class DeviceLetterbox:
     """GPU path: uint8 frames go up once through pinned memory; everything else happens on the device.
 
-    The staging buffer is reused across batches. That is safe because the caller waits for each batch's
-    results before it preprocesses the next one on the same instance.
+    The pinned staging buffer is reused across batches; a batch waits until the previous upload from it
+    has finished before writing into it.
     """
 
     def __init__(self, device: str) -> None:
@@ -106,6 +106,7 @@ class DeviceLetterbox:
         self._device = torch.device(device)
         self._pin = self._device.type == "cuda"
         self._staging: torch.Tensor | None = None
+        self._uploaded: Any = None
 
     def _upload(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[torch.Tensor]:
         """One host-to-device copy per batch when frames share a shape (the usual case), else one per frame."""
@@ -114,12 +115,17 @@ class DeviceLetterbox:
         first = images[0].shape
         if all(image.shape == first for image in images):
             shape = (len(images), *first)
+            if self._uploaded is not None:
+                self._uploaded.synchronize()
             if self._staging is None or self._staging.shape != shape:
                 self._staging = torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin)
             host = self._staging.numpy()
             for index, image in enumerate(images):
                 np.copyto(host[index], image)  # single-threaded on purpose: the cores are busy decoding
             uploaded = self._staging.to(self._device, non_blocking=self._pin)
+            if self._pin:
+                self._uploaded = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                self._uploaded.record()
             return list(uploaded.unbind(0))
         return [torch.from_numpy(image).to(self._device) for image in images]
 
