@@ -61,7 +61,7 @@ def resolve_devices(requested: str | list[str]) -> list[str]:
     """Every device that gets a worker: each CUDA GPU for `auto` when there is one, else the CPU."""
     import torch
 
-    names = [requested] if isinstance(requested, str) else list(requested)
+    names = [_canonical_device(name) for name in ([requested] if isinstance(requested, str) else requested)]
     if names == ["auto"]:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{index}" for index in range(count)] or ["cpu"]
@@ -69,6 +69,13 @@ def resolve_devices(requested: str | list[str]) -> list[str]:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"model.device is {name} but no CUDA device is available; use 'cpu' or 'auto'")
     return names
+
+
+def _canonical_device(name: str) -> str:
+    """`0` and `cuda` mean `cuda:0`, as in Ultralytics; one spelling keeps metric labels and checks simple."""
+    if name.isdigit():
+        return f"cuda:{name}"
+    return "cuda:0" if name == "cuda" else name
 
 
 def resolve_device(requested: str | list[str]) -> str:
@@ -199,7 +206,8 @@ class UltralyticsDetector:
         pending.plan = plan_batch(images, self._config.imgsz, self._stride, self._rect)
         dtype = torch.float16 if backend.fp16 else torch.float32
         with torch.inference_mode():
-            return self._letterbox(images, pending.plan, dtype), pending
+            batch = self._letterbox(images, pending.plan, dtype)
+            return (batch if self._cuda or self.device == "cpu" else batch.to(self.device)), pending
 
     def forward(self, batch: Any, pending: PendingBatch) -> PendingBatch:
         """Model, NMS and mask assembly on a prepared input; `collect` then builds the results."""

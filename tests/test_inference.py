@@ -149,3 +149,20 @@ def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() ->
     run_workers(workers, hub, 4, 30, delivered)
     assert all(d.batches > 0 for d in detectors), [d.batches for d in detectors]
     assert_routed_in_order(delivered, 4, 30)
+
+
+def test_device_names_resolve_to_one_spelling_and_auto_falls_back_to_cpu() -> None:
+    import torch
+
+    from pipeline.inference import resolve_devices
+
+    assert resolve_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
+    if torch.cuda.is_available():
+        assert resolve_devices("0") == ["cuda:0"]
+        assert resolve_devices("cuda") == ["cuda:0"]
+    else:
+        assert resolve_devices("auto") == ["cpu"]
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_devices("0")
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_devices(["cuda:0", "cuda:1"])
