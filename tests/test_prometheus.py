@@ -86,6 +86,13 @@ def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_
                 rates.append(rate)
             time.sleep(1)
         registry = pipeline.registry
+
+        def counted_by_publisher() -> float:
+            return sum(registry.get_sample_value("vap_frames_processed_total", {"stream": s}) or 0.0
+                       for s in ("full", "capped"))
+
+        wait_for(lambda: counted_by_publisher() == pipeline.processed, 10,
+                 "the publisher never counted every delivered frame")
         expected_drops = registry.get_sample_value(
             "vap_frames_dropped_total", {"stream": "capped", "reason": "fps_cap"})
         expected_full = registry.get_sample_value("vap_frames_processed_total", {"stream": "full"})
