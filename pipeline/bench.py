@@ -147,14 +147,14 @@ def make_clips(directory: Path, options: BenchOptions, fps: float, prefix: str) 
         return list(pool.map(_write_bench_clip, *zip(*jobs, strict=True)))
 
 
-def decode_all(paths: list[Path], limit: int | None = None) -> list[np.ndarray]:
+def decode_all(paths: list[Path], limit: int) -> list[np.ndarray]:
     """Decoded frames of every clip, the first `limit` in all at most, taken evenly from each clip."""
-    per_clip = None if limit is None else max(1, limit // len(paths))
+    per_clip = max(1, limit // len(paths))
     frames = []
     for path in paths:
         capture = cv2.VideoCapture(str(path))
         count = 0
-        while per_clip is None or count < per_clip:
+        while count < per_clip:
             ok, image = capture.read()
             if not ok:
                 break
@@ -194,16 +194,15 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
                                    options.batch)
     now = time.monotonic()
     frames = [Frame("limit", index, None, datetime.now(timezone.utc), now, sample) for index in range(options.batch)]
-    tensor, _ = detector.letterbox_batch(frames)
+    tensor, prepared = detector.letterbox_batch(frames)
     for _ in range(3):
-        detector.collect(detector.forward(tensor, detector.letterbox_batch(frames)[1]))
+        detector.collect(detector.forward(tensor, PendingBatch(frames=frames, started=0.0, plan=prepared.plan)))
     _reset_cuda_peak(device)
-    plan = detector.letterbox_batch(frames)[1].plan
     done = 0
     with peak_rss() as peak:
         started = time.perf_counter()
         while time.perf_counter() - started < seconds or done == 0:
-            pending = detector.forward(tensor, PendingBatch(frames=frames, started=0.0, plan=plan))
+            pending = detector.forward(tensor, PendingBatch(frames=frames, started=0.0, plan=prepared.plan))
             if pending.copied is not None:
                 pending.copied.synchronize()
             done += options.batch

@@ -93,13 +93,9 @@ def assemble(rows: torch.Tensor, image_index: torch.Tensor, plan: Sequence[Lette
         else:
             masks = torch.zeros((0, *input_hw), dtype=torch.uint8, device=rows.device)
     geometry = torch.tensor(
-        [[box.left, box.top, *box.gain_xy, box.source_hw[1], box.source_hw[0]] for box in plan],
+        [[box.left, box.top] * 2 + [*box.gain_xy] * 2 + [box.source_hw[1], box.source_hw[0]] * 2 for box in plan],
         dtype=torch.float32,
     ).to(rows.device, non_blocking=True)[image_index]
-    left, top, gain_x, gain_y, width, height = geometry.unbind(1)
-    x1 = ((boxes[:, 0] - left) / gain_x).clamp(min=0).minimum(width)
-    y1 = ((boxes[:, 1] - top) / gain_y).clamp(min=0).minimum(height)
-    x2 = ((boxes[:, 2] - left) / gain_x).clamp(min=0).minimum(width)
-    y2 = ((boxes[:, 3] - top) / gain_y).clamp(min=0).minimum(height)
-    scaled = torch.stack([x1, y1, x2, y2, rows[:, 4], rows[:, 5]], 1)
-    return BatchDetections(scaled, image_index, masks)
+    offset, gain, limit = geometry[:, 0:4], geometry[:, 4:8], geometry[:, 8:12]
+    scaled = ((boxes - offset) / gain).clamp(min=0).minimum(limit)
+    return BatchDetections(torch.cat([scaled, rows[:, 4:6]], 1), image_index, masks)

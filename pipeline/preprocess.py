@@ -108,8 +108,9 @@ class DeviceLetterbox:
         self._staging: torch.Tensor | None = None
         self._uploaded: Any = None
 
-    def _upload(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[torch.Tensor]:
-        """One host-to-device copy per batch when frames share a shape (the usual case), else one per frame."""
+    def _upload(self, images: Sequence[npt.NDArray[np.uint8]]) -> torch.Tensor | list[torch.Tensor]:
+        """One host-to-device copy per batch when frames share a shape (the usual case; the batch comes back
+        as one tensor), else one per frame."""
         import torch
 
         first = images[0].shape
@@ -126,7 +127,7 @@ class DeviceLetterbox:
             if self._pin:
                 self._uploaded = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 self._uploaded.record()
-            return list(uploaded.unbind(0))
+            return uploaded
         return [torch.from_numpy(image).to(self._device) for image in images]
 
     def __call__(self, images: Sequence[npt.NDArray[np.uint8]], plan: Sequence[Letterbox],
@@ -141,12 +142,16 @@ class DeviceLetterbox:
         for index, box in enumerate(plan):
             groups.setdefault((box.source_hw, box.resized_hw, box.top, box.left), []).append(index)
         for (source_hw, resized_hw, top, left), indices in groups.items():
-            frames = torch.stack([uploaded[i] for i in indices]) if len(indices) > 1 else uploaded[indices[0]][None]
+            # One uploaded tensor means every frame shares a shape, so this is the only group.
+            frames = uploaded if isinstance(uploaded, torch.Tensor) else torch.stack([uploaded[i] for i in indices])
             frames = frames.permute(0, 3, 1, 2).flip(1).to(dtype)
             if resized_hw != source_hw:
                 frames = functional.interpolate(frames, size=resized_hw, mode="bilinear", align_corners=False)
-            target = batch[indices] if len(indices) < len(images) else batch
-            target[:, :, top:top + resized_hw[0], left:left + resized_hw[1]] = frames.div_(255)
-            if len(indices) < len(images):
-                batch[indices] = target
+            frames = frames.div_(255)
+            rows, cols = slice(top, top + resized_hw[0]), slice(left, left + resized_hw[1])
+            if len(indices) == len(images):
+                batch[:, :, rows, cols] = frames
+            else:
+                for position, index in enumerate(indices):
+                    batch[index, :, rows, cols] = frames[position]
         return batch
