@@ -144,6 +144,7 @@ class ModelConfig(_Section):
     classes: list[int | str] | None = Field(None, description="Class ids or names to keep")
     agnostic_nms: bool = Field(False, description="Suppress overlapping boxes across classes, not only within one")
     warmup: bool = Field(True, description="Run the real batch shapes once before reporting ready")
+    cuda_graphs: bool = Field(True, description="On CUDA with PyTorch, replay the forward pass as CUDA graphs")
     runtime: Literal["auto", "torch", "onnx", "openvino", "tensorrt"] = Field(
         "auto", description="auto: TensorRT on CUDA, OpenVINO on CPU when installed, else PyTorch"
     )

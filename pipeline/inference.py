@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.batching import FrameHub
 from pipeline.config import BatchingConfig, ModelConfig
+from pipeline.cudagraphs import GraphedForward, batch_buckets
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
@@ -50,6 +51,8 @@ class Detector(Protocol):
     def submit(self, frames: Sequence[Frame]) -> Any: ...
 
     def collect(self, pending: Any) -> list[FrameResult]: ...
+
+    def close(self) -> None: ...
 
 
 def infer(detector: Detector, frames: Sequence[Frame]) -> list[FrameResult]:
@@ -129,6 +132,8 @@ class UltralyticsDetector:
         self._cuda = device.startswith("cuda")
         self._letterbox: HostLetterbox | DeviceLetterbox = DeviceLetterbox(device) if self._cuda else HostLetterbox()
         self._backend: Any = None
+        self._max_batch = max_batch
+        self._graphed: GraphedForward | None = None
         self._stride = 32
         self._rect = True
 
@@ -158,6 +163,9 @@ class UltralyticsDetector:
             dynamic = bool(getattr(backend, "dynamic", False)) and backend.format != "imx"
             self._rect = bool(predictor.args.rect) and (backend.format == "pt" or dynamic)
             self._backend = backend
+            if (self._cuda and self._direct and self._config.cuda_graphs and backend.format == "pt"
+                    and not bool(getattr(backend, "end2end", False))):
+                self._graphed = GraphedForward(backend, backend.model, self._max_batch)
         return self._backend
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
@@ -165,10 +173,13 @@ class UltralyticsDetector:
         cameras are 16:9, whose input is a stride-aligned rectangle rather than the square."""
         size = self._config.imgsz
         self._ensure_backend()
+        sizes = set(batch_sizes)
+        if self._graphed is not None:  # every graph a batch can be padded to, so none is captured mid-stream
+            sizes.update(bucket for bucket in batch_buckets(self._max_batch) if bucket <= max(sizes))
         now = time.monotonic()
         for height, width in ((size, size), (size * 9 // 16, size)):
             image = np.zeros((height, width, 3), np.uint8)
-            for batch_size in sorted(set(batch_sizes)):
+            for batch_size in sorted(sizes):
                 frames = [Frame("warmup", index, None, datetime.now(timezone.utc), now, image)
                           for index in range(batch_size)]
                 infer(self, frames)
@@ -214,7 +225,8 @@ class UltralyticsDetector:
         import torch
 
         with torch.inference_mode():
-            self._postprocess(self._ensure_backend()(batch), pending)
+            backend = self._ensure_backend()
+            self._postprocess((self._graphed or backend)(batch), pending)
         return pending
 
     def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
@@ -304,6 +316,11 @@ class UltralyticsDetector:
                 polygons=polygons,
             ))
         return out
+
+    def close(self) -> None:
+        """Ends the upload copy threads; `submit` must not be called afterwards."""
+        if isinstance(self._letterbox, DeviceLetterbox):
+            self._letterbox.close()
 
     @staticmethod
     def _result_detections(result: Any) -> Detections:
@@ -409,6 +426,7 @@ class InferenceWorker:
         finally:
             self._heartbeats.forget(self.thread_name)
             self._hand_over(None)
+            self._detector.close()
 
     def _hand_over(self, item: tuple[Batch, Any, float] | None) -> None:
         """Blocks while the finisher is busy, beating so a long batch does not look like a stuck loop."""

@@ -36,6 +36,9 @@ class ContentReadingDetector:
     def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
         return frames
 
+    def close(self) -> None:
+        pass
+
     def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         shuffled = list(reversed(frames))
         answers = {id(frame): float(frame.image[0, 0, 0]) for frame in shuffled}

@@ -37,6 +37,22 @@ def test_both_letterboxes_build_the_tensor_ultralytics_builds(width: int, height
     assert float((device - reference).abs().max()) < 40 / 255
 
 
+def test_device_letterbox_copy_threads_and_alternating_buffers_keep_each_batch_intact() -> None:
+    clips = [scene_frames(320, 180, 3, seed=seed) for seed in (4, 5, 6)]
+    batches = [[frame.image for frame in clip] for clip in clips]
+    plan = plan_batch(batches[0], 320, 32, rect=True)
+    single = DeviceLetterbox("cpu", copy_threads=1)
+    pooled = DeviceLetterbox("cpu", copy_threads=3)
+    try:
+        expected = [single(images, plan, torch.float32) for images in batches]
+        built = [pooled(images, plan, torch.float32) for images in batches]
+    finally:
+        pooled.close()
+    for got, want in zip(built, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(built[0], built[2])
+
+
 def test_mixed_frame_sizes_share_one_square_input() -> None:
     images = [scene_frames(640, 360, 1, seed=1)[0].image, scene_frames(360, 640, 1, seed=2)[0].image]
     plan = plan_batch(images, 320, 32, rect=True)
