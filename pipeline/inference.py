@@ -24,7 +24,7 @@ from pipeline.cudagraphs import GraphedForward, batch_buckets
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
-from pipeline.postprocess import BatchDetections, assemble, batched_nms
+from pipeline.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.runtimes import default_export_dir, resolve_model
 
@@ -284,8 +284,6 @@ class UltralyticsDetector:
         ]
 
     def _detections(self, pending: PendingBatch) -> list[Detections]:
-        from ultralytics.utils import ops
-
         assert pending.found is not None
         rows = pending.found.rows.numpy()
         image_index = pending.found.image_index.numpy()
@@ -298,14 +296,15 @@ class UltralyticsDetector:
             polygons: tuple[Any, ...] = ()
             if masks is not None and len(found):
                 resized_h, resized_w = box.resized_hw
-                visible_part = masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w]
-                visible = visible_part.reshape(len(found), -1).any(axis=1)
-                if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
-                    found, visible_part = found[visible], visible_part[visible]
                 scale = np.array(box.gain_xy, np.float32)
+                visible_part = masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w]
+                outlines = mask_polygons(visible_part, found[:, :4] * np.tile(scale, 2))
+                visible = np.array([len(outline) > 0 for outline in outlines])
+                if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
+                    found = found[visible]
                 limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
-                contours = ops.masks2segments(np.ascontiguousarray(visible_part))
-                polygons = tuple(np.clip(c / scale, 0, limit).astype(np.float32) for c in contours)
+                polygons = tuple(np.clip(outline / scale, 0, limit).astype(np.float32)
+                                 for outline in outlines if len(outline))
             if len(found) == 0:
                 out.append(Detections.empty())
                 continue

@@ -5,14 +5,19 @@ operations for each. At batch 32 on a GPU that is hundreds of kernel launches, e
 and on a host busy decoding 16 cameras every one of them waits. Here the whole batch takes a fixed
 handful of operations: one candidate filter, one NMS over all images (boxes of different images and
 classes are offset so they never overlap, as Ultralytics does per image), one mask product and one
-upsample. The results match `YOLO.predict`'s (the tests compare them).
+upsample. The results match `YOLO.predict`'s (the tests compare them). Polygons are traced on the host,
+one box-sized crop per mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
 
 from pipeline.preprocess import Letterbox
 
@@ -99,3 +104,31 @@ def assemble(rows: torch.Tensor, image_index: torch.Tensor, plan: Sequence[Lette
     offset, gain, limit = geometry[:, 0:4], geometry[:, 4:8], geometry[:, 8:12]
     scaled = ((boxes - offset) / gain).clamp(min=0).minimum(limit)
     return BatchDetections(torch.cat([scaled, rows[:, 4:6]], 1), image_index, masks)
+
+
+def mask_polygons(masks: npt.NDArray[np.uint8], boxes_xyxy: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+    """Each binary mask's outline, exactly as Ultralytics' `masks2segments` finds it, in mask pixels; an empty
+    (0, 2) array for a mask with no pixel set.
+
+    A mask is zero outside its box, so contours are traced on the box (with a margin) rather than on the
+    whole input, usually a hundred times fewer pixels; OpenCV's `offset` puts the points back in place.
+    """
+    from ultralytics.data.converter import merge_multi_segment
+
+    height, width = masks.shape[1:]
+    polygons = []
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes_xyxy, strict=True):
+        left, top = max(0, int(np.floor(x1)) - 2), max(0, int(np.floor(y1)) - 2)
+        right, bottom = min(width, int(np.ceil(x2)) + 2), min(height, int(np.ceil(y2)) + 2)
+        contours: Any = ()
+        if right > left and bottom > top:
+            crop = np.ascontiguousarray(mask[top:bottom, left:right])
+            contours = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(left, top))[0]
+        if not contours:
+            polygons.append(np.zeros((0, 2), np.float32))
+        elif len(contours) == 1:
+            polygons.append(contours[0].reshape(-1, 2).astype(np.float32))
+        else:
+            merged = merge_multi_segment([contour.reshape(-1, 2) for contour in contours])
+            polygons.append(np.concatenate(merged).astype(np.float32))
+    return polygons

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from ultralytics.utils import nms
@@ -41,3 +42,29 @@ def test_no_candidates_gives_empty_rows() -> None:
     prediction[:, 4:7] = 0.0
     rows, image_index = batched_nms(prediction, 3, 0.25, 0.5, None, False, (320, 320))
     assert rows.shape == (0, 6) and image_index.shape == (0,)
+
+
+def test_polygons_traced_on_box_crops_equal_ultralytics_whole_mask_polygons() -> None:
+    from ultralytics.utils.ops import masks2segments
+
+    from pipeline.postprocess import mask_polygons
+
+    generator = np.random.default_rng(5)
+    height, width = 96, 128
+    boxes = np.array([[10.3, 12.7, 60.2, 50.9],   # one blob
+                      [0.0, 0.0, 40.0, 30.0],     # touching the top-left edge
+                      [70.5, 40.2, 128.0, 96.0],  # touching the bottom-right edge, several blobs
+                      [20.0, 20.0, 30.0, 30.0]],  # empty
+                     np.float32)
+    masks = np.zeros((len(boxes), height, width), np.uint8)
+    for index, (x1, y1, x2, y2) in enumerate(boxes[:3]):
+        noise = generator.random((height, width)) > (0.3 if index == 2 else 0.0)
+        ys, xs = np.mgrid[0:height, 0:width]
+        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        masks[index] = (inside & noise).astype(np.uint8)
+    expected = masks2segments(masks)
+    got = mask_polygons(masks, boxes)
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert len(got[3]) == 0 and len(got[2]) > len(got[0])
