@@ -49,7 +49,7 @@ def profile(detector: UltralyticsDetector, frames: list[Frame], device: str, rep
 
     for _ in range(repeats):
         batch, pending = timed("upload + letterbox", lambda: detector.letterbox_batch(frames))
-        timed("forward + NMS + masks", lambda: detector.forward(batch, pending))  # noqa: B023
+        timed("forward + NMS + masks", lambda: detector.complete(detector.forward(batch, pending)))  # noqa: B023
         timed("polygons (host)", lambda: detector.collect(pending))  # noqa: B023
         timed("whole infer()", lambda: infer(detector, frames))
     return {step: 1000 * seconds / repeats for step, seconds in spent.items()}

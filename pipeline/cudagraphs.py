@@ -79,8 +79,11 @@ class GraphedForward:
             entry = self._capture(key, batch)
             if entry is None:
                 return self._forward(batch)
-        entry.static_input[:rows].copy_(batch)
-        entry.graph.replay()
+        import torch
+
+        with torch.cuda.device(batch.device):  # a graph replays on the current device's stream
+            entry.static_input[:rows].copy_(batch)
+            entry.graph.replay()
         return _first_rows(entry.static_output, rows, bucket)
 
     def _capture(self, key: tuple[int, ...], batch: torch.Tensor) -> _Graph | None:
@@ -89,21 +92,28 @@ class GraphedForward:
         static_input = torch.zeros(key, dtype=batch.dtype, device=batch.device)
         static_input[: batch.shape[0]].copy_(batch)
         try:
-            side = torch.cuda.Stream(batch.device)  # type: ignore[no-untyped-call]
-            side.wait_stream(torch.cuda.current_stream(batch.device))
-            with torch.cuda.stream(side):
-                for _ in range(_WARMUP_RUNS):
-                    self._forward(static_input)
-            torch.cuda.current_stream(batch.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                static_output = self._forward(static_input)
+            with torch.cuda.device(batch.device):
+                return self._capture_on_device(key, static_input)
         except Exception:  # a model that cannot be captured still runs, only slower
             log.warning("CUDA graph capture failed for input %s; running the model eagerly", key, exc_info=True)
             self.enabled = False
             return None
+
+    def _capture_on_device(self, key: tuple[int, ...], static_input: torch.Tensor) -> _Graph:
+        import torch
+
+        device = static_input.device
+        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_RUNS):
+                self._forward(static_input)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            static_output = self._forward(static_input)
         entry = _Graph(graph, static_input, static_output, _model_state_tensors(self._model))
         self._graphs[key] = entry
         log.debug("captured a CUDA graph for input %s", key)

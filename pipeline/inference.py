@@ -26,7 +26,7 @@ from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 from pipeline.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
-from pipeline.runtimes import default_export_dir, resolve_model
+from pipeline.runtimes import OpenVinoRequests, default_export_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class PendingBatch:
     plan: list[Letterbox] = field(default_factory=list)
     found: BatchDetections | None = None
     copied: Any = None
+    request: Any = None
     raw: list[Any] | None = None
 
 
@@ -125,6 +126,8 @@ class UltralyticsDetector:
         resolved = resolve_model(config.weights, config.runtime, device, config.imgsz, max_batch, self._half,
                                  export_dir)
         self.runtime = resolved.runtime
+        self._model_path = resolved.path
+        self._requests: OpenVinoRequests | None = None
         self._model = original if resolved.path == config.weights else YOLO(resolved.path, task=self.task)
         self.name = model_display_name(config.weights)
         self._class_filter = self._class_ids(config.classes)
@@ -166,6 +169,11 @@ class UltralyticsDetector:
             if (self._cuda and self._direct and self._config.cuda_graphs and backend.format == "pt"
                     and not bool(getattr(backend, "end2end", False))):
                 self._graphed = GraphedForward(backend, backend.model, self._max_batch)
+            if self._direct and self.runtime == "openvino" and self.device == "cpu":
+                try:
+                    self._requests = OpenVinoRequests(self._model_path)
+                except Exception:
+                    log.warning("OpenVINO throughput mode unavailable; running one request at a time", exc_info=True)
         return self._backend
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
@@ -220,14 +228,35 @@ class UltralyticsDetector:
             batch = self._letterbox(images, pending.plan, dtype)
             return (batch if self._cuda or self.device == "cpu" else batch.to(self.device)), pending
 
+    @property
+    def in_flight(self) -> int:
+        """How many batches the device runs at once at best: several OpenVINO requests, else one."""
+        return self._requests.size if self._requests is not None else 1
+
     def forward(self, batch: Any, pending: PendingBatch) -> PendingBatch:
-        """Model, NMS and mask assembly on a prepared input; `collect` then builds the results."""
+        """Queues the model, NMS and mask assembly on a prepared input; `complete` waits for them, and
+        `collect` (which completes first) builds the results."""
         import torch
 
+        backend = self._ensure_backend()
+        if self._requests is not None:
+            pending.request = self._requests.start(np.ascontiguousarray(batch.numpy(), np.float32))
+            return pending
         with torch.inference_mode():
-            backend = self._ensure_backend()
             self._postprocess((self._graphed or backend)(batch), pending)
         return pending
+
+    def complete(self, pending: PendingBatch) -> None:
+        """Waits for a batch's device work; NMS and masks run here when the model ran asynchronously."""
+        import torch
+
+        if pending.request is not None and self._requests is not None:
+            outputs = self._requests.finish(pending.request)
+            pending.request = None
+            with torch.inference_mode():
+                self._postprocess([torch.from_numpy(output) for output in outputs], pending)
+        if pending.copied is not None:
+            pending.copied.synchronize()
 
     def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
         """NMS, box rescaling and mask assembly for the whole batch on the model's device; the small
@@ -269,8 +298,7 @@ class UltralyticsDetector:
         return torch.cat(per_image), image_index
 
     def collect(self, pending: PendingBatch) -> list[FrameResult]:
-        if pending.copied is not None:
-            pending.copied.synchronize()
+        self.complete(pending)
         finished = time.monotonic()
         inference_ms = (finished - pending.started) * 1000
         if pending.raw is not None:

@@ -12,16 +12,21 @@ import hashlib
 import importlib.util
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 _EXPORT_FORMATS = {"onnx": "onnx", "openvino": "openvino", "tensorrt": "engine"}
 _EXPORT_SUFFIX = {"onnx": ".onnx", "openvino": "_openvino_model", "tensorrt": ".engine"}
+_REQUEST_WAIT_S = 60.0  # only reached when whoever should finish the running requests has died
 _RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
@@ -107,3 +112,45 @@ def _export(source: Path, runtime: str, device: str, imgsz: int, batch: int, hal
             if not target.exists():
                 raise
     log.info("export to %s done in %.1f s", runtime, time.monotonic() - started)
+
+
+class OpenVinoRequests:
+    """An exported OpenVINO model compiled for throughput, with a pool of inference requests.
+
+    Ultralytics compiles for latency: one request at a time spreads each batch over every core, and
+    small models keep the cores only partly busy. Compiled for throughput, OpenVINO runs one request per
+    CPU stream at once (measured on 2 cores at batch 4: about 210 frames/s against 160). `start` takes a
+    free request and returns at once; `finish` waits for it and returns it to the pool, so a caller that
+    starts a batch while the previous one is still running keeps every stream busy.
+    """
+
+    def __init__(self, model_dir: str) -> None:
+        import openvino as ov  # type: ignore[import-untyped]
+
+        core = ov.Core()
+        path = Path(model_dir)
+        xml = path if path.is_file() else next(path.glob("*.xml"))
+        self._compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+        self.size = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._outputs = len(self._compiled.outputs)
+        self._free: queue.Queue[Any] = queue.Queue()
+        for _ in range(self.size):
+            self._free.put(self._compiled.create_infer_request())
+
+    def start(self, batch: Any) -> Any:
+        """Queues `batch` (float32, NCHW) on a free request, waiting for one when all are busy."""
+        request = self._free.get(timeout=_REQUEST_WAIT_S)
+        try:
+            request.start_async({0: batch})
+        except Exception:
+            self._free.put(request)
+            raise
+        return request
+
+    def finish(self, request: Any) -> list[Any]:
+        """The request's outputs, in the model's output order, copied out of the reusable request."""
+        try:
+            request.wait()
+            return [np.copy(request.get_output_tensor(index).data) for index in range(self._outputs)]
+        finally:
+            self._free.put(request)
