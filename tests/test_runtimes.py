@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import ModelConfig
 from pipeline.inference import UltralyticsDetector, infer
-from pipeline.runtimes import choose_runtime, resolve_model, runtime_available
+from pipeline.runtimes import OpenVinoRequests, choose_runtime, resolve_model, runtime_available
 from pipeline.synth.world import SceneSpec, render_scene
 from tests.fakes import make_frame
 
@@ -63,6 +63,25 @@ def test_openvino_export_is_cached_and_detects_what_pytorch_detects(tmp_path: Pa
             same_class = ours.detections.boxes_xyxy[ours.detections.class_ids == class_id]
             assert len(same_class) and max(box_iou(box, other) for other in same_class) > 0.9
     assert confident > 0
+
+
+@pytest.mark.skipif(not runtime_available("openvino"), reason="openvino is not installed")
+def test_openvino_requests_in_flight_together_each_return_their_own_batch(tmp_path: Path, model_weights: str) -> None:
+    if not model_weights.endswith(".pt"):
+        pytest.skip("needs the bundled .pt model")
+    exported = resolve_model(model_weights, "openvino", "cpu", 160, 2, False, tmp_path)
+    requests = OpenVinoRequests(exported.path)
+    if requests.size < 2:
+        pytest.skip("OpenVINO gives this CPU a single stream, so nothing runs at once")
+    generator = np.random.default_rng(1)
+    batches = [generator.random((2, 3, 96, 160), np.float32) for _ in range(requests.size)]
+    alone = [requests.finish(requests.start(batch)) for batch in batches]
+    running = [requests.start(batch) for batch in batches]
+    together = [requests.finish(request) for request in reversed(running)][::-1]
+    for one, other in zip(alone, together, strict=True):
+        for output_alone, output_together in zip(one, other, strict=True):
+            np.testing.assert_allclose(output_together, output_alone, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(alone[0][0], alone[1][0]), "different inputs must give different outputs"
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
