@@ -4,9 +4,9 @@
 
 Prints milliseconds per batch for each step (upload and letterbox, forward, NMS and masks, polygons)
 and for the whole `infer`, first on an idle host, then while `--decoders` threads decode a 1080p clip
-as fast as they can, as the stream readers of a busy camera site do (with
-the decoder threads the pipeline gives each stream). The gap between the two shows how
-much of a step is host contention rather than device work.
+as fast as they can, as the stream readers of a busy camera site do (with the decoder threads the
+pipeline gives each stream). The gap between the two shows how much of a step is host contention
+rather than device work.
 """
 
 from __future__ import annotations

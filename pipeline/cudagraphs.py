@@ -67,6 +67,8 @@ class GraphedForward:
         return len(self._graphs)
 
     def __call__(self, batch: torch.Tensor) -> Any:
+        import torch
+
         rows = int(batch.shape[0])
         bucket = next((size for size in self._buckets if size >= rows), None)
         if not self.enabled or bucket is None:
@@ -79,8 +81,6 @@ class GraphedForward:
             entry = self._capture(key, batch)
             if entry is None:
                 return self._forward(batch)
-        import torch
-
         with torch.cuda.device(batch.device):  # a graph replays on the current device's stream
             entry.static_input[:rows].copy_(batch)
             entry.graph.replay()

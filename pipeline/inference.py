@@ -92,7 +92,8 @@ def model_display_name(weights: str) -> str:
 
 @dataclass
 class PendingBatch:
-    """A batch whose device work is queued; its results are copied to the host when `copied` fires."""
+    """A batch whose device work is queued: on a GPU its results reach the host when `copied` fires; with
+    OpenVINO, `request` is still running the model."""
 
     frames: Sequence[Frame]
     started: float

@@ -107,8 +107,8 @@ class DeviceLetterbox:
     Copying a batch of 1080p frames into pinned memory moves about 200 MB, which one thread does at host
     memory speed in tens of milliseconds, the longest step of a batch. A few copy threads share it (NumPy
     releases the GIL while copying), and two staging buffers alternate, so a batch never waits for the
-    previous one's upload. The copy threads only live inside a call, so the inference thread's heartbeat
-    covers them.
+    previous one's upload. The copy threads only work while a call waits for them, so the inference
+    thread's heartbeat covers them.
     """
 
     def __init__(self, device: str, copy_threads: int | None = None) -> None:
@@ -142,13 +142,9 @@ class DeviceLetterbox:
         staging = self._staging[turn]
         if staging is None or staging.shape != shape:
             staging = self._staging[turn] = torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin)
-        host = staging.numpy()
-        if self._copier is None:
-            for index, image in enumerate(images):
-                np.copyto(host[index], image)
-        else:
-            for _ in self._copier.map(np.copyto, host, images):
-                pass
+        copy_each = map if self._copier is None else self._copier.map
+        for _ in copy_each(np.copyto, staging.numpy(), images):
+            pass
         uploaded = staging.to(self._device, non_blocking=self._pin)
         if self._pin:
             self._uploaded[turn] = torch.cuda.Event()  # type: ignore[no-untyped-call]
