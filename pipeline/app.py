@@ -28,8 +28,16 @@ from pipeline.health import Heartbeats
 from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_app
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
 from pipeline.metrics import PipelineMetrics
+from pipeline.nvdec import NvdecSource, nvdec_available
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
-from pipeline.sources import OpenCvSource, StreamReader, decoder_threads, max_age_for, overflow_policy_for
+from pipeline.sources import (
+    OpenCvSource,
+    StreamReader,
+    VideoSource,
+    decoder_threads,
+    max_age_for,
+    overflow_policy_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,9 @@ class Pipeline:
                 raise StreamExists(stream.id)
             if stream.kind == "file" and not stream.file_path.is_file():
                 raise ValueError(f"url: file not found: {stream.url}")
+            if stream.decoder != "cpu" and not nvdec_available():
+                raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
+                                 "(pip install 'vap[nvdec]'), or use decoder: cpu")
             self.metrics.add_stream(stream.id)
             self.hub.add_stream(
                 stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
@@ -140,12 +151,16 @@ class Pipeline:
                 self._analytics[stream.id] = StreamAnalytics(
                     stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels
                 )
-            threads = decoder_threads(max(len(self.config.streams), len(self.readers) + 1))
-            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats,
-                                  functools.partial(OpenCvSource, threads=threads))
+            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats, self._source_factory(stream))
             self.readers[stream.id] = reader
             reader.start()
         log.info("stream %s: added (%s)", stream.id, stream.redacted_url, extra={"stream": stream.id})
+
+    def _source_factory(self, stream: StreamConfig) -> Callable[[StreamConfig], VideoSource]:
+        if stream.decoder != "cpu":
+            return NvdecSource
+        threads = decoder_threads(max(len(self.config.streams), len(self.readers) + 1))
+        return functools.partial(OpenCvSource, threads=threads)
 
     def remove_stream(self, stream_id: str) -> None:
         """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later."""

@@ -46,6 +46,7 @@ class BenchOptions:
     max_wait_ms: float = 20.0
     device: str = "auto"
     runtime: str = "auto"
+    decoder: str = "cpu"
     weights: str | None = None
     quick: bool = False
     soak_s: float = 0.0
@@ -267,7 +268,8 @@ def measure_ultralytics_loop(options: BenchOptions, weights: str, task: str, dev
 def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap: str, topic: str,
                realtime: bool) -> PipelineConfig:
     return parse_config({
-        "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime} for i, path in enumerate(clips)],
+        "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime, "decoder": options.decoder}
+                    for i, path in enumerate(clips)],
         "model": {"weights": weights, "imgsz": options.imgsz, "device": options.device, "runtime": options.runtime},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},

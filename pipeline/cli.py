@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino", "tensorrt"],
                        help="every contender runs the same runtime (default: the fastest installed)")
+    bench.add_argument("--decoder", default="cpu",
+                       help="where vap decodes the clips: cpu, or cuda[:N] for the GPU's video engine (NVDEC)")
     bench.add_argument("--weights", help="model file (default: the bundled model)")
     bench.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a paced run this long")
     bench.add_argument("--json", type=Path, help="also write the numbers to this file")
@@ -255,7 +257,8 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     options = BenchOptions(
         streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,
-        max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, weights=args.weights, quick=args.quick,
+        max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, decoder=args.decoder,
+        weights=args.weights, quick=args.quick,
         soak_s=args.soak, json_path=args.json,
     )
     report = run_bench(options)

@@ -89,6 +89,10 @@ class StreamConfig(_Section):
     )
     reconnect_backoff_s: float = Field(0.5, gt=0, le=60, description="First wait before reconnecting")
     reconnect_backoff_max_s: float = Field(10.0, gt=0, le=600, description="Longest wait between tries")
+    decoder: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Files only: cpu (OpenCV), or cuda / cuda:N to decode on that GPU's video engine (NVDEC)",
+    )
     analytics: AnalyticsConfig = AnalyticsConfig()
 
     @field_validator("url", mode="before")
@@ -108,6 +112,12 @@ class StreamConfig(_Section):
                 "or a camera index"
             )
         return url
+
+    @model_validator(mode="after")
+    def _gpu_decoding_reads_files(self) -> StreamConfig:
+        if self.decoder != "cpu" and self.kind != "file":
+            raise ValueError(f"decoder {self.decoder} reads files only; decode {self.kind} streams with cpu")
+        return self
 
     @property
     def kind(self) -> Literal["live", "file", "camera"]:

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+Image = Union[npt.NDArray[np.uint8], "torch.Tensor"]
+"""BGR uint8 (H, W, 3): a NumPy array, or a tensor on the GPU that decoded it (`decoder: cuda`)."""
+
+
+def host_image(image: Image) -> npt.NDArray[np.uint8]:
+    """The image in host memory, copied down only when it was decoded on a GPU."""
+    if isinstance(image, np.ndarray):
+        return image
+    copied: npt.NDArray[np.uint8] = image.cpu().numpy()
+    return copied
 
 
 @dataclass(frozen=True)
@@ -22,7 +37,7 @@ class Frame:
     pts_ms: float | None
     captured_at: datetime
     captured_monotonic: float
-    image: npt.NDArray[np.uint8]
+    image: Image
 
     @property
     def width(self) -> int:

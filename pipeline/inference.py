@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.batching import FrameHub
 from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.cudagraphs import GraphedForward, batch_buckets
-from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult
+from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult, host_image
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 from pipeline.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
@@ -211,7 +211,7 @@ class UltralyticsDetector:
     def submit(self, frames: Sequence[Frame]) -> PendingBatch:
         if not self._direct:
             pending = PendingBatch(frames=frames, started=time.monotonic())
-            pending.raw = self._predict([frame.image for frame in frames])
+            pending.raw = self._predict([host_image(frame.image) for frame in frames])
             return pending
         batch, pending = self.letterbox_batch(frames)
         return self.forward(batch, pending)

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.frames import Image, host_image
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,7 +63,7 @@ def letterbox(source_hw: tuple[int, int], input_hw: tuple[int, int]) -> Letterbo
     return Letterbox(source_hw, input_hw, (resized_h, resized_w), top, left)
 
 
-def plan_batch(images: Sequence[npt.NDArray[np.uint8]], imgsz: int, stride: int, rect: bool) -> list[Letterbox]:
+def plan_batch(images: Sequence[Image], imgsz: int, stride: int, rect: bool) -> list[Letterbox]:
     shapes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
     target = input_shape(shapes, imgsz, stride, rect)
     return [letterbox(shape, target) for shape in shapes]
@@ -79,8 +81,7 @@ class HostLetterbox:
     def __init__(self) -> None:
         self._buffer: npt.NDArray[np.uint8] = np.zeros((0, 0, 0, 3), np.uint8)
 
-    def __call__(self, images: Sequence[npt.NDArray[np.uint8]], plan: Sequence[Letterbox],
-                 dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, images: Sequence[Image], plan: Sequence[Letterbox], dtype: torch.dtype) -> torch.Tensor:
         import torch
 
         height, width = plan[0].input_hw
@@ -89,7 +90,8 @@ class HostLetterbox:
             self._buffer = np.empty(shape, np.uint8)
         batch = self._buffer
         batch.fill(PAD_VALUE)
-        for index, (image, box) in enumerate(zip(images, plan, strict=True)):
+        for index, (decoded, box) in enumerate(zip(images, plan, strict=True)):
+            image = host_image(decoded)
             resized_h, resized_w = box.resized_hw
             target = batch[index, box.top:box.top + resized_h, box.left:box.left + resized_w]
             if (resized_h, resized_w) == box.source_hw:
@@ -126,14 +128,18 @@ class DeviceLetterbox:
         if self._copier is not None:
             self._copier.shutdown(wait=True)
 
-    def _upload(self, images: Sequence[npt.NDArray[np.uint8]]) -> torch.Tensor | list[torch.Tensor]:
+    def _upload(self, images: Sequence[Image]) -> torch.Tensor | list[torch.Tensor]:
         """One host-to-device copy per batch when frames share a shape (the usual case; the batch comes back
-        as one tensor), else one per frame."""
+        as one tensor), else one per frame. Frames a GPU decoded are already tensors and skip the copy."""
         import torch
 
-        first = images[0].shape
-        if not all(image.shape == first for image in images):
-            return [torch.from_numpy(image).to(self._device) for image in images]
+        first = tuple(images[0].shape)
+        same_shape = all(tuple(image.shape) == first for image in images)
+        host_images = [image for image in images if isinstance(image, np.ndarray)]
+        if len(host_images) < len(images) or not same_shape:
+            on_device = [(image if isinstance(image, torch.Tensor) else torch.from_numpy(image)).to(self._device)
+                         for image in images]
+            return torch.stack(on_device) if same_shape else on_device
         shape = (len(images), *first)
         turn = self._turn
         self._turn = 1 - turn
@@ -143,7 +149,7 @@ class DeviceLetterbox:
         if staging is None or staging.shape != shape:
             staging = self._staging[turn] = torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin)
         copy_each = map if self._copier is None else self._copier.map
-        for _ in copy_each(np.copyto, staging.numpy(), images):
+        for _ in copy_each(np.copyto, staging.numpy(), host_images):
             pass
         uploaded = staging.to(self._device, non_blocking=self._pin)
         if self._pin:
@@ -151,7 +157,7 @@ class DeviceLetterbox:
             self._uploaded[turn].record()
         return uploaded
 
-    def __call__(self, images: Sequence[npt.NDArray[np.uint8]], plan: Sequence[Letterbox],
+    def __call__(self, images: Sequence[Image], plan: Sequence[Letterbox],
                  dtype: torch.dtype) -> torch.Tensor:
         import torch
         import torch.nn.functional as functional

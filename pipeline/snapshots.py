@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import SnapshotConfig
-from pipeline.frames import FrameResult
+from pipeline.frames import FrameResult, host_image
 
 _COLOURS = ((56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72))
 
@@ -29,8 +29,9 @@ class SnapshotWriter:
         if frame.frame_id % self._config.every_n_frames:
             return None
         scale = min(1.0, self._config.max_width / frame.width)
-        image = frame.image if scale == 1.0 else cv2.resize(
-            frame.image, (round(frame.width * scale), round(frame.height * scale)), interpolation=cv2.INTER_AREA
+        full = host_image(frame.image)
+        image = full if scale == 1.0 else cv2.resize(
+            full, (round(frame.width * scale), round(frame.height * scale)), interpolation=cv2.INTER_AREA
         )
         image = np.ascontiguousarray(image).copy()
         detections = result.detections

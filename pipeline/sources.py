@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from pipeline.batching import FrameHub, OverflowPolicy
 from pipeline.config import StreamConfig
-from pipeline.frames import Frame
+from pipeline.frames import Frame, Image
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 
@@ -58,7 +58,7 @@ class VideoSource(Protocol):
 
     def open(self) -> bool: ...
 
-    def read(self) -> npt.NDArray[np.uint8] | None:
+    def read(self) -> Image | None:
         """The next decoded image, or None at the end of a file or when the stream failed.
 
         Raises InvalidFrame for a frame that decoded to nothing usable; the stream goes on.

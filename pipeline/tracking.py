@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.frames import Detections
+from pipeline.frames import Detections, Image, host_image
 
 _TRACKER_FILES = {"bytetrack": "bytetrack.yaml", "botsort": "botsort.yaml"}
 
@@ -27,13 +27,14 @@ class StreamTracker:
         from ultralytics.utils.checks import check_yaml
 
         settings = IterableSimpleNamespace(**YAML.load(check_yaml(_TRACKER_FILES[tracker])))
+        self._reads_pixels = tracker == "botsort"  # its camera-motion compensation; ByteTrack only needs the size
         if tracker == "botsort":
             settings.with_reid = False  # appearance features need a second model; motion and IoU suffice here
             self._tracker: Any = BOTSORT(args=settings)
         else:
             self._tracker = BYTETracker(args=settings)
 
-    def update(self, detections: Detections, image: np.ndarray) -> Detections:
+    def update(self, detections: Detections, image: Image) -> Detections:
         """The same detections with `track_ids` filled; None for detections not (yet) in a confirmed track."""
         from ultralytics.engine.results import Boxes
 
@@ -41,7 +42,8 @@ class StreamTracker:
             [detections.boxes_xyxy, detections.confidences[:, None], detections.class_ids[:, None].astype(np.float32)],
             axis=1,
         ) if len(detections) else np.zeros((0, 6), np.float32)
-        tracks = self._tracker.update(Boxes(data, image.shape[:2]), image)
+        pixels = host_image(image) if self._reads_pixels else image
+        tracks = self._tracker.update(Boxes(data, tuple(image.shape[:2])), pixels)
         track_ids: list[int | None] = [None] * len(detections)
         for row in tracks:
             track_ids[int(row[-1])] = int(row[4])
