@@ -53,6 +53,7 @@ class NvdecSource:
         self._frames = 0
         self._fps: float | None = None
         self._flushed = False
+        self._stream: torch.cuda.Stream | None = None
 
     def open(self) -> bool:
         codec = self._codec or importlib.import_module("PyNvVideoCodec")
@@ -61,7 +62,7 @@ class NvdecSource:
             self._demuxer = codec.CreateDemuxer(filename=str(self._config.file_path))
             self._decoder = codec.CreateDecoder(
                 gpuid=self._gpu, codec=self._demuxer.GetNvCodecId(), usedevicememory=True,
-                outputColorType=codec.OutputColorType.RGB,
+                outputColorType=codec.OutputColorType.RGB, cudastream=self._stream_handle(),
             )
         except Exception:
             self.close()
@@ -70,6 +71,15 @@ class NvdecSource:
         self._fps = fps if 0 < fps < 1000 else None
         self._packets = iter(self._demuxer)
         return True
+
+    def _stream_handle(self) -> int:
+        """A stream of our own for the decoder's colour conversion and our copy: on the default stream both
+        would queue behind the model's work and wait for it."""
+        import torch
+
+        if self._stream is None and torch.cuda.is_available():
+            self._stream = torch.cuda.Stream(torch.device("cuda", self._gpu))  # type: ignore[no-untyped-call]
+        return 0 if self._stream is None else int(self._stream.cuda_stream)
 
     def read(self) -> torch.Tensor | None:
         import torch
@@ -84,14 +94,18 @@ class NvdecSource:
                 # An empty packet drains the frames the decoder still holds back for reordering.
                 packet = self._codec.PacketData()
             self._ready.extend(self._decoder.Decode(packet))
-        decoded = from_dlpack(self._ready.popleft())
+        if self._stream is None:
+            return self._bgr(from_dlpack(self._ready.popleft()))
+        with torch.cuda.stream(self._stream):
+            bgr = self._bgr(from_dlpack(self._ready.popleft()))
+        self._stream.synchronize()  # the decoder may overwrite its surface once asked for the next frame
+        return bgr
+
+    def _bgr(self, decoded: torch.Tensor) -> torch.Tensor:
         if decoded.ndim != 3 or decoded.shape[2] != 3 or decoded.numel() == 0:
             raise InvalidFrame(f"decoder returned {tuple(decoded.shape)}")
         self._frames += 1
-        bgr = decoded.flip(2)
-        if bgr.is_cuda:  # the decoder may overwrite its surface once asked for the next frame
-            torch.cuda.current_stream(bgr.device).synchronize()
-        return bgr
+        return decoded.flip(2)
 
     def position_ms(self) -> float | None:
         return None if self._fps is None else 1000.0 * (self._frames - 1) / self._fps

@@ -139,6 +139,9 @@ class DeviceLetterbox:
         if len(host_images) < len(images) or not same_shape:
             on_device = [(image if isinstance(image, torch.Tensor) else torch.from_numpy(image)).to(self._device)
                          for image in images]
+            if self._pin:  # a decoder's frames come from its own stream; keep them until this one is done
+                for image in on_device:
+                    image.record_stream(torch.cuda.current_stream(self._device))
             return torch.stack(on_device) if same_shape else on_device
         shape = (len(images), *first)
         turn = self._turn
