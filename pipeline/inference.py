@@ -450,22 +450,48 @@ class InferenceWorker:
                 except Exception:
                     self._failed(batch)
                     continue
-                self._hand_over((batch, pending, submitted))
+                if not self._hand_over((batch, pending, submitted)):
+                    self._abandon(batch, pending)
+                    return
         finally:
             self._heartbeats.forget(self.thread_name)
             self._hand_over(None)
             self._detector.close()
 
-    def _hand_over(self, item: tuple[Batch, Any, float] | None) -> None:
-        """Blocks while the finisher is busy, beating so a long batch does not look like a stuck loop."""
+    def _hand_over(self, item: tuple[Batch, Any, float] | None) -> bool:
+        """Blocks while the finisher is busy, beating so a long batch does not look like a stuck loop;
+        False when the finisher is gone."""
         while True:
+            if not self._finisher.is_alive():
+                return False
             try:
                 self._handoff.put(item, timeout=0.5)
-                return
+                return True
             except queue.Full:
-                if not self._finisher.is_alive():
-                    return
                 self._heartbeats.beat(self.thread_name)
+
+    def _abandon(self, batch: Batch, pending: Any) -> None:
+        """The finisher died: wait for the device work of every batch it will never take, so each gives back
+        what it holds (an OpenVINO request, staging memory), count them as failed, and stop this worker so
+        health reports it."""
+        left: list[tuple[Batch, Any]] = []
+        while True:
+            try:
+                item = self._handoff.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                left.append(item[:2])
+        left.append((batch, pending))
+        log.error("%s is gone; %s stops after dropping %d frames", self._finisher.name, self.thread_name,
+                  sum(len(abandoned.frames) for abandoned, _ in left))
+        for abandoned, its_pending in left:
+            try:
+                self._detector.collect(its_pending)
+            except Exception:
+                log.debug("an abandoned batch failed as well", exc_info=True)
+            self._metrics.inference_errors.labels(device=self._detector.device).inc()
+            self._hub.batch_done(abandoned)
 
     def _failed(self, batch: Batch) -> None:
         log.exception("inference failed on a batch of %d frames", len(batch.frames))
@@ -490,14 +516,23 @@ class InferenceWorker:
                 except Exception:
                     self._failed(batch)
                     continue
+                self._metrics.inference_seconds.labels(device=device).observe(time.monotonic() - submitted)
+                self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
                 try:
-                    self._metrics.inference_seconds.labels(device=device).observe(
-                        time.monotonic() - submitted)
-                    self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
                     for result in results:
                         queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
-                        self._deliver(replace(result, queue_ms=max(0.0, queue_ms)))
+                        self._deliver_one(replace(result, queue_ms=max(0.0, queue_ms)))
                 finally:
                     self._hub.batch_done(batch)
         finally:
             self._heartbeats.forget(name)
+
+    def _deliver_one(self, result: FrameResult) -> None:
+        """A result that cannot be delivered (a failing analytics step, say) is logged and counted; the
+        finisher goes on, since every later batch of every stream waits for it."""
+        try:
+            self._deliver(result)
+        except Exception:
+            log.exception("stream %s: delivering the result of frame %d failed; it is not published",
+                          result.frame.stream_id, result.frame.frame_id, extra={"stream": result.frame.stream_id})
+            self._metrics.inference_errors.labels(device=self._detector.device).inc()

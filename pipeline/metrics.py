@@ -73,7 +73,8 @@ class PipelineMetrics:
             registry=registry,
         )
         self.inference_errors = Counter(
-            "vap_inference_errors_total", "Batches the model failed on (their frames are not published)",
+            "vap_inference_errors_total",
+            "Batches the model failed on, and results that could not be delivered (neither is published)",
             ["device"], registry=registry,
         )
         self.zone_events = Counter(

@@ -154,6 +154,76 @@ def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() ->
     assert_routed_in_order(delivered, 4, 30)
 
 
+def test_a_result_that_cannot_be_delivered_is_counted_and_the_others_still_flow() -> None:
+    metrics = PipelineMetrics(CollectorRegistry())
+    hub = FrameHub()
+    for stream_index in range(2):
+        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    delivered: list[FrameResult] = []
+
+    def deliver(result: FrameResult) -> None:
+        if result.frame.stream_id == "s1" and result.frame.frame_id % 5 == 0:
+            raise RuntimeError("analytics failed")
+        delivered.append(result)
+
+    worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=4, max_wait_ms=5), deliver,
+                             metrics, Heartbeats(metrics))
+    stop = threading.Event()
+    worker.start()
+    for frame_id in range(20):
+        for stream_index in range(2):
+            hub.put(marked_frame(stream_index, frame_id), stop)
+    deadline = time.monotonic() + 10
+    while len(delivered) < 36 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    assert worker.join(5)
+    assert len(delivered) == 36
+    assert [r.frame.frame_id for r in delivered if r.frame.stream_id == "s0"] == list(range(20))
+    assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 4
+    assert hub.drained()
+
+
+class FinisherKiller(BaseException):
+    """Not an Exception, so nothing in the finisher catches it: the thread dies as on an interpreter fault."""
+
+
+class DyingFinisherDetector(ContentReadingDetector):
+    def __init__(self) -> None:
+        self.collected: list[int] = []
+        self.submitted = 0
+
+    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
+        self.submitted += 1
+        return frames
+
+    def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
+        self.collected.append(frames[0].frame_id)
+        if len(self.collected) == 1:
+            time.sleep(0.3)  # the next batch is submitted and waits for the hand-over meanwhile
+            raise FinisherKiller
+        return super().collect(frames)
+
+
+def test_when_the_finisher_dies_the_waiting_batch_is_released_and_the_worker_stops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    metrics = PipelineMetrics(CollectorRegistry())
+    hub = FrameHub()
+    hub.add_stream("s0", 100, OverflowPolicy.WAIT)
+    detector = DyingFinisherDetector()
+    worker = InferenceWorker(detector, hub, BatchingConfig(max_batch=2, max_wait_ms=1), lambda result: None,
+                             metrics, Heartbeats(metrics))
+    stop = threading.Event()
+    for frame_id in range(10):
+        hub.put(marked_frame(0, frame_id), stop)
+    worker.start()
+    assert worker.join(5), "the inference thread kept waiting for a finisher that is gone"
+    assert detector.submitted == 3  # the dying batch, the one handed over behind it, the one waiting
+    assert detector.collected == [0, 2, 4], "a batch the finisher never took kept what it held"
+    assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 2
+
+
 def test_device_names_resolve_to_one_spelling_and_auto_falls_back_to_cpu() -> None:
     import torch
 
