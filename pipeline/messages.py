@@ -11,6 +11,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from pipeline.frames import FrameResult
@@ -39,6 +40,10 @@ def _round(value: float, digits: int = 2) -> float:
     return round(float(value), digits)
 
 
+def _mask(polygon: npt.NDArray[np.float32] | None) -> dict[str, Any] | None:
+    return None if polygon is None else {"polygon": np.round(polygon.astype(np.float64), 2)}
+
+
 def build_message(result: FrameResult, model_name: str, published_at: datetime, total_ms: float) -> dict[str, Any]:
     frame = result.frame
     message: dict[str, Any] = {
@@ -63,28 +68,27 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
         ]
         return message
     detections = result.detections
-    entries = []
-    for index in range(len(detections)):
-        x1, y1, x2, y2 = (_round(v) for v in detections.boxes_xyxy[index])
-        class_id = int(detections.class_ids[index])
-        polygon = detections.polygons[index] if index < len(detections.polygons) else None
-        track_id = detections.track_ids[index] if index < len(detections.track_ids) else None
-        entries.append(
-            {
-                "class_id": class_id,
-                "label": result.labels.get(class_id, str(class_id)),
-                "confidence": _round(detections.confidences[index], 4),
-                "bbox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
-                "track_id": track_id,
-                "mask": None if polygon is None else {"polygon": np.round(polygon.astype(np.float64), 2).tolist()},
-            }
-        )
-    message["detections"] = entries
+    boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
+    confidences = np.round(detections.confidences.astype(np.float64), 4).tolist()
+    polygons, track_ids = detections.polygons, detections.track_ids
+    # Polygons stay arrays: orjson writes them natively, several times faster than lists of floats.
+    message["detections"] = [
+        {
+            "class_id": class_id,
+            "label": result.labels.get(class_id, str(class_id)),
+            "confidence": confidence,
+            "bbox": {"x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3]},
+            "track_id": track_ids[index] if index < len(track_ids) else None,
+            "mask": _mask(polygons[index] if index < len(polygons) else None),
+        }
+        for index, (class_id, confidence, box) in enumerate(
+            zip(detections.class_ids.tolist(), confidences, boxes, strict=True))
+    ]
     return message
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return orjson.dumps(message)
+    return orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def build_event(event: ZoneEvent, published_at: datetime) -> dict[str, Any]:
