@@ -332,8 +332,10 @@ class UltralyticsDetector:
                 if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
                     found = found[visible]
                 limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
-                polygons = tuple(np.clip(outline / scale, 0, limit).astype(np.float32)
-                                 for outline in outlines if len(outline))
+                for outline in outlines:  # fresh arrays: scaled back to the source frame and clipped in place
+                    outline /= scale
+                    np.minimum(np.maximum(outline, 0, out=outline), limit, out=outline)
+                polygons = tuple(outline for outline in outlines if len(outline))
             if len(found) == 0:
                 out.append(Detections.empty())
                 continue

@@ -123,14 +123,17 @@ def mask_polygons(masks: npt.NDArray[np.uint8], boxes_xyxy: npt.NDArray[np.float
     from ultralytics.data.converter import merge_multi_segment
 
     height, width = masks.shape[1:]
+    boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+    lefts = np.clip(np.floor(boxes[:, 0]).astype(np.int64) - 2, 0, width).tolist()
+    tops = np.clip(np.floor(boxes[:, 1]).astype(np.int64) - 2, 0, height).tolist()
+    rights = np.minimum(np.ceil(boxes[:, 2]).astype(np.int64) + 2, width).tolist()
+    bottoms = np.minimum(np.ceil(boxes[:, 3]).astype(np.int64) + 2, height).tolist()
     polygons = []
-    for mask, (x1, y1, x2, y2) in zip(masks, boxes_xyxy, strict=True):
-        left, top = max(0, int(np.floor(x1)) - 2), max(0, int(np.floor(y1)) - 2)
-        right, bottom = min(width, int(np.ceil(x2)) + 2), min(height, int(np.ceil(y2)) + 2)
+    for mask, left, top, right, bottom in zip(masks, lefts, tops, rights, bottoms, strict=True):
         contours: Any = ()
         if right > left and bottom > top:
-            crop = np.ascontiguousarray(mask[top:bottom, left:right])
-            contours = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(left, top))[0]
+            contours = cv2.findContours(mask[top:bottom, left:right], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                        offset=(left, top))[0]
         if not contours:
             polygons.append(np.zeros((0, 2), np.float32))
         elif len(contours) == 1:
