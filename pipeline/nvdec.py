@@ -93,7 +93,10 @@ class NvdecSource:
                 self._flushed = True
                 # An empty packet drains the frames the decoder still holds back for reordering.
                 packet = self._codec.PacketData()
-            self._ready.extend(self._decoder.Decode(packet))
+            try:
+                self._ready.extend(self._decoder.Decode(packet))
+            except Exception as error:  # a corrupt packet costs its frame, as with OpenCV, not the stream
+                raise InvalidFrame(f"NVDEC could not decode a packet: {error}") from error
         if self._stream is None:
             return self._bgr(from_dlpack(self._ready.popleft()))
         with torch.cuda.stream(self._stream):

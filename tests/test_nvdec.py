@@ -20,17 +20,23 @@ from pipeline.config import ConfigError, StreamConfig, parse_config
 from pipeline.frames import Image, host_image
 from pipeline.nvdec import NvdecSource, gpu_index
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
+from pipeline.sources import InvalidFrame
 from tests.test_preprocess import scene_frames
 
 
 class FakeDecoder:
-    def __init__(self, frames: list[torch.Tensor], held_back: int) -> None:
+    def __init__(self, frames: list[torch.Tensor], held_back: int, corrupt: frozenset[int] = frozenset()) -> None:
         self._frames = frames
         self._held_back = held_back
+        self._corrupt = corrupt
         self._received = 0
         self._returned = 0
 
     def Decode(self, packet: Any) -> list[torch.Tensor]:
+        if packet in self._corrupt:
+            self._received += 1
+            self._returned += 1
+            raise RuntimeError(f"packet {packet} is corrupt")
         if packet is None:
             end = self._received
         else:
@@ -48,11 +54,12 @@ class FakeCodec:
         RGB = "rgb"
 
     def __init__(self, frames: list[torch.Tensor], fps: float = 25.0, held_back: int = 2,
-                 fail_open: bool = False) -> None:
+                 fail_open: bool = False, corrupt: frozenset[int] = frozenset()) -> None:
         self.frames = frames
         self.fps = fps
         self.held_back = held_back
         self.fail_open = fail_open
+        self.corrupt = corrupt
         self.decoders: list[dict[str, Any]] = []
 
     def CreateDemuxer(self, filename: str) -> Any:
@@ -74,7 +81,7 @@ class FakeCodec:
 
     def CreateDecoder(self, **options: Any) -> FakeDecoder:
         self.decoders.append(options)
-        return FakeDecoder(self.frames, self.held_back)
+        return FakeDecoder(self.frames, self.held_back, self.corrupt)
 
     def PacketData(self) -> None:
         return None
@@ -108,6 +115,26 @@ def test_every_frame_comes_out_in_order_as_bgr_including_those_held_back_for_reo
     assert positions == [0.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0]
     assert source.read() is None
     source.close()
+
+
+def test_a_corrupt_packet_costs_its_frame_and_decoding_goes_on(tmp_path: Path) -> None:
+    frames = rgb_frames(6)
+    source = NvdecSource(file_stream(tmp_path), codec_module=FakeCodec(frames, held_back=0, corrupt=frozenset({2})))
+    assert source.open()
+    decoded, invalid = [], 0
+    while True:
+        try:
+            image = source.read()
+        except InvalidFrame:
+            invalid += 1
+            continue
+        if image is None:
+            break
+        decoded.append(image)
+    assert invalid == 1
+    assert len(decoded) == 5
+    for got, rgb in zip(decoded, frames[:2] + frames[3:], strict=True):
+        assert torch.equal(got, rgb.flip(2))
 
 
 def test_a_file_the_decoder_cannot_open_is_reported_as_not_opened(tmp_path: Path) -> None:
