@@ -1,10 +1,12 @@
-"""Fakes for unit tests of one class: frames, a decoder, a detector and a Kafka producer."""
+"""Fakes for unit tests of one class: frames (blank, or rendered scenes), a decoder, a detector and a Kafka
+producer."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.synth.world import SceneSpec, render_scene
 
 
 def make_frame(stream_id: str, frame_id: int, width: int = 32, height: int = 24) -> Frame:
@@ -23,6 +26,12 @@ def make_frame(stream_id: str, frame_id: int, width: int = 32, height: int = 24)
         captured_monotonic=time.monotonic(),
         image=np.zeros((height, width, 3), np.uint8),
     )
+
+
+def scene_frames(width: int, height: int, count: int, seed: int) -> list[Frame]:
+    """Frames of the synthetic shapes world, which the bundled model detects."""
+    scene = render_scene(SceneSpec(width=width, height=height, n_frames=count, seed=seed))
+    return [replace(make_frame(f"s{seed}", index), image=image) for index, (image, _) in enumerate(scene)]
 
 
 def make_result(frame: Frame) -> FrameResult:

@@ -8,7 +8,7 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.cudagraphs import GraphedForward, _first_rows, batch_buckets
 from pipeline.inference import UltralyticsDetector, infer
-from tests.test_preprocess import scene_frames
+from tests.fakes import scene_frames
 
 
 def test_buckets_are_powers_of_two_then_the_largest_batch() -> None:

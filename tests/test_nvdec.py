@@ -21,7 +21,7 @@ from pipeline.frames import Image, host_image
 from pipeline.nvdec import NvdecSource, gpu_index
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
 from pipeline.sources import InvalidFrame
-from tests.test_preprocess import scene_frames
+from tests.fakes import scene_frames
 
 
 class FakeDecoder:

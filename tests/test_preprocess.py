@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 from ultralytics.data.augment import LetterBox
 
 from pipeline.config import ModelConfig
-from pipeline.frames import Frame
 from pipeline.inference import UltralyticsDetector, infer
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
-from pipeline.synth.world import SceneSpec, render_scene
-from tests.fakes import make_frame
-
-
-def scene_frames(width: int, height: int, count: int, seed: int) -> list[Frame]:
-    scene = render_scene(SceneSpec(width=width, height=height, n_frames=count, seed=seed))
-    return [replace(make_frame(f"s{seed}", index), image=image) for index, (image, _) in enumerate(scene)]
+from tests.fakes import scene_frames
 
 
 @pytest.mark.parametrize(("width", "height"), [(640, 360), (480, 640), (200, 120)])
