@@ -137,11 +137,12 @@ class DeviceLetterbox:
         same_shape = all(tuple(image.shape) == first for image in images)
         host_images = [image for image in images if isinstance(image, np.ndarray)]
         if len(host_images) < len(images) or not same_shape:
-            on_device = [(image if isinstance(image, torch.Tensor) else torch.from_numpy(image)).to(self._device)
+            # No call per frame for frames already here: each torch call hands the GIL back and must win it
+            # again from busy threads. Their readers synchronised them, and they are released only after the
+            # finisher has waited for this batch's device work, so no stream bookkeeping is needed either.
+            on_device = [image if isinstance(image, torch.Tensor) and image.device == self._device
+                         else (image if isinstance(image, torch.Tensor) else torch.from_numpy(image)).to(self._device)
                          for image in images]
-            if self._pin:  # a decoder's frames come from its own stream; keep them until this one is done
-                for image in on_device:
-                    image.record_stream(torch.cuda.current_stream(self._device))
             return torch.stack(on_device) if same_shape else on_device
         shape = (len(images), *first)
         turn = self._turn
