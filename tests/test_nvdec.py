@@ -8,6 +8,7 @@ on a GPU box by the benchmark (`vap bench --decoder cuda:0`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.analytics import StreamAnalytics
 from pipeline.app import Pipeline
-from pipeline.config import ConfigError, StreamConfig, parse_config
-from pipeline.frames import Image, host_image
+from pipeline.config import AnalyticsConfig, ConfigError, SnapshotConfig, StreamConfig, parse_config
+from pipeline.frames import Detections, FrameResult, Image, host_image
 from pipeline.nvdec import NvdecSource, gpu_index
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
+from pipeline.snapshots import SnapshotWriter
 from pipeline.sources import InvalidFrame
 from tests.fakes import scene_frames
 
@@ -179,3 +182,53 @@ def test_gpu_decoding_without_its_package_fails_at_start_with_what_to_install(tm
 
 def test_gpu_index() -> None:
     assert gpu_index("cuda") == 0 and gpu_index("cuda:3") == 3
+
+
+class NotOnHost(torch.Tensor):
+    """Stands in for a CUDA tensor: NumPy cannot read it without an explicit copy to the host."""
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("can't convert a device tensor to numpy; copy it to the host first")
+
+
+def on_device(image: np.ndarray) -> torch.Tensor:
+    return torch.Tensor._make_subclass(NotOnHost, torch.from_numpy(image.copy()))
+
+
+@pytest.mark.parametrize("tracker", ["bytetrack", "botsort"])
+def test_frames_decoded_on_a_gpu_work_wherever_pixels_are_read(tmp_path: Path, tracker: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots and trackers get the same answers from a device tensor as from the host image (BoT-SORT's
+    motion compensation would otherwise fail on every frame, which it only logs)."""
+    from ultralytics.trackers.utils.gmc import GMC
+
+    motion_inputs: list[type] = []
+    original_apply = GMC.apply
+
+    def recording_apply(self: Any, raw_frame: Any, detections: Any = None) -> Any:
+        motion_inputs.append(type(raw_frame))
+        return original_apply(self, raw_frame, detections)
+
+    monkeypatch.setattr(GMC, "apply", recording_apply)
+    boxes = [np.array([[10 + 6 * i, 20, 50 + 6 * i, 60], [120, 30, 150, 70]], np.float32) for i in range(6)]
+    outcomes = []
+    for as_tensor in (False, True):
+        analytics = StreamAnalytics("a", AnalyticsConfig(tracking=True), tracker, {0: "shape"})
+        writer = SnapshotWriter(SnapshotConfig(dir=tmp_path / str(as_tensor), every_n_frames=1))
+        tracks, jpegs = [], []
+        for frame_id, (frame, found) in enumerate(zip(scene_frames(200, 120, 6, seed=5), boxes, strict=True)):
+            image = host_image(frame.image)
+            frame = replace(frame, frame_id=frame_id, image=on_device(image) if as_tensor else image)
+            detections = Detections(boxes_xyxy=found, confidences=np.full(2, 0.9, np.float32),
+                                    class_ids=np.zeros(2, np.int64))
+            result, _ = analytics.process(FrameResult(frame=frame, task="detect", detections=detections,
+                                                      labels={0: "shape"}))
+            tracks.append(result.detections.track_ids)
+            uri = writer.write(result)
+            assert uri is not None
+            jpegs.append(Path(uri.removeprefix("file://")).read_bytes())
+        outcomes.append((tracks, jpegs))
+    assert outcomes[0] == outcomes[1]
+    assert any(track is not None for frame_tracks in outcomes[0][0] for track in frame_tracks)
+    assert set(motion_inputs) <= {np.ndarray}
+    assert bool(motion_inputs) == (tracker == "botsort")
