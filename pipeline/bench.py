@@ -123,13 +123,13 @@ _LOOP_FRAMES = 400
 def _write_bench_clip(path: Path, width: int, height: int, frames: int, fps: float, seed: int) -> Path:
     """Renders at most `_UNIQUE_FRAMES` frames and repeats them: rendering is far slower than decoding,
     and a repeated frame costs the pipeline exactly what a new one does."""
+    from pipeline.synth.clips import open_writer
     from pipeline.synth.world import SceneSpec, render_scene
 
     unique = [image for image, _ in render_scene(
         SceneSpec(width=width, height=height, n_frames=min(frames, _UNIQUE_FRAMES), fps=fps, seed=seed))]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"no MPEG-4 encoder to write {path}")
+    # MPEG-4 only, even where H.264 encodes: results stay comparable across machines and runs.
+    writer, _ = open_writer(path, fps, (width, height), fourccs=("mp4v",))
     try:
         for index in range(frames):
             writer.write(unique[index % len(unique)])

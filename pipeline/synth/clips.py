@@ -7,6 +7,7 @@ than in-memory frames; the sidecar keeps the exact ground truth that the encoder
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,16 @@ def _object_from_json(data: dict[str, Any]) -> GroundTruthObject:
     )
 
 
-def _open_writer(path: Path, spec: SceneSpec) -> tuple[cv2.VideoWriter, str]:
-    """Prefer H.264 for realism, but many OpenCV builds ship without an encoder for it, so fall back to MPEG-4."""
-    for code in _FOURCCS:
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*code), spec.fps, (spec.width, spec.height))
+def open_writer(path: Path, fps: float, size: tuple[int, int],
+                fourccs: Sequence[str] = _FOURCCS) -> tuple[cv2.VideoWriter, str]:
+    """The first of `fourccs` this OpenCV build can encode. By default H.264 for realism, but many builds ship
+    without an encoder for it, so MPEG-4 follows."""
+    for code in fourccs:
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*code), fps, size)
         if writer.isOpened():
             return writer, code
         writer.release()
-    raise RuntimeError(f"no usable MP4 encoder for {path} (tried {', '.join(_FOURCCS)})")
+    raise RuntimeError(f"no usable MP4 encoder for {path} (tried {', '.join(fourccs)})")
 
 
 def write_clip(path: Path, spec: SceneSpec) -> Path:
@@ -68,7 +71,7 @@ def write_clip(path: Path, spec: SceneSpec) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer, _ = _open_writer(path, spec)
+    writer, _ = open_writer(path, spec.fps, (spec.width, spec.height))
     try:
         with ground_truth_path(path).open("w", encoding="utf-8") as sidecar:
             for index, (frame, objects) in enumerate(render_scene(spec)):
