@@ -90,6 +90,14 @@ def model_display_name(weights: str) -> str:
     return Path(weights).stem
 
 
+@dataclass(frozen=True)
+class _ExportedModel:
+    """What the direct path reads from Ultralytics' backend, for a model that runs without one."""
+
+    fp16: bool
+    end2end: bool
+
+
 @dataclass
 class PendingBatch:
     """A batch whose device work is queued: on a GPU its results reach the host when `copied` fires; with
@@ -156,7 +164,16 @@ class UltralyticsDetector:
         return ids
 
     def _ensure_backend(self) -> Any:
-        """Let Ultralytics build its predictor and runtime backend once, then use them directly."""
+        """Let Ultralytics build its predictor and runtime backend once, then use them directly; an OpenVINO
+        model on the CPU runs through our own request pool instead, and Ultralytics never compiles it."""
+        if self._backend is None and self._direct and self.runtime == "openvino" and self.device == "cpu":
+            try:
+                self._requests = OpenVinoRequests(self._model_path)
+            except Exception:
+                log.warning("OpenVINO throughput mode unavailable; running one request at a time", exc_info=True)
+            else:
+                self._stride, self._rect = self._requests.stride, self._requests.dynamic
+                self._backend = _ExportedModel(fp16=False, end2end=self._requests.end2end)
         if self._backend is None:
             size = self._config.imgsz
             self._predict([np.zeros((size, size, 3), np.uint8)])
@@ -170,11 +187,6 @@ class UltralyticsDetector:
             if (self._cuda and self._direct and self._config.cuda_graphs and backend.format == "pt"
                     and not bool(getattr(backend, "end2end", False))):
                 self._graphed = GraphedForward(backend, backend.model, self._max_batch)
-            if self._direct and self.runtime == "openvino" and self.device == "cpu":
-                try:
-                    self._requests = OpenVinoRequests(self._model_path)
-                except Exception:
-                    log.warning("OpenVINO throughput mode unavailable; running one request at a time", exc_info=True)
         return self._backend
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:

@@ -84,6 +84,31 @@ def test_openvino_requests_in_flight_together_each_return_their_own_batch(tmp_pa
     assert not np.allclose(alone[0][0], alone[1][0]), "different inputs must give different outputs"
 
 
+@pytest.mark.skipif(not runtime_available("openvino"), reason="openvino is not installed")
+def test_an_openvino_model_is_compiled_once_for_throughput(tmp_path: Path, model_weights: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import openvino as ov  # type: ignore[import-untyped]
+
+    if not model_weights.endswith(".pt"):
+        pytest.skip("needs the bundled .pt model")
+    config = ModelConfig(weights=model_weights, imgsz=160, runtime="openvino", export_dir=tmp_path)
+    resolve_model(model_weights, "openvino", "cpu", 160, 2, False, tmp_path)
+    hints: list[object] = []
+    compile_model = ov.Core.compile_model
+
+    def recording_compile(self: object, model: object, device: object = None, config: object = None) -> object:
+        hints.append((config or {}).get("PERFORMANCE_HINT") if isinstance(config, dict) else None)
+        return compile_model(self, model, device, config) if config is not None else compile_model(self, model, device)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording_compile)
+    detector = UltralyticsDetector(config, "cpu", 2)
+    detector.warmup([1, 2])
+    frames = [replace(make_frame("s", i), image=image)
+              for i, (image, _) in enumerate(render_scene(SceneSpec(width=320, height=180, n_frames=2, seed=5)))]
+    assert len(infer(detector, frames)) == 2
+    assert hints == ["THROUGHPUT"], "the export must be compiled once, by the request pool, not by Ultralytics too"
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
