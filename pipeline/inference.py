@@ -296,7 +296,8 @@ class UltralyticsDetector:
                 masks=None if found.masks is None else found.masks.to("cpu", non_blocking=True),
             )
             pending.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            pending.copied.record()
+            # On this device's stream: a thread's current device is cuda:0 unless set, which is wrong on cuda:1.
+            pending.copied.record(torch.cuda.current_stream(self.device))
         pending.found = found
 
     def _end_to_end_rows(self, preds: Any) -> tuple[Any, Any]:

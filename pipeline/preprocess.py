@@ -158,7 +158,7 @@ class DeviceLetterbox:
         uploaded = staging.to(self._device, non_blocking=self._pin)
         if self._pin:
             self._uploaded[turn] = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._uploaded[turn].record()
+            self._uploaded[turn].record(torch.cuda.current_stream(self._device))  # the copy's device, not cuda:0
         return uploaded
 
     def __call__(self, images: Sequence[Image], plan: Sequence[Letterbox],
