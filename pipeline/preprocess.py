@@ -137,12 +137,7 @@ class DeviceLetterbox:
         same_shape = all(tuple(image.shape) == first for image in images)
         host_images = [image for image in images if isinstance(image, np.ndarray)]
         if len(host_images) < len(images) or not same_shape:
-            # No call per frame for frames already here: each torch call hands the GIL back and must win it
-            # again from busy threads. Their readers synchronised them, and they are released only after the
-            # finisher has waited for this batch's device work, so no stream bookkeeping is needed either.
-            on_device = [image if isinstance(image, torch.Tensor) and image.device == self._device
-                         else (image if isinstance(image, torch.Tensor) else torch.from_numpy(image)).to(self._device)
-                         for image in images]
+            on_device = [self._on_device(image) for image in images]
             return torch.stack(on_device) if same_shape else on_device
         shape = (len(images), *first)
         turn = self._turn
@@ -160,6 +155,16 @@ class DeviceLetterbox:
             self._uploaded[turn] = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._uploaded[turn].record(torch.cuda.current_stream(self._device))  # the copy's device, not cuda:0
         return uploaded
+
+    def _on_device(self, image: Image) -> torch.Tensor:
+        """No torch call for a frame already here: each one hands the GIL back and must win it again from
+        busy threads. Its reader synchronised it, and it is released only after the finisher has waited for
+        this batch's device work, so no stream bookkeeping is needed either."""
+        import torch
+
+        if isinstance(image, np.ndarray):
+            return torch.from_numpy(image).to(self._device)
+        return image if image.device == self._device else image.to(self._device)
 
     def __call__(self, images: Sequence[Image], plan: Sequence[Letterbox],
                  dtype: torch.dtype) -> torch.Tensor:
