@@ -63,9 +63,18 @@ def marked_frame(stream_index: int, frame_id: int) -> Frame:
     return frame
 
 
+def waiting_hub(streams: int, workers: int = 1) -> FrameHub:
+    """A hub whose streams `s0`, `s1`, ... wait rather than drop, so every frame fed reaches a worker."""
+    hub = FrameHub(workers=workers)
+    for stream_index in range(streams):
+        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    return hub
+
+
 def run_workers(workers: list[InferenceWorker], hub: FrameHub, streams: int, frames: int,
-                delivered: list[FrameResult]) -> None:
-    """Feed `frames` marked frames per stream through the workers, wait for every result, stop them."""
+                delivered: list[FrameResult], expected: int | None = None) -> None:
+    """Feed `frames` marked frames per stream through the workers, wait for `expected` results (every
+    frame's by default), stop them."""
     stop = threading.Event()
     for worker in workers:
         worker.start()
@@ -73,7 +82,7 @@ def run_workers(workers: list[InferenceWorker], hub: FrameHub, streams: int, fra
         for stream_index in range(streams):
             hub.put(marked_frame(stream_index, frame_id), stop)
     deadline = time.monotonic() + 10
-    while len(delivered) < streams * frames and time.monotonic() < deadline:
+    while len(delivered) < (streams * frames if expected is None else expected) and time.monotonic() < deadline:
         time.sleep(0.01)
     for worker in workers:
         worker.stop()
@@ -92,9 +101,7 @@ def assert_routed_in_order(delivered: list[FrameResult], streams: int, frames: i
 
 def test_worker_routes_each_result_to_its_own_stream_and_frame() -> None:
     metrics = PipelineMetrics(CollectorRegistry())
-    hub = FrameHub()
-    for stream_index in range(3):
-        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    hub = waiting_hub(3)
     delivered: list[FrameResult] = []
     worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=5, max_wait_ms=5),
                              delivered.append, metrics, Heartbeats(metrics))
@@ -136,9 +143,7 @@ class SlowContentReadingDetector(ContentReadingDetector):
 
 def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() -> None:
     metrics = PipelineMetrics(CollectorRegistry())
-    hub = FrameHub(workers=2)
-    for stream_index in range(4):
-        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    hub = waiting_hub(4, workers=2)
     delivered: list[FrameResult] = []
     lock = threading.Lock()
 
@@ -156,9 +161,7 @@ def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() ->
 
 def test_a_result_that_cannot_be_delivered_is_counted_and_the_others_still_flow() -> None:
     metrics = PipelineMetrics(CollectorRegistry())
-    hub = FrameHub()
-    for stream_index in range(2):
-        hub.add_stream(f"s{stream_index}", 100, OverflowPolicy.WAIT)
+    hub = waiting_hub(2)
     delivered: list[FrameResult] = []
 
     def deliver(result: FrameResult) -> None:
@@ -168,16 +171,7 @@ def test_a_result_that_cannot_be_delivered_is_counted_and_the_others_still_flow(
 
     worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=4, max_wait_ms=5), deliver,
                              metrics, Heartbeats(metrics))
-    stop = threading.Event()
-    worker.start()
-    for frame_id in range(20):
-        for stream_index in range(2):
-            hub.put(marked_frame(stream_index, frame_id), stop)
-    deadline = time.monotonic() + 10
-    while len(delivered) < 36 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.stop()
-    assert worker.join(5)
+    run_workers([worker], hub, 2, 20, delivered, expected=36)
     assert len(delivered) == 36
     assert [r.frame.frame_id for r in delivered if r.frame.stream_id == "s0"] == list(range(20))
     assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 4
@@ -209,8 +203,7 @@ def test_when_the_finisher_dies_the_waiting_batch_is_released_and_the_worker_sto
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threading, "excepthook", lambda args: None)
     metrics = PipelineMetrics(CollectorRegistry())
-    hub = FrameHub()
-    hub.add_stream("s0", 100, OverflowPolicy.WAIT)
+    hub = waiting_hub(1)
     detector = DyingFinisherDetector()
     worker = InferenceWorker(detector, hub, BatchingConfig(max_batch=2, max_wait_ms=1), lambda result: None,
                              metrics, Heartbeats(metrics))
