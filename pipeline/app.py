@@ -27,6 +27,7 @@ from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_app
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
+from pipeline.kafka_process import KafkaProcess
 from pipeline.metrics import PipelineMetrics
 from pipeline.nvdec import NvdecSource, nvdec_available
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
@@ -66,7 +67,7 @@ class Pipeline:
         config: PipelineConfig,
         registry: CollectorRegistry | None = None,
         detector_factory: Callable[[PipelineConfig, str], Detector] | None = None,
-        producer_factory: Callable[[KafkaConfig], Producer] = make_kafka_producer,
+        producer_factory: Callable[[KafkaConfig], Producer] | None = None,
         timeouts: StopTimeouts = StopTimeouts(),
     ) -> None:
         self.config = config
@@ -76,6 +77,7 @@ class Pipeline:
         self.hub = FrameHub(on_stale=lambda frame: self.metrics.drop(frame.stream_id, "stale"))
         self._detector_factory = detector_factory or _ultralytics_detector
         self._producer_factory = producer_factory
+        self._kafka_process: KafkaProcess | None = None
         self._timeouts = timeouts
         self._stop_requested = threading.Event()
         self._ready = threading.Event()
@@ -106,14 +108,20 @@ class Pipeline:
         self.http.start()
         self._started_monotonic = time.monotonic()
         log.info("metrics and health on http://%s:%d", config.http.host, self.http.port)
+        if self._producer_factory is None and config.kafka.client_process:
+            self._kafka_process = KafkaProcess(self.heartbeats)
+            self._kafka_process.start()  # its imports overlap the model's loading
         devices = resolve_devices(config.model.device)
         detectors = [self._detector_factory(config, device) for device in devices]
         self.detector = detectors[0]
         self.hub.set_workers(len(detectors))
         for detector in detectors:
             self.metrics.build_info.labels(version=__version__, model=detector.name, device=detector.device).set(1)
+        producer_factory = self._producer_factory or make_kafka_producer
+        if self._kafka_process is not None:
+            producer_factory = self._kafka_process.open_producer
         self.publisher = KafkaPublisher(
-            config.kafka, self.detector.name, self.metrics, self.heartbeats, self._producer_factory,
+            config.kafka, self.detector.name, self.metrics, self.heartbeats, producer_factory,
             events_topic=config.tracking.events_topic,
         )
         self.publisher.start()
@@ -286,6 +294,8 @@ class Pipeline:
         if self.publisher is not None:
             self.publisher.stop(self._timeouts.kafka_flush_s)
             self.publisher.join(self._timeouts.kafka_flush_s + 3)
+        if self._kafka_process is not None:
+            self._kafka_process.close()
         if self.http is not None:
             self.http.stop()
         log.info("stopped after %d processed frame(s)", self._processed)

@@ -210,6 +210,9 @@ class KafkaConfig(_Section):
     acks: Literal["all", "0", "1", 0, 1, -1] = "all"
     client_id: str = "vap"
     linger_ms: int = Field(5, ge=0, le=10_000)
+    client_process: bool = Field(
+        True, description="Run the Kafka client in a child process, so it never competes with inference for the GIL"
+    )
     request_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
     spool: SpoolConfig = SpoolConfig()
     snapshots: SnapshotConfig = SnapshotConfig()

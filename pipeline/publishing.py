@@ -344,18 +344,20 @@ class KafkaPublisher:
         log.warning("Kafka at %s is unreachable (%s); spooling", self._config.bootstrap_servers, error)
 
     def _close_producer(self, timeout: float) -> None:
-        """Close within `timeout`; pending batches are aborted, so their messages go back to the spool.
-
-        kafka-python's `close` flushes first and raises when the flush times out, before it force-closes
-        the sender; the sender is then force-closed here, or its stuck batches would never fail back.
-        """
+        """Close within `timeout`; pending batches are aborted, so their messages go back to the spool."""
         producer, self._producer = self._producer, None
-        if producer is None:
-            return
-        try:
-            producer.close(timeout=timeout)
-        except Exception as error:
-            log.debug("producer close: %r; forcing", error)
-            sender = getattr(producer, "_sender", None)
-            if sender is not None and sender.is_alive():
-                sender.force_close()
+        close_kafka_producer(producer, timeout)
+
+
+def close_kafka_producer(producer: Producer | None, timeout: float) -> None:
+    """kafka-python's `close` flushes first and raises when the flush times out, before it force-closes
+    the sender; the sender is then force-closed here, or its stuck batches would never fail back."""
+    if producer is None:
+        return
+    try:
+        producer.close(timeout=timeout)
+    except Exception as error:
+        log.debug("producer close: %r; forcing", error)
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and sender.is_alive():
+            sender.force_close()

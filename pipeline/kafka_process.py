@@ -1,0 +1,385 @@
+"""The Kafka client in a child process, behind the publisher's `Producer` interface.
+
+Why: kafka-python is pure Python. Its `send` (partitioning, record encoding) and its network thread
+(CRC, compression, requests) hold the GIL for every message. On a GPU host that is what the inference
+thread waits for: a GIL profile of 16 camera streams showed the Kafka client at 16% of the samples and
+the publisher's sends at a large part of another 31%, while inference held it 4%. In a child process
+the client competes for a core instead, and the pipeline process keeps only a pipe write per batch of
+messages and a pipe read per batch of acknowledgements.
+
+What stays in the pipeline process: the spool, the retry and rebuild policy, and every count (the
+publisher sees this as one more `Producer`). A child that dies fails every message in flight back to the
+publisher, which spools them and opens a new producer, in a new child. The child exits when the pipe
+closes, so a pipeline killed outright leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from pipeline.health import Heartbeats
+
+if TYPE_CHECKING:
+    from pipeline.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+_OPEN_TIMEOUT_S = 30.0  # a fresh child imports kafka-python, then bootstraps (about 2 s when the broker is away)
+_POLL_S = 0.5
+_SEND_BATCH = 512
+_FORWARDED_LOGGERS = ("", "kafka", "pipeline")
+
+
+class KafkaProcessError(ConnectionError):
+    """A delivery or producer failure reported by the child, or the child's exit."""
+
+
+@dataclass
+class DeliveryFuture:
+    """What `KafkaProducer.send` returns, as far as the publisher uses it: callbacks run once, on success
+    with the record metadata (None here) and on failure with the error, whether added before or after."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _done: bool = False
+    _error: Exception | None = None
+    _callbacks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
+    _errbacks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
+
+    def add_callback(self, function: Callable[..., Any], *args: Any) -> DeliveryFuture:
+        with self._lock:
+            if not self._done:
+                self._callbacks.append((function, args))
+                return self
+        if self._error is None:
+            function(*args, None)
+        return self
+
+    def add_errback(self, function: Callable[..., Any], *args: Any) -> DeliveryFuture:
+        with self._lock:
+            if not self._done:
+                self._errbacks.append((function, args))
+                return self
+        if self._error is not None:
+            function(*args, self._error)
+        return self
+
+    def resolve(self, error: Exception | None) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done, self._error = True, error
+            callbacks, errbacks = self._callbacks, self._errbacks
+            self._callbacks, self._errbacks = [], []
+        if error is None:
+            for function, args in callbacks:
+                function(*args, None)
+        else:
+            for function, args in errbacks:
+                function(*args, error)
+
+
+class KafkaProcess:
+    """One child process running kafka-python producers, opened and closed on request.
+
+    `open_producer` is the publisher's producer factory. The child is started on the first call and
+    again after it died; `close` ends it. Two threads move data over the pipe: `kafka-pipe-out` writes
+    queued sends in batches, `kafka-pipe-in` reads acknowledgements and replies and runs callbacks.
+    """
+
+    def __init__(self, heartbeats: Heartbeats | None = None) -> None:
+        self._heartbeats = heartbeats
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._generations = itertools.count(1)
+        self._connection: Connection | None = None
+        self._process: Any = None
+        self._outbox: list[tuple[Any, ...]] = []
+        self._pending: dict[int, DeliveryFuture] = {}
+        self._replies: dict[tuple[str, int], str | None] = {}
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        with self._lock:
+            return None if self._process is None else int(self._process.pid)
+
+    def start(self) -> None:
+        """Starts the child now rather than at the first `open_producer`."""
+        with self._lock:
+            if not self._closed and (self._process is None or not self._process.is_alive()):
+                self._start()
+
+    def open_producer(self, config: KafkaConfig) -> RemoteProducer:
+        """A producer in the child (started if needed); raises what the child's constructor raised."""
+        generation = next(self._generations)
+        with self._lock:
+            if self._closed:
+                raise KafkaProcessError("the Kafka client process is closed")
+            if self._process is None or not self._process.is_alive() or not self._threads_alive():
+                self._start()
+            levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS}
+            self._outbox.append(("open", generation, config, levels))
+            self._lock.notify_all()
+            try:
+                error = self._wait_reply("opened", generation, _OPEN_TIMEOUT_S)
+            except KafkaProcessError:
+                self._outbox.append(("close", generation, 0.0))  # in case it opens after all
+                raise
+        if error is not None:
+            raise KafkaProcessError(error)
+        return RemoteProducer(self, generation)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ends the child: it closes its producers (pending messages fail back first), then exits."""
+        with self._lock:
+            self._closed = True
+            if self._process is not None:
+                self._outbox.append(("exit",))
+                self._lock.notify_all()
+            process, threads = self._process, list(self._threads)
+        if process is not None:
+            process.join(timeout)
+            if process.is_alive():
+                log.warning("Kafka client process did not exit in %.1f s; terminating it", timeout)
+                process.terminate()
+                process.join(1.0)
+        for thread in threads:
+            thread.join(timeout)
+
+    def send(self, generation: int, topic: str, value: bytes, key: bytes,
+             headers: list[tuple[str, bytes]]) -> DeliveryFuture:
+        future = DeliveryFuture()
+        with self._lock:
+            if self._process is None or self._closed:
+                raise KafkaProcessError("the Kafka client process is not running")
+            message_id = next(self._ids)
+            self._pending[message_id] = future
+            self._outbox.append(("send", generation, message_id, topic, value, key, headers))
+            self._lock.notify_all()
+        return future
+
+    def close_producer(self, generation: int, timeout: float) -> None:
+        with self._lock:
+            if self._process is None or not self._process.is_alive():
+                return
+            self._outbox.append(("close", generation, timeout))
+            self._lock.notify_all()
+            self._wait_reply("closed", generation, timeout + 5.0)
+
+    def _threads_alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # fork would copy CUDA and OpenVINO thread state
+        ours, theirs = context.Pipe(duplex=True)
+        process = context.Process(target=serve, args=(theirs,), name="vap-kafka-client", daemon=True)
+        process.start()
+        theirs.close()
+        self._connection, self._process = ours, process
+        self._outbox.clear()
+        self._threads = [
+            threading.Thread(target=self._write, args=(ours, process), name="kafka-pipe-out", daemon=True),
+            threading.Thread(target=self._read, args=(ours,), name="kafka-pipe-in", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("Kafka client process started (pid %d)", process.pid)
+
+    def _wait_reply(self, kind: str, generation: int, timeout: float) -> str | None:
+        """Called holding the lock."""
+        key = (kind, generation)
+        if not self._lock.wait_for(lambda: key in self._replies, timeout):
+            raise KafkaProcessError(f"the Kafka client process did not answer '{kind}' within {timeout:.0f} s")
+        return self._replies.pop(key)
+
+    def _write(self, connection: Connection, process: Any) -> None:
+        name = threading.current_thread().name
+        try:
+            while True:
+                with self._lock:
+                    self._lock.wait_for(lambda: bool(self._outbox) or self._connection is not connection, _POLL_S)
+                    if self._connection is not connection:
+                        return
+                    batch, self._outbox = self._outbox[:_SEND_BATCH], self._outbox[_SEND_BATCH:]
+                if self._heartbeats is not None:
+                    self._heartbeats.beat(name)
+                if batch:
+                    connection.send(batch)
+                if batch and batch[-1][0] == "exit":
+                    return
+        except (OSError, ValueError) as error:
+            log.debug("Kafka client pipe closed while writing: %r", error)
+        finally:
+            if self._heartbeats is not None:
+                self._heartbeats.forget(name)
+
+    def _read(self, connection: Connection) -> None:
+        name = threading.current_thread().name
+        try:
+            while True:
+                if self._heartbeats is not None:
+                    self._heartbeats.beat(name)
+                if not connection.poll(_POLL_S):
+                    continue
+                for reply in connection.recv():
+                    self._dispatch(reply)
+        except (EOFError, OSError) as error:
+            log.debug("Kafka client pipe closed: %r", error)
+        finally:
+            self._child_gone(connection)
+            if self._heartbeats is not None:
+                self._heartbeats.forget(name)
+
+    def _dispatch(self, reply: tuple[Any, ...]) -> None:
+        if reply[0] == "log":
+            _, name, level, text = reply
+            logging.getLogger(name).log(level, "%s", text)
+        elif reply[0] == "acks":
+            with self._lock:
+                outcomes = [(self._pending.pop(message_id, None), error) for message_id, error in reply[1]]
+            for future, error in outcomes:
+                if future is not None:
+                    future.resolve(None if error is None else KafkaProcessError(error))
+        else:
+            with self._lock:
+                self._replies[(reply[0], reply[1])] = reply[2] if len(reply) > 2 else None
+                self._lock.notify_all()
+
+    def _child_gone(self, connection: Connection) -> None:
+        """Every message the child held fails back to the publisher, which keeps them for the next child."""
+        with self._lock:
+            if self._connection is not connection:
+                return
+            process, self._process, self._connection = self._process, None, None
+            orphans, self._pending = self._pending, {}
+            self._outbox.clear()
+            self._lock.notify_all()
+        connection.close()
+        if not self._closed:
+            exit_code = None if process is None else process.exitcode
+            log.warning("Kafka client process exited (code %s); %d message(s) in flight go back to the spool",
+                        exit_code, len(orphans))
+        error = KafkaProcessError("the Kafka client process exited")
+        for future in orphans.values():
+            future.resolve(error)
+
+
+@dataclass
+class RemoteProducer:
+    """One producer in the child; what the publisher holds between rebuilds."""
+
+    process: KafkaProcess
+    generation: int
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> DeliveryFuture:
+        return self.process.send(self.generation, topic, value, key, headers)
+
+    def close(self, timeout: float | None = None) -> None:
+        self.process.close_producer(self.generation, 5.0 if timeout is None else timeout)
+
+
+def serve(connection: Connection) -> None:
+    """The child: runs producers as the parent asks and sends acknowledgements back in batches."""
+    from pipeline.publishing import close_kafka_producer, make_kafka_producer
+
+    producers: dict[int, Any] = {}
+    condition = threading.Condition()
+    acks: list[tuple[int, str | None]] = []
+    replies: list[tuple[Any, ...]] = []
+    running = True
+
+    def acknowledge(message_id: int, _metadata: Any) -> None:
+        with condition:
+            acks.append((message_id, None))
+            condition.notify()
+
+    def fail(message_id: int, error: Exception) -> None:
+        with condition:
+            acks.append((message_id, repr(error)))
+            condition.notify()
+
+    def reply(*message: Any) -> None:
+        with condition:
+            replies.append(message)
+            condition.notify()
+
+    def answer() -> None:
+        while True:
+            with condition:
+                condition.wait_for(lambda: bool(acks or replies) or not running)
+                if not (acks or replies):
+                    return
+                outgoing = [("acks", list(acks))] if acks else []
+                outgoing += replies
+                acks.clear()
+                replies.clear()
+            try:
+                connection.send(outgoing)
+            except OSError:
+                return
+
+    class ForwardToParent(logging.Handler):
+        """The child's log records go out through the pipeline's own handlers and format."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            reply("log", record.name, record.levelno, text)
+
+    logging.getLogger().handlers[:] = [ForwardToParent()]
+    answering = threading.Thread(target=answer, name="kafka-acks", daemon=True)
+    answering.start()
+    try:
+        while True:
+            try:
+                requests = connection.recv()
+            except (EOFError, OSError):
+                break
+            for request in requests:
+                kind = request[0]
+                if kind == "send":
+                    _, generation, message_id, topic, value, key, headers = request
+                    producer = producers.get(generation)
+                    if producer is None:
+                        fail(message_id, KafkaProcessError(f"producer {generation} is closed"))
+                        continue
+                    try:
+                        future = producer.send(topic, value=value, key=key, headers=headers)
+                    except Exception as error:
+                        fail(message_id, error)
+                        continue
+                    future.add_callback(acknowledge, message_id)
+                    future.add_errback(fail, message_id)
+                elif kind == "open":
+                    _, generation, config, levels = request
+                    for name, level in levels.items():
+                        logging.getLogger(name).setLevel(level)
+                    try:
+                        producers[generation] = make_kafka_producer(config)
+                    except Exception as error:
+                        reply("opened", generation, f"{type(error).__name__}: {error}")
+                    else:
+                        reply("opened", generation, None)
+                elif kind == "close":
+                    _, generation, timeout = request
+                    close_kafka_producer(producers.pop(generation, None), timeout)
+                    reply("closed", generation)
+                elif kind == "exit":
+                    return
+    finally:
+        for producer in producers.values():
+            close_kafka_producer(producer, 2.0)
+        with condition:
+            running = False
+            condition.notify()
+        answering.join(5.0)
+        connection.close()

@@ -1,0 +1,125 @@
+"""The Kafka client in its child process, against a real broker: delivery, failures, a killed child, close."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import KafkaConfig
+from pipeline.health import Heartbeats
+from pipeline.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
+from pipeline.metrics import PipelineMetrics
+from pipeline.publishing import KafkaPublisher
+from tests.conftest import closed_port_address, decode, read_topic, unused_topic, wait_until
+from tests.fakes import make_frame, make_result
+
+
+@pytest.fixture
+def kafka_process() -> Any:
+    process = KafkaProcess()
+    yield process
+    process.close()
+
+
+def test_a_callback_added_after_the_outcome_still_runs_once() -> None:
+    delivered: list[Any] = []
+    failed: list[Any] = []
+    future = DeliveryFuture()
+    future.add_callback(lambda tag, value: delivered.append((tag, value)), "early")
+    future.resolve(None)
+    future.resolve(KafkaProcessError("late, ignored"))
+    future.add_callback(lambda tag, value: delivered.append((tag, value)), "late")
+    future.add_errback(lambda tag, error: failed.append(tag), "never")
+    assert delivered == [("early", None), ("late", None)] and failed == []
+
+    broken = DeliveryFuture()
+    broken.resolve(KafkaProcessError("gone"))
+    broken.add_errback(lambda tag, error: failed.append((tag, str(error))), "after")
+    assert failed == [("after", "gone")]
+
+
+def test_messages_reach_the_broker_with_their_keys_and_headers_and_each_is_acknowledged(
+    broker: EmbeddedBroker, kafka_process: KafkaProcess
+) -> None:
+    topic = unused_topic("child-client")
+    producer = kafka_process.open_producer(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic))
+    assert kafka_process.pid is not None and kafka_process.pid != os.getpid()
+    acknowledged: list[int] = []
+    for index in range(300):
+        future = producer.send(topic, value=b'{"frame_id": %d}' % index, key=b"cam-%d" % (index % 3),
+                               headers=[("content-type", b"application/json")])
+        future.add_callback(lambda index, _metadata: acknowledged.append(index), index)
+    assert wait_until(lambda: len(acknowledged) == 300, timeout_s=20)
+    assert sorted(acknowledged) == list(range(300))
+    records = read_topic(broker.bootstrap_servers, topic, expected=300)
+    by_key: dict[bytes, list[int]] = {}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        by_key.setdefault(record.key, []).append(decode(record)["frame_id"])
+        assert record.headers == [("content-type", b"application/json")]
+    assert sorted(frame_id for frame_ids in by_key.values() for frame_id in frame_ids) == list(range(300))
+    for key, frame_ids in by_key.items():
+        assert frame_ids == sorted(frame_ids), f"{key!r} out of order"
+
+
+def test_an_unreachable_broker_fails_the_open_with_the_reason(kafka_process: KafkaProcess) -> None:
+    address = closed_port_address()
+    started = time.monotonic()
+    with pytest.raises(KafkaProcessError, match="bootstrap"):
+        kafka_process.open_producer(KafkaConfig(bootstrap_servers=address, topic="never"))
+    assert time.monotonic() - started < 20
+
+
+def test_a_killed_child_fails_its_messages_back_and_the_publisher_delivers_all_of_them_through_a_new_one(
+    broker: EmbeddedBroker, kafka_process: KafkaProcess
+) -> None:
+    topic = unused_topic("child-killed")
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic)
+    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), kafka_process.open_producer)
+    publisher.start()
+
+    def count(result: str) -> float:
+        return registry.get_sample_value("vap_kafka_messages_total", {"result": result}) or 0.0
+
+    for frame_id in range(100):
+        publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: count("sent") >= 20, timeout_s=20)
+    first_pid = kafka_process.pid
+    assert first_pid is not None
+    os.kill(first_pid, signal.SIGKILL)
+    for frame_id in range(100, 200):
+        publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        time.sleep(0.002)
+    assert wait_until(lambda: count("sent") >= 200, timeout_s=30)
+    publisher.stop(flush_timeout_s=10)
+    assert publisher.join(15)
+    assert kafka_process.pid not in (None, first_pid), "a new child serves the new producer"
+    assert count("dropped") == 0
+    records = read_topic(broker.bootstrap_servers, topic, expected=200)
+    delivered = {decode(record)["frame_id"] for record in records}
+    assert delivered == set(range(200)), "a message in flight when the child died is resent, never lost"
+
+
+def test_close_ends_the_child_and_both_pipe_threads(broker: EmbeddedBroker) -> None:
+    process = KafkaProcess()
+    topic = unused_topic("child-close")
+    producer = process.open_producer(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic))
+    acknowledged = threading.Event()
+    producer.send(topic, value=b"{}", key=b"cam-1", headers=[]).add_callback(lambda _m: acknowledged.set())
+    assert acknowledged.wait(10)
+    pid = process.pid
+    assert pid is not None
+    process.close()
+    assert not any(thread.name.startswith("kafka-pipe") for thread in threading.enumerate())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(KafkaProcessError, match="closed"):
+        process.open_producer(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic))
