@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -287,8 +288,16 @@ class RemoteProducer:
 
 
 def serve(connection: Connection) -> None:
-    """The child: runs producers as the parent asks and sends acknowledgements back in batches."""
+    """The child: runs producers as the parent asks and sends acknowledgements back in batches.
+
+    It ignores SIGINT and SIGTERM: Ctrl-C in a terminal and a service manager stopping the whole group
+    reach the child too, and the pipeline still has to flush through it. It exits when told, or when the
+    pipe closes because the pipeline process is gone.
+    """
     from pipeline.publishing import close_kafka_producer, make_kafka_producer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     producers: dict[int, Any] = {}
     condition = threading.Condition()

@@ -108,6 +108,21 @@ def test_a_killed_child_fails_its_messages_back_and_the_publisher_delivers_all_o
     assert delivered == set(range(200)), "a message in flight when the child died is resent, never lost"
 
 
+def test_the_child_outlives_ctrl_c_and_sigterm_so_the_pipeline_can_still_flush(
+    broker: EmbeddedBroker, kafka_process: KafkaProcess
+) -> None:
+    topic = unused_topic("child-signals")
+    producer = kafka_process.open_producer(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic))
+    pid = kafka_process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    acknowledged = threading.Event()
+    producer.send(topic, value=b"{}", key=b"cam-1", headers=[]).add_callback(lambda _m: acknowledged.set())
+    assert acknowledged.wait(10)
+    assert kafka_process.pid == pid
+
+
 def test_close_ends_the_child_and_both_pipe_threads(broker: EmbeddedBroker) -> None:
     process = KafkaProcess()
     topic = unused_topic("child-close")
