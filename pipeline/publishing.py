@@ -140,6 +140,8 @@ class KafkaPublisher:
         self._max_in_flight = max(1, min(_MAX_IN_FLIGHT, config.spool.max_messages // 2))
         self._consecutive_failures = 0
         self._producer: Producer | None = None
+        self._opening = False
+        self._finished = False
         self._generation = 0
         self._retry_at = 0.0
         self._backoff_s = 0.5
@@ -206,6 +208,8 @@ class KafkaPublisher:
         except Exception:
             log.exception("publisher failed")
         finally:
+            with self._condition:
+                self._finished = True
             self._close_producer(timeout=max(0.0, min(2.0, self._flush_deadline - time.monotonic())))
             self._keep_or_drop_undelivered()
             self._heartbeats.forget(self.thread_name)
@@ -311,30 +315,47 @@ class KafkaPublisher:
         log.debug("delivery failed: %r", error)
 
     def _ensure_producer(self) -> Producer | None:
+        """The current producer, or None while one is being opened (on its own thread, so results keep
+        moving into the spool and being counted while a broker is slow to answer or away)."""
         now = time.monotonic()
         with self._condition:
+            if self._opening:
+                return None
             failing = self._consecutive_failures >= _FAILURES_BEFORE_REBUILD
-        if self._producer is not None and not failing:
-            return self._producer
-        if now < self._retry_at:
-            return None
+            if self._producer is not None and not failing:
+                return self._producer
+            if now < self._retry_at:
+                return None
         if self._producer is not None:
             log.warning("Kafka producer keeps failing; building a new one")
             self._close_producer(timeout=0)
         with self._condition:
             self._consecutive_failures = 0
-        self._generation += 1
+            self._generation += 1
+            self._opening = True
+        threading.Thread(target=self._open_producer, name="kafka-open", daemon=True).start()
+        return None
+
+    def _open_producer(self) -> None:
         try:
-            self._producer = self._producer_factory(self._config)
+            producer = self._producer_factory(self._config)
         except Exception as error:
-            self._producer = None
-            self._retry_at = now + self._backoff_s
-            self._backoff_s = min(10.0, self._backoff_s * 2)
+            with self._condition:
+                self._opening = False
+                self._retry_at = time.monotonic() + self._backoff_s
+                self._backoff_s = min(10.0, self._backoff_s * 2)
+                self._condition.notify_all()
             self._count_unreachable(error)
-            return None
-        self._backoff_s = 0.5
-        self._retry_at = 0.0
-        return self._producer
+            return
+        with self._condition:
+            self._opening = False
+            orphan = producer if self._finished else None
+            if orphan is None:
+                self._producer = producer
+                self._backoff_s = 0.5
+                self._retry_at = 0.0
+                self._condition.notify_all()
+        close_kafka_producer(orphan, 0)
 
     def _count_unreachable(self, error: Exception) -> None:
         with self._condition:
@@ -345,7 +366,8 @@ class KafkaPublisher:
 
     def _close_producer(self, timeout: float) -> None:
         """Close within `timeout`; pending batches are aborted, so their messages go back to the spool."""
-        producer, self._producer = self._producer, None
+        with self._condition:
+            producer, self._producer = self._producer, None
         close_kafka_producer(producer, timeout)
 
 

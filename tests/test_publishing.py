@@ -91,3 +91,31 @@ def test_stop_counts_undeliverable_messages_as_dropped_within_the_deadline() -> 
     assert harness.publisher.join(5)
     assert time.monotonic() - started < 4
     assert harness.count("dropped") == 7 and harness.count("sent") == 0
+
+
+def test_results_are_counted_and_spooled_while_a_slow_producer_opens() -> None:
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    may_open = threading.Event()
+    opened: list[FakeProducer] = []
+    up = threading.Event()
+    up.set()
+
+    def slow_factory(_config: KafkaConfig) -> Producer:
+        may_open.wait(30)
+        opened.append(FakeProducer(up))
+        return opened[-1]
+
+    publisher = KafkaPublisher(KafkaConfig(), "test-model", metrics, Heartbeats(metrics), slow_factory)
+    publisher.start()
+    for frame_id in range(5):
+        publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: registry.get_sample_value("vap_frames_processed_total", {"stream": "cam-1"}) == 5,
+                      timeout_s=3), \
+        "the publisher loop must not wait for the producer to open"
+    assert registry.get_sample_value("vap_queue_depth", {"stage": "kafka_spool"}) == 5
+    may_open.set()
+    assert wait_until(lambda: registry.get_sample_value("vap_kafka_messages_total", {"result": "sent"}) == 5)
+    publisher.stop(flush_timeout_s=1)
+    assert publisher.join(5)
+    assert opened[0].closed
