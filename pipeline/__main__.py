@@ -2,5 +2,5 @@ import sys
 
 from pipeline.cli import main
 
-if __name__ == "__main__":  # a spawned child process imports this module too
+if __name__ == "__main__":
     sys.exit(main())

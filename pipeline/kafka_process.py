@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,7 +92,7 @@ class DeliveryFuture:
 class KafkaProcess:
     """One child process running kafka-python producers, opened and closed on request.
 
-    `open_producer` is the publisher's producer factory. The child is started on the first call and
+    `open_producer` is the publisher's producer factory. The child starts with `start` or the first call, and
     again after it died; `close` ends it. Two threads move data over the pipe: `kafka-pipe-out` writes
     queued sends in batches, `kafka-pipe-in` reads acknowledgements and replies and runs callbacks.
     """
@@ -100,7 +103,7 @@ class KafkaProcess:
         self._ids = itertools.count()
         self._generations = itertools.count(1)
         self._connection: Connection | None = None
-        self._process: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._outbox: list[tuple[Any, ...]] = []
         self._pending: dict[int, DeliveryFuture] = {}
         self._replies: dict[tuple[str, int], str | None] = {}
@@ -115,7 +118,7 @@ class KafkaProcess:
     def start(self) -> None:
         """Starts the child now rather than at the first `open_producer`."""
         with self._lock:
-            if not self._closed and (self._process is None or not self._process.is_alive()):
+            if not self._closed and not self._child_running():
                 self._start()
 
     def open_producer(self, config: KafkaConfig) -> RemoteProducer:
@@ -124,7 +127,7 @@ class KafkaProcess:
         with self._lock:
             if self._closed:
                 raise KafkaProcessError("the Kafka client process is closed")
-            if self._process is None or not self._process.is_alive() or not self._threads_alive():
+            if not self._child_running() or not self._threads_alive():
                 self._start()
             levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS}
             self._outbox.append(("open", generation, config, levels))
@@ -147,11 +150,12 @@ class KafkaProcess:
                 self._lock.notify_all()
             process, threads = self._process, list(self._threads)
         if process is not None:
-            process.join(timeout)
-            if process.is_alive():
-                log.warning("Kafka client process did not exit in %.1f s; terminating it", timeout)
-                process.terminate()
-                process.join(1.0)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("Kafka client process did not exit in %.1f s; killing it", timeout)
+                process.kill()
+                process.wait(1.0)
         for thread in threads:
             thread.join(timeout)
 
@@ -169,26 +173,34 @@ class KafkaProcess:
 
     def close_producer(self, generation: int, timeout: float) -> None:
         with self._lock:
-            if self._process is None or not self._process.is_alive():
+            if not self._child_running():
                 return
             self._outbox.append(("close", generation, timeout))
             self._lock.notify_all()
             self._wait_reply("closed", generation, timeout + 5.0)
 
+    def _child_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def _threads_alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")  # fork would copy CUDA and OpenVINO thread state
-        ours, theirs = context.Pipe(duplex=True)
-        process = context.Process(target=serve, args=(theirs,), name="vap-kafka-client", daemon=True)
-        process.start()
+        # A fresh interpreter running this module, not multiprocessing: fork would copy CUDA and OpenVINO
+        # thread state, and spawn re-runs the parent's main script, which breaks any unguarded script.
+        ours, theirs = socket.socketpair()
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.kafka_process", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=environment, stdin=subprocess.DEVNULL,
+        )
         theirs.close()
-        self._connection, self._process = ours, process
+        connection = Connection(ours.detach())
+        self._connection, self._process = connection, process
         self._outbox.clear()
         self._threads = [
-            threading.Thread(target=self._write, args=(ours, process), name="kafka-pipe-out", daemon=True),
-            threading.Thread(target=self._read, args=(ours,), name="kafka-pipe-in", daemon=True),
+            threading.Thread(target=self._write, args=(connection,), name="kafka-pipe-out", daemon=True),
+            threading.Thread(target=self._read, args=(connection,), name="kafka-pipe-in", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -201,7 +213,7 @@ class KafkaProcess:
             raise KafkaProcessError(f"the Kafka client process did not answer '{kind}' within {timeout:.0f} s")
         return self._replies.pop(key)
 
-    def _write(self, connection: Connection, process: Any) -> None:
+    def _write(self, connection: Connection) -> None:
         name = threading.current_thread().name
         try:
             while True:
@@ -265,7 +277,7 @@ class KafkaProcess:
             self._lock.notify_all()
         connection.close()
         if not self._closed:
-            exit_code = None if process is None else process.exitcode
+            exit_code = None if process is None else process.poll()
             log.warning("Kafka client process exited (code %s); %d message(s) in flight go back to the spool",
                         exit_code, len(orphans))
         error = KafkaProcessError("the Kafka client process exited")
@@ -392,3 +404,7 @@ def serve(connection: Connection) -> None:
             condition.notify()
         answering.join(5.0)
         connection.close()
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,6 +124,28 @@ def test_the_child_outlives_ctrl_c_and_sigterm_so_the_pipeline_can_still_flush(
     producer.send(topic, value=b"{}", key=b"cam-1", headers=[]).add_callback(lambda _m: acknowledged.set())
     assert acknowledged.wait(10)
     assert kafka_process.pid == pid
+
+
+def test_a_script_without_a_main_guard_runs_once(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """The child is a fresh interpreter: it must not re-run the script that embeds the pipeline."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "embed.py"
+    script.write_text(
+        "import pathlib\n"
+        "from pipeline.config import KafkaConfig\n"
+        "from pipeline.kafka_process import KafkaProcess\n"
+        f"with open({str(runs)!r}, 'a') as log:\n"
+        "    log.write('run\\n')\n"
+        "process = KafkaProcess()\n"
+        f"config = KafkaConfig(bootstrap_servers={broker.bootstrap_servers!r}, topic='embed')\n"
+        "producer = process.open_producer(config)\n"
+        "assert producer.send('embed', value=b'{}', key=b'k', headers=[]) is not None\n"
+        "process.close()\n",
+        encoding="utf-8",
+    )
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60, check=False)
+    assert completed.returncode == 0, completed.stderr.decode()
+    assert runs.read_text(encoding="utf-8") == "run\n"
 
 
 def test_close_ends_the_child_and_both_pipe_threads(broker: EmbeddedBroker) -> None:
