@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 _OPEN_TIMEOUT_S = 30.0  # a fresh child imports kafka-python, then bootstraps (about 2 s when the broker is away)
 _POLL_S = 0.5
 _SEND_BATCH = 512
+_DEFAULT_ANSWER_WITHIN_S = 40.0
 _FORWARDED_LOGGERS = ("", "kafka", "pipeline")
 
 
@@ -105,7 +107,8 @@ class KafkaProcess:
         self._connection: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._outbox: list[tuple[Any, ...]] = []
-        self._pending: dict[int, DeliveryFuture] = {}
+        self._pending: dict[int, tuple[DeliveryFuture, float]] = {}
+        self._answer_within_s = _DEFAULT_ANSWER_WITHIN_S
         self._replies: dict[tuple[str, int], str | None] = {}
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -129,6 +132,9 @@ class KafkaProcess:
                 raise KafkaProcessError("the Kafka client process is closed")
             if not self._child_running() or not self._threads_alive():
                 self._start()
+            # kafka-python fails a message itself after delivery_timeout_ms (twice the request timeout); no
+            # answer long after that means the child is stuck, and the watchdog in `_read` replaces it.
+            self._answer_within_s = 4 * config.request_timeout_ms / 1000
             levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS}
             self._outbox.append(("open", generation, config, levels))
             self._lock.notify_all()
@@ -166,7 +172,7 @@ class KafkaProcess:
             if self._process is None or self._closed:
                 raise KafkaProcessError("the Kafka client process is not running")
             message_id = next(self._ids)
-            self._pending[message_id] = future
+            self._pending[message_id] = (future, time.monotonic())
             self._outbox.append(("send", generation, message_id, topic, value, key, headers))
             self._lock.notify_all()
         return future
@@ -236,20 +242,36 @@ class KafkaProcess:
 
     def _read(self, connection: Connection) -> None:
         name = threading.current_thread().name
+        next_check = 0.0
         try:
             while True:
                 if self._heartbeats is not None:
                     self._heartbeats.beat(name)
-                if not connection.poll(_POLL_S):
-                    continue
-                for reply in connection.recv():
-                    self._dispatch(reply)
+                if connection.poll(_POLL_S):
+                    for reply in connection.recv():
+                        self._dispatch(reply)
+                if time.monotonic() >= next_check:
+                    self._replace_if_stuck(connection)
+                    next_check = time.monotonic() + _POLL_S
         except (EOFError, OSError) as error:
             log.debug("Kafka client pipe closed: %r", error)
         finally:
             self._child_gone(connection)
             if self._heartbeats is not None:
                 self._heartbeats.forget(name)
+
+    def _replace_if_stuck(self, connection: Connection) -> None:
+        """A child that holds a message far past kafka-python's own delivery timeout is stuck: it is killed,
+        its messages fail back to the spool, and the publisher's next producer starts a new child."""
+        with self._lock:
+            if self._connection is not connection or not self._pending:
+                return
+            oldest_sent = next(iter(self._pending.values()))[1]
+            waited = time.monotonic() - oldest_sent
+            process = self._process
+        if waited > self._answer_within_s and process is not None:
+            log.error("Kafka client process (pid %d) has not answered for %.0f s; replacing it", process.pid, waited)
+            process.kill()
 
     def _dispatch(self, reply: tuple[Any, ...]) -> None:
         if reply[0] == "log":
@@ -258,9 +280,9 @@ class KafkaProcess:
         elif reply[0] == "acks":
             with self._lock:
                 outcomes = [(self._pending.pop(message_id, None), error) for message_id, error in reply[1]]
-            for future, error in outcomes:
-                if future is not None:
-                    future.resolve(None if error is None else KafkaProcessError(error))
+            for entry, error in outcomes:
+                if entry is not None:
+                    entry[0].resolve(None if error is None else KafkaProcessError(error))
         else:
             with self._lock:
                 self._replies[(reply[0], reply[1])] = reply[2] if len(reply) > 2 else None
@@ -281,7 +303,7 @@ class KafkaProcess:
             log.warning("Kafka client process exited (code %s); %d message(s) in flight go back to the spool",
                         exit_code, len(orphans))
         error = KafkaProcessError("the Kafka client process exited")
-        for future in orphans.values():
+        for future, _sent in orphans.values():
             future.resolve(error)
 
 

@@ -111,6 +111,32 @@ def test_a_killed_child_fails_its_messages_back_and_the_publisher_delivers_all_o
     assert delivered == set(range(200)), "a message in flight when the child died is resent, never lost"
 
 
+def test_a_child_that_stops_answering_is_replaced_and_its_messages_delivered_by_the_next(
+    broker: EmbeddedBroker, kafka_process: KafkaProcess
+) -> None:
+    topic = unused_topic("child-stuck")
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic, request_timeout_ms=1000)
+    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), kafka_process.open_producer)
+    publisher.start()
+    publisher.submit(make_result(make_frame("cam-1", 0)))
+    assert wait_until(lambda: registry.get_sample_value("vap_kafka_messages_total", {"result": "sent"}) == 1)
+    stuck_pid = kafka_process.pid
+    assert stuck_pid is not None
+    os.kill(stuck_pid, signal.SIGSTOP)  # alive, but never answers again
+    for frame_id in range(1, 20):
+        publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: kafka_process.pid not in (None, stuck_pid), timeout_s=20), "the stuck child is replaced"
+    assert wait_until(lambda: registry.get_sample_value("vap_kafka_messages_total", {"result": "sent"}) == 20,
+                      timeout_s=20)
+    publisher.stop(flush_timeout_s=5)
+    assert publisher.join(10)
+    assert registry.get_sample_value("vap_kafka_messages_total", {"result": "dropped"}) in (None, 0.0)
+    delivered = {decode(record)["frame_id"] for record in read_topic(broker.bootstrap_servers, topic, expected=20)}
+    assert delivered == set(range(20))
+
+
 def test_the_child_outlives_ctrl_c_and_sigterm_so_the_pipeline_can_still_flush(
     broker: EmbeddedBroker, kafka_process: KafkaProcess
 ) -> None:
