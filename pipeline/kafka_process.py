@@ -16,8 +16,8 @@ closes, so a pipeline killed outright leaves no orphan behind.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -40,6 +40,10 @@ _OPEN_TIMEOUT_S = 30.0  # a fresh child imports kafka-python, then bootstraps (a
 _POLL_S = 0.5
 _SEND_BATCH = 512
 _DEFAULT_ANSWER_WITHIN_S = 40.0
+_CHILD_BOOTSTRAP = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from pipeline.kafka_process import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
+)
 _FORWARDED_LOGGERS = ("", "kafka", "pipeline")
 
 
@@ -192,13 +196,15 @@ class KafkaProcess:
         return all(thread.is_alive() for thread in self._threads)
 
     def _start(self) -> None:
-        # A fresh interpreter running this module, not multiprocessing: fork would copy CUDA and OpenVINO
-        # thread state, and spawn re-runs the parent's main script, which breaks any unguarded script.
+        # A fresh interpreter, not multiprocessing: fork would copy CUDA and OpenVINO thread state, and spawn
+        # re-runs the parent's main script, which breaks any script without a main guard. Isolated (-I), so
+        # neither the working directory (which may hold another package named `pipeline`) nor PYTHON*
+        # variables decide what it imports; it gets the parent's sys.path instead.
         ours, theirs = socket.socketpair()
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        paths = [path for path in sys.path if path]
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.kafka_process", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), env=environment, stdin=subprocess.DEVNULL,
+            [sys.executable, "-I", "-c", _CHILD_BOOTSTRAP, json.dumps(paths), str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
         )
         theirs.close()
         connection = Connection(ours.detach())
@@ -213,11 +219,15 @@ class KafkaProcess:
         log.info("Kafka client process started (pid %d)", process.pid)
 
     def _wait_reply(self, kind: str, generation: int, timeout: float) -> str | None:
-        """Called holding the lock."""
+        """Called holding the lock; a child that exits meanwhile fails the wait at once."""
         key = (kind, generation)
-        if not self._lock.wait_for(lambda: key in self._replies, timeout):
-            raise KafkaProcessError(f"the Kafka client process did not answer '{kind}' within {timeout:.0f} s")
-        return self._replies.pop(key)
+        connection = self._connection
+        self._lock.wait_for(lambda: key in self._replies or self._connection is not connection, timeout)
+        if key in self._replies:
+            return self._replies.pop(key)
+        if self._connection is not connection:
+            raise KafkaProcessError(f"the Kafka client process exited before it answered '{kind}'")
+        raise KafkaProcessError(f"the Kafka client process did not answer '{kind}' within {timeout:.0f} s")
 
     def _write(self, connection: Connection) -> None:
         name = threading.current_thread().name
@@ -428,5 +438,6 @@ def serve(connection: Connection) -> None:
         connection.close()
 
 
-if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1])))
+def serve_descriptor(descriptor: int) -> None:
+    """The child's entry point: `serve` on the socket the parent passed down."""
+    serve(Connection(descriptor))

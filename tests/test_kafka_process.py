@@ -79,6 +79,32 @@ def test_an_unreachable_broker_fails_the_open_with_the_reason(kafka_process: Kaf
     assert time.monotonic() - started < 20
 
 
+def test_an_open_fails_at_once_when_the_child_dies_before_answering(
+    broker: EmbeddedBroker, kafka_process: KafkaProcess
+) -> None:
+    outcome: list[BaseException | None] = []
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=unused_topic("child-dies-early"))
+
+    def open_producer() -> None:
+        try:
+            kafka_process.open_producer(config)
+            outcome.append(None)
+        except KafkaProcessError as error:
+            outcome.append(error)
+
+    opener = threading.Thread(target=open_producer)
+    started = time.monotonic()
+    opener.start()
+    assert wait_until(lambda: kafka_process.pid is not None, timeout_s=5)
+    pid = kafka_process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # while it is still importing: it never answers
+    opener.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], KafkaProcessError), outcome
+    assert "exited" in str(outcome[0]) and time.monotonic() - started < 10
+    assert kafka_process.open_producer(config).generation > 0, "the next open starts a new child"
+
+
 def test_a_killed_child_fails_its_messages_back_and_the_publisher_delivers_all_of_them_through_a_new_one(
     broker: EmbeddedBroker, kafka_process: KafkaProcess
 ) -> None:
@@ -152,9 +178,15 @@ def test_the_child_outlives_ctrl_c_and_sigterm_so_the_pipeline_can_still_flush(
     assert kafka_process.pid == pid
 
 
-def test_a_script_without_a_main_guard_runs_once(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    """The child is a fresh interpreter: it must not re-run the script that embeds the pipeline."""
+def test_a_script_without_a_main_guard_runs_once_from_a_folder_with_another_pipeline_package(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The child is a fresh interpreter: it must not re-run the script that embeds vap, nor import a
+    `pipeline` package that happens to sit in the working directory."""
     runs = tmp_path / "runs"
+    elsewhere = tmp_path / "project"
+    (elsewhere / "pipeline").mkdir(parents=True)
+    (elsewhere / "pipeline" / "__init__.py").write_text("raise ImportError('not vap')\n", encoding="utf-8")
     script = tmp_path / "embed.py"
     script.write_text(
         "import pathlib\n"
@@ -169,7 +201,8 @@ def test_a_script_without_a_main_guard_runs_once(broker: EmbeddedBroker, tmp_pat
         "process.close()\n",
         encoding="utf-8",
     )
-    completed = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60, check=False)
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60, check=False,
+                               cwd=elsewhere)
     assert completed.returncode == 0, completed.stderr.decode()
     assert runs.read_text(encoding="utf-8") == "run\n"
 
