@@ -99,6 +99,11 @@ class Pipeline:
     def processed(self) -> int:
         return self._processed
 
+    @property
+    def kafka_client_pid(self) -> int | None:
+        """The Kafka client's child process, when it runs in one (for memory accounting)."""
+        return None if self._kafka_process is None else self._kafka_process.pid
+
     def start(self, max_frames: int | None = None) -> None:
         config = self.config
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

@@ -82,23 +82,32 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+def rss_mb(pid: int | None = None) -> float:
+    try:
+        with open(f"/proc/{pid or 'self'}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # a child that just exited
+        pass
     return 0.0
 
 
+def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
+    """This process and, for a running pipeline, its Kafka client process (not the bench's broker)."""
+    child = None if pipeline is None else pipeline.kafka_client_pid
+    return rss_mb() + (rss_mb(child) if child is not None else 0.0)
+
+
 @contextmanager
-def peak_rss() -> Iterator[Callable[[], float]]:
+def peak_rss(pipeline: Pipeline | None = None) -> Iterator[Callable[[], float]]:
     """Samples RSS every 50 ms while the block runs; yields a getter for the peak."""
-    peak = [rss_mb()]
+    peak = [pipeline_rss_mb(pipeline)]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.05):
-            peak[0] = max(peak[0], rss_mb())
+            peak[0] = max(peak[0], pipeline_rss_mb(pipeline))
 
     sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
     sampler.start()
@@ -282,7 +291,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float) ->
     pipeline = Pipeline(config)
     pipeline.start()
     _reset_cuda_peak(device)
-    with peak_rss() as peak:
+    with peak_rss(pipeline) as peak:
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         while not pipeline.sources_exhausted() and time.monotonic() < deadline:
@@ -402,7 +411,7 @@ def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootst
         started = time.monotonic()
         while time.monotonic() - started < options.soak_s:
             time.sleep(10.0)
-            samples.append(rss_mb())
+            samples.append(pipeline_rss_mb(pipeline))
             progress(f"soak {time.monotonic() - started:.0f} s: RSS {samples[-1]:.0f} MB")
     finally:
         pipeline.stop()
