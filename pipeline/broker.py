@@ -56,6 +56,9 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: Ctrl-C in a terminal goes to the whole foreground group, and a broker that died
+            # with it would lose the messages vap still flushes while it stops. Its owner stops it.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -131,7 +131,7 @@ def count_published(bootstrap: str, topic: str) -> dict[str, int]:
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=3000)
+                             enable_auto_commit=False, consumer_timeout_ms=3000, bootstrap_timeout_ms=10_000)
     per_stream: dict[str, int] = {}
     try:
         for record in consumer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -188,3 +189,32 @@ def test_snapshots_are_written_as_annotated_thumbnails_and_referenced_from_messa
     newest = Path(with_snapshot[-1]["snapshot"]["uri"].removeprefix("file://"))
     image = cv2.imread(str(newest))
     assert image is not None and image.shape[:2] == (96, 160)
+
+
+def test_the_embedded_broker_outlives_ctrl_c_so_vap_can_flush_to_it(tmp_path: Path) -> None:
+    """Ctrl-C reaches a terminal's whole foreground group; the demo's broker must not die before vap stops."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import signal, socket, sys, time\n"
+        "from pipeline.broker import EmbeddedBroker\n"
+        "interrupted = []\n"
+        "signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # vap handles Ctrl-C itself\n"
+        "with EmbeddedBroker() as broker:\n"
+        "    print(broker.bootstrap_servers, flush=True)\n"
+        "    while not interrupted:\n"
+        "        time.sleep(0.05)\n"
+        "    time.sleep(0.5)\n"
+        "    with socket.create_connection((broker.host, broker.port), timeout=2):\n"
+        "        print('broker still up', flush=True)\n",
+        encoding="utf-8",
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert owner.stdout is not None
+        assert owner.stdout.readline().strip(), "the broker should have started"
+        os.killpg(owner.pid, signal.SIGINT)
+        output, _ = owner.communicate(timeout=30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert owner.returncode == 0 and b"broker still up" in output
