@@ -101,6 +101,25 @@ def test_metrics_endpoint_serves_every_design_metric_with_real_values(
     assert metric_value(metrics, "vap_build_info", device="cpu") == 1
 
 
+@pytest.mark.parametrize("client_process", [True, False], ids=["client-in-child", "client-in-process"])
+def test_every_frame_is_published_with_the_kafka_client_in_a_child_process_or_not_and_the_child_ends_with_vap(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory, client_process: bool
+) -> None:
+    topic = unused_topic("client")
+    config = make_config([{"id": "cam-a", "url": str(clips["landscape"]), "realtime": False}],
+                         broker.bootstrap_servers, topic, kafka={"client_process": client_process})
+    children: list[int | None] = []
+    run_to_completion(config, before_stop=lambda pipeline: children.append(pipeline.kafka_client_pid))
+    if client_process:
+        assert children[0] is not None and children[0] != os.getpid()
+        with pytest.raises(ProcessLookupError):
+            os.kill(children[0], 0)  # gone, and reaped
+    else:
+        assert children == [None]
+    records = read_topic(broker.bootstrap_servers, topic, expected=CLIP_FRAMES)
+    assert sorted(decode(record)["frame_id"] for record in records) == list(range(CLIP_FRAMES))
+
+
 def test_health_and_readiness_probes_answer_over_http(
     broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
 ) -> None:
