@@ -326,17 +326,18 @@ class KafkaPublisher:
                 return self._producer
             if now < self._retry_at:
                 return None
-        if self._producer is not None:
-            log.warning("Kafka producer keeps failing; building a new one")
-            self._close_producer(timeout=0)
         with self._condition:
+            failed, self._producer = self._producer, None
             self._consecutive_failures = 0
             self._generation += 1
             self._opening = True
-        threading.Thread(target=self._open_producer, name="kafka-open", daemon=True).start()
+        if failed is not None:
+            log.warning("Kafka producer keeps failing; building a new one")
+        threading.Thread(target=self._open_producer, args=(failed,), name="kafka-open", daemon=True).start()
         return None
 
-    def _open_producer(self) -> None:
+    def _open_producer(self, failed: Producer | None) -> None:
+        close_kafka_producer(failed, 0)
         try:
             producer = self._producer_factory(self._config)
         except Exception as error:
