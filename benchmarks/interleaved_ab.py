@@ -1,0 +1,70 @@
+"""Two vap configurations compared in interleaved pairs, on the same generated clips, in one process.
+
+    python benchmarks/interleaved_ab.py --pairs 4 --set kafka.client_process=false
+
+A shared machine drifts by 10-20% between runs of `vap bench`, far more than most changes are worth.
+Runs of A (the bench's configuration) and B (the same with each `--set` applied) alternate, ABBA, so
+a drift hits both alike; the script prints each run and the mean and median of B/A over the pairs.
+This is how the Kafka client's child process was measured (`benchmarks/README.md`, runs H-J).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from pipeline.bench import BenchOptions, make_clips, progress, run_vap, vap_config
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import PipelineConfig, apply_override, parse_config
+from pipeline.demo import SHIPPED_WEIGHTS
+from pipeline.inference import resolve_device
+
+
+def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    tree = config.model_dump()
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return parse_config(tree)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="overrides", action="append", required=True, metavar="KEY.PATH=VALUE",
+                        help="what B changes; repeat for several keys")
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=300, help="per stream and run")
+    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runtime", default="auto")
+    args = parser.parse_args()
+    width, height = (int(value) for value in args.size.lower().split("x"))
+    options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
+                           batch=args.batch, device=args.device, runtime=args.runtime)
+    device = resolve_device(options.device)
+    fps: dict[str, list[float]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory(prefix="vap-ab-") as scratch, EmbeddedBroker() as broker:
+        progress(f"generating {options.streams} clips of {options.frames} frames ({args.size})")
+        clips = make_clips(Path(scratch), options, fps=10.0, prefix="ab")
+        for pair in range(args.pairs):
+            for variant in ("AB" if pair % 2 == 0 else "BA"):
+                config = vap_config(options, str(SHIPPED_WEIGHTS), clips, broker.bootstrap_servers,
+                                    f"ab.{pair}.{variant}", realtime=False)
+                if variant == "B":
+                    config = with_overrides(config, args.overrides)
+                measured = run_vap(config, variant, device, timeout_s=600)
+                fps[variant].append(measured.fps)
+                print(f"pair {pair + 1} {variant}: {measured.fps:7.1f} frames/s", flush=True)
+    ratios = [b / a for a, b in zip(fps["A"], fps["B"], strict=True)]
+    print(f"A (bench config): mean {statistics.mean(fps['A']):.1f} frames/s")
+    print(f"B ({', '.join(args.overrides)}): mean {statistics.mean(fps['B']):.1f} frames/s")
+    print(f"B/A per pair: {' '.join(f'{ratio:.3f}' for ratio in ratios)}; mean {statistics.mean(ratios):.3f}, "
+          f"median {statistics.median(ratios):.3f}, B ahead in {sum(ratio > 1 for ratio in ratios)} of {len(ratios)}")
+
+
+if __name__ == "__main__":
+    main()
