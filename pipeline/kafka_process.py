@@ -24,10 +24,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+from kafka.future import Future
 
 from pipeline.health import Heartbeats
 
@@ -51,48 +52,19 @@ class KafkaProcessError(ConnectionError):
     """A delivery or producer failure reported by the child, or the child's exit."""
 
 
-@dataclass
-class DeliveryFuture:
-    """What `KafkaProducer.send` returns, as far as the publisher uses it: callbacks run once, on success
-    with the record metadata (None here) and on failure with the error, whether added before or after."""
+class DeliveryFuture(Future):  # type: ignore[misc]
+    """kafka-python's own future (thread-safe; callbacks run once, whether added before or after the
+    outcome, and one that raises is logged), resolved here from the child's acknowledgement."""
 
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _done: bool = False
-    _error: Exception | None = None
-    _callbacks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
-    _errbacks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
-
-    def add_callback(self, function: Callable[..., Any], *args: Any) -> DeliveryFuture:
-        with self._lock:
-            if not self._done:
-                self._callbacks.append((function, args))
-                return self
-        if self._error is None:
-            function(*args, None)
-        return self
-
-    def add_errback(self, function: Callable[..., Any], *args: Any) -> DeliveryFuture:
-        with self._lock:
-            if not self._done:
-                self._errbacks.append((function, args))
-                return self
-        if self._error is not None:
-            function(*args, self._error)
-        return self
+    __slots__ = ()
 
     def resolve(self, error: Exception | None) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._done, self._error = True, error
-            callbacks, errbacks = self._callbacks, self._errbacks
-            self._callbacks, self._errbacks = [], []
+        if self.is_done:
+            return
         if error is None:
-            for function, args in callbacks:
-                function(*args, None)
+            self.success(None)
         else:
-            for function, args in errbacks:
-                function(*args, error)
+            self.failure(error)
 
 
 class KafkaProcess:
