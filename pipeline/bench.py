@@ -4,7 +4,9 @@ Every contender sees the same generated clips, the same weights and the same inp
   1. limit: batched forward + NMS on a pre-made device tensor (no decoding, no copies);
   2. Ultralytics alone, as users run it: `predict(source=<.streams file>, stream=True)`, and a plain
      loop calling `model(frame)` per decoded frame;
-  3. vap end to end: files read as fast as possible, real broker, every message published.
+  3. vap end to end: files read as fast as possible, real broker, every message published; then the same
+     with an instant model (the host ceiling: what decoding, batching, messages and Kafka can feed, so a
+     gap between vap and the limit can be put on the host or on the device).
 A fourth, paced run feeds vap at about 70% of its measured throughput to measure latency as cameras
 see it (a run that reads files as fast as possible measures queueing, not latency).
 """
@@ -18,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
-from pipeline.inference import PendingBatch, resolve_device
+from pipeline.frames import Frame, FrameResult
+from pipeline.inference import Detector, PendingBatch, infer, resolve_device
 from pipeline.runtimes import default_export_dir, resolve_model
 
 
@@ -127,6 +130,7 @@ def _percentile(values: list[float], fraction: float) -> float | None:
 
 _UNIQUE_FRAMES = 60
 _LOOP_FRAMES = 400
+_CEILING_PASSES = 5  # an instant model gets through the clips in a blink; looping them times a longer run
 
 
 def _write_bench_clip(path: Path, width: int, height: int, frames: int, fps: float, seed: int) -> Path:
@@ -199,7 +203,6 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
     from datetime import datetime, timezone
 
     from pipeline.config import ModelConfig
-    from pipeline.frames import Frame
     from pipeline.inference import UltralyticsDetector
 
     detector = UltralyticsDetector(ModelConfig(weights=weights, imgsz=options.imgsz, runtime=runtime), device,
@@ -274,6 +277,52 @@ def measure_ultralytics_loop(options: BenchOptions, weights: str, task: str, dev
                            notes=f"{len(frames)} frames decoded beforehand, decoding not timed")
 
 
+class ReplayDetector:
+    """An instant model for the host ceiling: each frame gets the detections the real model made on one of
+    a few sample frames from the same clips, so messages are as large as real ones while the device does
+    nothing. vap with it shows how many frames/s the host side alone can carry."""
+
+    runtime = "none"
+
+    def __init__(self, name: str, task: str, device: str, labels: dict[int, str],
+                 samples: list[FrameResult]) -> None:
+        self.name, self.task, self.device, self.labels = name, task, device, labels
+        self._samples = samples
+
+    @classmethod
+    def sampled(cls, options: BenchOptions, weights: str, device: str, images: list[np.ndarray]) -> ReplayDetector:
+        from datetime import datetime, timezone
+
+        from pipeline.config import ModelConfig
+        from pipeline.inference import UltralyticsDetector
+
+        config = ModelConfig(weights=weights, imgsz=options.imgsz, runtime="torch", cuda_graphs=False)
+        model = UltralyticsDetector(config, device, len(images))
+        now = time.monotonic()
+        samples = infer(model, [Frame("sample", index, None, datetime.now(timezone.utc), now, image)
+                                for index, image in enumerate(images)])
+        model.close()
+        return cls(model.name, model.task, device, model.labels, samples)
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        pass
+
+    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
+        return frames
+
+    def collect(self, pending: Sequence[Frame]) -> list[FrameResult]:
+        now = time.monotonic()
+        results = []
+        for frame in pending:
+            sample = self._samples[frame.frame_id % len(self._samples)]
+            results.append(FrameResult(frame=frame, task=self.task, detections=sample.detections,
+                                       labels=self.labels, classes=sample.classes, inferred_monotonic=now))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
 def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap: str, topic: str,
                realtime: bool) -> PipelineConfig:
     return parse_config({
@@ -286,17 +335,29 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
     })
 
 
-def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float) -> Measurement:
-    """Run until every file is done; latencies are read back from the published messages."""
-    pipeline = Pipeline(config)
+def looping(config: PipelineConfig) -> PipelineConfig:
+    return parse_config({**config.model_dump(), "streams": [{**s.model_dump(), "loop": True} for s in config.streams]})
+
+
+def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
+            detector_factory: Callable[[PipelineConfig, str], Detector] | None = None,
+            until_frames: int | None = None) -> Measurement:
+    """Run until every file is done (or, for looping clips, `until_frames` are through); latencies are read
+    back from the published messages."""
+    pipeline = Pipeline(config, detector_factory=detector_factory)
     pipeline.start()
     _reset_cuda_peak(device)
+
+    def done() -> bool:
+        return pipeline.sources_exhausted() if until_frames is None else pipeline.processed >= until_frames
+
     with peak_rss(pipeline) as peak:
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        while not pipeline.sources_exhausted() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.005 if until_frames else 0.02)
         elapsed = time.perf_counter() - started
+        measured_frames = pipeline.processed
         pipeline.stop()
         peak_mb = peak()
     latencies = published_latencies(config.kafka.bootstrap_servers, config.kafka.topic, pipeline.processed)
@@ -306,7 +367,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float) ->
     batch_seconds = registry.get_sample_value("vap_inference_seconds_sum", {"device": device}) or 0.0
     notes = (f"{len(latencies)} messages read back; mean batch {frames_in_batches / max(batches, 1):.1f} frames, "
              f"{1000 * batch_seconds / max(batches, 1):.1f} ms from submit to results")
-    return Measurement(name, pipeline.processed, elapsed, peak_mb,
+    return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
                        gpu_peak_mb=_cuda_peak_mb(device), notes=notes)
 
@@ -362,33 +423,41 @@ def run_bench(options: BenchOptions) -> BenchReport:
         resolved = resolve_model(weights, options.runtime, device, options.imgsz, options.batch,
                                  device.startswith("cuda"), default_export_dir())
         report.options["runtime"] = resolved.runtime
-        progress(f"1/4 model-bound limit on {resolved.runtime} ({seconds:.0f} s)")
+        progress(f"1/5 model-bound limit on {resolved.runtime} ({seconds:.0f} s)")
         limit = measure_limit(options, weights, resolved.runtime, device, frames[0], seconds,
                               f"limit ({resolved.runtime}, forward+NMS)")
         extra: list[Measurement] = []
         if resolved.runtime != "torch":
-            progress(f"1/4 model-bound limit on torch, for the runtime's speed-up ({seconds:.0f} s)")
+            progress(f"1/5 model-bound limit on torch, for the runtime's speed-up ({seconds:.0f} s)")
             extra.append(
                 measure_limit(options, weights, "torch", device, frames[0], seconds, "limit (torch, forward+NMS)")
             )
-        progress("2/4 ultralytics predict on a .streams source")
+        progress("2/5 ultralytics predict on a .streams source")
         streams = measure_ultralytics_streams(options, resolved.path, task, device, clips, workdir)
-        progress("2/4 ultralytics model(frame) loop")
+        progress("2/5 ultralytics model(frame) loop")
         loop = measure_ultralytics_loop(options, resolved.path, task, device, frames)
-        progress("3/4 vap end to end, files as fast as possible, publishing to the broker")
+        progress("3/5 vap end to end, files as fast as possible, publishing to the broker")
         vap = run_vap(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False),
                       "vap end to end (throughput)", device, timeout_s=600)
+        progress("4/5 vap with an instant model (the host ceiling), same clips and broker")
+        replay = ReplayDetector.sampled(options, weights, device, frames[::max(1, len(frames) // options.streams)])
+        ceiling = run_vap(looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling",
+                                             False)),
+                          "vap host ceiling (instant model)", device, timeout_s=600,
+                          detector_factory=lambda _config, _device: replay,
+                          until_frames=_CEILING_PASSES * options.streams * options.frames)
         paced_fps = max(1.0, 0.7 * vap.fps / options.streams)
-        progress(f"4/4 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
+        progress(f"5/5 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
         paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
         paced = run_vap(vap_config(options, weights, paced_clips, broker.bootstrap_servers, "bench.paced", True),
                         "vap end to end (paced, latency)", device, timeout_s=600)
-        report.measurements = [limit, *extra, streams, loop, vap, paced]
+        report.measurements = [limit, *extra, streams, loop, vap, ceiling, paced]
         best_ultralytics = max(streams.fps, loop.fps)
         report.ratios = {
             "vap_over_limit": vap.fps / limit.fps if limit.fps else 0.0,
             "vap_over_best_ultralytics": vap.fps / best_ultralytics if best_ultralytics else 0.0,
             "batch_inference_ms": limit.latency_p50_ms or 0.0,
+            "host_ceiling_over_limit": ceiling.fps / limit.fps if limit.fps else 0.0,
         }
         report.ratios["p99_budget_ms"] = 2 * report.ratios["batch_inference_ms"] + options.max_wait_ms
         if options.soak_s > 0:
@@ -401,9 +470,7 @@ def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootst
     """A long paced run on looping clips; RSS is sampled every 10 s to show it stays flat."""
     progress(f"soak: {options.soak_s:.0f} s paced run, RSS sampled every 10 s")
     clips = make_clips(workdir, options, fps=paced_fps, prefix="soak")
-    config = vap_config(options, weights, clips, bootstrap, "bench.soak", True)
-    config = parse_config({**config.model_dump(), "streams": [
-        {**s.model_dump(), "loop": True} for s in config.streams]})
+    config = looping(vap_config(options, weights, clips, bootstrap, "bench.soak", True))
     samples: list[float] = []
     pipeline = Pipeline(config)
     pipeline.start()
@@ -436,6 +503,9 @@ def format_report(report: BenchReport) -> str:
     lines.append(f"vap / limit: {ratios['vap_over_limit']:.2f}x   "
                  f"vap / best Ultralytics: {ratios['vap_over_best_ultralytics']:.2f}x   "
                  f"p99 budget (2 x batch inference + max_wait): {ratios['p99_budget_ms']:.0f} ms")
+    if "host_ceiling_over_limit" in ratios:
+        side = "the host side" if ratios["host_ceiling_over_limit"] < 1 else "the model"
+        lines.append(f"host ceiling / limit: {ratios['host_ceiling_over_limit']:.2f}x (vap is bounded by {side})")
     lines.extend(f"  {m.name}: {m.notes}" for m in report.measurements if m.notes)
     if report.soak is not None:
         lines.append(f"soak {report.soak['seconds']:.0f} s: RSS growth {report.soak['rss_growth_ratio']:.3f}x")
