@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from prometheus_client import Gauge
+
 from pipeline.metrics import PipelineMetrics
 
 
@@ -15,16 +17,22 @@ class Heartbeats:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._last_beat: dict[str, float] = {}
+        self._gauges: dict[str, Gauge] = {}
 
     def beat(self, loop_name: str) -> None:
+        """Called per frame by readers, so the loop's gauge is looked up once, not on every beat."""
         with self._lock:
             self._last_beat[loop_name] = time.monotonic()
-        self._metrics.thread_heartbeat.labels(thread=loop_name).set(time.time())
+            gauge = self._gauges.get(loop_name)
+            if gauge is None:
+                gauge = self._gauges[loop_name] = self._metrics.thread_heartbeat.labels(thread=loop_name)
+        gauge.set(time.time())
 
     def forget(self, loop_name: str) -> None:
         with self._lock:
             self._last_beat.pop(loop_name, None)
-        self._metrics.thread_heartbeat.remove(loop_name)
+            self._gauges.pop(loop_name, None)
+            self._metrics.thread_heartbeat.remove(loop_name)
 
     def stuck(self, max_age_s: float) -> list[str]:
         """Loops whose last beat is older than `max_age_s`."""

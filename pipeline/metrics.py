@@ -21,11 +21,34 @@ _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 _SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class StreamMetrics:
+    """One stream's per-frame series, looked up once: `labels()` costs a few microseconds with a lock, on
+    every frame of every stream, and on a GPU host those microseconds hold the GIL the model needs."""
+
+    def __init__(self, metrics: PipelineMetrics, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.frames_read = metrics.frames_read.labels(stream=stream_id)
+        self.frames_processed = metrics.frames_processed.labels(stream=stream_id)
+        self.end_to_end_latency = metrics.end_to_end_latency.labels(stream=stream_id)
+        self._metrics = metrics
+        self._detections: dict[str, Counter] = {}
+
+    def detections(self, label: str) -> Counter:
+        child = self._detections.get(label)
+        if child is None:
+            child = self._detections[label] = self._metrics.detections.labels(stream=self.stream_id, label=label)
+        return child
+
+    def detection_labels(self) -> list[str]:
+        return list(self._detections)
+
+
 class PipelineMetrics:
     """The metric names and labels of the design contract."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._streams: dict[str, StreamMetrics] = {}
         self.frames_read = Counter(
             "vap_frames_read_total", "Frames decoded from each stream", ["stream"], registry=registry
         )
@@ -93,22 +116,30 @@ class PipelineMetrics:
             "vap_thread_heartbeat_timestamp_seconds", "Last time each pipeline thread's loop turned",
             ["thread"], registry=registry,
         )
-        for result in KAFKA_RESULTS:
-            self.kafka_messages.labels(result=result)
+        self.kafka_outcomes = {result: self.kafka_messages.labels(result=result) for result in KAFKA_RESULTS}
         ProcessCollector(registry=registry)
         registry.register(GpuCollector())
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""
-        self.frames_read.labels(stream=stream_id)
-        self.frames_processed.labels(stream=stream_id)
+        self.stream(stream_id)
         self.stream_up.labels(stream=stream_id).set(0)
         self.stream_reconnects.labels(stream=stream_id)
-        self.end_to_end_latency.labels(stream=stream_id)
         for reason in DROP_REASONS:
             self.frames_dropped.labels(stream=stream_id, reason=reason)
 
+    def stream(self, stream_id: str) -> StreamMetrics:
+        """The stream's series, created on first use (a result still in flight when its stream is removed
+        brings them back, as `labels()` would)."""
+        series = self._streams.get(stream_id)
+        if series is None:
+            series = self._streams[stream_id] = StreamMetrics(self, stream_id)
+        return series
+
     def remove_stream(self, stream_id: str) -> None:
+        series = self._streams.pop(stream_id, None)
+        for label in () if series is None else series.detection_labels():
+            self.detections.remove(stream_id, label)
         for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
                        self.end_to_end_latency):
             metric.remove(stream_id)

@@ -192,7 +192,7 @@ class KafkaPublisher:
 
     def _count_dropped(self, count: int) -> None:
         if count:
-            self._metrics.kafka_messages.labels(result="dropped").inc(count)
+            self._metrics.kafka_outcomes["dropped"].inc(count)
 
     def _run(self) -> None:
         try:
@@ -249,11 +249,11 @@ class KafkaPublisher:
             if snapshot_uri is not None:
                 message["snapshot"] = {"uri": snapshot_uri}
             outgoing = OutgoingMessage(key=result.frame.stream_id.encode(), value=encode(message))
-            stream_id = result.frame.stream_id
-            self._metrics.end_to_end_latency.labels(stream=stream_id).observe(total_s)
-            self._metrics.frames_processed.labels(stream=stream_id).inc()
+            series = self._metrics.stream(result.frame.stream_id)
+            series.end_to_end_latency.observe(total_s)
+            series.frames_processed.inc()
             for detection in message.get("detections", ()):
-                self._metrics.detections.labels(stream=stream_id, label=detection["label"]).inc()
+                series.detections(detection["label"]).inc()
             with self._condition:
                 dropped += self._spool.append(outgoing)
         with self._condition:
@@ -289,7 +289,7 @@ class KafkaPublisher:
             future.add_errback(self._delivery_failed_callback, message, self._generation)
 
     def _delivered(self, sent_at: float, _metadata: Any) -> None:
-        self._metrics.kafka_messages.labels(result="sent").inc()
+        self._metrics.kafka_outcomes["sent"].inc()
         self._metrics.kafka_send_latency.observe(time.monotonic() - sent_at)
         with self._condition:
             self._in_flight -= 1
@@ -304,7 +304,7 @@ class KafkaPublisher:
 
         Failures of a producer already replaced (its aborted batches) do not count against the new one.
         """
-        self._metrics.kafka_messages.labels(result="failed").inc()
+        self._metrics.kafka_outcomes["failed"].inc()
         with self._condition:
             self._in_flight -= 1
             self._failed_deliveries.append(message)
@@ -362,7 +362,7 @@ class KafkaPublisher:
         with self._condition:
             pending = len(self._spool) > 0
         if pending:
-            self._metrics.kafka_messages.labels(result="failed").inc()
+            self._metrics.kafka_outcomes["failed"].inc()
         log.warning("Kafka at %s is unreachable (%s); spooling", self._config.bootstrap_servers, error)
 
     def _close_producer(self, timeout: float) -> None:

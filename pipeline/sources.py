@@ -255,6 +255,7 @@ class StreamReader:
         last_kept_time: float | None = None
         frames_this_session = 0
         stream_id = self.config.id
+        series = self._metrics.stream(stream_id)
         last_valid = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -276,7 +277,7 @@ class StreamReader:
             frame_id = self._frame_id
             self._frame_id += 1
             self.last_frame_monotonic = now
-            self._metrics.frames_read.labels(stream=stream_id).inc()
+            series.frames_read.inc()
             if pace:
                 first_pts = media_s if first_pts is None else first_pts
                 if self._stop.wait(max(0.0, opened_at + (media_s - first_pts) - time.monotonic())):

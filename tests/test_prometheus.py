@@ -124,3 +124,24 @@ def test_alert_rules_pass_promtool() -> None:
     rules = REPO / "deploy" / "prometheus" / "alerts.yml"
     result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_removed_stream_leaves_no_series_behind_and_comes_back_from_zero() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.metrics import PipelineMetrics
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    metrics.add_stream("cam")
+    metrics.stream("cam").frames_read.inc(3)
+    metrics.stream("cam").detections("car").inc(2)
+    metrics.stream("cam").end_to_end_latency.observe(0.1)
+
+    metrics.remove_stream("cam")
+
+    left = [s for family in registry.collect() for s in family.samples if s.labels.get("stream") == "cam"]
+    assert left == []
+    metrics.add_stream("cam")
+    assert registry.get_sample_value("vap_frames_read_total", {"stream": "cam"}) == 0.0
+    assert registry.get_sample_value("vap_detections_total", {"stream": "cam", "label": "car"}) is None
