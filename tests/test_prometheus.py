@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -66,7 +67,9 @@ def prometheus_server(tmp_path: Path) -> Iterator[Any]:
 def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_run(
     tmp_path: Path, broker: EmbeddedBroker, make_config: ConfigFactory, prometheus_server: Any
 ) -> None:
-    clip = write_moving_box_clip(tmp_path / "ten-fps.mp4", 320, 192, frames=100, fps=10.0)
+    # 15 s, so the 4 s rate windows have a steady middle even when the first scrape comes late on a busy host.
+    clip_frames = 150
+    clip = write_moving_box_clip(tmp_path / "ten-fps.mp4", 320, 192, frames=clip_frames, fps=10.0)
     topic = unused_topic("prom")
     port = free_port()
     config = make_config(
@@ -105,16 +108,19 @@ def test_prometheus_reports_per_stream_fps_drops_and_p99_latency_that_match_the_
             'histogram_quantile(0.99, sum by (le) (vap_end_to_end_latency_seconds_bucket{stream="full"}))')
     finally:
         pipeline.stop()
-    assert expected_drops is not None and 40 <= expected_drops <= 60, "a 5 fps cap on 10 fps drops about half"
+    assert expected_drops is not None and 0.4 * clip_frames <= expected_drops <= 0.6 * clip_frames, (
+        "a 5 fps cap on 10 fps drops about half")
     fps = sorted(rates)[len(rates) // 2] if rates else None
     assert fps is not None and 7 <= fps <= 13, f"Prometheus saw {rates} frames/s for a 10 frames/s stream"
     latencies = sorted(decode(r)["latency_ms"]["total"] / 1000 for r in read_topic(
         broker.bootstrap_servers, topic, expected=pipeline.processed) if r.key == b"full")
+    # Prometheus ranks at 0.99 x count, between these two observations; they can sit in neighbouring buckets.
     true_p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    next_up = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)))]
     buckets = [b for b in pipeline.metrics.end_to_end_latency._upper_bounds]
-    upper = next(b for b in buckets if b >= true_p99)
+    upper = next(b for b in buckets if b >= next_up)
     lower = max([0.0] + [b for b in buckets if b < true_p99])
-    assert p99 is not None and lower <= p99 <= upper, f"Prometheus p99 {p99} vs measured {true_p99}"
+    assert p99 is not None and lower <= p99 <= upper, f"Prometheus p99 {p99} vs measured {true_p99}-{next_up}"
 
 
 def test_alert_rules_pass_promtool() -> None:
