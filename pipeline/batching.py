@@ -66,15 +66,22 @@ class FrameHub:
             self._buffers.pop(stream_id, None)
             self._condition.notify_all()
 
-    def put(self, frame: Frame, stop: threading.Event) -> Frame | None:
+    def slot(self, stream_id: str) -> object | None:
+        """The stream's buffer as it is now, for `put`: a reader of a removed stream must not feed a new
+        stream added under the same id."""
+        with self._condition:
+            return self._buffers.get(stream_id)
+
+    def put(self, frame: Frame, stop: threading.Event, slot: object | None = None) -> Frame | None:
         """Add a frame; returns the frame dropped to make room (to be counted), if any.
 
         With the WAIT policy this blocks until there is room, the stream is removed, or `stop` is set;
-        a frame refused because of `stop` is returned as dropped.
+        a frame refused because of `stop` is returned as dropped. With `slot` (from `slot()`), a frame for a
+        buffer that has since been removed or replaced is refused.
         """
         with self._condition:
             buffer = self._buffers.get(frame.stream_id)
-            if buffer is None:
+            if buffer is None or (slot is not None and buffer is not slot):
                 return frame
             while len(buffer.frames) >= buffer.capacity:
                 if buffer.policy is OverflowPolicy.DROP_OLDEST:

@@ -19,10 +19,12 @@ class Heartbeats:
         self._last_beat: dict[str, float] = {}
         self._gauges: dict[str, Gauge] = {}
 
-    def beat(self, loop_name: str) -> None:
-        """Called per frame by readers, so the loop's gauge is looked up once, not on every beat."""
+    def beat(self, loop_name: str, busy_for_s: float = 0.0) -> None:
+        """`busy_for_s`: the loop is about to block that long by design (a camera's open or read timeout), so
+        it is not stuck until that much longer has passed. Called per frame by readers, so the loop's gauge is
+        looked up once, not on every beat."""
         with self._lock:
-            self._last_beat[loop_name] = time.monotonic()
+            self._last_beat[loop_name] = time.monotonic() + busy_for_s
             gauge = self._gauges.get(loop_name)
             if gauge is None:
                 gauge = self._gauges[loop_name] = self._metrics.thread_heartbeat.labels(thread=loop_name)
@@ -35,7 +37,7 @@ class Heartbeats:
             self._metrics.thread_heartbeat.remove(loop_name)
 
     def stuck(self, max_age_s: float) -> list[str]:
-        """Loops whose last beat is older than `max_age_s`."""
+        """Loops whose last beat (plus the blocking time it announced) is older than `max_age_s`."""
         now = time.monotonic()
         with self._lock:
             return sorted(name for name, last in self._last_beat.items() if now - last > max_age_s)

@@ -6,6 +6,7 @@ Tests pass a fresh `CollectorRegistry`, so no metric state leaks between runs.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -30,6 +31,10 @@ class StreamMetrics:
         self.frames_read = metrics.frames_read.labels(stream=stream_id)
         self.frames_processed = metrics.frames_processed.labels(stream=stream_id)
         self.end_to_end_latency = metrics.end_to_end_latency.labels(stream=stream_id)
+        self.up = metrics.stream_up.labels(stream=stream_id)
+        self.reconnects = metrics.stream_reconnects.labels(stream=stream_id)
+        self.dropped = {reason: metrics.frames_dropped.labels(stream=stream_id, reason=reason)
+                        for reason in DROP_REASONS}
         self._metrics = metrics
         self._detections: dict[str, Counter] = {}
 
@@ -49,6 +54,9 @@ class PipelineMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._streams: dict[str, StreamMetrics] = {}
+        self._streams_lock = threading.Lock()
+        self._removed: set[str] = set()
+        self._unexported: PipelineMetrics | None = None
         self.frames_read = Counter(
             "vap_frames_read_total", "Frames decoded from each stream", ["stream"], registry=registry
         )
@@ -122,32 +130,38 @@ class PipelineMetrics:
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""
-        self.stream(stream_id)
-        self.stream_up.labels(stream=stream_id).set(0)
-        self.stream_reconnects.labels(stream=stream_id)
-        for reason in DROP_REASONS:
-            self.frames_dropped.labels(stream=stream_id, reason=reason)
+        with self._streams_lock:
+            self._removed.discard(stream_id)
+        self.stream(stream_id).up.set(0)
 
     def stream(self, stream_id: str) -> StreamMetrics:
-        """The stream's series, created on first use (a result still in flight when its stream is removed
-        brings them back, as `labels()` would)."""
+        """The stream's series. A stage still working for a removed stream (a reader stuck in a blocking open,
+        a result still in flight) gets series nobody exports: it must not bring the removed stream's series
+        back, nor touch those of a new stream added under the same id."""
         series = self._streams.get(stream_id)
-        if series is None:
-            series = self._streams[stream_id] = StreamMetrics(self, stream_id)
-        return series
+        if series is not None:
+            return series
+        with self._streams_lock:
+            if stream_id in self._removed:
+                if self._unexported is None:
+                    self._unexported = PipelineMetrics(CollectorRegistry())
+                return self._unexported.stream(stream_id)
+            return self._streams.setdefault(stream_id, StreamMetrics(self, stream_id))
 
     def remove_stream(self, stream_id: str) -> None:
-        series = self._streams.pop(stream_id, None)
-        for label in () if series is None else series.detection_labels():
-            self.detections.remove(stream_id, label)
-        for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
-                       self.end_to_end_latency):
-            metric.remove(stream_id)
-        for reason in DROP_REASONS:
-            self.frames_dropped.remove(stream_id, reason)
+        with self._streams_lock:
+            self._removed.add(stream_id)
+            series = self._streams.pop(stream_id, None)
+            for label in () if series is None else series.detection_labels():
+                self.detections.remove(stream_id, label)
+            for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
+                           self.end_to_end_latency):
+                metric.remove(stream_id)
+            for reason in DROP_REASONS:
+                self.frames_dropped.remove(stream_id, reason)
 
     def drop(self, stream_id: str, reason: str, count: int = 1) -> None:
-        self.frames_dropped.labels(stream=stream_id, reason=reason).inc(count)
+        self.stream(stream_id).dropped[reason].inc(count)
 
 
 class GpuCollector(Collector):

@@ -8,11 +8,14 @@ repeated frame. Every OpenCV call that can block has a timeout, so stop always g
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import random
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Protocol
@@ -29,9 +32,64 @@ from pipeline.metrics import PipelineMetrics
 
 log = logging.getLogger(__name__)
 
-# OpenCV reads FFmpeg options from the environment when a capture opens; this lock keeps one
-# stream's RTSP transport from leaking into another stream opening at the same moment.
-_FFMPEG_OPTIONS_LOCK = threading.Lock()
+_FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_RTSP_PORTS = {"rtsp": 554, "rtsps": 322}
+
+
+class FfmpegOptionsGate:
+    """OpenCV reads FFmpeg's options from one environment variable when a capture opens, so opens that need
+    different options must not overlap. Opens that need the same options (every TCP camera, or every file)
+    may: an offline camera's open lasts its whole timeout, and a single lock would queue every other
+    stream's (re)connect behind each offline camera in turn. Admission is in arrival order between
+    different options, so no kind of stream waits behind a steady flow of the other."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._tickets = itertools.count()
+        self._waiting: dict[int, str | None] = {}
+        self._options: str | None = None
+        self._running = 0
+        self._base: str | None = None
+
+    def acquire(self, options: str | None, timeout_s: float) -> bool:
+        """`options`: FFmpeg's option string for this open, or None for the process's own. False when the
+        gate did not open within `timeout_s` (opens needing other options are still running)."""
+        with self._condition:
+            ticket = next(self._tickets)
+            self._waiting[ticket] = options
+            try:
+                admitted = self._condition.wait_for(lambda: self._may_enter(ticket, options), timeout_s)
+            finally:
+                del self._waiting[ticket]
+                self._condition.notify_all()
+            if not admitted:
+                return False
+            if self._running == 0:
+                self._options = options
+                self._base = os.environ.get(_FFMPEG_OPTIONS)
+                if options is not None:
+                    os.environ[_FFMPEG_OPTIONS] = options
+            self._running += 1
+            return True
+
+    def release(self) -> None:
+        with self._condition:
+            self._running -= 1
+            if self._running == 0 and self._options is not None:
+                if self._base is None:
+                    os.environ.pop(_FFMPEG_OPTIONS, None)
+                else:
+                    os.environ[_FFMPEG_OPTIONS] = self._base
+            self._condition.notify_all()
+
+    def _may_enter(self, ticket: int, options: str | None) -> bool:
+        if any(other < ticket and wanted != options for other, wanted in self._waiting.items()):
+            return False
+        return self._running == 0 or self._options == options
+
+
+# Process-wide because the environment variable it guards is.
+_FFMPEG_OPTIONS_GATE = FfmpegOptionsGate()
 
 
 class StreamState(enum.Enum):
@@ -87,30 +145,33 @@ class OpenCvSource:
 
     def open(self) -> bool:
         config = self._config
+        if config.kind == "camera":
+            # Local devices: V4L2 takes no open parameters, and OpenCV then refuses to open at all.
+            device = int(config.url) if config.url.isdigit() else config.url
+            return self._opened(cv2.VideoCapture(device, cv2.CAP_ANY))
         timeouts = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, config.open_timeout_ms,
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(config.stall_timeout_s * 1000),
         ]
-        if config.kind == "camera":
-            device = int(config.url) if config.url.isdigit() else config.url
-            capture = cv2.VideoCapture(device, cv2.CAP_ANY, timeouts)
-        else:
-            target = str(config.file_path) if config.kind == "file" else config.url
-            if self._threads > 0:
-                timeouts += [cv2.CAP_PROP_N_THREADS, self._threads]
-            with _FFMPEG_OPTIONS_LOCK:
-                previous = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
-                if config.url.lower().startswith("rtsp"):
-                    # fpsprobesize 0: FFmpeg otherwise buffers seconds of frames to guess the frame rate,
-                    # which delays every (re)connect and starts the stream behind live.
-                    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{config.transport}|fpsprobesize;0"
-                try:
-                    capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
-                finally:
-                    if previous is None:
-                        os.environ.pop("OPENCV_FFMPEG_CAPTURE_OPTIONS", None)
-                    else:
-                        os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = previous
+        if self._threads > 0:
+            timeouts += [cv2.CAP_PROP_N_THREADS, self._threads]
+        target = str(config.file_path) if config.kind == "file" else config.url
+        # fpsprobesize 0: FFmpeg otherwise buffers seconds of frames to guess the frame rate, which delays
+        # every (re)connect and starts the stream behind live.
+        options = f"rtsp_transport;{config.transport}|fpsprobesize;0" if config.url.lower().startswith("rtsp") else None
+        if options is not None and not _answers(config.url, config.open_timeout_ms / 1000):
+            return False
+        if not _FFMPEG_OPTIONS_GATE.acquire(options, config.open_timeout_ms / 1000):
+            log.warning("stream %s: other streams' opens held FFmpeg's options for %d ms; trying again later",
+                        config.id, config.open_timeout_ms, extra={"stream": config.id})
+            return False
+        try:
+            capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
+        finally:
+            _FFMPEG_OPTIONS_GATE.release()
+        return self._opened(capture)
+
+    def _opened(self, capture: cv2.VideoCapture) -> bool:
         if not capture.isOpened():
             capture.release()
             return False
@@ -146,6 +207,27 @@ class OpenCvSource:
             self._capture = None
 
 
+def _answers(url: str, timeout_s: float) -> bool:
+    """Whether the camera's RTSP port takes a TCP connection: an offline camera then fails here, in parallel
+    with the others, rather than holding FFmpeg's options for its whole open timeout. True when the address
+    cannot be read without doubt (a password with unencoded `/`, `?`, `#` or `@`): the open itself decides."""
+    authority = url.split("://", 1)[-1].rpartition("@")
+    if any(mark in authority[0] for mark in "/?#@"):
+        return True
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port or _RTSP_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return True
+    if not host or port is None:
+        return True
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 class StreamReader:
     """Reads one stream on its own thread until stopped or, for a non-looping file, until its end."""
 
@@ -167,6 +249,11 @@ class StreamReader:
         self._state = StreamState.CONNECTING
         self._state_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"reader-{config.id}", daemon=True)
+        # This stream's series and hub slot as they are now: once the stream is removed (and perhaps added
+        # again under the same id), whatever this reader still does reaches neither the new stream's
+        # metrics nor its frames.
+        self._series = metrics.stream(config.id)
+        self._slot = hub.slot(config.id)
         self.finished = threading.Event()
         self.last_frame_monotonic: float | None = None
         self._frame_id = 0
@@ -201,7 +288,7 @@ class StreamReader:
                 raise RuntimeError(f"stream {self.config.id}: {self._state.value} -> {new_state.value}")
             self._log.info("stream %s: %s -> %s", self.config.id, self._state.value, new_state.value)
             self._state = new_state
-        self._metrics.stream_up.labels(stream=self.config.id).set(1 if new_state is StreamState.UP else 0)
+        self._series.up.set(1 if new_state is StreamState.UP else 0)
 
     def _run(self) -> None:
         looping = False
@@ -210,7 +297,8 @@ class StreamReader:
                 if not looping:
                     self._set_state(StreamState.CONNECTING)
                 looping = False
-                self._heartbeats.beat(self.thread_name)
+                # An open may first wait for other streams' opens (see FfmpegOptionsGate), then time out itself.
+                self._heartbeats.beat(self.thread_name, busy_for_s=2 * self.config.open_timeout_ms / 1000 + 1)
                 source = self._source_factory(self.config)
                 if not source.open():
                     self._log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
@@ -241,9 +329,12 @@ class StreamReader:
         base = self.config.reconnect_backoff_s * (2 ** min(self._failures, 16))
         delay = min(self.config.reconnect_backoff_max_s, base) * random.uniform(0.5, 1.0)
         self._failures += 1
-        self._stop.wait(delay)
-        if not self._stop.is_set():
-            self._metrics.stream_reconnects.labels(stream=self.config.id).inc()
+        deadline = time.monotonic() + delay
+        while not self._stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            self._heartbeats.beat(self.thread_name)
+            if time.monotonic() >= deadline:
+                self._series.reconnects.inc()
+                return
 
     def _read_until_failure(self, source: VideoSource) -> bool:
         """Read frames until stop (False), the end of a file (True) or a failure (False)."""
@@ -252,21 +343,23 @@ class StreamReader:
         file_fps = source.frame_rate() or 25.0
         opened_at = time.monotonic()
         first_pts: float | None = None
-        last_kept_time: float | None = None
         frames_this_session = 0
         stream_id = self.config.id
-        series = self._metrics.stream(stream_id)
+        series = self._series
+        cap_period_s = None if self.config.fps is None else 1.0 / self.config.fps
+        next_due: float | None = None
+        read_busy_s = self.config.stall_timeout_s + 1
         last_valid = time.monotonic()
         while not self._stop.is_set():
             try:
                 image = source.read()
             except InvalidFrame:
-                self._metrics.drop(stream_id, "decode_error")
+                series.dropped["decode_error"].inc()
                 if time.monotonic() - last_valid > self.config.stall_timeout_s:
                     return False
                 continue
             finally:
-                self._heartbeats.beat(self.thread_name)
+                self._heartbeats.beat(self.thread_name, busy_for_s=read_busy_s)
             if image is None:
                 return is_file and frames_this_session > 0
             now = last_valid = time.monotonic()
@@ -282,12 +375,15 @@ class StreamReader:
                 first_pts = media_s if first_pts is None else first_pts
                 if self._stop.wait(max(0.0, opened_at + (media_s - first_pts) - time.monotonic())):
                     return False
-            if self.config.fps is not None:
+            if cap_period_s is not None:
                 clock = media_s if is_file else now
-                if last_kept_time is not None and clock - last_kept_time < 0.95 / self.config.fps:
-                    self._metrics.drop(stream_id, "fps_cap")
+                # A schedule, not "a period since the last kept frame": that would keep every third frame of
+                # a 25 fps camera capped at 10 (8.3 fps). Frames within a tenth of a period count as on time.
+                if next_due is not None and clock < next_due - 0.1 * cap_period_s:
+                    series.dropped["fps_cap"].inc()
                     continue
-                last_kept_time = clock
+                behind = next_due is None or clock - next_due > cap_period_s
+                next_due = (clock if behind or next_due is None else next_due) + cap_period_s
             frame = Frame(
                 stream_id=stream_id,
                 frame_id=frame_id,
@@ -296,9 +392,9 @@ class StreamReader:
                 captured_monotonic=time.monotonic(),
                 image=image,
             )
-            dropped = self._hub.put(frame, self._stop)
+            dropped = self._hub.put(frame, self._stop, self._slot)
             if dropped is not None and not self._stop.is_set():
-                self._metrics.drop(dropped.stream_id, "queue_full")
+                series.dropped["queue_full"].inc()
         return False
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime
@@ -12,6 +16,7 @@ from typing import Any
 
 from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker
+from pipeline.config import StreamConfig
 from tests.conftest import ConfigFactory, decode, read_topic, sample, unused_topic, wait_for
 
 TOKEN = "s3cret-token"
@@ -109,3 +114,39 @@ def test_without_a_token_changes_are_refused_on_a_non_loopback_host(
         assert "steady" in pipeline.readers
     finally:
         pipeline.stop()
+
+
+def test_a_stream_added_again_while_its_old_reader_is_stuck_in_an_open_keeps_its_metrics_and_frames(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    config = make_config([{"id": "steady", "url": str(clips["landscape"]), "loop": True}],
+                         broker.bootstrap_servers, unused_topic("readd"))
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        camera = StreamConfig.model_validate(
+            {"id": "cam", "url": f"rtsp://127.0.0.1:{silent.getsockname()[1]}/live", "open_timeout_ms": 3000})
+        pipeline.add_stream(camera)
+        wait_for(lambda: held, 10, "the camera's reader never connected")
+        pipeline.remove_stream("cam")
+        pipeline.add_stream(StreamConfig.model_validate({"id": "cam", "url": str(clips["portrait"]), "loop": True}))
+        wait_for(lambda: sample(pipeline, "vap_frames_read_total", stream="cam") > 0, 10, "new stream read nothing")
+        time.sleep(4.0)  # the old reader's open times out and it ends
+        read_before = sample(pipeline, "vap_frames_read_total", stream="cam")
+        wait_for(lambda: sample(pipeline, "vap_frames_read_total", stream="cam") > read_before, 5,
+                 "the new stream's frames are no longer counted once the old reader ended")
+        assert sample(pipeline, "vap_stream_up", stream="cam") == 1
+    finally:
+        pipeline.stop()
+        silent.close()
+        for connection in held:
+            connection.close()

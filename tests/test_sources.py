@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 
@@ -12,7 +14,16 @@ from pipeline.config import StreamConfig
 from pipeline.frames import Frame
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
-from pipeline.sources import ALLOWED_TRANSITIONS, StreamReader, StreamState, max_age_for, overflow_policy_for
+from pipeline.sources import (
+    _FFMPEG_OPTIONS_GATE,
+    ALLOWED_TRANSITIONS,
+    FfmpegOptionsGate,
+    OpenCvSource,
+    StreamReader,
+    StreamState,
+    max_age_for,
+    overflow_policy_for,
+)
 from tests.conftest import wait_until
 from tests.fakes import FakeSource, GarbageThenGoodSource, make_frame
 
@@ -164,3 +175,90 @@ def test_frames_older_than_the_staleness_budget_are_dropped_as_stale() -> None:
 def test_files_read_as_fast_as_possible_are_never_stale() -> None:
     assert max_age_for(file_stream()) is None
     assert max_age_for(file_stream(realtime=True)) == 2.0
+
+
+def test_fps_cap_keeps_the_configured_rate_when_the_source_rate_is_not_a_multiple_of_it() -> None:
+    harness = ReaderHarness(file_stream(fps=10), FakeSource(frames=250, fps=25.0))
+    harness.reader.start()
+    assert harness.reader.finished.wait(5)
+    kept = len(harness.frames())
+    assert 99 <= kept <= 101, f"{kept} frames kept from 10 s at 25 fps capped at 10 fps"
+    assert harness.value("vap_frames_dropped_total", reason="fps_cap") == 250 - kept
+
+
+class SlowOpenSource(FakeSource):
+    def __init__(self, open_s: float) -> None:
+        super().__init__(frames=0, open_results=[False])
+        self._open_s = open_s
+
+    def open(self) -> bool:
+        time.sleep(self._open_s)
+        return super().open()
+
+
+def test_a_reader_waiting_in_an_open_or_a_long_backoff_is_not_reported_stuck() -> None:
+    config = StreamConfig.model_validate({"id": "s", "url": "rtsp://cam/s", "open_timeout_ms": 1000,
+                                          "reconnect_backoff_s": 2.5, "reconnect_backoff_max_s": 2.5})
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    metrics.add_stream("s")
+    hub = FrameHub()
+    hub.add_stream("s", 10, overflow_policy_for(config))
+    heartbeats = Heartbeats(metrics)
+    reader = StreamReader(config, hub, metrics, heartbeats, lambda _config: SlowOpenSource(open_s=1.2))
+    reader.start()
+    seen: set[StreamState] = set()
+    deadline = time.monotonic() + 4.0
+    try:
+        while time.monotonic() < deadline:
+            seen.add(reader.state)
+            assert heartbeats.stuck(max_age_s=1.1) == [], f"reported stuck while {reader.state.value}"
+            time.sleep(0.05)
+    finally:
+        reader.stop()
+        assert reader.join(3)
+    assert {StreamState.CONNECTING, StreamState.BACKOFF} <= seen
+
+
+def test_ffmpeg_options_gate_lets_equal_options_overlap_and_keeps_different_ones_apart_in_arrival_order() -> None:
+    gate = FfmpegOptionsGate()
+    key = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+    assert gate.acquire("rtsp_transport;tcp", 1.0)
+    assert os.environ[key] == "rtsp_transport;tcp"
+    assert gate.acquire("rtsp_transport;tcp", 0.1), "a second TCP camera opens alongside the first"
+    order: list[str] = []
+
+    def open_with(options: str | None, name: str) -> None:
+        assert gate.acquire(options, 5.0)
+        order.append(f"{name}:{os.environ.get(key)}")
+        gate.release()
+
+    file_open = threading.Thread(target=open_with, args=(None, "file"))
+    file_open.start()
+    time.sleep(0.1)
+    late_tcp = threading.Thread(target=open_with, args=("rtsp_transport;tcp", "late-tcp"))
+    late_tcp.start()
+    time.sleep(0.1)
+    assert order == [], "the file waits for the TCP opens, and the later TCP open waits behind the file"
+    assert not gate.acquire("rtsp_transport;udp", 0.05)
+    gate.release()
+    gate.release()
+    file_open.join(2)
+    late_tcp.join(2)
+    assert order == [f"file:{os.environ.get(key)}", "late-tcp:rtsp_transport;tcp"]
+    assert os.environ.get(key) is None
+
+
+def test_an_offline_rtsp_camera_fails_its_open_without_waiting_for_other_streams_opens() -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    camera = OpenCvSource(StreamConfig.model_validate(
+        {"id": "cam", "url": f"rtsp://viewer:secret@127.0.0.1:{port}/live", "open_timeout_ms": 3000}))
+    assert _FFMPEG_OPTIONS_GATE.acquire(None, 1.0), "a file or HTTP stream opening now"
+    try:
+        started = time.monotonic()
+        assert camera.open() is False
+        assert time.monotonic() - started < 1.0
+    finally:
+        _FFMPEG_OPTIONS_GATE.release()
