@@ -4,7 +4,9 @@ Each tracked object is reduced to one anchor point (bottom-centre by default: wh
 touches the ground). An object enters a zone when its anchor moves inside the polygon (or first appears
 inside), exits when it moves out or its track expires while inside, dwells once it has stayed
 `dwell_s`, and crosses a line when its anchor passes from one side of the segment to the other.
-Time is media time when the source gives it, so files read faster than real time dwell correctly.
+Time advances by media time when the source gives it, so files read faster than real time dwell correctly,
+and by the reader's monotonic clock where media time is missing or goes back (a file that loops, a live
+stream that reconnects), so it never runs backwards and tracks always expire.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy.typing as npt
 
 from pipeline.config import AnalyticsConfig, ZoneConfig
 from pipeline.frames import FrameResult
+from pipeline.inference import class_ids_for
 from pipeline.tracking import StreamTracker
 
 TRACK_EXPIRY_S = 3.0
@@ -103,23 +106,47 @@ def crosses_segment(previous: Point, current: Point, start: Point, end: Point) -
     return 1 if after > 0 else -1
 
 
+class StreamClock:
+    """One stream's analytics time in seconds, which never runs backwards nor jumps between time bases.
+
+    Media time alone restarts at 0 when a file loops or a live stream reconnects, and a first frame
+    without it would stamp uptime beside later media times; either way tracks would never expire or
+    dwell. So the clock advances by the media-time step between consecutive frames that both have one
+    and it moves forward, and by the capture-time step otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._now_s = 0.0
+        self._last_pts_ms: float | None = None
+        self._last_monotonic: float | None = None
+
+    def advance(self, pts_ms: float | None, captured_monotonic: float) -> float:
+        if self._last_monotonic is not None:
+            if pts_ms is not None and self._last_pts_ms is not None and pts_ms >= self._last_pts_ms:
+                self._now_s += (pts_ms - self._last_pts_ms) / 1000
+            else:
+                self._now_s += max(0.0, captured_monotonic - self._last_monotonic)
+        self._last_pts_ms, self._last_monotonic = pts_ms, captured_monotonic
+        return self._now_s
+
+
 class StreamAnalytics:
     """Tracker plus zone and line state for one stream; fed that stream's results in frame order."""
 
     def __init__(self, stream_id: str, config: AnalyticsConfig, tracker: str, labels: dict[int, str]) -> None:
         self._stream_id = stream_id
         self._config = config
+        self._zone_classes = {
+            zone.id: _class_set(zone.classes, labels, f"stream {stream_id}: analytics.zones[{index}].classes")
+            for index, zone in enumerate(config.zones)
+        }
+        self._line_classes = {
+            line.id: _class_set(line.classes, labels, f"stream {stream_id}: analytics.lines[{index}].classes")
+            for index, line in enumerate(config.lines)
+        }
         self._tracker = StreamTracker(tracker)
-        self._zone_classes = {zone.id: self._class_ids(zone.classes, labels) for zone in config.zones}
-        self._line_classes = {line.id: self._class_ids(line.classes, labels) for line in config.lines}
+        self._clock = StreamClock()
         self._tracks: dict[int, _TrackState] = {}
-
-    @staticmethod
-    def _class_ids(classes: list[int | str] | None, labels: dict[int, str]) -> set[int] | None:
-        if classes is None:
-            return None
-        by_label = {label: class_id for class_id, label in labels.items()}
-        return {entry if isinstance(entry, int) else by_label.get(entry, -1) for entry in classes}
 
     def _scaled(self, points: list[Point], width: int, height: int) -> list[Point]:
         return [(x * width, y * height) for x, y in points] if self._config.normalized else points
@@ -128,7 +155,7 @@ class StreamAnalytics:
         frame = result.frame
         detections = self._tracker.update(result.detections, frame.image)
         result = replace(result, detections=detections)
-        now_s = frame.pts_ms / 1000 if frame.pts_ms is not None else frame.captured_monotonic
+        now_s = self._clock.advance(frame.pts_ms, frame.captured_monotonic)
         events: list[ZoneEvent] = []
         zones = [(zone, self._scaled(zone.polygon, frame.width, frame.height)) for zone in self._config.zones]
         lines = [(line, self._scaled([line.start, line.end], frame.width, frame.height)) for line in self._config.lines]
@@ -203,3 +230,8 @@ class StreamAnalytics:
             for zone_id in state.inside_since:
                 counts[(zone_id, state.label)] = counts.get((zone_id, state.label), 0) + 1
         return counts
+
+
+def _class_set(entries: list[int | str] | None, labels: dict[int, str], key_path: str) -> set[int] | None:
+    ids = class_ids_for(entries, labels, key_path)
+    return None if ids is None else set(ids)

@@ -26,11 +26,13 @@ from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
 from pipeline.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
 from pipeline.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
-from pipeline.runtimes import OpenVinoRequests, default_export_dir, resolve_model
+from pipeline.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
 
 log = logging.getLogger(__name__)
 
 _MAX_DETECTIONS = 300
+_CLASSES_SHOWN = 20
+_TOP_CLASSES = 5
 
 
 class Detector(Protocol):
@@ -90,6 +92,23 @@ def model_display_name(weights: str) -> str:
     return Path(weights).stem
 
 
+def class_ids_for(entries: list[int | str] | None, labels: dict[int, str], key_path: str) -> list[int] | None:
+    """Ids for a config's class list, which may name classes by id or label. An entry the model does not
+    have is a startup error: kept silently, it would filter out everything, and nothing would say why."""
+    if entries is None:
+        return None
+    by_label = {label: class_id for class_id, label in labels.items()}
+    ids = []
+    for entry in entries:
+        class_id = entry if isinstance(entry, int) else by_label.get(entry)
+        if class_id is None or class_id not in labels:
+            shown = ", ".join(f"{known_id} {label}" for known_id, label in list(labels.items())[:_CLASSES_SHOWN])
+            more = f" and {len(labels) - _CLASSES_SHOWN} more" if len(labels) > _CLASSES_SHOWN else ""
+            raise ValueError(f"{key_path}: {entry!r} is not a class of the model; its classes are {shown}{more}")
+        ids.append(class_id)
+    return ids
+
+
 @dataclass(frozen=True)
 class _ExportedModel:
     """What the direct path reads from Ultralytics' backend, for a model that runs without one."""
@@ -131,15 +150,15 @@ class UltralyticsDetector:
         original = YOLO(config.weights, task=task)
         self.task = str(original.task)
         self.labels: dict[int, str] = {int(k): str(v) for k, v in original.names.items()}
+        self._class_filter = class_ids_for(config.classes, self.labels, "model.classes")
         export_dir = config.export_dir or default_export_dir()
         resolved = resolve_model(config.weights, config.runtime, device, config.imgsz, max_batch, self._half,
                                  export_dir)
         self.runtime = resolved.runtime
-        self._model_path = resolved.path
+        self._resolved = resolved
         self._requests: OpenVinoRequests | None = None
         self._model = original if resolved.path == config.weights else YOLO(resolved.path, task=self.task)
         self.name = model_display_name(config.weights)
-        self._class_filter = self._class_ids(config.classes)
         self._direct = self.task in ("detect", "segment")
         self._cuda = device.startswith("cuda")
         self._letterbox: HostLetterbox | DeviceLetterbox = DeviceLetterbox(device) if self._cuda else HostLetterbox()
@@ -149,45 +168,53 @@ class UltralyticsDetector:
         self._stride = 32
         self._rect = True
 
-    def _class_ids(self, classes: list[int | str] | None) -> list[int] | None:
-        if classes is None:
-            return None
-        by_name = {label: class_id for class_id, label in self.labels.items()}
-        ids = []
-        for entry in classes:
-            if isinstance(entry, int):
-                ids.append(entry)
-            elif entry in by_name:
-                ids.append(by_name[entry])
-            else:
-                raise ValueError(f"model.classes: '{entry}' is not a class of {self.name}")
-        return ids
-
     def _ensure_backend(self) -> Any:
+        """The runtime backend, loaded on first use. A cached export that does not load (corrupt, or from a
+        runtime that reads it differently) is discarded and the model runs on PyTorch, as an export that
+        fails does: an optimisation never stops the pipeline."""
+        if self._backend is None:
+            try:
+                self._load_backend()
+            except Exception as error:
+                if self.runtime == "torch":
+                    raise
+                log.warning("the %s export of %s in %s does not load (%s); discarding it and running on PyTorch",
+                            self.runtime, self.name, self._resolved.cache_dir, error)
+                log.debug("export load failure", exc_info=True)
+                discard(self._resolved)
+                from ultralytics import YOLO
+
+                self._resolved = replace(self._resolved, path=self._config.weights, runtime="torch", cache_dir=None)
+                self.runtime = "torch"
+                self._requests = None
+                self._model = YOLO(self._config.weights, task=self.task)
+                self._load_backend()
+        return self._backend
+
+    def _load_backend(self) -> None:
         """Let Ultralytics build its predictor and runtime backend once, then use them directly; an OpenVINO
         model on the CPU runs through our own request pool instead, and Ultralytics never compiles it."""
-        if self._backend is None and self._direct and self.runtime == "openvino" and self.device == "cpu":
+        if self._direct and self.runtime == "openvino" and self.device == "cpu":
             try:
-                self._requests = OpenVinoRequests(self._model_path)
+                self._requests = OpenVinoRequests(self._resolved.path)
             except Exception:
                 log.warning("OpenVINO throughput mode unavailable; running one request at a time", exc_info=True)
             else:
                 self._stride, self._rect = self._requests.stride, self._requests.dynamic
                 self._backend = _ExportedModel(fp16=False, end2end=self._requests.end2end)
-        if self._backend is None:
-            size = self._config.imgsz
-            self._predict([np.zeros((size, size, 3), np.uint8)])
-            predictor = self._model.predictor
-            backend = predictor.model
-            stride = backend.stride
-            self._stride = int(max(stride)) if isinstance(stride, (list, tuple)) else int(stride)
-            dynamic = bool(getattr(backend, "dynamic", False)) and backend.format != "imx"
-            self._rect = bool(predictor.args.rect) and (backend.format == "pt" or dynamic)
-            self._backend = backend
-            if (self._cuda and self._direct and self._config.cuda_graphs and backend.format == "pt"
-                    and not bool(getattr(backend, "end2end", False))):
-                self._graphed = GraphedForward(backend, backend.model, self._max_batch)
-        return self._backend
+                return
+        size = self._config.imgsz
+        self._predict([np.zeros((size, size, 3), np.uint8)])
+        predictor = self._model.predictor
+        backend = predictor.model
+        stride = backend.stride
+        self._stride = int(max(stride)) if isinstance(stride, (list, tuple)) else int(stride)
+        dynamic = bool(getattr(backend, "dynamic", False)) and backend.format != "imx"
+        self._rect = bool(predictor.args.rect) and (backend.format == "pt" or dynamic)
+        self._backend = backend
+        if (self._cuda and self._direct and self._config.cuda_graphs and backend.format == "pt"
+                and not bool(getattr(backend, "end2end", False))):
+            self._graphed = GraphedForward(backend, backend.model, self._max_batch)
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         """Runs each batch size on square and 16:9 frames: a GPU compiles kernels per input shape, and most
@@ -381,13 +408,18 @@ class UltralyticsDetector:
         )
 
     def _result_classes(self, result: Any) -> tuple[Classification, ...]:
+        """The five likeliest of the kept classes: Ultralytics' classification ignores `classes`, so the
+        filter applies here, before the top five are picked, lest a kept class lose its place to others."""
         probs = result.probs
         if probs is None:
             return ()
+        scores = np.asarray(probs.cpu().numpy().data, np.float32)
+        kept = np.arange(len(scores)) if self._class_filter is None else np.unique(self._class_filter)
+        top = kept[np.argsort(-scores[kept], kind="stable")[:_TOP_CLASSES]]
         return tuple(
-            Classification(int(class_id), self.labels.get(int(class_id), str(class_id)), float(confidence))
-            for class_id, confidence in zip(probs.top5, probs.top5conf.cpu().numpy(), strict=False)
-            if float(confidence) >= self._config.conf
+            Classification(int(class_id), self.labels.get(int(class_id), str(class_id)), float(scores[class_id]))
+            for class_id in top
+            if float(scores[class_id]) >= self._config.conf
         )
 
 

@@ -1,14 +1,17 @@
 """Faster runtimes through Ultralytics' export, cached on disk.
 
-An export is keyed by the weights' content hash, input size, batch size, precision, device kind and
-format, so a changed model or setting never reuses a stale export. Exports are written to a temporary
-folder and renamed into place, so two processes starting at once cannot see a half-written one.
-An export that fails falls back to PyTorch with a warning: an optimisation never stops the pipeline.
+An export is keyed by the weights' content hash, input size, batch size, precision, device kind, format,
+the Ultralytics and runtime versions and, for TensorRT, the GPU's compute capability, so a changed model,
+setting, upgrade or GPU never reuses a stale export. Exports are written to a temporary folder and renamed
+into place, so two processes starting at once cannot see a half-written one. An export that fails, or a
+cached one that cannot be loaded (the detector then calls `discard`), falls back to PyTorch with a
+warning: an optimisation never stops the pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -32,10 +35,11 @@ _RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """The weights to load and the runtime they run on."""
+    """The weights to load and the runtime they run on; `cache_dir` holds an export, and only it."""
 
     path: str
     runtime: str
+    cache_dir: Path | None = None
 
 
 def default_export_dir() -> Path:
@@ -64,6 +68,31 @@ def _weights_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _toolchain(runtime: str, device: str) -> str:
+    """What else an export depends on: a newer Ultralytics or runtime may not read an older export (or
+    reads it differently), and a TensorRT engine runs only on the GPU generation it was built for."""
+    import ultralytics
+
+    module = importlib.import_module(_RUNTIME_MODULES[runtime])
+    parts = [f"ultralytics={ultralytics.__version__}", f"{runtime}={getattr(module, '__version__', 'unknown')}"]
+    if runtime == "tensorrt" and device.startswith("cuda"):
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(device)
+        parts.append(f"sm={major}.{minor}")
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:8]
+
+
+def export_path(weights: str, runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path) -> Path:
+    """Where the export of `weights` for these settings lives in the cache, whether or not it exists yet."""
+    source = Path(weights)
+    precision = "fp16" if half else "fp32"
+    device_kind = "cuda" if device.startswith("cuda") else "cpu"
+    key = (f"{source.stem}-{_weights_hash(source)}-{imgsz}px-b{batch}-{precision}-{device_kind}"
+           f"-{_toolchain(runtime, device)}")
+    return export_dir / runtime / key / f"{source.stem}{_EXPORT_SUFFIX[runtime]}"
+
+
 def resolve_model(
     weights: str, requested_runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path
 ) -> ResolvedModel:
@@ -75,18 +104,21 @@ def resolve_model(
     if not runtime_available(runtime):
         log.warning("model.runtime %s needs the '%s' package; running on PyTorch", runtime, _RUNTIME_MODULES[runtime])
         return ResolvedModel(weights, "torch")
-    precision = "fp16" if half else "fp32"
-    device_kind = "cuda" if device.startswith("cuda") else "cpu"
-    key = f"{source.stem}-{_weights_hash(source)}-{imgsz}px-b{batch}-{precision}-{device_kind}"
-    target = export_dir / runtime / key / f"{source.stem}{_EXPORT_SUFFIX[runtime]}"
+    target = export_path(weights, runtime, device, imgsz, batch, half, export_dir)
     if target.exists():
-        return ResolvedModel(str(target), runtime)
+        return ResolvedModel(str(target), runtime, target.parent)
     try:
         _export(source, runtime, device, imgsz, batch, half, target)
     except Exception as error:
         log.warning("exporting %s to %s failed (%s); running on PyTorch", source.name, runtime, error)
         return ResolvedModel(weights, "torch")
-    return ResolvedModel(str(target), runtime)
+    return ResolvedModel(str(target), runtime, target.parent)
+
+
+def discard(resolved: ResolvedModel) -> None:
+    """Removes an export that failed to load, so the next start exports afresh rather than failing again."""
+    if resolved.cache_dir is not None:
+        shutil.rmtree(resolved.cache_dir, ignore_errors=True)
 
 
 def _export(source: Path, runtime: str, device: str, imgsz: int, batch: int, half: bool, target: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from pipeline.analytics import StreamAnalytics, ZoneEvent, crosses_segment, point_in_polygon
 from pipeline.config import AnalyticsConfig
@@ -18,12 +21,22 @@ LABELS = {0: "circle", 1: "square", 2: "triangle"}
 Box = tuple[float, float, float, float, int]
 
 
+def analytics_for(config: dict[str, Any]) -> StreamAnalytics:
+    return StreamAnalytics("cam", AnalyticsConfig.model_validate(config), "bytetrack", LABELS)
+
+
 def run(config: dict[str, Any], boxes_per_frame: list[list[Box]],
         fps: float = 10.0) -> list[ZoneEvent]:
-    analytics = StreamAnalytics("cam", AnalyticsConfig.model_validate(config), "bytetrack", LABELS)
+    return feed(analytics_for(config), boxes_per_frame, [i * 1000 / fps for i in range(len(boxes_per_frame))])
+
+
+def feed(analytics: StreamAnalytics, boxes_per_frame: Sequence[Sequence[Box]], pts_ms: Sequence[float | None],
+         fps: float = 10.0) -> list[ZoneEvent]:
+    """Frames read in real time from a reader whose monotonic clock stands at an uptime of 1000 s, whatever
+    media time (`pts_ms`) the source gives them."""
     events: list[ZoneEvent] = []
-    for frame_id, boxes in enumerate(boxes_per_frame):
-        frame = replace(make_frame("cam", frame_id, 320, 240), pts_ms=frame_id * 1000 / fps)
+    for frame_id, (boxes, pts) in enumerate(zip(boxes_per_frame, pts_ms, strict=True)):
+        frame = replace(make_frame("cam", frame_id, 320, 240), pts_ms=pts, captured_monotonic=1000 + frame_id / fps)
         detections = Detections(
             boxes_xyxy=np.array([b[:4] for b in boxes], np.float32).reshape(-1, 4),
             confidences=np.full(len(boxes), 0.9, np.float32),
@@ -91,3 +104,38 @@ def test_a_track_is_labelled_by_its_most_frequent_class_not_its_first() -> None:
     frames = [[first], *([box] for box in boxes[1:])]
     events = run(config, frames)
     assert [(e.event, e.label) for e in events] == [("enter", "square")]
+
+
+FULL_FRAME = [[0, 0], [320, 0], [320, 240], [0, 240]]
+
+
+def test_a_track_last_seen_late_in_a_looping_file_still_exits_when_media_time_restarts() -> None:
+    analytics = analytics_for({"zones": [{"id": "all", "polygon": FULL_FRAME}]})
+    loops = 6
+    frames: list[list[Box]] = [[(50.0, 50.0, 70.0, 70.0, 2)]] * 50 + [[]] * (50 * loops)
+    events = feed(analytics, frames, [i * 100.0 for i in range(50)] * (1 + loops))
+    assert summary(events) == [("enter", "all", None), ("exit", "all", None)]
+    assert analytics.occupancy() == {}
+
+
+def test_dwell_fires_when_a_live_streams_first_frame_has_no_media_time() -> None:
+    analytics = analytics_for({"zones": [{"id": "bay", "polygon": FULL_FRAME, "dwell_s": 2.0}]})
+    pts: list[float | None] = [None, *(i * 100.0 for i in range(1, 40))]
+    events = feed(analytics, [[(100, 100, 120, 120, 1)]] * 40, pts)
+    assert summary(events) == [("enter", "bay", None), ("dwell", "bay", None)]
+    assert events[1].dwell_s is not None and 2.0 <= events[1].dwell_s < 2.2
+
+
+@pytest.mark.parametrize(("section", "classes", "key_path"), [
+    ("zones", ["squre"], "analytics.zones[0].classes"),
+    ("zones", ["square", 7], "analytics.zones[0].classes"),
+    ("lines", [3], "analytics.lines[0].classes"),
+], ids=["misspelt-zone-label", "unknown-zone-id", "unknown-line-id"])
+def test_a_class_the_model_does_not_have_is_a_startup_error_naming_the_key_and_the_known_classes(
+        section: str, classes: list[int | str], key_path: str) -> None:
+    entry: dict[str, Any] = ({"id": "z", "polygon": FULL_FRAME} if section == "zones"
+                             else {"id": "l", "start": [0, 0], "end": [10, 10]})
+    with pytest.raises(ValueError, match=re.escape(key_path)) as raised:
+        analytics_for({section: [{**entry, "classes": classes}]})
+    assert "stream cam" in str(raised.value)
+    assert all(label in str(raised.value) for label in LABELS.values())

@@ -232,3 +232,21 @@ def test_device_names_resolve_to_one_spelling_and_auto_falls_back_to_cpu() -> No
             resolve_devices("0")
         with pytest.raises(RuntimeError, match="no CUDA device"):
             resolve_devices(["cuda:0", "cuda:1"])
+
+
+def test_a_classify_model_publishes_only_the_classes_kept_by_model_classes() -> None:
+    config = ModelConfig(weights="yolo11n-cls.yaml", imgsz=64, conf=0.0, classes=[0, 1], runtime="torch")
+    classifier = UltralyticsDetector(config, "cpu")
+    assert classifier.task == "classify" and len(classifier.labels) > 5
+    frames = [replace(make_frame("s", index, 96, 64), image=np.full((64, 96, 3), 40 * index, np.uint8))
+              for index in range(3)]
+    published = [entry.class_id for result in infer(classifier, frames) for entry in result.classes]
+    assert published and set(published) <= {0, 1}
+
+
+def test_a_class_id_the_model_does_not_have_is_a_startup_error_naming_the_key_and_its_classes(
+        detector: UltralyticsDetector, model_weights: str) -> None:
+    unknown = max(detector.labels) + 5
+    with pytest.raises(ValueError, match=rf"model\.classes: {unknown} is not a class") as raised:
+        UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=320, classes=[0, unknown]), "cpu")
+    assert detector.labels[0] in str(raised.value)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 
 from pipeline.config import ModelConfig
 from pipeline.inference import UltralyticsDetector, infer
-from pipeline.runtimes import OpenVinoRequests, choose_runtime, resolve_model, runtime_available
+from pipeline.runtimes import OpenVinoRequests, choose_runtime, export_path, resolve_model, runtime_available
 from pipeline.synth.world import SceneSpec, render_scene
 from tests.fakes import make_frame
 
@@ -107,6 +110,54 @@ def test_an_openvino_model_is_compiled_once_for_throughput(tmp_path: Path, model
               for i, (image, _) in enumerate(render_scene(SceneSpec(width=320, height=180, n_frames=2, seed=5)))]
     assert len(infer(detector, frames)) == 2
     assert hints == ["THROUGHPUT"], "the export must be compiled once, by the request pool, not by Ultralytics too"
+
+
+def test_the_cache_key_changes_with_the_ultralytics_and_runtime_versions_and_the_gpu_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import ultralytics
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.0.1"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+
+    def engine() -> Path:
+        return export_path(str(weights), "tensorrt", "cuda:0", 320, 4, True, tmp_path)
+
+    paths = [engine()]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    paths.append(engine())
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.1.0"))
+    paths.append(engine())
+    monkeypatch.setattr(ultralytics, "__version__", "99.0.0")
+    paths.append(engine())
+    assert len(set(paths)) == len(paths), paths
+    assert paths[-1] == engine(), "the same setup must find the same export"
+
+
+@pytest.mark.skipif(not runtime_available("openvino"), reason="openvino is not installed")
+def test_a_cached_export_that_does_not_load_is_discarded_and_the_model_runs_on_pytorch(
+        tmp_path: Path, model_weights: str, caplog: pytest.LogCaptureFixture) -> None:
+    if not model_weights.endswith(".pt"):
+        pytest.skip("needs the bundled .pt model")
+    target = export_path(model_weights, "openvino", "cpu", 160, 2, False, tmp_path)
+    target.mkdir(parents=True)
+    (target / f"{Path(model_weights).stem}.xml").write_text('<?xml version="1.0"?>\n<net name="main" vers')
+    (target / f"{Path(model_weights).stem}.bin").write_bytes(b"")
+    (target / "metadata.yaml").write_text("stride: 32\ntask: segment\nbatch: 2\nimgsz: [160, 160]\n")
+    detector = UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=160, runtime="openvino",
+                                               export_dir=tmp_path), "cpu", 2)
+    assert detector.runtime == "openvino", "the corrupt export is found where a good one would be"
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference"):
+        detector.warmup([1, 2])
+    assert detector.runtime == "torch"
+    assert any("does not load" in record.getMessage() for record in caplog.records
+               if record.name == "pipeline.inference" and record.levelno == logging.WARNING)
+    assert not target.parent.exists(), "the next start must export afresh"
+    frames = [replace(make_frame("s", i), image=image)
+              for i, (image, _) in enumerate(render_scene(SceneSpec(width=320, height=180, n_frames=2, seed=5)))]
+    assert len(infer(detector, frames)) == 2
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
