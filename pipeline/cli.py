@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -29,6 +29,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type for bounds: zero or a negative number of seconds or frames is a usage mistake."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'a whole' if kind is int else 'a'} number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vap", description="Real-time video analytics: cameras -> YOLO -> Kafka.")
     parser.add_argument("--version", action="version", version=f"vap {__version__}")
@@ -41,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config value (repeatable)")
-    run.add_argument("--duration", type=float, help="stop after this many seconds")
-    run.add_argument("--max-frames", type=int, help="stop after this many processed frames")
+    run.add_argument("--duration", type=_positive(float), help="stop after this many seconds")
+    run.add_argument("--max-frames", type=_positive(int), help="stop after this many processed frames")
     run.add_argument("--watch", action="store_true",
                      help="re-read the config file when it changes (SIGHUP always re-reads it)")
 
     demo = commands.add_parser("demo", help="zero set-up demo: sample clips, bundled model, embedded broker")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    demo.add_argument("--duration", type=_positive(float), default=60.0, help="seconds to run (default 60)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
     validate = commands.add_parser("validate", help="check a config file")
@@ -63,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--from-beginning", action="store_true")
     consume.add_argument("--format", choices=["json", "table"], default="table")
     consume.add_argument("--group", help="consumer group id (default: none, no offsets committed)")
-    consume.add_argument("--max-messages", type=int, help="exit after this many messages")
-    consume.add_argument("--idle-timeout", type=float, help="exit after this many seconds without a message")
+    consume.add_argument("--max-messages", type=_positive(int), help="exit after this many messages")
+    consume.add_argument("--idle-timeout", type=_positive(float),
+                         help="exit after this many seconds without a message")
 
     commands.add_parser("schema", help="print the JSON Schema of the result message")
 
@@ -178,10 +194,12 @@ def run_pipeline(
         log.info("%s; stopping", reason)
         return EXIT_OK
     finally:
-        reloader.stop()
-        pipeline.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            reloader.stop()
+        finally:
+            pipeline.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -8,16 +8,35 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
 _LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `$${` is an escaped literal `${`; a `${` that is neither is a malformed reference.
+_ENV_TOKEN = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_WHOLE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+_STR_TAG, _NULL_TAG, _MERGE_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null", "tag:yaml.org,2002:merge"
+_SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_HOST_AND_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?(?=[/?#]|$)")
+_SECRET_QUERY_VALUE = re.compile(
+    r"(?i)([?&;][a-z0-9_.-]*(?:pass|pwd|token|secret|key|auth|sig)[a-z0-9_.-]*=)[^&;#]*"
+)
 
 
 class ConfigError(Exception):
@@ -35,6 +54,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _number_as_text(value: Any) -> Any:
+    """Ids like `123` are valid ids; YAML reads them as numbers, so give them back as text."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def redact_url(url: str) -> str:
+    """`url` with its user info and secret-looking query values replaced by `***`.
+
+    Passwords often hold unencoded `#?/@:`, which defeats a URL parser; so the user info is everything
+    between `scheme://` and the last `@` that is followed by a host, erring towards masking too much.
+    """
+    prefix = _SCHEME_PREFIX.match(url)
+    if prefix is None or prefix.group(1).lower() == "file":
+        return url
+    rest = url[prefix.end() :]
+    ats = [index for index, char in enumerate(rest) if char == "@"]
+    if ats:
+        at = next((index for index in reversed(ats) if _HOST_AND_PORT.match(rest, index + 1)), ats[-1])
+        rest = "***" + rest[at:]
+    return prefix.group(0) + _SECRET_QUERY_VALUE.sub(r"\1***", rest)
+
+
 Point = tuple[float, float]
 Anchor = Literal["bottom_center", "center", "top_center", "left_center", "right_center"]
 
@@ -42,7 +83,7 @@ Anchor = Literal["bottom_center", "center", "top_center", "left_center", "right_
 class ZoneConfig(_Section):
     """A polygon; a tracked object is inside when its anchor point is."""
 
-    id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=64)]
+    id: Annotated[str, BeforeValidator(_number_as_text), Field(pattern=STREAM_ID_PATTERN, max_length=64)]
     polygon: list[Point] = Field(min_length=3, description="Vertices in pixels, or 0..1 with normalized: true")
     classes: list[int | str] | None = Field(None, description="Class ids or labels counted; default all")
     dwell_s: float | None = Field(None, gt=0, description="Emit a dwell event once an object stays this long")
@@ -52,7 +93,7 @@ class LineConfig(_Section):
     """A segment from `start` to `end`. Facing from start to end as drawn on the image, an object crossing
     to the right-hand side gets the first direction name, one crossing to the left-hand side the second."""
 
-    id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=64)]
+    id: Annotated[str, BeforeValidator(_number_as_text), Field(pattern=STREAM_ID_PATTERN, max_length=64)]
     start: Point
     end: Point
     classes: list[int | str] | None = None
@@ -74,7 +115,11 @@ class AnalyticsConfig(_Section):
 
 
 class StreamConfig(_Section):
-    id: Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=128, description="Unique id; the Kafka key")]
+    id: Annotated[
+        str,
+        BeforeValidator(_number_as_text),
+        Field(pattern=STREAM_ID_PATTERN, max_length=128, description="Unique id; the Kafka key"),
+    ]
     url: str = Field(description="rtsp://, http(s)://, a file path, /dev/videoN or a camera index")
     fps: float | None = Field(None, gt=0, le=1000, description="Cap: frames above this rate are dropped")
     transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport")
@@ -134,13 +179,8 @@ class StreamConfig(_Section):
 
     @property
     def redacted_url(self) -> str:
-        """The URL safe for logs: credentials are replaced so they never reach a log line."""
-        parts = urlsplit(self.url)
-        if parts.password is None and parts.username is None:
-            return self.url
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        """The URL safe for logs and the API: credentials are replaced so they never reach a log line."""
+        return redact_url(self.url)
 
 
 class ModelConfig(_Section):
@@ -273,24 +313,111 @@ class PipelineConfig(_Section):
         return streams
 
 
-def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:
-    """Expand `${VAR}` and `${VAR:-default}` so secrets stay out of config files."""
+def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """Expand `${VAR}` and `${VAR:-default}` (shell semantics) and `$${` to a literal `${`.
+
+    Errors name the variable, never its value, since values are usually secrets.
+    """
     env = os.environ if environ is None else environ
-    missing: list[str] = []
+    problems: list[tuple[str, str]] = []
 
     def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env and env[name] != "":
-            return env[name]
+        token, name, default = match.group(0), match.group(1), match.group(2)
+        if token == "$${":
+            return "${"
+        if name is None:
+            problems.append(("", "'${' starts no ${VAR} or ${VAR:-default} reference; write $${ for a literal ${"))
+            return token
         if default is not None:
-            return default
-        missing.append(name)
+            return env.get(name) or default
+        if name in env:
+            return env[name]
+        problems.append(("", f"environment variable {name} is not set; set it or write ${{{name}:-default}}"))
         return ""
 
-    expanded = _ENV_REFERENCE.sub(substitute, text)
-    if missing:
-        raise ConfigError([("", f"environment variable {name} is not set") for name in sorted(set(missing))])
+    expanded = _ENV_TOKEN.sub(substitute, text)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
     return expanded
+
+
+def _child(path: str, key: object) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+
+
+def _check_node(
+    node: yaml.Node, path: str, environ: Mapping[str, str] | None, problems: list[tuple[str, str]], seen: set[int]
+) -> None:
+    """Find duplicate keys and expand `${VAR}` inside string values, before any value is constructed.
+
+    Expanding here, not in the file's text, keeps a variable's value out of YAML's hands: a `#`, `: ` or
+    newline in a password stays part of it, and a `${VAR}` in a comment is never looked at.
+    `environ` None means: do not expand (for `--set` values, which the shell has expanded already).
+    """
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                _check_node(value_node, path, environ, problems, seen)
+                continue
+            child = _child(path, key_node.value)
+            line = key_node.start_mark.line + 1
+            first = first_line.setdefault((key_node.tag, key_node.value), line)
+            if first != line:
+                problems.append((child, f"duplicate key at line {line} (first at line {first}); keep only one"))
+            if key_node.value == "id" and isinstance(value_node, yaml.ScalarNode) and value_node.style is None \
+                    and value_node.tag != _NULL_TAG:
+                value_node.tag = _STR_TAG  # ids are text: `007` must not become 7
+            _check_node(value_node, child, environ, problems, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_node(item, _child(path, index), environ, problems, seen)
+    elif environ is not None and isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG and "${" in node.value:
+        whole = _WHOLE_REFERENCE.fullmatch(node.value)
+        try:
+            expanded = interpolate_env(node.value, environ)
+        except ConfigError as error:
+            problems.extend((path, message) for _, message in error.problems)
+            return
+        if whole and node.style is None and whole.group(2) in _YAML_NULLS and not environ.get(whole.group(1)):
+            node.tag = _NULL_TAG  # `${TOKEN:-null}` unquoted: the file's own default reads as YAML
+        node.value = expanded
+
+
+def _yaml_error(error: yaml.YAMLError, text: str) -> ConfigError:
+    """One line with the line and column, without PyYAML's multi-line excerpt (which may show a secret)."""
+    advice = "check the quoting and indentation there"
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = ", ".join(part for part in (error.context, error.problem) if part) or "cannot be parsed"
+        lines = {m.line for m in (error.context_mark, error.problem_mark) if m is not None}
+        if any("${" in line for index, line in enumerate(text.splitlines()) if index in lines):
+            advice = 'inside { } or [ ], quote a ${VAR} reference: {url: "${CAM_URL}"}'
+    else:
+        where, problem = "", str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ConfigError([("", f"not valid YAML{where}: {problem}; {advice}")])
+
+
+def _parse_yaml(text: str, environ: Mapping[str, str] | None) -> Any:
+    """YAML to plain data, with duplicate keys as errors and `${VAR}` expanded unless `environ` is None."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        problems: list[tuple[str, str]] = []
+        _check_node(root, "", environ, problems, set())
+        if problems:
+            raise ConfigError(problems)
+        return loader.construct_document(root)
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, text) from None
+    finally:
+        loader.dispose()
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -298,9 +425,18 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     key_path, sep, raw_value = assignment.partition("=")
     if not sep or not key_path:
         raise ConfigError([("--set", f"'{assignment}' is not key.path=value")])
-    value = yaml.safe_load(raw_value) if raw_value else ""
-    node: Any = tree
     keys = key_path.split(".")
+    try:
+        value = _parse_yaml(raw_value, None) if raw_value else ""
+    except ConfigError as error:
+        reason = error.lines()[0].split("; ")[0]
+        raise ConfigError([(
+            f"--set {key_path}",
+            f"the value cannot be read as YAML ({reason}); quote it as a string, e.g. --set '{key_path}=\"...\"'",
+        )]) from None
+    if keys[-1] == "id" and isinstance(value, int | float) and not isinstance(value, bool):
+        value = raw_value.strip()
+    node: Any = tree
     for depth, key in enumerate(keys[:-1]):
         child_key: str | int = int(key) if isinstance(node, list) and key.isdigit() else key
         try:
@@ -349,7 +485,7 @@ def load_config(
     path: Path | None,
     overrides: list[str] | None = None,
     text: str | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> PipelineConfig:
     """Read, interpolate, override and validate a config file (or `text`, for embedded configs)."""
     if text is None:
@@ -359,10 +495,7 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError([("", f"cannot read config file {path}: {error.strerror}")]) from None
-    try:
-        tree = yaml.safe_load(interpolate_env(text, environ)) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError([("", f"not valid YAML: {error}")]) from None
+    tree = _parse_yaml(text, os.environ if environ is None else environ) or {}
     for assignment in overrides or []:
         apply_override(tree, assignment)
     return parse_config(tree)

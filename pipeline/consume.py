@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class ConsumeOptions:
     group: str | None = None
     max_messages: int | None = None
     idle_timeout_s: float | None = None
+    connect_timeout_s: float = 10.0
 
 
 _TABLE_HEADER = f"{'captured_at':<24} {'stream':<16} {'frame':>7} {'dets':>4} {'total_ms':>8}  labels"
@@ -59,20 +61,63 @@ def format_table_row(message: dict[str, Any]) -> str:
     )
 
 
-def consume(options: ConsumeOptions, out: TextIO) -> int:
-    """Print messages until interrupted, `max_messages`, or `idle_timeout_s` without one."""
+def _open_consumer(options: ConsumeOptions) -> Any:
+    """A subscribed consumer, or None after one line saying why there is none."""
     from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
 
-    consumer = KafkaConsumer(
-        options.topic,
-        bootstrap_servers=options.bootstrap.split(","),
-        group_id=options.group,
-        auto_offset_reset="earliest" if options.from_beginning else "latest",
-        enable_auto_commit=options.group is not None,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=2000,
-        max_poll_interval_ms=60_000,
-    )
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # every refused try logs a line; one summary says it better
+    try:
+        return KafkaConsumer(
+            options.topic,
+            bootstrap_servers=options.bootstrap.split(","),
+            group_id=options.group,
+            auto_offset_reset="earliest" if options.from_beginning else "latest",
+            enable_auto_commit=options.group is not None,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=2000,
+            max_poll_interval_ms=60_000,
+            bootstrap_timeout_ms=int(options.connect_timeout_s * 1000),
+        )
+    except KafkaError:
+        print(f"vap consume: no Kafka broker answered at {options.bootstrap} within {options.connect_timeout_s:g} s; "
+              "check --bootstrap and that the broker is running", file=sys.stderr)
+    except ValueError as error:
+        print(f"vap consume: --bootstrap {options.bootstrap} is not HOST:PORT[,HOST:PORT] ({error})", file=sys.stderr)
+    finally:
+        kafka_log.setLevel(level)
+    return None
+
+
+def _render(value: bytes | None, options: ConsumeOptions, labels: set[str]) -> str | None:
+    """The output line for one message, None when the label filter drops it; ValueError for a foreign message."""
+    try:
+        message = orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    try:
+        if labels and not labels & _labels_of(message):
+            return None
+        if options.output_format == "json":
+            return bytes(value or b"").decode("utf-8", "replace")
+        return format_table_row(message)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError("not a vap.frame.v1 or vap.event.v1 message") from None
+
+
+def consume(options: ConsumeOptions, out: TextIO) -> int:
+    """Print messages until interrupted, `max_messages`, or `idle_timeout_s` without one.
+
+    A message that is not a vap result (another producer on the topic) is skipped with a warning, so one
+    stray record never ends a tail that dashboards rely on.
+    """
+    consumer = _open_consumer(options)
+    if consumer is None:
+        return 1
     wanted = set(options.streams)
     labels = set(options.labels)
     printed = 0
@@ -92,13 +137,15 @@ def consume(options: ConsumeOptions, out: TextIO) -> int:
                 key = record.key.decode("utf-8", "replace") if record.key else ""
                 if wanted and key not in wanted:
                     continue
-                message = orjson.loads(record.value)
-                if labels and not labels & _labels_of(message):
+                try:
+                    line = _render(record.value, options, labels)
+                except ValueError as error:
+                    log.warning("skipped the message at %s[%d] offset %d: %s", record.topic, record.partition,
+                                record.offset, error)
                     continue
-                if options.output_format == "json":
-                    out.write(record.value.decode("utf-8", "replace") + "\n")
-                else:
-                    out.write(format_table_row(message) + "\n")
+                if line is None:
+                    continue
+                out.write(line + "\n")
                 printed += 1
                 if options.max_messages is not None and printed >= options.max_messages:
                     break

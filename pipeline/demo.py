@@ -92,8 +92,10 @@ class LiveSummary:
         self._thread.start()
 
     def stop(self) -> None:
+        """Safe whether or not `start` ran, so a demo that failed to start still cleans up."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
 
     def _value(self, name: str, **labels: str) -> float:
         return self._registry.get_sample_value(name, labels) or 0.0
@@ -171,7 +173,17 @@ def run_demo(duration_s: float, overrides: list[str]) -> int:
         summary = LiveSummary(pipeline.registry, [stream.id for stream in config.streams])
         try:
             started = time.monotonic()
-            pipeline.start()
+            try:
+                pipeline.start()
+            except Exception as error:
+                # No HTTP server means its port could not be bound: the usual case is a second demo.
+                hint = "" if pipeline.http is not None else (
+                    "; set VAP_DEMO_HTTP_PORT to a free port (0 picks one) and run it again, "
+                    "e.g. VAP_DEMO_HTTP_PORT=0 vap demo"
+                )
+                print(f"vap demo: cannot start: {error}{hint}", file=sys.stderr, flush=True)
+                log.debug("start failure", exc_info=True)
+                return 1
             assert pipeline.http is not None
             print(f"  warm in {time.monotonic() - started:.1f} s; metrics on "
                   f"http://{config.http.host}:{pipeline.http.port}/metrics; running for {duration_s:.0f} s",

@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from pipeline.config import ConfigError, PipelineConfig, StreamConfig, check_files_exist, load_config
+from pipeline.http import StreamExists, UnknownStream
 
 log = logging.getLogger(__name__)
 
 _RESTART_SECTIONS = ("model", "batching", "kafka", "http")
 
 
+class RunningStream(Protocol):
+    @property
+    def config(self) -> StreamConfig: ...
+
+
 class StreamControl(Protocol):
+    """The running pipeline as a reload sees it; the control API may change its streams at any time."""
+
+    @property
+    def readers(self) -> Mapping[str, RunningStream]: ...
+
     def add_stream(self, stream: StreamConfig) -> None: ...
 
     def remove_stream(self, stream_id: str) -> None: ...
@@ -87,9 +99,11 @@ class ConfigReloader:
         self._requested.set()
 
     def stop(self) -> None:
+        """Safe whether or not `start` ran: a pipeline that failed to start stops its reloader too."""
         self._stop.set()
         self._requested.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
 
     def _fingerprint(self) -> tuple[float, int] | None:
         try:
@@ -110,7 +124,7 @@ class ConfigReloader:
                 try:
                     self.reload()
                 except Exception:
-                    log.exception("config reload failed; the running config stays")
+                    log.exception("config reload failed midway; streams may be partly updated (see /api/v1/streams)")
 
     def reload(self) -> ReloadPlan | None:
         try:
@@ -123,15 +137,61 @@ class ConfigReloader:
         plan = plan_reload(self._current, new)
         for key in plan.needs_restart:
             log.warning("config reload: %s changed but needs a restart of vap to apply; not applied", key)
+        believed = {stream.id: stream for stream in self._current.streams}
+        failed: list[str] = []
         for stream_id in plan.remove:
-            self._control.remove_stream(stream_id)
-        for stream in plan.restart:
-            self._control.remove_stream(stream.id)
-            self._control.add_stream(stream)
-        for stream in plan.add:
-            self._control.add_stream(stream)
-        applied = [s.model_copy() for s in new.streams]
-        self._current = self._current.model_copy(update={"streams": applied})
-        log.info("config reloaded: %d added, %d removed, %d restarted", len(plan.add), len(plan.remove),
-                 len(plan.restart))
+            if self._remove(stream_id):
+                believed.pop(stream_id)
+            else:
+                failed.append(stream_id)
+        for stream in (*plan.restart, *plan.add):
+            if self._ensure(stream):
+                believed[stream.id] = stream
+            else:
+                believed.pop(stream.id, None)  # not running as the file says: the next reload tries again
+                failed.append(stream.id)
+        self._current = self._current.model_copy(update={"streams": list(believed.values())})
+        if failed:
+            log.error("config reload applied in part: stream(s) %s do not run as the file says (see the errors "
+                      "above); the file's other changes are applied, and the next reload tries these again",
+                      ", ".join(failed))
+        else:
+            log.info("config reloaded: %d added, %d removed, %d restarted", len(plan.add), len(plan.remove),
+                     len(plan.restart))
         return plan
+
+    def _running(self, stream_id: str) -> StreamConfig | None:
+        reader = self._control.readers.get(stream_id)
+        return None if reader is None else reader.config
+
+    def _remove(self, stream_id: str) -> bool:
+        """Stop a stream the file no longer has; one the control API removed already is fine."""
+        try:
+            self._control.remove_stream(stream_id)
+        except UnknownStream:
+            log.info("stream %s: already removed (through the control API)", stream_id, extra={"stream": stream_id})
+        except Exception as error:
+            log.error("stream %s: config reload could not remove it: %s", stream_id, error,
+                      extra={"stream": stream_id})
+            return False
+        return True
+
+    def _ensure(self, stream: StreamConfig) -> bool:
+        """Make `stream` run exactly as the file says, whatever the control API did to it meanwhile."""
+        running = self._running(stream.id)
+        if running == stream:
+            log.info("stream %s: already running as the file says", stream.id, extra={"stream": stream.id})
+            return True
+        if running is not None and not self._remove(stream.id):
+            return False
+        try:
+            self._control.add_stream(stream)
+        except StreamExists:
+            log.error("stream %s: config reload could not start it: the control API added a stream with this id "
+                      "meanwhile; reload again", stream.id, extra={"stream": stream.id})
+            return False
+        except Exception as error:
+            log.error("stream %s: config reload could not start it: %s", stream.id, error,
+                      extra={"stream": stream.id})
+            return False
+        return True

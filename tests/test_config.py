@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, apply_override, interpolate_env, load_config
+from pipeline.config import ConfigError, PipelineConfig, apply_override, interpolate_env, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +45,14 @@ BAD_CONFIGS = [
                  id="imgsz-not-stride-multiple"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nkafka: {compression: brotli}\n", "kafka.compression",
                  "Input should be", id="unknown-compression"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {imgsz: 320}\nmodel: {imgsz: 640}\n", "model",
+                 "duplicate key at line 4 (first at line 3)", id="duplicate-section"),
+    pytest.param("streams:\n  - id: a\n    url: CLIP\n    fps: 5\n    fps: 25\n", "streams[0].fps",
+                 "duplicate key at line 5 (first at line 4)", id="duplicate-stream-key"),
+    pytest.param("streams:\n  - {id: a, url: 'rtsp://u:${VAP_TEST_UNSET}@h/s'}\n", "streams[0].url",
+                 "environment variable VAP_TEST_UNSET is not set", id="unset-variable"),
+    pytest.param("streams:\n  - {id: a, url: 'rtsp://u:${VAP_TEST:x}@h/s'}\n", "streams[0].url",
+                 "write $${ for a literal ${", id="malformed-reference"),
 ]
 
 
@@ -123,3 +134,131 @@ def test_camera_credentials_never_appear_in_redacted_url(clip: Path) -> None:
     config = load_config(None, text="streams:\n  - {id: a, url: 'rtsp://admin:hunter2@10.0.0.5:554/s'}\n")
     assert "hunter2" not in config.streams[0].redacted_url
     assert config.streams[0].redacted_url == "rtsp://***@10.0.0.5:554/s"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("streams:\n  - {id: a, url: rtsp://h/s\n", "not valid YAML at line 3"),
+    ("streams:\n  - {id: a, url: ${CAM_URL}}\n", 'quote a ${VAR} reference: {url: "${CAM_URL}"}'),
+], ids=["unclosed-mapping", "unquoted-reference-in-flow-mapping"])
+def test_invalid_yaml_is_one_line_naming_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    assert main(["validate", "-c", str(path)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert str(path) in errors[0] and expected in errors[0], errors[0]
+    assert "<unicode string>" not in errors[0]
+
+
+@pytest.mark.parametrize("assignment", ["model.classes=[1, 2", "streams.0.url=*a"], ids=["open-list", "alias"])
+def test_set_value_that_is_not_yaml_exits_2_naming_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], assignment: str
+) -> None:
+    path = write(tmp_path, "streams:\n  - {id: a, url: 'rtsp://h/s'}\n")
+    assert main(["validate", "-c", str(path), "--set", assignment]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert f"--set {assignment.split('=')[0]}: " in errors[0] and "not valid YAML" in errors[0]
+
+
+STREAM = "streams:\n  - {id: a, url: 'rtsp://h/s'}\n"
+
+ENVIRONMENT_VALUES = [
+    pytest.param("kafka:\n  client_id: ${V}\n", {"V": "pa #ss"}, lambda c: c.kafka.client_id, "pa #ss",
+                 id="hash-stays-in-the-value"),
+    pytest.param("kafka:\n  client_id: ${V}\n", {"V": "12345"}, lambda c: c.kafka.client_id, "12345",
+                 id="digits-stay-text"),
+    pytest.param("kafka:\n  client_id: ${V}\n", {"V": "s3cr3t: x"}, lambda c: c.kafka.client_id, "s3cr3t: x",
+                 id="colon-space-stays-in-the-value"),
+    pytest.param("kafka:\n  client_id: ${V}\n", {"V": "x\nhttp: {port: 1}"}, lambda c: (c.kafka.client_id, c.http.port),
+                 ("x\nhttp: {port: 1}", 9108), id="newline-injects-no-key"),
+    pytest.param("kafka:\n  client_id: 'v-${V}'\n", {"V": "[1, 2]"}, lambda c: c.kafka.client_id, "v-[1, 2]",
+                 id="inside-a-quoted-string"),
+    pytest.param("http:\n  port: ${V:-9108}\n", {}, lambda c: c.http.port, 9108, id="number-default"),
+    pytest.param("http:\n  port: ${V:-9108}\n", {"V": "9200"}, lambda c: c.http.port, 9200,
+                 id="number-from-the-environment"),
+    pytest.param("kafka:\n  ssl_check_hostname: ${V}\n", {"V": "false"}, lambda c: c.kafka.ssl_check_hostname,
+                 False, id="boolean-from-the-environment"),
+    pytest.param("http:\n  auth_token: ${V:-null}\n", {}, lambda c: c.http.auth_token, None, id="null-default"),
+    pytest.param("kafka:\n  client_id: ${V}\n", {"V": ""}, lambda c: c.kafka.client_id, "",
+                 id="set-but-empty-counts-as-set"),
+    pytest.param("kafka:\n  client_id: ${V:-fallback}\n", {"V": ""}, lambda c: c.kafka.client_id, "fallback",
+                 id="set-but-empty-takes-the-default"),
+    pytest.param("kafka:\n  client_id: $${V}\n", {}, lambda c: c.kafka.client_id, "${V}", id="escaped-reference"),
+    pytest.param("kafka:\n  client_id: vap  # ${V} is not needed here\n", {}, lambda c: c.kafka.client_id, "vap",
+                 id="reference-in-a-comment-is-ignored"),
+]
+
+
+@pytest.mark.parametrize(("text", "environ", "read", "expected"), ENVIRONMENT_VALUES)
+def test_environment_values_are_text_inside_string_values(
+    text: str, environ: dict[str, str], read: Any, expected: object
+) -> None:
+    config: PipelineConfig = load_config(None, text=STREAM + text, environ=environ)
+    assert read(config) == expected
+
+
+def test_a_secret_from_the_environment_reaches_its_field_whole() -> None:
+    text = STREAM + "kafka:\n  sasl_username: vap\n  sasl_password: ${KAFKA_PASSWORD}\n"
+    config = load_config(None, text=text, environ={"KAFKA_PASSWORD": "pa #ss: x"})
+    assert config.kafka.sasl_password is not None
+    assert config.kafka.sasl_password.get_secret_value() == "pa #ss: x"
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t: x", "'s3cr3t", "s3cr3t\nhttp: 1", "[s3cr3t"])
+def test_errors_never_print_a_value_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    monkeypatch.setenv("VAP_TEST_SECRET", secret)
+    path = write(tmp_path, STREAM + "http:\n  port: ${VAP_TEST_SECRET}\n")
+    assert main(["validate", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "http.port" in err and "s3cr3t" not in err, err
+
+
+NASTY_PASSWORDS = ["Pa#ss1", "pa?ss", "pa/ss", "p@ss", "pa:ss", "a:b@c/d?e#f", "@192.0.2.99:1/", "tr@il@", "%40x"]
+
+
+@pytest.mark.parametrize("password", NASTY_PASSWORDS)
+def test_camera_passwords_with_url_delimiters_are_masked(password: str) -> None:
+    config = load_config(None, text=f"streams:\n  - {{id: a, url: 'rtsp://viewer:{password}@192.0.2.10:554/stream1'}}\n")
+    redacted = config.streams[0].redacted_url
+    assert redacted == "rtsp://***@192.0.2.10:554/stream1"
+    assert password not in redacted and "viewer" not in redacted
+
+
+def test_secret_query_parameters_are_masked_and_plain_urls_kept() -> None:
+    config = load_config(None, text=(
+        "streams:\n  - {id: a, url: 'http://192.0.2.5/video.cgi?user=admin&pwd=s3cret&res=hd'}\n"
+        "  - {id: b, url: 'rtsp://192.0.2.6:554/stream1'}\n  - {id: c, url: /dev/video0}\n"
+    ))
+    assert [stream.redacted_url for stream in config.streams] == [
+        "http://192.0.2.5/video.cgi?user=admin&pwd=***&res=hd", "rtsp://192.0.2.6:554/stream1", "/dev/video0"
+    ]
+
+
+def test_number_like_stream_ids_are_text() -> None:
+    text = "streams:\n  - {id: 123, url: 'rtsp://h/a'}\n  - {id: 007, url: 'rtsp://h/b'}\n"
+    assert [stream.id for stream in load_config(None, text=text).streams] == ["123", "007"]
+    assert load_config(None, ["streams.0.id=0012"], text=text).streams[0].id == "0012"
+
+
+def validate_commands(config: Path) -> list[str]:
+    header = []
+    for line in config.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    return re.findall(r"`(vap validate [^`]+)`", " ".join(header))
+
+
+def test_example_configs_validate_with_the_command_their_header_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    for name in ("CAM_USER", "CAM_PASSWORD", "KAFKA_BOOTSTRAP", "KAFKA_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    examples = {path.name: validate_commands(path) for path in sorted((REPO / "configs").glob("*.yaml"))}
+    assert examples["site-example.yaml"], "the site example's header shows how to check it"
+    for name, commands in examples.items():
+        for command in commands:
+            assert main(shlex.split(command)[1:]) == 0, f"{name}: {command}"

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.config import parse_config
-from pipeline.reload import plan_reload
+from pipeline.config import StreamConfig, parse_config
+from pipeline.http import StreamExists, UnknownStream
+from pipeline.reload import ConfigReloader, plan_reload
 from tests.conftest import metric_value, scrape, stop_with_sigterm, vap_process
 
 
@@ -32,6 +35,101 @@ def test_plan_adds_removes_restarts_and_names_sections_that_need_a_restart() -> 
     assert [s.id for s in plan.restart] == ["c"]
     assert plan.needs_restart == ("model.imgsz",)
     assert plan_reload(current, current).empty
+
+
+class RunningReader:
+    def __init__(self, config: StreamConfig) -> None:
+        self.config = config
+
+
+class FakeStreams:
+    """The pipeline's stream control as the reloader and the control API share it: same ids, same errors."""
+
+    def __init__(self, streams: list[StreamConfig], refuse: tuple[str, ...] = ()) -> None:
+        self.readers = {stream.id: RunningReader(stream) for stream in streams}
+        self.refuse = set(refuse)
+        self.calls: list[str] = []
+
+    def add_stream(self, stream: StreamConfig) -> None:
+        self.calls.append(f"add {stream.id}")
+        if stream.id in self.readers:
+            raise StreamExists(stream.id)
+        if stream.id in self.refuse:
+            raise ValueError("decoder: cuda needs PyNvVideoCodec")
+        self.readers[stream.id] = RunningReader(stream)
+
+    def remove_stream(self, stream_id: str) -> None:
+        self.calls.append(f"remove {stream_id}")
+        if self.readers.pop(stream_id, None) is None:
+            raise UnknownStream(stream_id)
+
+    def running(self) -> dict[str, StreamConfig]:
+        return {stream_id: reader.config for stream_id, reader in self.readers.items()}
+
+
+def stream(stream_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": stream_id, "url": f"rtsp://192.0.2.1/{stream_id}", **fields}
+
+
+def reloader_over(tmp_path: Path, streams: list[dict[str, Any]], refuse: tuple[str, ...] = ()
+                  ) -> tuple[ConfigReloader, FakeStreams, Path]:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree(streams)), encoding="utf-8")
+    current = parse_config(tree(streams))
+    control = FakeStreams(list(current.streams), refuse)
+    return ConfigReloader(path, [], current, control, watch=False), control, path
+
+
+def edit(path: Path, streams: list[dict[str, Any]]) -> None:
+    path.write_text(yaml.safe_dump(tree(streams)), encoding="utf-8")
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = 0) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= level]
+
+
+def test_reload_accepts_stream_changes_the_control_api_made_the_same_way(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reloader, control, path = reloader_over(tmp_path, [stream("a"), stream("b")])
+    control.remove_stream("b")
+    control.add_stream(parse_config(tree([stream("c")])).streams[0])
+    control.calls.clear()
+    edit(path, [stream("a"), stream("c")])
+    with caplog.at_level("INFO", logger="pipeline.reload"):
+        assert reloader.reload() is not None
+    assert set(control.running()) == {"a", "c"}
+    assert control.calls == ["remove b"], "c already runs as the file says: it must not be restarted"
+    assert not messages(caplog, logging.ERROR) and any("config reloaded" in m for m in messages(caplog))
+    edit(path, [stream("a")])
+    reloader.reload()
+    assert set(control.running()) == {"a"}, "the reloader must know c runs and remove it when the file does"
+
+
+def test_reload_puts_the_files_config_on_a_stream_the_api_added_or_removed(tmp_path: Path) -> None:
+    reloader, control, path = reloader_over(tmp_path, [stream("a"), stream("b")])
+    control.remove_stream("b")
+    control.add_stream(parse_config(tree([stream("c")])).streams[0])
+    edit(path, [stream("a"), stream("b", fps=5), stream("c", fps=2)])
+    reloader.reload()
+    running = control.running()
+    assert (running["b"].fps, running["c"].fps) == (5, 2)
+
+
+def test_reload_that_fails_for_one_stream_says_so_and_tries_again_next_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reloader, control, path = reloader_over(tmp_path, [stream("a")], refuse=("gpu",))
+    edit(path, [stream("a"), stream("gpu"), stream("ok")])
+    reloader.reload()
+    assert set(control.running()) == {"a", "ok"}
+    errors = messages(caplog, logging.ERROR)
+    assert any("gpu" in m and "PyNvVideoCodec" in m for m in errors), errors
+    assert any("in part" in m and "gpu" in m for m in errors), errors
+    assert not any("running config stays" in m for m in messages(caplog))
+    control.refuse.clear()
+    reloader.reload()
+    assert set(control.running()) == {"a", "gpu", "ok"}
 
 
 def wait_for_metric(port: int, name: str, stream: str, predicate: Any, timeout_s: float) -> float:

@@ -1,0 +1,153 @@
+"""The command line when things go wrong: one clear line, the documented exit code, and nothing left running."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+import pipeline.app
+from pipeline.broker import EmbeddedBroker
+from pipeline.cli import main, run_pipeline
+from pipeline.config import PipelineConfig, load_config
+from pipeline.consume import ConsumeOptions, consume
+from tests.conftest import closed_port_address, unused_topic, vap_process
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def config_file(tmp_path: Path, extra: str = "") -> Path:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not read: the run stops before any stream opens")
+    path = tmp_path / "config.yaml"
+    path.write_text(f"streams:\n  - {{id: a, url: {clip}}}\nhttp: {{host: 127.0.0.1}}\n{extra}", encoding="utf-8")
+    return path
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120) -> tuple[int, str, str]:
+    with vap_process(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as process:
+        out, err = process.communicate(timeout=timeout_s)
+    return process.returncode, out.decode(), err.decode()
+
+
+def test_run_that_cannot_listen_exits_1_with_one_error_line_and_no_traceback(tmp_path: Path, taken_port: int) -> None:
+    code, _, err = run_cli(["run", "-c", str(config_file(tmp_path)), "--set", f"http.port={taken_port}"])
+    assert code == 1, err
+    assert "Traceback" not in err and "cannot join thread" not in err, err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"cannot listen on 127.0.0.1:{taken_port}" in errors[0], err
+
+
+class FailingPipeline:
+    """Starts its HTTP part, then fails the way a missing model does."""
+
+    instances: list[FailingPipeline] = []
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.stopped = False
+        self.readers: dict[str, Any] = {}
+        FailingPipeline.instances.append(self)
+
+    def start(self, max_frames: int | None = None) -> None:
+        raise FileNotFoundError("[Errno 2] No such file or directory: 'nosuchmodel.pt'")
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_run_stops_what_it_started_when_start_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pipeline.app, "Pipeline", FailingPipeline)
+    FailingPipeline.instances.clear()
+    path = config_file(tmp_path)
+    assert run_pipeline(load_config(path), path, [], watch=False) == 1
+    assert [instance.stopped for instance in FailingPipeline.instances] == [True]
+    assert any("cannot start" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("bound", [["--duration", "-3"], ["--duration", "0"], ["--max-frames", "-1"],
+                                   ["--max-frames", "2.5"]], ids=lambda value: " ".join(value))
+def test_run_bounds_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str], bound: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "-c", str(config_file(tmp_path)), *bound])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and bound[0] in errors[0], errors
+
+
+def test_demo_with_its_port_taken_says_how_to_pick_another_and_stops_its_broker(
+    tmp_path: Path, taken_port: int
+) -> None:
+    clips = tmp_path / "cache" / "vap" / "demo-clips-v1"
+    clips.mkdir(parents=True)
+    for name in ("demo-street", "demo-portrait", "demo-yard"):
+        (clips / f"{name}.mp4").write_bytes(b"not read: the demo stops before any stream opens")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), VAP_DEMO_HTTP_PORT=str(taken_port))
+    code, out, err = run_cli(["demo", "--duration", "5"], env=env)
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "vap demo:" in line]
+    assert len(errors) == 1 and str(taken_port) in errors[0] and "VAP_DEMO_HTTP_PORT" in errors[0], err
+    broker_port = re.search(r"embedded broker on 127\.0\.0\.1:(\d+)", out)
+    assert broker_port is not None, out
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", int(broker_port[1])), 1):
+        pass
+
+
+def test_consume_from_an_unreachable_broker_fails_in_bounded_time_with_one_line(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    address = closed_port_address()
+    started = time.monotonic()
+    out = io.StringIO()
+    assert consume(ConsumeOptions(bootstrap=address, topic="vap.frames", connect_timeout_s=1.0), out) == 1
+    assert time.monotonic() - started < 10
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and address in errors[0] and "--bootstrap" in errors[0], errors
+    assert not [record for record in caplog.records if record.name.startswith("kafka")]
+
+
+def test_consume_skips_messages_that_are_not_results_and_goes_on(
+    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = unused_topic("consume-foreign")
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        admin.close()
+    result = {"schema": "vap.frame.v1", "stream_id": "cam-ok", "frame_id": 7, "captured_at": "2026-01-01T00:00:00Z",
+              "latency_ms": {"total": 1.5}, "detections": [{"label": "person"}]}
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        for value in (b"not json", b"[1, 2]", b'{"schema": "vap.event.v1"}', orjson.dumps(result)):
+            producer.send(topic, key=b"cam", value=value).get(timeout=10)
+    finally:
+        producer.close()
+    out = io.StringIO()
+    options = ConsumeOptions(bootstrap=broker.bootstrap_servers, topic=topic, from_beginning=True, max_messages=1,
+                             idle_timeout_s=15)
+    with caplog.at_level(logging.WARNING, logger="pipeline.consume"):
+        assert consume(options, out) == 0
+    assert "cam-ok" in out.getvalue() and "person x1" in out.getvalue()
+    skipped = [record.getMessage() for record in caplog.records if record.name == "pipeline.consume"]
+    assert len(skipped) == 3 and "not JSON" in skipped[0], skipped
