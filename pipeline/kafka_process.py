@@ -34,6 +34,7 @@ from pipeline.health import Heartbeats
 
 if TYPE_CHECKING:
     from pipeline.config import KafkaConfig
+    from pipeline.publishing import DeliveryErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,16 @@ _FORWARDED_LOGGERS = ("", "kafka", "pipeline")
 
 
 class KafkaProcessError(ConnectionError):
-    """A delivery or producer failure reported by the child, or the child's exit."""
+    """A delivery or producer failure reported by the child, or the child's exit.
+
+    `delivery_error_kind` is what the child found about the original error (see
+    `pipeline.publishing.delivery_error_kind`): the publisher drops a message Kafka rejects and keeps
+    one that failed for a transient reason, so that fact has to cross the pipe with the text.
+    """
+
+    def __init__(self, text: str, kind: DeliveryErrorKind = "transient") -> None:
+        super().__init__(text)
+        self.delivery_error_kind: DeliveryErrorKind = kind
 
 
 class DeliveryFuture(Future):  # type: ignore[misc]
@@ -264,7 +274,7 @@ class KafkaProcess:
                 outcomes = [(self._pending.pop(message_id, None), error) for message_id, error in reply[1]]
             for entry, error in outcomes:
                 if entry is not None:
-                    entry[0].resolve(None if error is None else KafkaProcessError(error))
+                    entry[0].resolve(None if error is None else _reported_error(*error))
         else:
             with self._lock:
                 self._replies[(reply[0], reply[1])] = reply[2] if len(reply) > 2 else None
@@ -289,6 +299,14 @@ class KafkaProcess:
             future.resolve(error)
 
 
+def _reported_error(text: str, kind: str) -> KafkaProcessError:
+    if kind == "rejected":
+        return KafkaProcessError(text, "rejected")
+    if kind == "unexplained":
+        return KafkaProcessError(text, "unexplained")
+    return KafkaProcessError(text)
+
+
 @dataclass
 class RemoteProducer:
     """One producer in the child; what the publisher holds between rebuilds."""
@@ -310,14 +328,14 @@ def serve(connection: Connection) -> None:
     reach the child too, and the pipeline still has to flush through it. It exits when told, or when the
     pipe closes because the pipeline process is gone.
     """
-    from pipeline.publishing import close_kafka_producer, make_kafka_producer
+    from pipeline.publishing import close_kafka_producer, delivery_error_kind, make_kafka_producer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     producers: dict[int, Any] = {}
     condition = threading.Condition()
-    acks: list[tuple[int, str | None]] = []
+    acks: list[tuple[int, tuple[str, str] | None]] = []
     replies: list[tuple[Any, ...]] = []
     running = True
 
@@ -327,8 +345,9 @@ def serve(connection: Connection) -> None:
             condition.notify()
 
     def fail(message_id: int, error: Exception) -> None:
+        report = (repr(error), delivery_error_kind(error))
         with condition:
-            acks.append((message_id, repr(error)))
+            acks.append((message_id, report))
             condition.notify()
 
     def reply(*message: Any) -> None:

@@ -2,7 +2,9 @@
 
 When full, the oldest message goes first: a dashboard is better served by the newest results than by a
 backlog it will never catch up on. With a spool directory, whatever is undelivered at stop is written
-to disk and read back at the next start, so restarting vap during a broker outage loses nothing.
+to disk and read back at the next start, so restarting vap during a broker outage loses nothing. The
+file read back stays on disk until those messages are settled (or written again at stop), so a crash
+of the next run loses none of them either: they may be sent twice, never lost.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,11 +26,16 @@ _LENGTHS = struct.Struct(">?II")
 
 @dataclass(frozen=True)
 class OutgoingMessage:
-    """An encoded message; `event` ones go to the events topic, the others to the results topic."""
+    """An encoded message; `event` ones go to the events topic, the others to the results topic.
+
+    `unexplained_failures` counts the delivery failures of no known kind, which the publisher bounds; it
+    is not saved to disk.
+    """
 
     key: bytes
     value: bytes
     event: bool = False
+    unexplained_failures: int = field(default=0, compare=False)
 
     @property
     def size(self) -> int:
@@ -111,8 +118,13 @@ def save_undelivered(directory: Path, messages: list[OutgoingMessage]) -> None:
     partial.replace(target)
 
 
+def discard_undelivered(directory: Path) -> None:
+    """Remove the file once what it held is settled; it is written again if undelivered messages remain at stop."""
+    (directory / SPOOL_FILE).unlink(missing_ok=True)
+
+
 def load_undelivered(directory: Path) -> list[OutgoingMessage]:
-    """Read what a previous run left and remove the file; it is written again if still undelivered at stop."""
+    """Read what a previous run left; the file stays until `discard_undelivered` or the next save replaces it."""
     target = directory / SPOOL_FILE
     if not target.is_file():
         return []
@@ -131,5 +143,4 @@ def load_undelivered(directory: Path) -> list[OutgoingMessage]:
             break
         messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end], event))
         offset = end
-    target.unlink()
     return messages

@@ -1,4 +1,5 @@
-"""The Kafka client in its child process, against a real broker: delivery, failures, a killed child, close."""
+"""The Kafka client in its child process, against a real broker: delivery, failures, a killed child, close; and
+the publisher's delivery failures with the client in either place."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline.broker import EmbeddedBroker
-from pipeline.config import KafkaConfig
+from pipeline.config import KafkaConfig, SpoolConfig
+from pipeline.frames import Detections, FrameResult
 from pipeline.health import Heartbeats
 from pipeline.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
 from pipeline.metrics import PipelineMetrics
-from pipeline.publishing import KafkaPublisher
+from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
+from pipeline.spool import load_undelivered
 from tests.conftest import closed_port_address, decode, read_topic, unused_topic, wait_until
 from tests.fakes import make_frame, make_result
+
+ProducerFactory = Callable[[KafkaConfig], Producer]
 
 
 @pytest.fixture
@@ -32,19 +39,73 @@ def kafka_process() -> Any:
     process.close()
 
 
-def publish_through(kafka_process: KafkaProcess, broker: EmbeddedBroker, topic: str,
+@pytest.fixture(params=[True, False], ids=["client-process", "in-process"])
+def producer_factory(request: pytest.FixtureRequest, kafka_process: KafkaProcess) -> ProducerFactory:
+    """Producers in the child process (`kafka.client_process: true`) or in this one."""
+    factory: ProducerFactory = kafka_process.open_producer if request.param else make_kafka_producer
+    return factory
+
+
+def start_publisher(producer_factory: ProducerFactory, broker: EmbeddedBroker, topic: str,
                     **kafka: Any) -> tuple[KafkaPublisher, Callable[[str], float]]:
-    """A started publisher whose producers live in `kafka_process`, and a reader of its delivery counts."""
+    """A started publisher whose producers come from `producer_factory`, and a reader of its delivery counts."""
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
     config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic, **kafka)
-    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), kafka_process.open_producer)
+    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), producer_factory)
     publisher.start()
 
     def count(result: str) -> float:
         return registry.get_sample_value("vap_kafka_messages_total", {"result": result}) or 0.0
 
     return publisher, count
+
+
+def publish_through(kafka_process: KafkaProcess, broker: EmbeddedBroker, topic: str,
+                    **kafka: Any) -> tuple[KafkaPublisher, Callable[[str], float]]:
+    """A started publisher whose producers live in `kafka_process`, and a reader of its delivery counts."""
+    return start_publisher(kafka_process.open_producer, broker, topic, **kafka)
+
+
+def oversized_result(frame_id: int) -> FrameResult:
+    """A result whose message is over kafka-python's max_request_size (1 MiB): Kafka will never take it."""
+    detections = Detections(boxes_xyxy=np.zeros((1, 4), np.float32), confidences=np.ones(1, np.float32),
+                            class_ids=np.zeros(1, np.int64))
+    return FrameResult(frame=make_frame("cam-1", frame_id), task="detect", detections=detections,
+                       labels={0: "x" * 1_100_000})
+
+
+class CountingSends:
+    """A producer factory that counts the messages handed to its producers (which it otherwise leaves alone)."""
+
+    def __init__(self, factory: ProducerFactory) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self.sends = 0
+
+    def __call__(self, config: KafkaConfig) -> Producer:
+        return _Counted(self._factory(config), self)
+
+    def count_one(self) -> None:
+        with self._lock:
+            self.sends += 1
+
+
+class _Counted:
+    def __init__(self, producer: Producer, counter: CountingSends) -> None:
+        self._producer = producer
+        self._counter = counter
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        future = self._producer.send(topic, value=value, key=key, headers=headers)
+        self._counter.count_one()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        self._producer.close(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
 
 
 def test_a_callback_added_after_the_outcome_still_runs_once() -> None:
@@ -225,3 +286,41 @@ def test_close_ends_the_child_and_both_pipe_threads(broker: EmbeddedBroker) -> N
         os.kill(pid, 0)
     with pytest.raises(KafkaProcessError, match="closed"):
         process.open_producer(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic))
+
+
+def test_a_message_kafka_will_never_take_is_dropped_once_and_the_ones_behind_it_are_delivered(
+    broker: EmbeddedBroker, producer_factory: ProducerFactory
+) -> None:
+    topic = unused_topic("too-large")
+    publisher, count = start_publisher(producer_factory, broker, topic)
+    for frame_id in range(20):
+        publisher.submit(oversized_result(frame_id) if frame_id == 5 else make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: count("sent") == 19 and count("dropped") == 1, timeout_s=20), \
+        f"sent {count('sent')}, dropped {count('dropped')}, failed {count('failed')}"
+    assert count("failed") < 5, "it is not retried"
+    publisher.stop(flush_timeout_s=5)
+    assert publisher.join(15)
+    assert count("dropped") == 1 and count("sent") == 19 and count("failed") < 5
+    delivered = sorted(decode(record)["frame_id"] for record in read_topic(broker.bootstrap_servers, topic, 19))
+    assert delivered == [frame_id for frame_id in range(20) if frame_id != 5]
+
+
+def test_messages_in_flight_at_stop_are_kept_in_the_spool_dir_when_the_broker_is_gone(
+    producer_factory: ProducerFactory, tmp_path: Path
+) -> None:
+    counting = CountingSends(producer_factory)
+    with EmbeddedBroker() as lost:
+        publisher, count = start_publisher(counting, lost, unused_topic("in-flight-at-stop"),
+                                           spool=SpoolConfig(dir=tmp_path))
+        publisher.submit(make_result(make_frame("cam-1", 0)))
+        assert wait_until(lambda: count("sent") == 1, timeout_s=20)
+        lost.stop()
+        for frame_id in range(1, 6):
+            publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        assert wait_until(lambda: counting.sends == 6 and publisher.backlog() == 5), \
+            "handed to the producer and not answered: in flight"
+        publisher.stop(flush_timeout_s=0.5)
+        assert publisher.join(15)
+    kept = load_undelivered(tmp_path)
+    assert sorted(orjson.loads(message.value)["frame_id"] for message in kept) == [1, 2, 3, 4, 5]
+    assert count("dropped") == 0 and count("sent") == 1
