@@ -147,7 +147,13 @@ class UltralyticsDetector:
         self.device = device
         self._half = device.startswith("cuda") if config.half == "auto" else bool(config.half)
         task = None if config.task == "auto" else config.task
-        original = YOLO(config.weights, task=task)
+        try:
+            original = YOLO(config.weights, task=task)
+        except Exception as error:
+            raise RuntimeError(
+                f"model.weights: cannot load {config.weights!r} ({error}); set it to a model file on this machine "
+                "(a model name like yolo11n.pt downloads only where the internet is reachable)"
+            ) from error
         self.task = str(original.task)
         self.labels: dict[int, str] = {int(k): str(v) for k, v in original.names.items()}
         self._class_filter = class_ids_for(config.classes, self.labels, "model.classes")

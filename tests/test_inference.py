@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,9 @@ def test_a_class_id_the_model_does_not_have_is_a_startup_error_naming_the_key_an
     with pytest.raises(ValueError, match=rf"model\.classes: {unknown} is not a class") as raised:
         UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=320, classes=[0, unknown]), "cpu")
     assert detector.labels[0] in str(raised.value)
+
+
+def test_weights_that_cannot_be_loaded_are_a_startup_error_naming_the_key(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model.pt"
+    with pytest.raises(RuntimeError, match=r"model\.weights: cannot load .*no-such-model\.pt"):
+        UltralyticsDetector(ModelConfig(weights=str(missing)), "cpu", 1)
