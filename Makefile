@@ -9,10 +9,10 @@ INSTALL := sh deploy/install.sh $(VENV) dev
 
 .PHONY: demo test lint install system-deps clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# deploy/install.sh creates .venv when it has no pip (as a failed venv on Debian leaves it) with $(PYTHON).
+export PYTHON
 
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	$(INSTALL)
 	touch $(STAMP)
 

@@ -5,7 +5,7 @@
 #
 #   deploy/install.sh VENV [EXTRAS]
 #
-# Creates the virtual environment VENV when it has no Python yet (with $PYTHON, default python3), then
+# Creates the virtual environment VENV when it has no pip yet (with $PYTHON, default python3), then
 # installs the project editable with its pinned constraints. VENV is relative to the repository root.
 # Standard pip variables (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_NO_INDEX, PIP_FIND_LINKS) choose where
 # packages come from; VAP_EXTRA_REQUIREMENTS names extra packages to install alongside (for example
@@ -21,7 +21,26 @@ extras=${2:-}
 
 case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
 cd "$here/.."
-[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+python=${PYTHON:-python3}
+
+# A venv without pip is what a failed `python3 -m venv` leaves behind on Debian; start it again.
+make_venv() {
+    rm -rf "$venv"
+    "$python" -m venv "$venv" && return 0
+    rm -rf "$venv"
+    # Debian and Ubuntu ship venv's pip bootstrap apart from python3, in python3-venv.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "install.sh: '$python -m venv' failed; installing Debian's python3-venv" >&2
+        if apt-get update -qq && apt-get install -y -qq python3-venv && "$python" -m venv "$venv"; then
+            return 0
+        fi
+        rm -rf "$venv"
+    fi
+    echo "install.sh: '$python -m venv $venv' failed; on Debian or Ubuntu install python3-venv" \
+        "(apt-get install python3-venv), then run this again" >&2
+    return 1
+}
+[ -x "$venv/bin/pip" ] || make_venv || exit 1
 
 target=.
 [ -z "$extras" ] || target=".[$extras]"

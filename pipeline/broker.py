@@ -60,16 +60,24 @@ class EmbeddedBroker:
             # with it would lose the messages vap still flushes while it stops. Its owner stops it.
             start_new_session=True,
         )
+        try:
+            self._wait_until_listening(timeout_s)
+        except BaseException:  # Ctrl-C too: in its own session, nothing else would ever stop it
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_listening(self, timeout_s: float) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"the embedded broker exited at start (code {self._process.returncode})")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
+                    return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
         raise RuntimeError(f"the embedded broker did not listen on {self.bootstrap_servers} in {timeout_s} s")
 
     def stop(self) -> None:

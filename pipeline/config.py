@@ -140,6 +140,13 @@ class StreamConfig(_Section):
     )
     analytics: AnalyticsConfig = AnalyticsConfig()
 
+    @field_validator("id")
+    @classmethod
+    def _not_a_folder_step(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"'{value}' cannot be a stream id: it names a folder where snapshots are written")
+        return value
+
     @field_validator("url", mode="before")
     @classmethod
     def _url_as_text(cls, value: Any) -> Any:

@@ -144,7 +144,23 @@ def count_published(bootstrap: str, topic: str) -> dict[str, int]:
     return per_stream
 
 
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(duration_s: float, overrides: list[str]) -> int:
+    """The embedded broker runs in its own session, so only this function stops it: a SIGTERM or SIGHUP (a
+    closed terminal) outside the pipeline's run unwinds like Ctrl-C instead of ending the process on the
+    spot, and during the run any of the three stops the pipeline gracefully first."""
+    outer = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run_demo(duration_s, overrides)
+    finally:
+        for sig, handler in outer.items():
+            signal.signal(sig, handler)
+
+
+def _run_demo(duration_s: float, overrides: list[str]) -> int:
     print("vap demo: sample clips -> bundled model -> embedded Kafka broker", flush=True)
     clips = cache_dir()
     clips.mkdir(parents=True, exist_ok=True)
@@ -169,7 +185,7 @@ def run_demo(duration_s: float, overrides: list[str]) -> int:
         def request_stop(_signum: int, _frame: FrameType | None) -> None:
             pipeline.request_stop()
 
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         summary = LiveSummary(pipeline.registry, [stream.id for stream in config.streams])
         try:
             started = time.monotonic()

@@ -6,6 +6,9 @@ Only the newest `keep_last` thumbnails of each stream are kept, so the directory
 
 from __future__ import annotations
 
+from collections import deque
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -22,6 +25,7 @@ class SnapshotWriter:
         assert config.dir is not None
         self._config = config
         self._root = config.dir.resolve()
+        self._kept: dict[str, deque[Path]] = {}
 
     def write(self, result: FrameResult) -> str | None:
         """The thumbnail's `file://` URI, or None when this frame gets none."""
@@ -43,10 +47,29 @@ class SnapshotWriter:
             caption = f"{result.labels.get(class_id, class_id)} {detections.confidences[index]:.2f}"
             cv2.putText(image, caption, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
         directory = self._root / frame.stream_id
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{frame.frame_id:012d}.jpg"
+        kept = self._kept_in(directory, frame.stream_id)
         cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, self._config.jpeg_quality])
-        expired = frame.frame_id - self._config.every_n_frames * self._config.keep_last
-        if expired >= 0:
-            (directory / f"{expired:012d}.jpg").unlink(missing_ok=True)
+        if path not in kept:
+            kept.append(path)
+        while len(kept) > self._config.keep_last:
+            kept.popleft().unlink(missing_ok=True)
         return path.as_uri()
+
+    def _kept_in(self, directory: Path, stream_id: str) -> deque[Path]:
+        """The stream's thumbnails, oldest first, counted rather than computed from frame ids: ids have gaps
+        (frames dropped before the model), so "the id `keep_last` thumbnails back" may never have been
+        written, and nothing would ever be deleted. Files a previous run left count too."""
+        kept = self._kept.get(stream_id)
+        if kept is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            kept = self._kept[stream_id] = deque(sorted(directory.glob("*.jpg"), key=_modified))
+        return kept
+
+
+def _modified(path: Path) -> float:
+    """Age order for a previous run's files (frame ids restart with each run, so names do not tell)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -111,6 +112,41 @@ def test_demo_with_its_port_taken_says_how_to_pick_another_and_stops_its_broker(
     assert broker_port is not None, out
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", int(broker_port[1])), 1):
         pass
+
+
+def test_a_closed_terminal_stops_the_demo_gracefully_and_its_broker_with_it(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed): the broker runs in its own session, so only the demo can stop it."""
+    clips = tmp_path / "cache" / "vap" / "demo-clips-v1"
+    clips.mkdir(parents=True)
+    for name in ("demo-street", "demo-portrait", "demo-yard"):
+        (clips / f"{name}.mp4").write_bytes(b"not a video: its reader backs off, the demo runs on")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), VAP_DEMO_HTTP_PORT="0")
+    args = ["demo", "--duration", "120", "--set", "model.runtime=torch", "--set", "model.warmup=false"]
+    with vap_process(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as demo:
+        assert demo.stdout is not None
+        lines = [demo.stdout.readline().decode() for _ in range(4)]
+        broker_port = next((m for line in lines if (m := re.search(r"embedded broker on [\d.]+:(\d+)", line))), None)
+        assert broker_port is not None, lines
+        while "warm in" not in lines[-1]:
+            lines.append(demo.stdout.readline().decode())
+            assert lines[-1], lines
+        demo.send_signal(signal.SIGHUP)
+        out, _ = demo.communicate(timeout=60)
+    assert "broker stopped" in out.decode(), out
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", int(broker_port[1])), 1):
+        pass
+
+
+def test_embedded_broker_interrupted_while_starting_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = EmbeddedBroker()
+
+    def interrupted(_timeout_s: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(broker, "_wait_until_listening", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        broker.start()
+    assert broker._process is None, "the broker process was left running"
 
 
 def test_consume_from_an_unreachable_broker_fails_in_bounded_time_with_one_line(

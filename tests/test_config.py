@@ -40,6 +40,7 @@ BAD_CONFIGS = [
     pytest.param("streams:\n  - {id: a, url: CLIP}\nbatching: {max_batch: -1}\n", "batching.max_batch",
                  "greater than or equal to 1", id="negative-max-batch"),
     pytest.param("streams:\n  - {id: 'cam 1', url: CLIP}\n", "streams[0].id", "pattern", id="bad-stream-id"),
+    pytest.param("streams:\n  - {id: '..', url: CLIP}\n", "streams[0].id", "names a folder", id="dot-dot-id"),
     pytest.param("streams: []\n", "streams", "at least 1", id="no-streams"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {imgsz: 300}\n", "model.imgsz", "multiple of 32",
                  id="imgsz-not-stride-multiple"),

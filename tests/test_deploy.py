@@ -680,6 +680,28 @@ def test_install_script_runs_pip_with_the_pinned_constraints(tmp_path: Path) -> 
     assert usage.returncode == 2 and "usage" in usage.stderr
 
 
+def test_install_script_remakes_a_venv_left_without_pip_and_says_what_to_install_when_venv_fails(
+        tmp_path: Path) -> None:
+    """Debian's python3 lacks venv's pip bootstrap (python3-venv): `python3 -m venv` fails after making
+    bin/python, and a rerun that trusted bin/python would never install."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\n", encoding="utf-8")
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    tried = tmp_path / "tried"
+    for name, body in (("python3", "mkdir -p \"$3/bin\"; touch \"$3/bin/python\"; exit 1"),
+                       ("apt-get", "exit 100")):
+        (fakes / name).write_text(f'#!/bin/sh\necho {name} "$@" >> {tried}\n{body}\n', encoding="utf-8")
+        (fakes / name).chmod(0o755)
+    result = subprocess.run(["sh", str(DEPLOY / "install.sh"), str(venv), "dev"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{fakes}:{os.environ['PATH']}", "PYTHON": "python3"})
+    assert result.returncode == 1
+    assert "python3-venv" in result.stderr and "Traceback" not in result.stderr
+    assert not venv.exists(), "a half-made venv would make the next run skip creating it"
+    assert f"python3 -m venv {venv}" in tried.read_text(encoding="utf-8")
+
+
 def dockerignore_excludes(relative: str) -> bool:
     """Docker's rule: the last matching pattern wins, and a pattern matching a parent directory matches too."""
     excluded = False

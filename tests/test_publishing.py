@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline.health import Heartbeats
 from pipeline.kafka_process import KafkaProcessError
 from pipeline.metrics import PipelineMetrics
 from pipeline.publishing import DeliveryErrorKind, KafkaPublisher, Producer, delivery_error_kind
+from pipeline.snapshots import SnapshotWriter
 from pipeline.spool import SPOOL_FILE, OutgoingMessage, load_undelivered, save_undelivered
 from tests.conftest import wait_until
 from tests.fakes import FakeFuture, FakeProducer, make_frame, make_result
@@ -222,3 +224,15 @@ def test_a_restored_spool_file_stays_on_disk_until_its_messages_are_delivered(tm
     assert harness.publisher.join(5)
     assert not (tmp_path / SPOOL_FILE).exists()
     assert harness.sent_frame_ids() == [0, 1, 2] and harness.count("dropped") == 0
+
+
+def test_snapshots_keep_only_the_newest_even_when_frame_ids_have_gaps(tmp_path: Path) -> None:
+    stale = tmp_path / "cam" / "000000099990.jpg"
+    stale.parent.mkdir()
+    stale.write_bytes(b"left by a previous run")
+    os.utime(stale, (1, 1))
+    writer = SnapshotWriter(SnapshotConfig(dir=tmp_path, every_n_frames=10, keep_last=5))
+    for frame_id in range(0, 600, 3):  # a 30 fps camera capped at 10: every third id reaches the publisher
+        writer.write(make_result(make_frame("cam", frame_id)))
+    kept = sorted(path.name for path in (tmp_path / "cam").iterdir())
+    assert kept == [f"{frame_id:012d}.jpg" for frame_id in (450, 480, 510, 540, 570)]
