@@ -185,6 +185,7 @@ class Pipeline:
             self.hub.remove_stream(stream_id)
             self.metrics.remove_stream(stream_id)
             self._analytics.pop(stream_id, None)
+            self._occupancy_keys.pop(stream_id, None)
         threading.Thread(target=self._reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
         log.info("stream %s: removed", stream_id, extra={"stream": stream_id})
 
@@ -250,10 +251,9 @@ class Pipeline:
 
     def _set_occupancy(self, stream_id: str, counts: dict[tuple[str, str], int]) -> None:
         previous = self._occupancy_keys.get(stream_id, set())
+        series = self.metrics.stream(stream_id)
         for zone_id, label in previous | set(counts):
-            self.metrics.zone_occupancy.labels(stream=stream_id, zone=zone_id, label=label).set(
-                counts.get((zone_id, label), 0)
-            )
+            series.occupancy(zone_id, label).set(counts.get((zone_id, label), 0))
         self._occupancy_keys[stream_id] = previous | set(counts)
 
     def request_stop(self) -> None:

@@ -22,6 +22,10 @@ _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 _SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+_REMEMBERED_REMOVALS = 1024
+_UNEXPORTED_STREAMS = 64
+
+
 class StreamMetrics:
     """One stream's per-frame series, looked up once: `labels()` costs a few microseconds with a lock, on
     every frame of every stream, and on a GPU host those microseconds hold the GIL the model needs."""
@@ -37,6 +41,8 @@ class StreamMetrics:
                         for reason in DROP_REASONS}
         self._metrics = metrics
         self._detections: dict[str, Counter] = {}
+        self._zone_events: dict[tuple[str, str, str], Counter] = {}
+        self._occupancy: dict[tuple[str, str], Gauge] = {}
 
     def detections(self, label: str) -> Counter:
         child = self._detections.get(label)
@@ -44,8 +50,28 @@ class StreamMetrics:
             child = self._detections[label] = self._metrics.detections.labels(stream=self.stream_id, label=label)
         return child
 
-    def detection_labels(self) -> list[str]:
-        return list(self._detections)
+    def zone_events(self, zone: str, event: str, label: str) -> Counter:
+        child = self._zone_events.get((zone, event, label))
+        if child is None:
+            child = self._zone_events[(zone, event, label)] = self._metrics.zone_events.labels(
+                stream=self.stream_id, zone=zone, event=event, label=label)
+        return child
+
+    def occupancy(self, zone: str, label: str) -> Gauge:
+        child = self._occupancy.get((zone, label))
+        if child is None:
+            child = self._occupancy[(zone, label)] = self._metrics.zone_occupancy.labels(
+                stream=self.stream_id, zone=zone, label=label)
+        return child
+
+    def remove_labelled(self) -> None:
+        """Stops exporting the series this stream created with labels beyond its own id."""
+        for label in self._detections:
+            self._metrics.detections.remove(self.stream_id, label)
+        for key in self._zone_events:
+            self._metrics.zone_events.remove(self.stream_id, *key)
+        for zone_key in self._occupancy:
+            self._metrics.zone_occupancy.remove(self.stream_id, *zone_key)
 
 
 class PipelineMetrics:
@@ -55,8 +81,9 @@ class PipelineMetrics:
         self.registry = registry
         self._streams: dict[str, StreamMetrics] = {}
         self._streams_lock = threading.Lock()
-        self._removed: set[str] = set()
+        self._removed: dict[str, None] = {}  # insertion-ordered, so the oldest can be forgotten
         self._unexported: PipelineMetrics | None = None
+        self._unexported_streams = 0
         self.frames_read = Counter(
             "vap_frames_read_total", "Frames decoded from each stream", ["stream"], registry=registry
         )
@@ -131,7 +158,7 @@ class PipelineMetrics:
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""
         with self._streams_lock:
-            self._removed.discard(stream_id)
+            self._removed.pop(stream_id, None)
         self.stream(stream_id).up.set(0)
 
     def stream(self, stream_id: str) -> StreamMetrics:
@@ -143,17 +170,21 @@ class PipelineMetrics:
             return series
         with self._streams_lock:
             if stream_id in self._removed:
-                if self._unexported is None:
-                    self._unexported = PipelineMetrics(CollectorRegistry())
-                return self._unexported.stream(stream_id)
+                # A fresh sink now and then: one per removed id would grow with every stream ever removed.
+                if self._unexported is None or self._unexported_streams >= _UNEXPORTED_STREAMS:
+                    self._unexported, self._unexported_streams = PipelineMetrics(CollectorRegistry()), 0
+                self._unexported_streams += 1
+                return StreamMetrics(self._unexported, stream_id)
             return self._streams.setdefault(stream_id, StreamMetrics(self, stream_id))
 
     def remove_stream(self, stream_id: str) -> None:
         with self._streams_lock:
-            self._removed.add(stream_id)
+            self._removed[stream_id] = None
+            while len(self._removed) > _REMEMBERED_REMOVALS:
+                del self._removed[next(iter(self._removed))]
             series = self._streams.pop(stream_id, None)
-            for label in () if series is None else series.detection_labels():
-                self.detections.remove(stream_id, label)
+            if series is not None:
+                series.remove_labelled()
             for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
                            self.end_to_end_latency):
                 metric.remove(stream_id)

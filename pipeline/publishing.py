@@ -41,6 +41,7 @@ _MAX_UNEXPLAINED_FAILURES = 5
 _SETTLE_AFTER_CLOSE_S = 2.0
 _FORCE_CLOSE_JOIN_S = 1.0
 _REPEATED_ERROR_LOG_S = 10.0
+_RESTORED_CHECK_S = 0.5
 
 DeliveryErrorKind = Literal["transient", "rejected", "unexplained"]
 _DELIVERY_ERROR_KINDS: tuple[DeliveryErrorKind, ...] = ("transient", "rejected", "unexplained")
@@ -49,10 +50,11 @@ _DELIVERY_ERROR_KINDS: tuple[DeliveryErrorKind, ...] = ("transient", "rejected",
 def delivery_error_kind(error: BaseException) -> DeliveryErrorKind:
     """Whether sending the same message again can ever succeed.
 
-    `rejected`: Kafka refuses this record or its topic (too large, invalid, not authorised); every retry
-    fails the same way. `transient`: the broker is away or slow, or the producer itself is broken (closed,
-    fenced, its producer id lost after a broker restart); time or a new producer fixes that, so such a
-    failure never costs the message. `unexplained`: the rest, non-retriable by kafka-python's own
+    `rejected`: Kafka refuses this record or its topic (too large, invalid); every retry fails the same
+    way. `transient`: the broker is away or slow, the producer itself is broken (closed, fenced, its
+    producer id lost after a broker restart), or vap is not authorised yet (an ACL is the deployment's to
+    fix, not the message's); time, a fix or a new producer cures that, so such a failure never costs the
+    message while the spool has room. `unexplained`: the rest, non-retriable by kafka-python's own
     `retriable` flag, but not known to be the message's fault (a batch-mate of an invalid record fails so).
     An error reported by the Kafka child process carries the kind the child found.
     """
@@ -65,7 +67,7 @@ def delivery_error_kind(error: BaseException) -> DeliveryErrorKind:
     rejected = (
         errors.MessageSizeTooLargeError, errors.RecordListTooLargeError, errors.InvalidRecordError,
         errors.InvalidTimestampError, errors.InvalidTopicError, errors.PolicyViolationError,
-        errors.UnsupportedForMessageFormatError, errors.AuthorizationError,
+        errors.UnsupportedForMessageFormatError,
     )
     if isinstance(error, rejected):
         return "rejected"
@@ -74,7 +76,8 @@ def delivery_error_kind(error: BaseException) -> DeliveryErrorKind:
         errors.InvalidProducerEpochError, errors.ProducerFencedError, errors.InvalidProducerIdMappingError,
         errors.TransactionAbortedError,
     )
-    if getattr(error, "retriable", False) or isinstance(error, (OSError, *producer_faults)):
+    waits = (OSError, errors.AuthorizationError, *producer_faults)
+    if getattr(error, "retriable", False) or isinstance(error, waits):
         return "transient"
     return "unexplained"
 
@@ -218,6 +221,7 @@ class KafkaPublisher:
         self._finished = False
         self._drained = False
         self._restored_file_kept = False
+        self._next_restored_check = 0.0
         self._generation = 0
         self._retry_at = 0.0
         self._backoff_s = 0.5
@@ -240,7 +244,7 @@ class KafkaPublisher:
             if restored:
                 log.info("resending %d message(s) left undelivered by the previous run", len(restored))
                 self._restored_file_kept = True
-                self._count_dropped(self._spool.put_back(restored))
+                self._count_dropped(self._spool.put_back(replace(message, restored=True) for message in restored))
         self._thread.start()
 
     def is_alive(self) -> bool:
@@ -364,9 +368,16 @@ class KafkaPublisher:
 
     def _forget_restored_file_once_settled(self) -> None:
         """The previous run's spool file stays on disk until every message from it is settled (sent or counted),
-        so a crash of this run before then loses none of them (some may be sent twice)."""
-        if not self._restored_file_kept or self.backlog() > 0:
+        so a crash of this run before then loses none of them (some may be sent twice). Looked at twice a
+        second, since it walks the spool."""
+        now = time.monotonic()
+        if not self._restored_file_kept or now < self._next_restored_check:
             return
+        self._next_restored_check = now + _RESTORED_CHECK_S
+        with self._condition:
+            pending = (*self._spool, *self._in_flight.values(), *self._failed_deliveries)
+            if any(message.restored for message in pending):
+                return
         self._restored_file_kept = False
         if self._config.spool.dir is not None:
             discard_undelivered(self._config.spool.dir)
@@ -421,9 +432,7 @@ class KafkaPublisher:
             return None
 
     def _count_zone_event(self, event: ZoneEvent) -> None:
-        self._metrics.zone_events.labels(
-            stream=event.stream_id, zone=event.zone_id, event=event.event, label=event.label
-        ).inc()
+        self._metrics.stream(event.stream_id).zone_events(event.zone_id, event.event, event.label).inc()
 
     def _send_spooled(self) -> None:
         producer = self._ensure_producer()
@@ -490,7 +499,9 @@ class KafkaPublisher:
         self._metrics.kafka_outcomes["failed"].inc()
         if give_up:
             self._count_dropped(1)
-            self._rejections.error("Kafka will not take a %d-byte message of stream %s (%s); dropped",
+            reason = "Kafka will not take" if kind == "rejected" else (
+                f"after {message.unexplained_failures} failed tries, giving up on")
+            self._rejections.error("%s a %d-byte message of stream %s (%s); dropped", reason,
                                    message.size, message.key.decode(errors="replace"), error)
         else:
             log.debug("delivery failed: %r", error)

@@ -13,7 +13,7 @@ import logging
 import os
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,14 +28,15 @@ _LENGTHS = struct.Struct(">?II")
 class OutgoingMessage:
     """An encoded message; `event` ones go to the events topic, the others to the results topic.
 
-    `unexplained_failures` counts the delivery failures of no known kind, which the publisher bounds; it
-    is not saved to disk.
+    `unexplained_failures` counts the delivery failures of no known kind, which the publisher bounds;
+    `restored` marks a message read back from the previous run's file. Neither is saved to disk.
     """
 
     key: bytes
     value: bytes
     event: bool = False
     unexplained_failures: int = field(default=0, compare=False)
+    restored: bool = field(default=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -53,6 +54,9 @@ class Spool:
 
     def __len__(self) -> int:
         return len(self._messages)
+
+    def __iter__(self) -> Iterator[OutgoingMessage]:
+        return iter(self._messages)
 
     @property
     def bytes(self) -> int:

@@ -143,11 +143,31 @@ def test_a_removed_stream_leaves_no_series_behind_and_comes_back_from_zero() -> 
     metrics.stream("cam").frames_read.inc(3)
     metrics.stream("cam").detections("car").inc(2)
     metrics.stream("cam").end_to_end_latency.observe(0.1)
+    metrics.stream("cam").zone_events("door", "enter", "person").inc()
+    metrics.stream("cam").occupancy("door", "person").set(3)
 
     metrics.remove_stream("cam")
+    metrics.stream("cam").frames_processed.inc()  # a result still in flight
+    metrics.stream("cam").occupancy("door", "person").set(2)
 
     left = [s for family in registry.collect() for s in family.samples if s.labels.get("stream") == "cam"]
     assert left == []
     metrics.add_stream("cam")
     assert registry.get_sample_value("vap_frames_read_total", {"stream": "cam"}) == 0.0
     assert registry.get_sample_value("vap_detections_total", {"stream": "cam", "label": "car"}) is None
+
+
+def test_streams_added_and_removed_for_ever_leave_bounded_bookkeeping() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.metrics import PipelineMetrics
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    for index in range(3000):
+        metrics.add_stream(f"cam-{index}")
+        metrics.remove_stream(f"cam-{index}")
+        metrics.stream(f"cam-{index}").frames_processed.inc()
+    assert len(metrics._removed) <= 1024 and metrics._unexported is not None
+    assert len(metrics._unexported.frames_processed._metrics) <= 64
+    assert not [s for family in registry.collect() for s in family.samples if "stream" in s.labels]

@@ -193,7 +193,7 @@ def test_a_message_that_keeps_failing_for_no_known_reason_is_dropped_after_a_bou
     [
         (errors.MessageSizeTooLargeError("1.2 MB"), "rejected"),
         (errors.InvalidRecordError("bad record"), "rejected"),
-        (errors.TopicAuthorizationFailedError("vap.frames"), "rejected"),
+        (errors.TopicAuthorizationFailedError("vap.frames"), "transient"),
         (errors.KafkaTimeoutError("batch expired"), "transient"),
         (errors.KafkaConnectionError("refused"), "transient"),
         (errors.UnknownProducerIdError("broker restarted"), "transient"),
@@ -224,6 +224,35 @@ def test_a_restored_spool_file_stays_on_disk_until_its_messages_are_delivered(tm
     assert harness.publisher.join(5)
     assert not (tmp_path / SPOOL_FILE).exists()
     assert harness.sent_frame_ids() == [0, 1, 2] and harness.count("dropped") == 0
+
+
+class SlowAckProducer(FakeProducer):
+    """Acknowledges after 50 ms, so under steady traffic something is always in flight."""
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        future = FakeFuture()
+        self.sent.append((key, value))
+        threading.Timer(0.05, future.succeed).start()
+        return future
+
+
+def test_a_restored_spool_file_goes_once_its_own_messages_are_delivered_though_traffic_never_stops(
+        tmp_path: Path) -> None:
+    save_undelivered(tmp_path, [OutgoingMessage(b"cam-1", orjson.dumps({"frame_id": -1 - i})) for i in range(3)])
+    harness = Harness(spool_dir=tmp_path, producer_class=SlowAckProducer)
+    harness.publisher.start()
+    gone_at = None
+    try:
+        for frame_id in range(150):  # 100 frames/s for 1.5 s
+            harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+            if gone_at is None and not (tmp_path / SPOOL_FILE).exists():
+                gone_at = frame_id
+            time.sleep(0.01)
+    finally:
+        harness.publisher.stop(flush_timeout_s=2)
+        assert harness.publisher.join(5)
+    assert gone_at is not None and gone_at < 120, "the file stayed while new messages kept the backlog up"
+    assert harness.sent_frame_ids()[:3] == [-1, -2, -3]
 
 
 def test_snapshots_keep_only_the_newest_even_when_frame_ids_have_gaps(tmp_path: Path) -> None:
