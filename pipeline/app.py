@@ -151,7 +151,7 @@ class Pipeline:
             if stream.id in self.readers:
                 raise StreamExists(stream.id)
             if stream.kind == "file" and not stream.file_path.is_file():
-                raise ValueError(f"url: file not found: {stream.url}")
+                raise ValueError(f"url: file not found: {stream.redacted_url}")
             if stream.decoder != "cpu" and not nvdec_available():
                 raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
                                  "(pip install 'vap[nvdec]'), or use decoder: cpu")

@@ -32,10 +32,10 @@ _ENV_TOKEN = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}
 _WHOLE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _YAML_NULLS = ("", "~", "null", "Null", "NULL")
 _STR_TAG, _NULL_TAG, _MERGE_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null", "tag:yaml.org,2002:merge"
-_SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/*")
 _HOST_AND_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?(?=[/?#]|$)")
 _SECRET_QUERY_VALUE = re.compile(
-    r"(?i)([?&;][a-z0-9_.-]*(?:pass|pwd|token|secret|key|auth|sig)[a-z0-9_.-]*=)[^&;#]*"
+    r"(?i)([?&;][a-z0-9_.-]*(?:pass|pwd|pw|token|secret|key|auth|sig)[a-z0-9_.-]*=)[^&;#]*"
 )
 
 
@@ -254,7 +254,7 @@ class KafkaConfig(_Section):
     bootstrap_servers: str = Field("localhost:9092", min_length=1)
     topic: str = Field("vap.frames", pattern=r"^[A-Za-z0-9._-]+$", max_length=249)
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
-    acks: Literal["all", "0", "1", 0, 1, -1] = "all"
+    acks: Literal["all", "0", "1", "-1", 0, 1, -1] = "all"
     client_id: str = "vap"
     linger_ms: int = Field(5, ge=0, le=10_000)
     client_process: bool = Field(
@@ -372,9 +372,12 @@ def _check_node(
                 continue
             child = _child(path, key_node.value)
             line = key_node.start_mark.line + 1
-            first = first_line.setdefault((key_node.tag, key_node.value), line)
-            if first != line:
-                problems.append((child, f"duplicate key at line {line} (first at line {first}); keep only one"))
+            first = first_line.get((key_node.tag, key_node.value))
+            if first is None:
+                first_line[(key_node.tag, key_node.value)] = line
+            else:
+                where = f"twice on line {line}" if first == line else f"at line {line} (first at line {first})"
+                problems.append((child, f"duplicate key {where}; keep only one"))
             if key_node.value == "id" and isinstance(value_node, yaml.ScalarNode) and value_node.style is None \
                     and value_node.tag != _NULL_TAG:
                 value_node.tag = _STR_TAG  # ids are text: `007` must not become 7
@@ -435,11 +438,11 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     keys = key_path.split(".")
     try:
         value = _parse_yaml(raw_value, None) if raw_value else ""
-    except ConfigError as error:
-        reason = error.lines()[0].split("; ")[0]
+    except ConfigError:
+        # YAML's reason quotes the value, which may be a secret.
         raise ConfigError([(
             f"--set {key_path}",
-            f"the value cannot be read as YAML ({reason}); quote it as a string, e.g. --set '{key_path}=\"...\"'",
+            f"the value cannot be read as YAML; quote it as a string, e.g. --set '{key_path}=\"...\"'",
         )]) from None
     if keys[-1] == "id" and isinstance(value, int | float) and not isinstance(value, bool):
         value = raw_value.strip()
@@ -511,7 +514,7 @@ def load_config(
 def check_files_exist(config: PipelineConfig) -> None:
     """Files named in the config must exist; kept apart from parsing so parsing stays pure."""
     problems = [
-        (f"streams[{index}].url", f"file not found: {stream.url}")
+        (f"streams[{index}].url", f"file not found: {redact_url(stream.url)}")
         for index, stream in enumerate(config.streams)
         if stream.kind == "file" and not stream.file_path.is_file()
     ]

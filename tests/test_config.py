@@ -160,12 +160,42 @@ def test_set_value_that_is_not_yaml_exits_2_naming_its_key(
     assert main(["validate", "-c", str(path), "--set", assignment]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1, errors
-    assert f"--set {assignment.split('=')[0]}: " in errors[0] and "not valid YAML" in errors[0]
+    assert f"--set {assignment.split('=')[0]}: " in errors[0] and "cannot be read as YAML" in errors[0]
+
+
+@pytest.mark.parametrize("text, overrides", [
+    ("streams:\n  - {id: a, url: 'admin:S3cr3t@192.0.2.10:554/s'}\n", []),
+    ("streams:\n  - {id: a, url: 'rtsp://h/s'}\n", ["kafka.sasl_password=*S3cr3t"]),
+    ("streams:\n  - {id: a, url: 'rtsp://h/s'}\n", ["kafka.sasl_password=!S3cr3t"]),
+], ids=["url-without-scheme", "set-alias", "set-tag"])
+def test_errors_never_print_a_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, overrides: list[str]
+) -> None:
+    path = write(tmp_path, text)
+    assert main(["validate", "-c", str(path), *[arg for o in overrides for arg in ("--set", o)]]) == 2
+    captured = capsys.readouterr()
+    assert "S3cr3t" not in captured.err + captured.out
+
+
+def test_a_key_given_twice_on_one_line_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "streams:\n  - {id: a, url: 'rtsp://h/s', fps: 10, fps: 1000}\n")
+    assert main(["validate", "-c", str(path)]) == 2
+    assert "streams[0].fps: duplicate key twice on line 2" in capsys.readouterr().err
+
+
+def test_redaction_covers_a_missing_or_short_scheme_and_short_query_names() -> None:
+    from pipeline.config import redact_url
+
+    assert redact_url("admin:S3cr3t@192.0.2.10:554/s") == "admin:***@192.0.2.10:554/s"
+    assert redact_url("rtsp:/admin:S3cr3t@192.0.2.10/s") == "rtsp:/***@192.0.2.10/s"
+    assert redact_url("http://192.0.2.5/cgi?pw=S3cr3t&res=hd") == "http://192.0.2.5/cgi?pw=***&res=hd"
+    assert redact_url("/videos/cam@2.mp4") == "/videos/cam@2.mp4"
 
 
 STREAM = "streams:\n  - {id: a, url: 'rtsp://h/s'}\n"
 
 ENVIRONMENT_VALUES = [
+    pytest.param("kafka:\n  acks: ${ACKS:--1}\n", {}, lambda c: c.kafka.acks, "-1", id="acks-default-minus-one"),
     pytest.param("kafka:\n  client_id: ${V}\n", {"V": "pa #ss"}, lambda c: c.kafka.client_id, "pa #ss",
                  id="hash-stays-in-the-value"),
     pytest.param("kafka:\n  client_id: ${V}\n", {"V": "12345"}, lambda c: c.kafka.client_id, "12345",
