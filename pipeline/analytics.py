@@ -1,9 +1,11 @@
 """Zone and line analytics per stream: from tracked boxes to enter, exit, cross and dwell events.
 
 Each tracked object is reduced to one anchor point (bottom-centre by default: where a person or a car
-touches the ground). An object enters a zone when its anchor moves inside the polygon (or first appears
-inside), exits when it moves out or its track expires while inside, dwells once it has stayed
-`dwell_s`, and crosses a line when its anchor passes from one side of the segment to the other.
+touches the ground). An object enters a zone when its anchor moves inside the polygon or onto its edge
+(or first appears there), exits when it moves clearly out or its track expires while inside, dwells once
+it has stayed `dwell_s`, and crosses a line when its anchor passes through the segment from clearly one
+side to clearly the other. "Clearly" is a band of 1% of the frame's smaller side: an anchor jittering on
+an edge or a line by a pixel or two would otherwise enter and exit, or cross, on every wobble.
 Time advances by media time when the source gives it, so files read faster than real time dwell correctly,
 and by the reader's monotonic clock where media time is missing or goes back (a file that loops, a live
 stream that reconnects), so it never runs backwards and tracks always expire.
@@ -24,6 +26,11 @@ from pipeline.inference import class_ids_for
 from pipeline.tracking import StreamTracker
 
 TRACK_EXPIRY_S = 3.0
+# Ultralytics' trackers keep a lost track 30 frames (track_buffer); at low frame rates that outlasts
+# TRACK_EXPIRY_S, and a track expired here would come back under the same id as a second enter.
+_TRACKER_BUFFER_FRAMES = 31
+_BAND = 0.01
+_ON_EDGE_PX = 0.5
 
 Point = tuple[float, float]
 
@@ -58,6 +65,7 @@ class _TrackState:
     class_votes: Counter[int] = field(default_factory=Counter)
     inside_since: dict[str, float] = field(default_factory=dict)
     dwelled: set[str] = field(default_factory=set)
+    line_sides: dict[str, tuple[int, Point]] = field(default_factory=dict)
 
     @property
     def class_id(self) -> int:
@@ -89,21 +97,43 @@ def point_in_polygon(point: Point, polygon: list[Point]) -> bool:
     return inside
 
 
+def distance_to_polygon_edge(point: Point, polygon: list[Point]) -> float:
+    return min(distance_to_segment(point, start, end)
+               for start, end in zip(polygon, polygon[1:] + polygon[:1], strict=True))
+
+
+def distance_to_segment(point: Point, start: Point, end: Point) -> float:
+    (px, py), (x1, y1), (x2, y2) = point, start, end
+    dx, dy = x2 - x1, y2 - y1
+    length_sq = dx * dx + dy * dy
+    t = 0.0 if length_sq == 0 else min(1.0, max(0.0, ((px - x1) * dx + (py - y1) * dy) / length_sq))
+    return float(np.hypot(px - (x1 + t * dx), py - (y1 + t * dy)))
+
+
 def side_of_line(point: Point, start: Point, end: Point) -> float:
     """Positive on the right-hand side of start->end as drawn on the image (y pointing down), else negative."""
     return (end[0] - start[0]) * (point[1] - start[1]) - (end[1] - start[1]) * (point[0] - start[0])
 
 
 def crosses_segment(previous: Point, current: Point, start: Point, end: Point) -> int:
-    """+1 when the move passes through the segment to its right-hand side, -1 to its left, else 0."""
+    """+1 when the move passes through the segment (its ends included) to its right-hand side, -1 to its
+    left, else 0; a move that starts or ends on the line's extension does not cross."""
     before, after = side_of_line(previous, start, end), side_of_line(current, start, end)
     if before == 0 or after == 0 or (before > 0) == (after > 0):
         return 0
-    along_before = side_of_line(start, previous, current)
-    along_after = side_of_line(end, previous, current)
-    if (along_before > 0) == (along_after > 0):
+    along_start = side_of_line(start, previous, current)
+    along_end = side_of_line(end, previous, current)
+    if along_start * along_end > 0:
         return 0
     return 1 if after > 0 else -1
+
+
+def line_side(point: Point, start: Point, end: Point, band_px: float) -> int:
+    """+1 or -1 when the point is clearly on the right or left of the line through the segment, 0 within
+    `band_px` of it."""
+    length = float(np.hypot(end[0] - start[0], end[1] - start[1])) or 1.0
+    distance = side_of_line(point, start, end) / length
+    return 0 if abs(distance) <= band_px else (1 if distance > 0 else -1)
 
 
 class StreamClock:
@@ -147,6 +177,8 @@ class StreamAnalytics:
         self._tracker = StreamTracker(tracker)
         self._clock = StreamClock()
         self._tracks: dict[int, _TrackState] = {}
+        self._last_s: float | None = None
+        self._frame_interval_s = 0.0
 
     def _scaled(self, points: list[Point], width: int, height: int) -> list[Point]:
         return [(x * width, y * height) for x, y in points] if self._config.normalized else points
@@ -156,6 +188,12 @@ class StreamAnalytics:
         detections = self._tracker.update(result.detections, frame.image)
         result = replace(result, detections=detections)
         now_s = self._clock.advance(frame.pts_ms, frame.captured_monotonic)
+        if self._last_s is not None:
+            step = now_s - self._last_s
+            self._frame_interval_s = step if self._frame_interval_s == 0 else 0.9 * self._frame_interval_s + 0.1 * step
+        self._last_s = now_s
+        expiry_s = max(TRACK_EXPIRY_S, _TRACKER_BUFFER_FRAMES * self._frame_interval_s)
+        band_px = max(1.0, _BAND * min(frame.width, frame.height))
         events: list[ZoneEvent] = []
         zones = [(zone, self._scaled(zone.polygon, frame.width, frame.height)) for zone in self._config.zones]
         lines = [(line, self._scaled([line.start, line.end], frame.width, frame.height)) for line in self._config.lines]
@@ -173,42 +211,62 @@ class StreamAnalytics:
                 continue
             class_id = int(detections.class_ids[index])
             anchor = anchor_point(detections.boxes_xyxy[index], self._config.anchor)
+            if not all(np.isfinite(anchor)):
+                continue
             state = self._tracks.get(track_id)
-            previous_anchor = None if state is None else state.anchor
             if state is None:
                 state = _TrackState(now_s, anchor, result.labels)
                 self._tracks[track_id] = state
             state.last_seen_s, state.anchor = now_s, anchor
             state.class_votes[class_id] += 1
             for zone, polygon in zones:
-                change = self._update_zone(zone, polygon, state, now_s)
+                change = self._update_zone(zone, polygon, state, now_s, band_px)
                 if change is not None:
                     emit("zone", change[0], zone.id, track_id, state, dwell_s=change[1])
-            if previous_anchor is not None:
-                for line, (start, end) in lines:
-                    allowed = self._line_classes[line.id]
-                    if allowed is not None and state.class_id not in allowed:
-                        continue
-                    direction = crosses_segment(previous_anchor, anchor, start, end)
-                    if direction:
-                        emit("line", "cross", line.id, track_id, state,
-                             direction=line.directions[0 if direction > 0 else 1])
+            for line, (start, end) in lines:
+                allowed = self._line_classes[line.id]
+                if allowed is not None and state.class_id not in allowed:
+                    continue
+                direction = self._update_line(line.id, start, end, state, band_px)
+                if direction:
+                    emit("line", "cross", line.id, track_id, state,
+                         direction=line.directions[0 if direction > 0 else 1])
         for track_id, state in list(self._tracks.items()):
-            if now_s - state.last_seen_s > TRACK_EXPIRY_S:
+            if now_s - state.last_seen_s > expiry_s:
                 for zone_id in list(state.inside_since):
                     emit("zone", "exit", zone_id, track_id, state)
                 del self._tracks[track_id]
         return result, events
 
+    @staticmethod
+    def _update_line(line_id: str, start: Point, end: Point, state: _TrackState, band_px: float) -> int:
+        """A crossing, counted when the anchor goes from clearly one side to clearly the other through the
+        segment; positions within the band (on the line, or wobbling across it) decide nothing."""
+        side = line_side(state.anchor, start, end, band_px)
+        if side == 0:
+            return 0
+        known = state.line_sides.get(line_id)
+        state.line_sides[line_id] = (side, state.anchor)
+        if known is None or known[0] == side:
+            return 0
+        return crosses_segment(known[1], state.anchor, start, end)
+
     def _update_zone(
-        self, zone: ZoneConfig, polygon: list[Point], state: _TrackState, now_s: float
+        self, zone: ZoneConfig, polygon: list[Point], state: _TrackState, now_s: float, band_px: float
     ) -> tuple[str, float | None] | None:
-        """The zone event this observation causes, if any, as (event, dwell seconds)."""
+        """The zone event this observation causes, if any, as (event, dwell seconds).
+
+        The class filter decides who enters; a track inside still exits when its class changes. Boxes are
+        clamped to the frame, so an object cut by the frame's edge sits exactly on a zone's edge there: on
+        the edge counts as inside, and only a move clearly out is an exit.
+        """
         allowed = self._zone_classes[zone.id]
-        if allowed is not None and state.class_id not in allowed:
-            return None
-        inside = point_in_polygon(state.anchor, polygon)
         was_inside = zone.id in state.inside_since
+        if allowed is not None and state.class_id not in allowed and not was_inside:
+            return None
+        in_polygon = point_in_polygon(state.anchor, polygon)
+        distance = 0.0 if in_polygon else distance_to_polygon_edge(state.anchor, polygon)
+        inside = distance <= (band_px if was_inside else _ON_EDGE_PX)
         if inside and not was_inside:
             state.inside_since[zone.id] = now_s
             state.dwelled.discard(zone.id)

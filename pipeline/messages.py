@@ -71,6 +71,8 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
     boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
     confidences = np.round(detections.confidences.astype(np.float64), 4).tolist()
     polygons, track_ids = detections.polygons, detections.track_ids
+    # A model overflowing in FP16 can give NaN or inf, which JSON writes as null and the schema refuses.
+    finite = (np.isfinite(detections.boxes_xyxy).all(axis=1) & np.isfinite(detections.confidences)).tolist()
     # Polygons stay arrays: orjson writes them natively, several times faster than lists of floats.
     message["detections"] = [
         {
@@ -83,6 +85,7 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
         }
         for index, (class_id, confidence, box) in enumerate(
             zip(detections.class_ids.tolist(), confidences, boxes, strict=True))
+        if finite[index]
     ]
     return message
 

@@ -1,8 +1,9 @@
 """Multi-object tracking, one Ultralytics tracker per stream.
 
 Each stream owns its tracker state and sees only its own frames, in order: sharing one tracker across
-the frames of a batch mixes cameras' objects into each other's tracks. Only confirmed tracks get an
-id, so a one-frame false detection never enters the analytics.
+the frames of a batch mixes cameras' objects into each other's tracks. After a stream's first frame
+(whose detections all start tracks), only confirmed tracks get an id, so a one-frame false detection
+never enters the analytics.
 """
 
 from __future__ import annotations

@@ -139,3 +139,50 @@ def test_a_class_the_model_does_not_have_is_a_startup_error_naming_the_key_and_t
         analytics_for({section: [{**entry, "classes": classes}]})
     assert "stream cam" in str(raised.value)
     assert all(label in str(raised.value) for label in LABELS.values())
+
+
+def box_at(cx: float, bottom: float, class_id: int = 0) -> Box:
+    """A 60 px box whose bottom-centre anchor is (cx, bottom): large enough that the moves below keep the
+    tracker on one track."""
+    return (cx - 30, bottom - 60, cx + 30, bottom, class_id)
+
+
+def test_an_object_cut_by_the_frames_bottom_edge_stays_in_a_zone_and_crosses_a_line_there() -> None:
+    config = {"normalized": True,
+              "zones": [{"id": "forecourt", "polygon": [[0, 0.5], [1, 0.5], [1, 1], [0, 1]]}],
+              "lines": [{"id": "entrance", "start": [0.5, 1.0], "end": [0.5, 0.6]}]}
+    analytics = analytics_for(config)
+    towards_camera = [[box_at(140, y)] for y in (200, 220, 240, 240)]
+    along_the_edge = [[box_at(x, 240)] for x in (150, 170)]
+    events = feed(analytics, towards_camera + along_the_edge, [i * 100.0 for i in range(6)])
+    assert summary(events) == [("enter", "forecourt", None), ("cross", "entrance", "in")]
+    assert analytics.occupancy() == {("forecourt", "circle"): 1}
+
+
+def test_a_move_that_lands_on_a_line_counts_once_and_a_wobble_across_it_not_at_all() -> None:
+    config = {"lines": [{"id": "gate", "start": [160, 240], "end": [160, 0]}]}
+    assert len(run(config, [[box_at(x, 100)] for x in (150, 160, 170)])) == 1
+    wobble = [150, 158, 162, 158, 162, 158, 162]
+    assert run(config, [[box_at(x, 100)] for x in wobble]) == []
+
+
+def test_an_anchor_jittering_on_a_zone_edge_enters_once() -> None:
+    config = {"zones": [{"id": "left", "polygon": [[0, 0], [200, 0], [200, 240], [0, 240]]}]}
+    events = run(config, [[box_at(x, 100)] for x in (180, 190, 199, 201, 199, 201, 199, 201)])
+    assert summary(events) == [("enter", "left", None)]
+
+
+def test_a_track_inside_a_class_filtered_zone_still_exits_when_its_class_changes() -> None:
+    config = {"zones": [{"id": "z", "polygon": [[0, 0], [200, 0], [200, 240], [0, 240]], "classes": ["circle"]}]}
+    analytics = analytics_for(config)
+    frames = [[box_at(150, 100, 0)]] * 2 + [[box_at(160, 100, 1)]] * 3 + [[box_at(x, 100, 1)] for x in (180, 200, 220, 240)]
+    events = feed(analytics, frames, [i * 100.0 for i in range(len(frames))])
+    assert summary(events) == [("enter", "z", None), ("exit", "z", None)]
+    assert analytics.occupancy() == {}
+
+
+def test_at_a_low_frame_rate_a_track_the_tracker_keeps_through_an_occlusion_does_not_exit_and_enter_again() -> None:
+    config = {"zones": [{"id": "all", "polygon": [[0, 0], [320, 0], [320, 240], [0, 240]]}]}
+    frames: list[list[Box]] = [[box_at(100, 100)]] * 5 + [[]] * 17 + [[box_at(100, 100)]] * 3
+    events = feed(analytics_for(config), frames, [i * 200.0 for i in range(len(frames))], fps=5.0)
+    assert summary(events) == [("enter", "all", None)], "3.4 s unseen at 5 fps is within the tracker's 30 frames"

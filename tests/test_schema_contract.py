@@ -67,3 +67,22 @@ def test_typed_reader_parses_a_real_message_and_reports_gaps() -> None:
     gaps = GapTracker()
     assert [gaps.observe("a", i) for i in (0, 1, 4, 5)] == [0, 0, 2, 0]
     assert gaps.observe("b", 10) == 0 and gaps.observe("a", 0) == 0
+
+
+def test_detections_with_nan_or_inf_are_left_out_so_the_message_stays_valid() -> None:
+    from datetime import datetime, timezone
+
+    import jsonschema
+    import numpy as np
+
+    from pipeline.frames import Detections, FrameResult
+
+    detections = Detections(
+        boxes_xyxy=np.array([[1, 2, 3, 4], [np.inf, 2, 3, 4], [5, 6, 7, 8]], np.float32),
+        confidences=np.array([0.5, 0.6, np.nan], np.float32),
+        class_ids=np.array([0, 1, 2], np.int64),
+    )
+    result = FrameResult(frame=make_frame("cam", 0), task="detect", detections=detections, labels={0: "a"})
+    message = json.loads(encode(build_message(result, "m", datetime.now(timezone.utc), 1.0)))
+    jsonschema.validate(message, load_schema())
+    assert [d["class_id"] for d in message["detections"]] == [0]
