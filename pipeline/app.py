@@ -287,12 +287,17 @@ class Pipeline:
             readers = list(self.readers.values())
         for reader in readers:
             reader.stop()
+        readers_deadline = time.monotonic() + _READER_JOIN_S  # one for all: stuck readers must not add up
         for reader in readers:
-            if not reader.join(_READER_JOIN_S):
+            if not reader.join(max(0.0, readers_deadline - time.monotonic())):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
         deadline = time.monotonic() + self._timeouts.drain_s
         while self.workers and not self.hub.drained() and time.monotonic() < deadline:
             time.sleep(0.02)
+        left = self.hub.depth()
+        if self.workers and left:
+            log.warning("stopping with %d frame(s) read but not inferred after %.0f s of draining", left,
+                        self._timeouts.drain_s)
         for worker in self.workers:
             worker.stop()
         for worker in self.workers:

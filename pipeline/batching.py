@@ -42,7 +42,7 @@ class FrameHub:
         self._workers = max(1, workers)
         self._condition = threading.Condition()
         self._buffers: dict[str, _StreamBuffer] = {}
-        self._next_stream = 0
+        self._next_stream: dict[int, int] = {}  # per worker: a shared turn would fix each worker's first stream
         self._in_flight = 0
 
     def set_workers(self, workers: int) -> None:
@@ -132,7 +132,7 @@ class FrameHub:
                         or not self._can_grow(per_stream, max_per_stream, worker)):
                     break
                 self._condition.wait(timeout=remaining)
-            self._next_stream += 1
+            self._next_stream[worker] = self._next_stream.get(worker, 0) + 1
             self._in_flight += len(taken)
             self._condition.notify_all()
         if not taken:
@@ -152,7 +152,7 @@ class FrameHub:
         stream_ids = [stream_id for stream_id, buffer in self._buffers.items() if buffer.worker == worker]
         if not stream_ids:
             return
-        start = self._next_stream % len(stream_ids)
+        start = self._next_stream.get(worker, 0) % len(stream_ids)
         order = stream_ids[start:] + stream_ids[:start]
         now = time.monotonic()
         progressed = True

@@ -131,3 +131,22 @@ def test_with_two_workers_each_stream_belongs_to_one_and_load_is_split() -> None
     assert not owners[0] & owners[1]
     assert owners[0] | owners[1] == {"a", "b", "c", "d"}
     assert hub.drained()
+
+
+def test_with_two_workers_taking_turns_every_stream_gets_an_equal_share() -> None:
+    hub = FrameHub()
+    hub.set_workers(2)
+    stop = threading.Event()
+    streams = ["s0", "s1", "s2", "s3"]
+    for stream_id in streams:
+        hub.add_stream(stream_id, 1000, OverflowPolicy.WAIT)
+        for frame_id in range(300):
+            assert hub.put(make_frame(stream_id, frame_id), stop) is None
+    taken = dict.fromkeys(streams, 0)
+    for turn in range(200):
+        batch = hub.take_batch(max_batch=3, max_wait_s=0.0, max_per_stream=3, worker=turn % 2)
+        assert batch is not None
+        for frame in batch.frames:
+            taken[frame.stream_id] += 1
+        hub.batch_done(batch)
+    assert max(taken.values()) - min(taken.values()) <= 3, taken

@@ -150,3 +150,27 @@ def test_a_stream_added_again_while_its_old_reader_is_stuck_in_an_open_keeps_its
         silent.close()
         for connection in held:
             connection.close()
+
+
+class StuckReader:
+    """A reader blocked in a camera's open: it never ends within a join."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.config = StreamConfig.model_validate({"id": stream_id, "url": "rtsp://192.0.2.1/s"})
+
+    def stop(self) -> None:
+        pass
+
+    def join(self, timeout: float) -> bool:
+        time.sleep(timeout)
+        return False
+
+
+def test_stop_waits_for_stuck_readers_together_not_one_after_another(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    pipeline = Pipeline(make_config([{"id": "a", "url": str(clips["landscape"])}], broker.bootstrap_servers, "t"))
+    pipeline.readers = {f"cam-{index}": StuckReader(f"cam-{index}") for index in range(6)}  # type: ignore[misc]
+    started = time.monotonic()
+    pipeline.stop()
+    assert time.monotonic() - started < 4, "six stuck readers took 2 s each"
