@@ -98,6 +98,7 @@ class KafkaProcess:
         self._replies: dict[tuple[str, int], str | None] = {}
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._last_heard = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -106,29 +107,41 @@ class KafkaProcess:
 
     def start(self) -> None:
         """Starts the child now rather than at the first `open_producer`."""
+        replaced: _Replaced | None = None
         with self._lock:
             if not self._closed and not self._child_running():
-                self._start()
+                replaced = self._start()
+        if replaced is not None:
+            replaced.fail_back()
 
     def open_producer(self, config: KafkaConfig) -> RemoteProducer:
         """A producer in the child (started if needed); raises what the child's constructor raised."""
         generation = next(self._generations)
-        with self._lock:
-            if self._closed:
-                raise KafkaProcessError("the Kafka client process is closed")
-            if not self._child_running() or not self._threads_alive():
-                self._start()
-            # kafka-python fails a message itself after delivery_timeout_ms (twice the request timeout); no
-            # answer long after that means the child is stuck, and the watchdog in `_read` replaces it.
-            self._answer_within_s = 4 * config.request_timeout_ms / 1000
-            levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS}
-            self._outbox.append(("open", generation, config, levels))
-            self._lock.notify_all()
-            try:
-                error = self._wait_reply("opened", generation, _OPEN_TIMEOUT_S)
-            except KafkaProcessError:
-                self._outbox.append(("close", generation, 0.0))  # in case it opens after all
-                raise
+        replaced: _Replaced | None = None
+        try:
+            with self._lock:
+                if self._closed:
+                    raise KafkaProcessError("the Kafka client process is closed")
+                if not self._child_running() or not self._threads_alive():
+                    replaced = self._start()
+                return self._open(config, generation)
+        finally:
+            if replaced is not None:
+                replaced.fail_back()
+
+    def _open(self, config: KafkaConfig, generation: int) -> RemoteProducer:
+        """Called holding the lock, with a child running."""
+        # kafka-python fails a message itself after delivery_timeout_ms (twice the request timeout); no
+        # answer long after that means the child is stuck, and the watchdog in `_read` replaces it.
+        self._answer_within_s = 4 * config.request_timeout_ms / 1000
+        levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS}
+        self._outbox.append(("open", generation, config, levels))
+        self._lock.notify_all()
+        try:
+            error = self._wait_reply("opened", generation, _OPEN_TIMEOUT_S)
+        except KafkaProcessError:
+            self._outbox.append(("close", generation, 0.0))  # in case it opens after all
+            raise
         if error is not None:
             raise KafkaProcessError(error)
         return RemoteProducer(self, generation)
@@ -177,7 +190,15 @@ class KafkaProcess:
     def _threads_alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
 
-    def _start(self) -> None:
+    def _start(self) -> _Replaced | None:
+        """Called holding the lock. A child still on record (its reader has not yet seen it die, or its
+        pipe threads died) is replaced here: its messages are returned to be failed back once the lock is
+        released, or they would wait for the watchdog, which would then blame the new child."""
+        replaced = None
+        if self._connection is not None:
+            replaced = _Replaced([future for future, _sent in self._pending.values()], self._process,
+                                 self._connection)
+            self._pending = {}
         # A fresh interpreter, not multiprocessing: fork would copy CUDA and OpenVINO thread state, and spawn
         # re-runs the parent's main script, which breaks any script without a main guard. Isolated (-I), so
         # neither the working directory (which may hold another package named `pipeline`) nor PYTHON*
@@ -198,16 +219,26 @@ class KafkaProcess:
         ]
         for thread in self._threads:
             thread.start()
+        self._last_heard = time.monotonic()
         log.info("Kafka client process started (pid %d)", process.pid)
+        return replaced
 
     def _wait_reply(self, kind: str, generation: int, timeout: float) -> str | None:
         """Called holding the lock; a child that exits meanwhile fails the wait at once."""
         key = (kind, generation)
-        connection = self._connection
-        self._lock.wait_for(lambda: key in self._replies or self._connection is not connection, timeout)
+        connection, process = self._connection, self._process
+        deadline = time.monotonic() + timeout
+
+        def settled() -> bool:
+            # The process itself too: its pipe reader may be slow to see it go (busy in a log handler).
+            gone = self._connection is not connection or (process is not None and process.poll() is not None)
+            return key in self._replies or gone
+
+        while not settled() and (left := deadline - time.monotonic()) > 0:
+            self._lock.wait(min(left, _POLL_S))
         if key in self._replies:
             return self._replies.pop(key)
-        if self._connection is not connection:
+        if settled():
             raise KafkaProcessError(f"the Kafka client process exited before it answered '{kind}'")
         raise KafkaProcessError(f"the Kafka client process did not answer '{kind}' within {timeout:.0f} s")
 
@@ -240,7 +271,9 @@ class KafkaProcess:
                 if self._heartbeats is not None:
                     self._heartbeats.beat(name)
                 if connection.poll(_POLL_S):
-                    for reply in connection.recv():
+                    replies = connection.recv()
+                    self._last_heard = time.monotonic()
+                    for reply in replies:
                         self._dispatch(reply)
                 if time.monotonic() >= next_check:
                     self._replace_if_stuck(connection)
@@ -253,13 +286,15 @@ class KafkaProcess:
                 self._heartbeats.forget(name)
 
     def _replace_if_stuck(self, connection: Connection) -> None:
-        """A child that holds a message far past kafka-python's own delivery timeout is stuck: it is killed,
-        its messages fail back to the spool, and the publisher's next producer starts a new child."""
+        """A child that holds a message far past kafka-python's own delivery timeout, and has sent nothing
+        for as long, is stuck: it is killed, its messages fail back to the spool, and the publisher's next
+        producer starts a new child. One that keeps answering is only slow (sends to a broker that is away
+        block up to max_block_ms each) and is left alone."""
         with self._lock:
             if self._connection is not connection or not self._pending:
                 return
             oldest_sent = next(iter(self._pending.values()))[1]
-            waited = time.monotonic() - oldest_sent
+            waited = time.monotonic() - max(oldest_sent, self._last_heard)
             process = self._process
         if waited > self._answer_within_s and process is not None:
             log.error("Kafka client process (pid %d) has not answered for %.0f s; replacing it", process.pid, waited)
@@ -305,6 +340,31 @@ def _reported_error(text: str, kind: str) -> KafkaProcessError:
     if kind == "unexplained":
         return KafkaProcessError(text, "unexplained")
     return KafkaProcessError(text)
+
+
+@dataclass
+class _Replaced:
+    """A child taken off record by `_start` before its reader saw it go."""
+
+    futures: list[DeliveryFuture]
+    process: subprocess.Popen[bytes] | None
+    connection: Connection
+
+    def fail_back(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+        self.connection.close()
+        if self.process is not None:
+            try:
+                self.process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                log.warning("replaced Kafka client process (pid %d) did not exit", self.process.pid)
+        if self.futures:
+            log.warning("Kafka client process replaced; %d message(s) in flight go back to the spool",
+                        len(self.futures))
+        error = KafkaProcessError("the Kafka client process exited")
+        for future in self.futures:
+            future.resolve(error)
 
 
 @dataclass

@@ -175,7 +175,8 @@ def test_an_anchor_jittering_on_a_zone_edge_enters_once() -> None:
 def test_a_track_inside_a_class_filtered_zone_still_exits_when_its_class_changes() -> None:
     config = {"zones": [{"id": "z", "polygon": [[0, 0], [200, 0], [200, 240], [0, 240]], "classes": ["circle"]}]}
     analytics = analytics_for(config)
-    frames = [[box_at(150, 100, 0)]] * 2 + [[box_at(160, 100, 1)]] * 3 + [[box_at(x, 100, 1)] for x in (180, 200, 220, 240)]
+    leaving = [[box_at(x, 100, 1)] for x in (180, 200, 220, 240)]
+    frames = [[box_at(150, 100, 0)]] * 2 + [[box_at(160, 100, 1)]] * 3 + leaving
     events = feed(analytics, frames, [i * 100.0 for i in range(len(frames))])
     assert summary(events) == [("enter", "z", None), ("exit", "z", None)]
     assert analytics.occupancy() == {}

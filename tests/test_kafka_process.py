@@ -324,3 +324,53 @@ def test_messages_in_flight_at_stop_are_kept_in_the_spool_dir_when_the_broker_is
     kept = load_undelivered(tmp_path)
     assert sorted(orjson.loads(message.value)["frame_id"] for message in kept) == [1, 2, 3, 4, 5]
     assert count("dropped") == 0 and count("sent") == 1
+
+
+def test_a_child_replaced_before_its_reader_saw_it_die_fails_its_messages_back_at_once(
+    broker: EmbeddedBroker, kafka_process: KafkaProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipe reader can lag (slow log handlers); a new open must not leave the old child's messages to
+    the watchdog, which would then blame, and kill, the new child."""
+    topic = unused_topic("replaced")
+    with EmbeddedBroker() as doomed:
+        producer = kafka_process.open_producer(KafkaConfig(bootstrap_servers=doomed.bootstrap_servers, topic=topic))
+        entered, release = threading.Event(), threading.Event()
+        dispatch = kafka_process._dispatch
+        old_reader = next(thread for thread in kafka_process._threads if thread.name == "kafka-pipe-in")
+
+        def lagging(reply: tuple[Any, ...]) -> None:
+            if threading.current_thread() is old_reader:
+                entered.set()
+                release.wait(20)
+            dispatch(reply)
+
+        monkeypatch.setattr(kafka_process, "_dispatch", lagging)
+        futures = [producer.send(topic, b"first", b"cam-1", [])]
+        assert entered.wait(10), "the child never answered"
+    futures += [producer.send(topic, b"%d" % index, b"cam-1", []) for index in range(5)]  # broker gone
+    old_pid = kafka_process.pid
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    time.sleep(0.2)  # the kill lands; the open below must find the child gone, not race it
+    try:
+        kafka_process.open_producer(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic))
+        assert wait_until(lambda: all(future.is_done for future in futures), timeout_s=2), "messages left waiting"
+        assert all(isinstance(future.exception, KafkaProcessError) for future in futures)
+        assert kafka_process.pid != old_pid
+        with pytest.raises(ChildProcessError):
+            os.waitpid(old_pid, os.WNOHANG)
+    finally:
+        release.set()
+
+
+def test_a_child_that_keeps_answering_is_not_killed_by_the_watchdog(kafka_process: KafkaProcess) -> None:
+    """With the broker away, each send to a topic without metadata blocks the child for max_block_ms; it is
+    slow, not stuck, and a kill would resend what the broker may already hold."""
+    with EmbeddedBroker() as going:
+        config = KafkaConfig(bootstrap_servers=going.bootstrap_servers, topic=unused_topic("slow"),
+                             request_timeout_ms=1000)
+        producer = kafka_process.open_producer(config)
+        pid = kafka_process.pid
+    futures = [producer.send(unused_topic("no-metadata"), b"event", b"cam-1", []) for _ in range(8)]
+    assert wait_until(lambda: all(future.is_done for future in futures), timeout_s=30)
+    assert kafka_process.pid == pid, "the watchdog replaced a child that answered every second"
