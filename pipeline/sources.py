@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _RTSP_PORTS = {"rtsp": 554, "rtsps": 322}
+_FILE_ATTEMPTS = 3
 
 
 class FfmpegOptionsGate:
@@ -302,6 +303,8 @@ class StreamReader:
                 source = self._source_factory(self.config)
                 if not source.open():
                     self._log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
+                    if self._file_unreadable():
+                        break
                     self._back_off()
                     continue
                 self._set_state(StreamState.UP)
@@ -316,6 +319,8 @@ class StreamReader:
                     continue
                 if not self._stop.is_set():
                     self._log.warning("stream %s: lost, reconnecting", self.config.id)
+                    if self._file_unreadable():
+                        break
                     self._back_off()
         except Exception:
             self._log.exception("stream %s: reader failed", self.config.id)
@@ -323,6 +328,15 @@ class StreamReader:
             self._set_state(StreamState.STOPPED)
             self._heartbeats.forget(self.thread_name)
             self.finished.set()
+
+    def _file_unreadable(self) -> bool:
+        """A camera may come back; a file that will not open, or gives no frame, after a few tries will not,
+        and retrying it for ever would keep `vap run` on files from ever finishing."""
+        if self.config.kind != "file" or self._failures + 1 < _FILE_ATTEMPTS:
+            return False
+        self._log.error("stream %s: cannot read %s after %d tries; giving up on it", self.config.id,
+                        self.config.redacted_url, _FILE_ATTEMPTS)
+        return True
 
     def _back_off(self) -> None:
         self._set_state(StreamState.BACKOFF)

@@ -262,3 +262,11 @@ def test_an_offline_rtsp_camera_fails_its_open_without_waiting_for_other_streams
         assert time.monotonic() - started < 1.0
     finally:
         _FFMPEG_OPTIONS_GATE.release()
+
+
+def test_a_file_that_never_opens_or_never_gives_a_frame_is_given_up_so_the_run_can_finish() -> None:
+    for source in (FakeSource(frames=0, open_results=[False] * 10), FakeSource(frames=0)):
+        harness = ReaderHarness(file_stream(loop=True, reconnect_backoff_s=0.01), source)
+        harness.reader.start()
+        assert harness.reader.finished.wait(5), "the reader retried the file for ever"
+        assert harness.reader.state is StreamState.STOPPED and source.opened == 3
