@@ -345,21 +345,24 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     """Run until every file is done (or, for looping clips, `until_frames` are through); latencies are read
     back from the published messages."""
     pipeline = Pipeline(config, detector_factory=detector_factory)
-    pipeline.start()
-    _reset_cuda_peak(device)
 
     def done() -> bool:
         return pipeline.sources_exhausted() if until_frames is None else pipeline.processed >= until_frames
 
-    with peak_rss(pipeline) as peak:
-        started = time.perf_counter()
-        deadline = time.monotonic() + timeout_s
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.005 if until_frames else 0.02)
-        elapsed = time.perf_counter() - started
-        measured_frames = pipeline.processed
-        pipeline.stop()
-        peak_mb = peak()
+    try:
+        pipeline.start()
+        _reset_cuda_peak(device)
+        with peak_rss(pipeline) as peak:
+            started = time.perf_counter()
+            deadline = time.monotonic() + timeout_s
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.005 if until_frames else 0.02)
+            elapsed = time.perf_counter() - started
+            measured_frames = pipeline.processed
+            pipeline.stop()
+            peak_mb = peak()
+    finally:
+        pipeline.stop()  # a failed start leaves the Kafka client process and the HTTP server otherwise
     latencies = published_latencies(config.kafka.bootstrap_servers, config.kafka.topic, pipeline.processed)
     registry = pipeline.registry
     batches = registry.get_sample_value("vap_batch_size_count", {"device": device}) or 0.0
@@ -473,8 +476,8 @@ def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootst
     config = looping(vap_config(options, weights, clips, bootstrap, "bench.soak", True))
     samples: list[float] = []
     pipeline = Pipeline(config)
-    pipeline.start()
     try:
+        pipeline.start()
         started = time.monotonic()
         while time.monotonic() - started < options.soak_s:
             time.sleep(10.0)
