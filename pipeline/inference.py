@@ -544,12 +544,18 @@ class InferenceWorker:
             except Exception:
                 log.debug("an abandoned batch failed as well", exc_info=True)
             self._metrics.inference_errors.labels(device=self._detector.device).inc()
+            self._count_lost(abandoned)
             self._hub.batch_done(abandoned)
 
     def _failed(self, batch: Batch) -> None:
         log.exception("inference failed on a batch of %d frames", len(batch.frames))
         self._metrics.inference_errors.labels(device=self._detector.device).inc()
+        self._count_lost(batch)
         self._hub.batch_done(batch)
+
+    def _count_lost(self, batch: Batch) -> None:
+        for frame in batch.frames:
+            self._metrics.drop(frame.stream_id, "inference_error")
 
     def _finish(self) -> None:
         name = self._finisher.name

@@ -179,6 +179,25 @@ def test_a_result_that_cannot_be_delivered_is_counted_and_the_others_still_flow(
     assert hub.drained()
 
 
+class FailingFirstBatchDetector(ContentReadingDetector):
+    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
+        if frames[0].frame_id == 0:
+            raise RuntimeError("the model failed on this batch")
+        return frames
+
+
+def test_the_frames_of_a_batch_the_model_fails_on_are_counted_as_dropped_per_stream() -> None:
+    metrics = PipelineMetrics(CollectorRegistry())
+    hub = waiting_hub(1)
+    delivered: list[FrameResult] = []
+    worker = InferenceWorker(FailingFirstBatchDetector(), hub, BatchingConfig(max_batch=2, max_wait_ms=50),
+                             delivered.append, metrics, Heartbeats(metrics))
+    run_workers([worker], hub, 1, 10, delivered, expected=8)
+    lost = metrics.registry.get_sample_value("vap_frames_dropped_total", {"stream": "s0", "reason": "inference_error"})
+    assert lost == 10 - len(delivered) == 2
+    assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 1
+
+
 class FinisherKiller(BaseException):
     """Not an Exception, so nothing in the finisher catches it: the thread dies as on an interpreter fault."""
 
@@ -216,6 +235,9 @@ def test_when_the_finisher_dies_the_waiting_batch_is_released_and_the_worker_sto
     assert detector.submitted == 3  # the dying batch, the one handed over behind it, the one waiting
     assert detector.collected == [0, 2, 4], "a batch the finisher never took kept what it held"
     assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 2
+    lost = {"stream": "s0", "reason": "inference_error"}
+    abandoned = metrics.registry.get_sample_value("vap_frames_dropped_total", lost)
+    assert abandoned == 4, "the two abandoned batches' frames are counted"
 
 
 def test_device_names_resolve_to_one_spelling_and_auto_falls_back_to_cpu() -> None:
