@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config value (repeatable)")
     run.add_argument("--duration", type=_positive(float), help="stop after this many seconds")
-    run.add_argument("--max-frames", type=_positive(int), help="stop after this many processed frames")
+    run.add_argument("--max-frames", type=_positive(int),
+                     help="stop after this many processed frames (frames already read then are still processed)")
     run.add_argument("--watch", action="store_true",
                      help="re-read the config file when it changes (SIGHUP always re-reads it)")
 
