@@ -13,6 +13,7 @@ stream that reconnects), so it never runs backwards and tracks always expire.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -31,6 +32,7 @@ TRACK_EXPIRY_S = 3.0
 _TRACKER_BUFFER_FRAMES = 31
 _BAND = 0.01
 _ON_EDGE_PX = 0.5
+_BAND_PATH_LIMIT = 64
 
 Point = tuple[float, float]
 
@@ -66,6 +68,7 @@ class _TrackState:
     inside_since: dict[str, float] = field(default_factory=dict)
     dwelled: set[str] = field(default_factory=set)
     line_sides: dict[str, tuple[int, Point]] = field(default_factory=dict)
+    line_band_paths: dict[str, list[Point]] = field(default_factory=dict)
 
     @property
     def class_id(self) -> int:
@@ -118,14 +121,26 @@ def side_of_line(point: Point, start: Point, end: Point) -> float:
 def crosses_segment(previous: Point, current: Point, start: Point, end: Point) -> int:
     """+1 when the move passes through the segment (its ends included) to its right-hand side, -1 to its
     left, else 0; a move that starts or ends on the line's extension does not cross."""
-    before, after = side_of_line(previous, start, end), side_of_line(current, start, end)
-    if before == 0 or after == 0 or (before > 0) == (after > 0):
-        return 0
-    along_start = side_of_line(start, previous, current)
-    along_end = side_of_line(end, previous, current)
-    if along_start * along_end > 0:
+    after = side_of_line(current, start, end)
+    if after == 0 or not path_crosses_segment([previous, current], start, end):
         return 0
     return 1 if after > 0 else -1
+
+
+def path_crosses_segment(path: list[Point], start: Point, end: Point) -> bool:
+    """Whether a path of anchors meets the segment (its ends included) where one step goes from one side of
+    its line to the other (or onto it)."""
+    dx, dy = end[0] - start[0], end[1] - start[1]
+    length_sq = dx * dx + dy * dy or 1.0
+    for (ax, ay), (bx, by) in itertools.pairwise(path):
+        before, after = side_of_line((ax, ay), start, end), side_of_line((bx, by), start, end)
+        if before == after or (before > 0 and after > 0) or (before < 0 and after < 0):
+            continue
+        u = before / (before - after)
+        x, y = ax + u * (bx - ax), ay + u * (by - ay)
+        if -1e-9 <= ((x - start[0]) * dx + (y - start[1]) * dy) / length_sq <= 1 + 1e-9:
+            return True
+    return False
 
 
 def line_side(point: Point, start: Point, end: Point, band_px: float) -> int:
@@ -243,13 +258,19 @@ class StreamAnalytics:
         """A crossing, counted when the anchor goes from clearly one side to clearly the other through the
         segment; positions within the band (on the line, or wobbling across it) decide nothing."""
         side = line_side(state.anchor, start, end, band_px)
-        if side == 0:
-            return 0
         known = state.line_sides.get(line_id)
+        band_path = state.line_band_paths.setdefault(line_id, [])
+        if side == 0:
+            if known is not None:  # where it went within the band decides where it crossed
+                band_path.append(state.anchor)
+                del band_path[:-_BAND_PATH_LIMIT]
+            return 0
         state.line_sides[line_id] = (side, state.anchor)
+        path = [] if known is None else [known[1], *band_path, state.anchor]
+        band_path.clear()
         if known is None or known[0] == side:
             return 0
-        return crosses_segment(known[1], state.anchor, start, end)
+        return side if path_crosses_segment(path, start, end) else 0
 
     def _update_zone(
         self, zone: ZoneConfig, polygon: list[Point], state: _TrackState, now_s: float, band_px: float

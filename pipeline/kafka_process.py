@@ -118,16 +118,17 @@ class KafkaProcess:
         """A producer in the child (started if needed); raises what the child's constructor raised."""
         generation = next(self._generations)
         replaced: _Replaced | None = None
-        try:
-            with self._lock:
-                if self._closed:
-                    raise KafkaProcessError("the Kafka client process is closed")
-                if not self._child_running() or not self._threads_alive():
-                    replaced = self._start()
-                return self._open(config, generation)
-        finally:
-            if replaced is not None:
-                replaced.fail_back()
+        with self._lock:
+            if self._closed:
+                raise KafkaProcessError("the Kafka client process is closed")
+            if not self._child_running() or not self._threads_alive():
+                replaced = self._start()
+        if replaced is not None:  # its messages go back now, not after the new child's open
+            replaced.fail_back()
+        with self._lock:
+            if self._closed:
+                raise KafkaProcessError("the Kafka client process is closed")
+            return self._open(config, generation)
 
     def _open(self, config: KafkaConfig, generation: int) -> RemoteProducer:
         """Called holding the lock, with a child running."""
@@ -272,7 +273,8 @@ class KafkaProcess:
                     self._heartbeats.beat(name)
                 if connection.poll(_POLL_S):
                     replies = connection.recv()
-                    self._last_heard = time.monotonic()
+                    if any(reply[0] != "log" for reply in replies):  # a stuck sender loop still logs
+                        self._last_heard = time.monotonic()
                     for reply in replies:
                         self._dispatch(reply)
                 if time.monotonic() >= next_check:

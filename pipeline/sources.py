@@ -259,6 +259,7 @@ class StreamReader:
         self.last_frame_monotonic: float | None = None
         self._frame_id = 0
         self._failures = 0
+        self._ever_read = False
 
     @property
     def state(self) -> StreamState:
@@ -330,9 +331,10 @@ class StreamReader:
             self.finished.set()
 
     def _file_unreadable(self) -> bool:
-        """A camera may come back; a file that will not open, or gives no frame, after a few tries will not,
-        and retrying it for ever would keep `vap run` on files from ever finishing."""
-        if self.config.kind != "file" or self._failures + 1 < _FILE_ATTEMPTS:
+        """A camera may come back; a file that has never given a frame, after a few tries, will not, and
+        retrying it for ever would keep `vap run` on files from ever finishing. One that has (a looping
+        clip on a share that hiccups, say) is retried like a camera."""
+        if self.config.kind != "file" or self._ever_read or self._failures + 1 < _FILE_ATTEMPTS:
             return False
         self._log.error("stream %s: cannot read %s after %d tries; giving up on it", self.config.id,
                         self.config.redacted_url, _FILE_ATTEMPTS)
@@ -381,6 +383,7 @@ class StreamReader:
             media_s = (pts_ms if pts_ms is not None else frames_this_session * 1000 / file_fps) / 1000
             frames_this_session += 1
             self._failures = 0
+            self._ever_read = True
             frame_id = self._frame_id
             self._frame_id += 1
             self.last_frame_monotonic = now

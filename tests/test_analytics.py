@@ -187,3 +187,11 @@ def test_at_a_low_frame_rate_a_track_the_tracker_keeps_through_an_occlusion_does
     frames: list[list[Box]] = [[box_at(100, 100)]] * 5 + [[]] * 17 + [[box_at(100, 100)]] * 3
     events = feed(analytics_for(config), frames, [i * 200.0 for i in range(len(frames))], fps=5.0)
     assert summary(events) == [("enter", "all", None)], "3.4 s unseen at 5 fps is within the tracker's 30 frames"
+
+
+def test_a_crossing_is_judged_on_the_path_taken_within_the_band_not_a_straight_line_from_the_last_side() -> None:
+    config = {"lines": [{"id": "short", "start": [150, 0], "end": [150, 100]}]}
+    along_then_across = [(140, 180), (145, 160), (149, 140), (149, 120), (149, 100), (149, 80), (149, 60), (160, 60)]
+    assert len(run(config, [[box_at(x, y)] for x, y in along_then_across])) == 1, "it crossed at y=60"
+    past_the_end = [(140, 80), (145, 90), (149, 110), (149, 130), (155, 100), (160, 100)]
+    assert run(config, [[box_at(x, y)] for x, y in past_the_end]) == [], "it crossed below the segment's end"

@@ -374,3 +374,44 @@ def test_a_child_that_keeps_answering_is_not_killed_by_the_watchdog(kafka_proces
     futures = [producer.send(unused_topic("no-metadata"), b"event", b"cam-1", []) for _ in range(8)]
     assert wait_until(lambda: all(future.is_done for future in futures), timeout_s=30)
     assert kafka_process.pid == pid, "the watchdog replaced a child that answered every second"
+
+
+LOGGING_BUT_STUCK_CHILD = r'''
+import json, os, sys, threading, time
+sys.path[:0] = json.loads(sys.argv[1])
+from multiprocessing.connection import Connection
+pipe, lock = Connection(int(sys.argv[2])), threading.Lock()
+def answer():
+    while True:
+        try:
+            requests = pipe.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        for request in requests:
+            if request[0] == "open":
+                with lock:
+                    pipe.send([("opened", request[1], None)])
+            if request[0] == "exit":
+                os._exit(0)
+threading.Thread(target=answer, daemon=True).start()
+while True:
+    time.sleep(0.3)
+    with lock:
+        pipe.send([("log", "kafka.producer", 40, "Uncaught error in kafka producer I/O thread")])
+'''
+
+
+def test_a_child_that_only_logs_while_holding_a_message_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kafka-python's sender loop logs on every turn while it is broken: log lines are not answers."""
+    import pipeline.kafka_process as kafka_process_module
+
+    monkeypatch.setattr(kafka_process_module, "_CHILD_BOOTSTRAP", LOGGING_BUT_STUCK_CHILD)
+    process = KafkaProcess()
+    try:
+        producer = process.open_producer(KafkaConfig(bootstrap_servers=closed_port_address(), topic="t",
+                                                     request_timeout_ms=1000))
+        future = producer.send("t", b"value", b"cam-1", [])
+        assert wait_until(lambda: future.is_done, timeout_s=10), "the stuck child was never replaced"
+        assert isinstance(future.exception, KafkaProcessError)
+    finally:
+        process.close(1.0)

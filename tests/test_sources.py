@@ -270,3 +270,13 @@ def test_a_file_that_never_opens_or_never_gives_a_frame_is_given_up_so_the_run_c
         harness.reader.start()
         assert harness.reader.finished.wait(5), "the reader retried the file for ever"
         assert harness.reader.state is StreamState.STOPPED and source.opened == 3
+
+
+def test_a_looping_file_that_has_given_frames_is_retried_like_a_camera_when_it_fails_to_open() -> None:
+    source = FakeSource(frames=5, open_results=[True, False, False, False, False, True])
+    harness = ReaderHarness(file_stream(loop=True, reconnect_backoff_s=0.01, reconnect_backoff_max_s=0.02), source)
+    harness.reader.start()
+    assert wait_until(lambda: harness.value("vap_frames_read_total") >= 15)
+    assert not harness.reader.finished.is_set()
+    harness.reader.stop()
+    assert harness.reader.join(2)
