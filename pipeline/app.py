@@ -27,7 +27,7 @@ from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_app
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
-from pipeline.kafka_process import KafkaProcess
+from pipeline.kafka_process import KafkaChildUnusable, KafkaProcess
 from pipeline.metrics import PipelineMetrics
 from pipeline.nvdec import NvdecSource, nvdec_available
 from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
@@ -78,6 +78,7 @@ class Pipeline:
         self._detector_factory = detector_factory or _ultralytics_detector
         self._producer_factory = producer_factory
         self._kafka_process: KafkaProcess | None = None
+        self._kafka_in_process = False
         self._timeouts = timeouts
         self._stop_requested = threading.Event()
         self._ready = threading.Event()
@@ -124,7 +125,7 @@ class Pipeline:
             self.metrics.build_info.labels(version=__version__, model=detector.name, device=detector.device).set(1)
         producer_factory = self._producer_factory or make_kafka_producer
         if self._kafka_process is not None:
-            producer_factory = self._kafka_process.open_producer
+            producer_factory = self._open_producer_in_child
         self.publisher = KafkaPublisher(
             config.kafka, self.detector.name, self.metrics, self.heartbeats, producer_factory,
             events_topic=config.tracking.events_topic,
@@ -144,6 +145,17 @@ class Pipeline:
         self._ready.set()
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
                  ", ".join(devices), self.detector.runtime)
+
+    def _open_producer_in_child(self, config: KafkaConfig) -> Producer:
+        """The child's producer, or this process's own once the child has shown it cannot start here: results
+        must reach Kafka either way."""
+        if self._kafka_process is not None and not self._kafka_in_process:
+            try:
+                return self._kafka_process.open_producer(config)
+            except KafkaChildUnusable as error:
+                log.error("%s; running the Kafka client in this process from now on", error)
+                self._kafka_in_process = True
+        return make_kafka_producer(config)
 
     def add_stream(self, stream: StreamConfig) -> None:
         """Start reading one more stream; the others never pause."""

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _OPEN_TIMEOUT_S = 30.0  # a fresh child imports kafka-python, then bootstraps (about 2 s when the broker is away)
 _POLL_S = 0.5
+_STARTS_BEFORE_GIVING_UP = 3
 _SEND_BATCH = 512
 _DEFAULT_ANSWER_WITHIN_S = 40.0
 _CHILD_BOOTSTRAP = (
@@ -47,6 +48,11 @@ _CHILD_BOOTSTRAP = (
     "from pipeline.kafka_process import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
 )
 _FORWARDED_LOGGERS = ("", "kafka", "pipeline")
+
+
+class KafkaChildUnusable(ConnectionError):
+    """The child exited before answering on several starts in a row: this environment cannot run it (an
+    interpreter or import problem, say), and the caller should run the Kafka client in its own process."""
 
 
 class KafkaProcessError(ConnectionError):
@@ -99,6 +105,7 @@ class KafkaProcess:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._last_heard = 0.0
+        self._starts_unanswered = 0
 
     @property
     def pid(self) -> int | None:
@@ -140,9 +147,16 @@ class KafkaProcess:
         self._lock.notify_all()
         try:
             error = self._wait_reply("opened", generation, _OPEN_TIMEOUT_S)
-        except KafkaProcessError:
+        except KafkaProcessError as failure:
             self._outbox.append(("close", generation, 0.0))  # in case it opens after all
+            if "exited before" in str(failure):
+                self._starts_unanswered += 1
+                if self._starts_unanswered >= _STARTS_BEFORE_GIVING_UP:
+                    raise KafkaChildUnusable(
+                        f"the Kafka client process exited before answering {self._starts_unanswered} times in a row"
+                    ) from failure
             raise
+        self._starts_unanswered = 0
         if error is not None:
             raise KafkaProcessError(error)
         return RemoteProducer(self, generation)

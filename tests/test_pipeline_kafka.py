@@ -198,3 +198,17 @@ def test_unreachable_broker_keeps_inferring_counts_failures_and_stops_on_sigterm
         assert (metric_value(metrics, "vap_kafka_messages_total", result="dropped") or 0) > 0
         assert metric_value(metrics, "vap_kafka_messages_total", result="sent") == 0
         stop_with_sigterm(process)
+
+
+def test_when_the_kafka_client_process_cannot_start_here_results_go_out_through_this_process(
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.kafka_process
+
+    monkeypatch.setattr(pipeline.kafka_process, "_CHILD_BOOTSTRAP", "import sys; sys.exit(3)")
+    topic = unused_topic("no-child")
+    config = make_config([{"id": "cam-a", "url": str(clips["landscape"]), "realtime": False}],
+                         broker.bootstrap_servers, topic)
+    run_to_completion(config)
+    records = read_topic(broker.bootstrap_servers, topic, expected=CLIP_FRAMES)
+    assert sorted(decode(record)["frame_id"] for record in records) == list(range(CLIP_FRAMES))
