@@ -32,7 +32,6 @@ TRACK_EXPIRY_S = 3.0
 _TRACKER_BUFFER_FRAMES = 31
 _BAND = 0.01
 _ON_EDGE_PX = 0.5
-_BAND_PATH_LIMIT = 64
 
 Point = tuple[float, float]
 
@@ -68,7 +67,7 @@ class _TrackState:
     inside_since: dict[str, float] = field(default_factory=dict)
     dwelled: set[str] = field(default_factory=set)
     line_sides: dict[str, tuple[int, Point]] = field(default_factory=dict)
-    line_band_paths: dict[str, list[Point]] = field(default_factory=dict)
+    line_band: dict[str, tuple[Point, bool]] = field(default_factory=dict)
 
     @property
     def class_id(self) -> int:
@@ -259,18 +258,20 @@ class StreamAnalytics:
         segment; positions within the band (on the line, or wobbling across it) decide nothing."""
         side = line_side(state.anchor, start, end, band_px)
         known = state.line_sides.get(line_id)
-        band_path = state.line_band_paths.setdefault(line_id, [])
+        if known is None:
+            if side != 0:
+                state.line_sides[line_id] = (side, state.anchor)
+            return 0
+        # Where it went within the band decides where it crossed: each step is checked as it comes, so a
+        # long stay in the band costs nothing.
+        last, met = state.line_band.get(line_id, (known[1], False))
+        met = met or path_crosses_segment([last, state.anchor], start, end)
         if side == 0:
-            if known is not None:  # where it went within the band decides where it crossed
-                band_path.append(state.anchor)
-                del band_path[:-_BAND_PATH_LIMIT]
+            state.line_band[line_id] = (state.anchor, met)
             return 0
+        state.line_band.pop(line_id, None)
         state.line_sides[line_id] = (side, state.anchor)
-        path = [] if known is None else [known[1], *band_path, state.anchor]
-        band_path.clear()
-        if known is None or known[0] == side:
-            return 0
-        return side if path_crosses_segment(path, start, end) else 0
+        return side if met and known[0] != side else 0
 
     def _update_zone(
         self, zone: ZoneConfig, polygon: list[Point], state: _TrackState, now_s: float, band_px: float

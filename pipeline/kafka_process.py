@@ -146,6 +146,8 @@ class KafkaProcess:
         self._outbox.append(("open", generation, config, levels))
         self._lock.notify_all()
         try:
+            if not self._child_running():  # it may have gone while the lock was released after its start
+                raise KafkaProcessError("the Kafka client process exited before it answered 'opened'")
             error = self._wait_reply("opened", generation, _OPEN_TIMEOUT_S)
         except KafkaProcessError as failure:
             self._outbox.append(("close", generation, 0.0))  # in case it opens after all

@@ -195,3 +195,25 @@ def test_a_crossing_is_judged_on_the_path_taken_within_the_band_not_a_straight_l
     assert len(run(config, [[box_at(x, y)] for x, y in along_then_across])) == 1, "it crossed at y=60"
     past_the_end = [(140, 80), (145, 90), (149, 110), (149, 130), (155, 100), (160, 100)]
     assert run(config, [[box_at(x, y)] for x, y in past_the_end]) == [], "it crossed below the segment's end"
+
+
+def test_a_long_stay_in_a_lines_band_still_decides_the_crossing_by_where_it_met_the_line() -> None:
+    from pipeline.analytics import StreamAnalytics, _TrackState
+
+    start, end, band = (0.0, 0.0), (100.0, 0.0), 5.0
+    state = _TrackState(0.0, (50.0, -10.0), LABELS)
+
+    def walk(points: list[tuple[float, float]]) -> list[int]:
+        crossings = []
+        for point in points:
+            state.anchor = point
+            crossings.append(StreamAnalytics._update_line("l", start, end, state, band))
+        return [c for c in crossings if c]
+
+    along = [(50.0 + 10 * i, 1.0) for i in range(1, 71)]
+    crossed_then_along = [(50.0, -10.0), (50.0, 1.0), *along, (750.0, 10.0)]
+    assert walk(crossed_then_along) == [1], "it crossed at x=50, inside the segment, before 70 steps in the band"
+    state.line_sides.clear()
+    back = [(150.0 - 0.5 * i, 1.0) for i in range(1, 201)]
+    outside_then_back = [(150.0, -10.0), (150.0, 1.0), *back, (30.0, 10.0)]
+    assert walk(outside_then_back) == [], "it met the line's extension, not the segment"
