@@ -25,7 +25,7 @@ class OverflowPolicy(enum.Enum):
 
 @dataclass
 class _StreamBuffer:
-    frames: deque[Frame]
+    frames: deque[tuple[float, Frame]]  # with when each frame entered the buffer (monotonic)
     capacity: int
     policy: OverflowPolicy
     max_age_s: float | None
@@ -85,14 +85,14 @@ class FrameHub:
                 return frame
             while len(buffer.frames) >= buffer.capacity:
                 if buffer.policy is OverflowPolicy.DROP_OLDEST:
-                    dropped = buffer.frames.popleft()
-                    buffer.frames.append(frame)
+                    _, dropped = buffer.frames.popleft()
+                    buffer.frames.append((time.monotonic(), frame))
                     self._condition.notify_all()
                     return dropped
                 if stop.is_set() or self._buffers.get(frame.stream_id) is not buffer:
                     return frame
                 self._condition.wait(timeout=0.1)
-            buffer.frames.append(frame)
+            buffer.frames.append((time.monotonic(), frame))
             self._condition.notify_all()
             return None
 
@@ -112,7 +112,9 @@ class FrameHub:
     def take_batch(
         self, max_batch: int, max_wait_s: float, max_per_stream: int, poll_s: float = 0.1, worker: int = 0
     ) -> Batch | None:
-        """Wait up to `poll_s` for a first frame, then fill the batch for at most `max_wait_s`.
+        """Wait up to `poll_s` for a first frame, then fill the batch until its oldest frame has waited
+        `max_wait_s` in the hub: counted from the batcher's wake-up instead, a frame that arrived while the
+        batcher was busy would wait up to twice as long.
 
         Streams are visited round-robin, starting one further each batch, and no stream gives more
         than `max_per_stream` frames to one batch. Returns None when no usable frame arrived within
@@ -124,10 +126,14 @@ class FrameHub:
         with self._condition:
             if not self._condition.wait_for(lambda: self._any_frame(worker), timeout=poll_s):
                 return None
-            deadline = time.monotonic() + max_wait_s
+            woke = time.monotonic()
+            first_arrival: float | None = None
             while True:
-                self._take_round_robin(taken, per_stream, max_batch, max_per_stream, worker)
-                remaining = deadline - time.monotonic()
+                oldest = self._take_round_robin(taken, per_stream, max_batch, max_per_stream, worker)
+                if oldest is not None and (first_arrival is None or oldest < first_arrival):
+                    first_arrival = oldest
+                # While every frame so far was stale, the wait counts from the wake-up, as for a new frame.
+                remaining = (woke if first_arrival is None else first_arrival) + max_wait_s - time.monotonic()
                 if (len(taken) >= max_batch or remaining <= 0
                         or not self._can_grow(per_stream, max_per_stream, worker)):
                     break
@@ -148,10 +154,12 @@ class FrameHub:
 
     def _take_round_robin(
         self, taken: list[Frame], per_stream: dict[str, int], max_batch: int, max_per_stream: int, worker: int
-    ) -> None:
+    ) -> float | None:
+        """When the oldest of the frames taken now entered the hub; None when none was taken."""
         stream_ids = [stream_id for stream_id, buffer in self._buffers.items() if buffer.worker == worker]
+        oldest: float | None = None
         if not stream_ids:
-            return
+            return oldest
         start = self._next_stream.get(worker, 0) % len(stream_ids)
         order = stream_ids[start:] + stream_ids[:start]
         now = time.monotonic()
@@ -163,7 +171,7 @@ class FrameHub:
                 if len(taken) >= max_batch:
                     break
                 if buffer.frames and per_stream.get(stream_id, 0) < max_per_stream:
-                    frame = buffer.frames.popleft()
+                    arrived, frame = buffer.frames.popleft()
                     progressed = True
                     if buffer.max_age_s is not None and now - frame.captured_monotonic > buffer.max_age_s:
                         if self._on_stale is not None:
@@ -171,3 +179,5 @@ class FrameHub:
                         continue
                     taken.append(frame)
                     per_stream[stream_id] = per_stream.get(stream_id, 0) + 1
+                    oldest = arrived if oldest is None else min(oldest, arrived)
+        return oldest

@@ -1,7 +1,8 @@
 """Stream readers: one thread per camera or file, decoding with OpenCV and feeding the frame hub.
 
 Each reader owns an explicit state machine (connecting -> up -> backoff -> connecting ... -> stopped)
-and reconnects with exponential backoff and jitter. On failure it emits nothing: never a black or a
+and reconnects with exponential backoff and jitter. A stream is up once a frame arrived, not once it opened:
+a camera that takes the session but sends no media is down. On failure it emits nothing: never a black or a
 repeated frame. Every OpenCV call that can block has a timeout, so stop always gets through.
 """
 
@@ -15,6 +16,7 @@ import random
 import socket
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -25,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.batching import FrameHub, OverflowPolicy
-from pipeline.config import StreamConfig
+from pipeline.config import StreamConfig, redact_url
 from pipeline.frames import Frame, Image
 from pipeline.health import Heartbeats
 from pipeline.metrics import PipelineMetrics
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 _FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _RTSP_PORTS = {"rtsp": 554, "rtsps": 322}
 _FILE_ATTEMPTS = 3
+# A realtime file's timestamps may jump (a cut, a recording resumed hours later, a rewind); a step between
+# frames larger than this, and than a few frame periods, restarts the pacing instead of sleeping through it.
+_PACED_STEP_MAX_S = 5.0
+_PACED_STEP_MAX_PERIODS = 4
 
 
 class FfmpegOptionsGate:
@@ -211,7 +217,8 @@ class OpenCvSource:
 def _answers(url: str, timeout_s: float) -> bool:
     """Whether the camera's RTSP port takes a TCP connection: an offline camera then fails here, in parallel
     with the others, rather than holding FFmpeg's options for its whole open timeout. True when the address
-    cannot be read without doubt (a password with unencoded `/`, `?`, `#` or `@`): the open itself decides."""
+    cannot be read without doubt (a password with unencoded `/`, `?`, `#` or `@`): the open itself decides.
+    False for a host name that cannot be looked up at all (`cam..site.local`): no open would ever reach it."""
     authority = url.split("://", 1)[-1].rpartition("@")
     if any(mark in authority[0] for mark in "/?#@"):
         return True
@@ -225,6 +232,9 @@ def _answers(url: str, timeout_s: float) -> bool:
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError:
+        return False
+    except ValueError as error:  # UnicodeError from the IDNA encoding of a malformed host name
+        log.warning("%s: host name %r cannot be looked up (%s)", redact_url(url), host, error)
         return False
     return True
 
@@ -260,6 +270,8 @@ class StreamReader:
         self._frame_id = 0
         self._failures = 0
         self._ever_read = False
+        self._up_since = 0.0
+        self._last_error: str | None = None
 
     @property
     def state(self) -> StreamState:
@@ -290,6 +302,9 @@ class StreamReader:
                 raise RuntimeError(f"stream {self.config.id}: {self._state.value} -> {new_state.value}")
             self._log.info("stream %s: %s -> %s", self.config.id, self._state.value, new_state.value)
             self._state = new_state
+            if new_state is StreamState.UP:
+                self._up_since = time.monotonic()
+                self._last_error = None
         self._series.up.set(1 if new_state is StreamState.UP else 0)
 
     def _run(self) -> None:
@@ -299,36 +314,59 @@ class StreamReader:
                 if not looping:
                     self._set_state(StreamState.CONNECTING)
                 looping = False
-                # An open may first wait for other streams' opens (see FfmpegOptionsGate), then time out itself.
-                self._heartbeats.beat(self.thread_name, busy_for_s=2 * self.config.open_timeout_ms / 1000 + 1)
-                source = self._source_factory(self.config)
-                if not source.open():
-                    self._log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
-                    if self._file_unreadable():
-                        break
-                    self._back_off()
-                    continue
-                self._set_state(StreamState.UP)
-                try:
-                    reached_end = self._read_until_failure(source)
-                finally:
-                    source.close()
+                reached_end = self._attempt()
                 if reached_end and self.config.kind == "file":
                     if not self.config.loop:
                         break
                     looping = True
                     continue
-                if not self._stop.is_set():
-                    self._log.warning("stream %s: lost, reconnecting", self.config.id)
-                    if self._file_unreadable():
-                        break
-                    self._back_off()
+                if self._stop.is_set() or self._file_unreadable():
+                    break
+                self._back_off()
         except Exception:
             self._log.exception("stream %s: reader failed", self.config.id)
         finally:
             self._set_state(StreamState.STOPPED)
             self._heartbeats.forget(self.thread_name)
             self.finished.set()
+
+    def _attempt(self) -> bool:
+        """One open and read of the stream; whether it reached the end of a file. An unexpected exception (a
+        host name that cannot be encoded, an OpenCV error in a read) fails this attempt like a lost stream,
+        not the reader: otherwise the stream would never be tried again."""
+        # An open may first wait for other streams' opens (see FfmpegOptionsGate), then time out itself.
+        self._heartbeats.beat(self.thread_name, busy_for_s=2 * self.config.open_timeout_ms / 1000 + 1)
+        source: VideoSource | None = None
+        try:
+            source = self._source_factory(self.config)
+            if not source.open():
+                self._log.warning("stream %s: cannot open %s", self.config.id, self.config.redacted_url)
+                return False
+            reached_end = self._read_until_failure(source)
+            if not reached_end and not self._stop.is_set():
+                self._log.warning("stream %s: lost, reconnecting", self.config.id)
+            return reached_end
+        except Exception as error:
+            self._unexpected(error)
+            return False
+        finally:
+            if source is not None:
+                try:
+                    source.close()
+                except Exception as error:
+                    self._unexpected(error)
+
+    def _unexpected(self, error: Exception) -> None:
+        """The traceback once per distinct failure, then one line per attempt: a stream that fails the same way
+        at every reconnect would otherwise repeat it every backoff. Camera URLs are redacted."""
+        url, redacted = self.config.url, self.config.redacted_url
+        summary = f"{type(error).__qualname__}: {error}".replace(url, redacted)
+        if summary == self._last_error:
+            self._log.warning("stream %s: failed again (%s); reconnecting", self.config.id, summary)
+            return
+        self._last_error = summary
+        details = "".join(traceback.format_exception(error)).replace(url, redacted).rstrip()
+        self._log.error("stream %s: unexpected failure; reconnecting\n%s", self.config.id, details)
 
     def _file_unreadable(self) -> bool:
         """A camera may come back; a file that has never given a frame, after a few tries, will not, and
@@ -345,20 +383,30 @@ class StreamReader:
         base = self.config.reconnect_backoff_s * (2 ** min(self._failures, 16))
         delay = min(self.config.reconnect_backoff_max_s, base) * random.uniform(0.5, 1.0)
         self._failures += 1
-        deadline = time.monotonic() + delay
-        while not self._stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+        if not self._wait_until(time.monotonic() + delay):
+            self._series.reconnects.inc()
+
+    def _wait_until(self, deadline: float) -> bool:
+        """Whether stop came first. Beats at least once a second, so a long wait does not read as stuck."""
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop.wait(min(1.0, left)):
+                return True
             self._heartbeats.beat(self.thread_name)
-            if time.monotonic() >= deadline:
-                self._series.reconnects.inc()
-                return
+        return self._stop.is_set()
 
     def _read_until_failure(self, source: VideoSource) -> bool:
-        """Read frames until stop (False), the end of a file (True) or a failure (False)."""
+        """Read frames until stop (False), the end of a file (True) or a failure (False).
+
+        The backoff starts again from its first step only once the stream has been up for a stall timeout:
+        a camera that drops sooner than we would declare it lost ourselves is flapping, and reconnecting it at
+        the first step after each frame would hammer it several times a second.
+        """
         is_file = self.config.kind == "file"
         pace = is_file and self.config.realtime
         file_fps = source.frame_rate() or 25.0
-        opened_at = time.monotonic()
-        first_pts: float | None = None
+        paced_step_max_s = max(_PACED_STEP_MAX_S, _PACED_STEP_MAX_PERIODS / file_fps)
+        anchor_media_s: float | None = None
+        anchor_monotonic = last_media_s = 0.0
         frames_this_session = 0
         stream_id = self.config.id
         series = self._series
@@ -370,6 +418,10 @@ class StreamReader:
             try:
                 image = source.read()
             except InvalidFrame:
+                # Still a frame read: counted so that read = processed + dropped + in flight, and its id skipped
+                # so that consumers see the gap.
+                self._frame_id += 1
+                series.frames_read.inc()
                 series.dropped["decode_error"].inc()
                 if time.monotonic() - last_valid > self.config.stall_timeout_s:
                     return False
@@ -379,18 +431,26 @@ class StreamReader:
             if image is None:
                 return is_file and frames_this_session > 0
             now = last_valid = time.monotonic()
+            if frames_this_session == 0:
+                self._set_state(StreamState.UP)
+            if self._failures and now - self._up_since >= self.config.stall_timeout_s:
+                self._failures = 0
             pts_ms = source.position_ms()
             media_s = (pts_ms if pts_ms is not None else frames_this_session * 1000 / file_fps) / 1000
             frames_this_session += 1
-            self._failures = 0
             self._ever_read = True
             frame_id = self._frame_id
             self._frame_id += 1
             self.last_frame_monotonic = now
             series.frames_read.inc()
             if pace:
-                first_pts = media_s if first_pts is None else first_pts
-                if self._stop.wait(max(0.0, opened_at + (media_s - first_pts) - time.monotonic())):
+                if anchor_media_s is None or abs(media_s - last_media_s) > paced_step_max_s:
+                    if anchor_media_s is not None:
+                        self._log.info("stream %s: timestamps jump %.1f s at frame %d; pacing restarts there",
+                                       stream_id, media_s - last_media_s, frame_id)
+                    anchor_media_s, anchor_monotonic = media_s, now
+                last_media_s = media_s
+                if self._wait_until(anchor_monotonic + (media_s - anchor_media_s)):
                     return False
             if cap_period_s is not None:
                 clock = media_s if is_file else now

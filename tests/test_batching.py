@@ -150,3 +150,22 @@ def test_with_two_workers_taking_turns_every_stream_gets_an_equal_share() -> Non
             taken[frame.stream_id] += 1
         hub.batch_done(batch)
     assert max(taken.values()) - min(taken.values()) <= 3, taken
+
+
+def test_a_frame_that_already_waited_max_wait_leaves_at_once_in_a_partial_batch() -> None:
+    hub = hub_with({"a": 2})
+    time.sleep(0.3)  # the batcher was busy with the previous batch meanwhile
+    started = time.monotonic()
+    batch = hub.take_batch(max_batch=16, max_wait_s=0.25, max_per_stream=16)
+    assert batch is not None and len(batch.frames) == 2
+    assert time.monotonic() - started < 0.15, "the wait counted from the batcher's wake-up, not the frame's arrival"
+
+
+def test_a_partial_batch_leaves_when_its_first_frame_has_waited_max_wait() -> None:
+    hub = hub_with({"a": 1})
+    arrived = time.monotonic()
+    time.sleep(0.15)
+    batch = hub.take_batch(max_batch=16, max_wait_s=0.4, max_per_stream=16)
+    waited = time.monotonic() - arrived
+    assert batch is not None and len(batch.frames) == 1
+    assert 0.35 <= waited < 0.5

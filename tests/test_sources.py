@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 
+import cv2
+import numpy as np
+import numpy.typing as npt
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline.batching import FrameHub
@@ -18,9 +24,11 @@ from pipeline.sources import (
     _FFMPEG_OPTIONS_GATE,
     ALLOWED_TRANSITIONS,
     FfmpegOptionsGate,
+    InvalidFrame,
     OpenCvSource,
     StreamReader,
     StreamState,
+    VideoSource,
     max_age_for,
     overflow_policy_for,
 )
@@ -29,13 +37,17 @@ from tests.fakes import FakeSource, GarbageThenGoodSource, make_frame
 
 
 class ReaderHarness:
-    def __init__(self, config: StreamConfig, source: FakeSource, capacity: int = 1000) -> None:
+    def __init__(
+        self, config: StreamConfig, source: FakeSource | Callable[[StreamConfig], VideoSource], capacity: int = 1000
+    ) -> None:
         self.registry = CollectorRegistry()
         metrics = PipelineMetrics(self.registry)
         metrics.add_stream(config.id)
         self.hub = FrameHub()
         self.hub.add_stream(config.id, capacity, overflow_policy_for(config))
-        self.reader = StreamReader(config, self.hub, metrics, Heartbeats(metrics), lambda _config: source)
+        self.heartbeats = Heartbeats(metrics)
+        factory = source if callable(source) else lambda _config: source
+        self.reader = StreamReader(config, self.hub, metrics, self.heartbeats, factory)
 
     def frames(self) -> list[Frame]:
         batch = self.hub.take_batch(max_batch=1000, max_wait_s=0.0, max_per_stream=1000, poll_s=0.01)
@@ -149,12 +161,13 @@ def test_threads_are_named_after_their_stream() -> None:
     assert harness.reader.thread_name == "reader-s"
 
 
-def test_unusable_frames_at_start_are_skipped_and_counted_as_decode_errors() -> None:
+def test_unusable_frames_at_start_are_read_dropped_as_decode_errors_and_leave_a_gap_in_frame_ids() -> None:
     harness = ReaderHarness(file_stream(), GarbageThenGoodSource(garbage=3, frames=4))
     harness.reader.start()
     assert harness.reader.finished.wait(5)
-    assert [f.frame_id for f in harness.frames()] == [0, 1, 2, 3]
+    assert [f.frame_id for f in harness.frames()] == [3, 4, 5, 6]
     assert harness.value("vap_frames_dropped_total", reason="decode_error") == 3
+    assert harness.value("vap_frames_read_total") == 7
 
 
 def test_frames_older_than_the_staleness_budget_are_dropped_as_stale() -> None:
@@ -280,3 +293,225 @@ def test_a_looping_file_that_has_given_frames_is_retried_like_a_camera_when_it_f
     assert not harness.reader.finished.is_set()
     harness.reader.stop()
     assert harness.reader.join(2)
+
+
+class RaisingSource(FakeSource):
+    """Fails in `open` or `read` with an exception no decoder documents, like getaddrinfo's UnicodeError for a
+    host name such as `cam..site.local`, or a cv2.error from a read."""
+
+    def __init__(self, fail_in: str | None, frames: int = 100) -> None:
+        super().__init__(frames=frames)
+        self._fail_in = fail_in
+
+    def open(self) -> bool:
+        if self._fail_in == "open":
+            raise UnicodeError("encoding with 'idna' codec failed (UnicodeError: label empty or too long)")
+        return super().open()
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        if self._fail_in == "read":
+            raise cv2.error("OpenCV(4.9.0) error: (-215:Assertion failed) in function 'read'")
+        return super().read()
+
+
+@pytest.mark.parametrize("fail_in", ["open", "read"])
+def test_an_unexpected_error_fails_that_attempt_and_the_stream_is_tried_again(
+    fail_in: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[RaisingSource] = []
+
+    def factory(_config: StreamConfig) -> RaisingSource:
+        attempts.append(RaisingSource(fail_in if len(attempts) < 3 else None))
+        return attempts[-1]
+
+    harness = ReaderHarness(live_stream(), factory)
+    caplog.set_level(logging.WARNING, logger="pipeline.sources")
+    harness.reader.start()
+    try:
+        assert wait_until(lambda: harness.reader.state is StreamState.UP), harness.reader.state
+        assert wait_until(lambda: len(harness.frames()) >= 3)
+    finally:
+        harness.reader.stop()
+        assert harness.reader.join(2)
+    assert len(attempts) >= 4
+    errors = [record for record in caplog.records if "unexpected failure" in record.getMessage()]
+    assert len(errors) == 1 and "Traceback" in errors[0].getMessage(), "one traceback for one kind of failure"
+    assert sum("failed again" in record.getMessage() for record in caplog.records) == 2
+
+
+def test_a_camera_host_name_that_cannot_be_looked_up_fails_its_open_instead_of_raising() -> None:
+    camera = OpenCvSource(StreamConfig.model_validate({"id": "cam", "url": "rtsp://cam..site.local/x"}))
+    assert camera.open() is False
+
+
+class NoMediaSource(FakeSource):
+    """Takes the session, then no frame comes: each read gives up after the read timeout."""
+
+    def __init__(self, read_timeout_s: float) -> None:
+        super().__init__(frames=0)
+        self._read_timeout_s = read_timeout_s
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        time.sleep(self._read_timeout_s)
+        return None
+
+
+def test_a_camera_that_opens_but_sends_no_frame_is_never_up() -> None:
+    source = NoMediaSource(read_timeout_s=0.1)
+    harness = ReaderHarness(live_stream(), source)
+    harness.reader.start()
+    try:
+        deadline = time.monotonic() + 5
+        while source.opened < 4 and time.monotonic() < deadline:
+            assert harness.reader.state is not StreamState.UP
+            assert harness.value("vap_stream_up") == 0
+            time.sleep(0.005)
+        assert source.opened >= 4
+    finally:
+        harness.reader.stop()
+        assert harness.reader.join(2)
+
+
+def test_a_stream_is_up_from_its_first_frame() -> None:
+    harness = ReaderHarness(live_stream(), FakeSource(frames=10**6))
+    harness.reader.start()
+    try:
+        assert wait_until(lambda: harness.value("vap_frames_read_total") >= 1)
+        assert harness.reader.state is StreamState.UP and harness.value("vap_stream_up") == 1
+    finally:
+        harness.reader.stop()
+        assert harness.reader.join(2)
+
+
+class GarbageAtSource(FakeSource):
+    """Frames whose read numbers are in `garbage` decode to nothing usable, like a corrupt packet mid-stream."""
+
+    def __init__(self, frames: int, garbage: Sequence[int]) -> None:
+        super().__init__(frames=frames)
+        self._garbage = set(garbage)
+        self._reads = 0
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        self._reads += 1
+        if self._reads in self._garbage:
+            raise InvalidFrame("corrupt packet")
+        return super().read()
+
+
+def test_a_frame_lost_to_a_decode_error_is_read_and_dropped_and_its_id_is_skipped() -> None:
+    harness = ReaderHarness(file_stream(), GarbageAtSource(frames=4, garbage=[2, 4]))
+    harness.reader.start()
+    assert harness.reader.finished.wait(5)
+    taken = harness.frames()
+    assert [f.frame_id for f in taken] == [0, 2, 4, 5]
+    read = harness.value("vap_frames_read_total")
+    assert read == 6 == len(taken) + harness.value("vap_frames_dropped_total", reason="decode_error")
+
+
+class JumpingSource(FakeSource):
+    """A recording starting at `start_s` whose timestamps jump by `jump_s` after `before` frames (a cut, a
+    recording resumed, a rewind)."""
+
+    def __init__(self, frames: int, fps: float, before: int, jump_s: float, start_s: float = 0.0) -> None:
+        super().__init__(frames=frames, fps=fps)
+        self._before = before
+        self._jump_s = jump_s
+        self._start_s = start_s
+
+    def position_ms(self) -> float | None:
+        position = super().position_ms()
+        assert position is not None
+        return position + 1000 * (self._start_s + (self._jump_s if self._read > self._before else 0.0))
+
+
+def test_a_realtime_file_whose_timestamps_jump_far_ahead_goes_on_without_sleeping_through_the_gap() -> None:
+    harness = ReaderHarness(file_stream(realtime=True), JumpingSource(frames=8, fps=20.0, before=3, jump_s=60.0))
+    started = time.monotonic()
+    harness.reader.start()
+    try:
+        assert harness.reader.finished.wait(5), "the reader slept through a 60 s jump in the timestamps"
+    finally:
+        harness.reader.stop()
+    assert time.monotonic() - started >= 6 / 20.0 * 0.9, "still paced on both sides of the jump"
+    assert [f.frame_id for f in harness.frames()] == list(range(8))
+
+
+def test_a_realtime_file_whose_timestamps_jump_back_is_still_paced() -> None:
+    rewinding = JumpingSource(frames=8, fps=20.0, before=2, jump_s=-600.0, start_s=600.0)
+    harness = ReaderHarness(file_stream(realtime=True), rewinding)
+    started = time.monotonic()
+    harness.reader.start()
+    assert harness.reader.finished.wait(5)
+    assert time.monotonic() - started >= 6 / 20.0 * 0.9, "frames after the rewind were rushed out"
+
+
+def test_a_realtime_file_pausing_between_frames_keeps_its_reader_heartbeat() -> None:
+    harness = ReaderHarness(file_stream(realtime=True, stall_timeout_s=0.1),
+                            JumpingSource(frames=3, fps=20.0, before=1, jump_s=3.0))
+    harness.reader.start()
+    try:
+        while not harness.reader.finished.wait(0.05):
+            assert harness.heartbeats.stuck(max_age_s=1.4) == [], "reported stuck while pacing a pause"
+    finally:
+        harness.reader.stop()
+        assert harness.reader.join(2)
+    assert len(harness.frames()) == 3
+
+
+class SessionsSource(FakeSource):
+    """Each open starts the next of `sessions`: None fails the open; a number is how many seconds the session
+    gives frames (one every 10 ms, at least one) before the camera drops it. Records when it opened and
+    dropped."""
+
+    def __init__(self, sessions: Sequence[float | None]) -> None:
+        super().__init__(frames=10**6)
+        self._sessions = list(sessions)
+        self._ends = 0.0
+        self._given = 0
+        self.opened_at: list[float] = []
+        self.dropped_at: list[float] = []
+
+    def open(self) -> bool:
+        self.opened_at.append(time.monotonic())
+        length = self._sessions.pop(0) if self._sessions else None
+        if length is None:
+            return False
+        self._ends, self._given = time.monotonic() + length, 0
+        return super().open()
+
+    def read(self) -> npt.NDArray[np.uint8] | None:
+        if self._given > 0 and time.monotonic() >= self._ends:
+            self.dropped_at.append(time.monotonic())
+            return None
+        self._given += 1
+        time.sleep(0.01)
+        return super().read()
+
+
+def test_a_camera_that_drops_after_each_frame_is_reconnected_with_a_growing_backoff() -> None:
+    source = SessionsSource([0.0] * 100)
+    harness = ReaderHarness(live_stream(reconnect_backoff_s=0.02, reconnect_backoff_max_s=5.0), source)
+    started = time.monotonic()
+    harness.reader.start()
+    try:
+        assert wait_until(lambda: harness.value("vap_stream_reconnects_total") >= 6)
+    finally:
+        harness.reader.stop()
+        assert harness.reader.join(2)
+    # Backoffs of at least 0.01, 0.02, 0.04, 0.08, 0.16 and 0.32 s; at the first step each time, about 0.1 s.
+    assert time.monotonic() - started >= 0.6
+    assert harness.value("vap_frames_read_total") >= 6
+
+
+def test_a_session_healthy_for_a_stall_timeout_starts_the_backoff_again_from_its_first_step() -> None:
+    source = SessionsSource([None, None, None, None, 0.5, 0.5])
+    config = live_stream(reconnect_backoff_s=0.02, reconnect_backoff_max_s=5.0, stall_timeout_s=0.2)
+    harness = ReaderHarness(config, source)
+    harness.reader.start()
+    try:
+        assert wait_until(lambda: len(source.opened_at) >= 6)
+    finally:
+        harness.reader.stop()
+        assert harness.reader.join(2)
+    # After four failures the next backoff would be at least 0.16 s; from the first step it is at most 0.02 s.
+    assert source.opened_at[5] - source.dropped_at[0] < 0.1
