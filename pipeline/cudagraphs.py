@@ -60,6 +60,7 @@ class GraphedForward:
         self._buckets = batch_buckets(max_batch)
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._pool: Any = None
+        self._streams: dict[torch.device, Any] = {}
         self.enabled = True
 
     @property
@@ -103,16 +104,21 @@ class GraphedForward:
         import torch
 
         device = static_input.device
-        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        # Warm-up and capture on one stream of this device, as torch's make_graphed_callables does. Without
+        # `stream=`, torch.cuda.graph captures on one process-wide stream made on whichever device captured
+        # first; a capture for another device then records nothing, and its replays return stale output.
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
             for _ in range(_WARMUP_RUNS):
                 self._forward(static_input)
-        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             static_output = self._forward(static_input)
         entry = _Graph(graph, static_input, static_output, _model_state_tensors(self._model))
         self._graphs[key] = entry

@@ -88,6 +88,17 @@ def resolve_device(requested: str | list[str]) -> str:
     return resolve_devices(requested)[0]
 
 
+def use_device_in_this_thread(device: str) -> None:
+    """Makes `device` the calling thread's current CUDA device. The current device is per thread and
+    starts at cuda:0 in every new one; what depends on it rather than on a tensor's device (a TensorRT
+    execution context, indexless `cuda` calls) would otherwise run against the wrong GPU, failing with
+    "invalid resource handle" on any but cuda:0."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
 def model_display_name(weights: str) -> str:
     return Path(weights).stem
 
@@ -226,6 +237,7 @@ class UltralyticsDetector:
         """Runs each batch size on square and 16:9 frames: a GPU compiles kernels per input shape, and most
         cameras are 16:9, whose input is a stride-aligned rectangle rather than the square."""
         size = self._config.imgsz
+        use_device_in_this_thread(self.device)  # Ultralytics selects it only when it first loads the model
         self._ensure_backend()
         sizes = set(batch_sizes)
         if self._graphed is not None:  # every graph a batch can be padded to, so none is captured mid-stream
@@ -320,7 +332,8 @@ class UltralyticsDetector:
             rows, image_index = self._end_to_end_rows(preds)
         else:
             rows, image_index = batched_nms(preds, len(self.labels), self._config.conf, self._config.iou,
-                                            self._class_filter, self._config.agnostic_nms, pending.plan[0].input_hw)
+                                            self._class_filter, self._config.agnostic_nms, pending.plan[0].input_hw,
+                                            max_det=_MAX_DETECTIONS)
         found = assemble(rows, image_index, pending.plan, protos)
         if self._cuda:
             found = BatchDetections(
@@ -366,7 +379,7 @@ class UltralyticsDetector:
         bounds = np.searchsorted(image_index, np.arange(len(pending.plan) + 1))
         out: list[Detections] = []
         for index, box in enumerate(pending.plan):
-            start, end = int(bounds[index]), min(int(bounds[index + 1]), int(bounds[index]) + _MAX_DETECTIONS)
+            start, end = int(bounds[index]), int(bounds[index + 1])
             found = rows[start:end]
             polygons: tuple[Any, ...] = ()
             if masks is not None and len(found):
@@ -420,7 +433,9 @@ class UltralyticsDetector:
         if probs is None:
             return ()
         scores = np.asarray(probs.cpu().numpy().data, np.float32)
-        kept = np.arange(len(scores)) if self._class_filter is None else np.unique(self._class_filter)
+        kept = np.arange(len(scores))
+        if self._class_filter is not None:  # int64 even when empty: np.unique([]) is float, useless as an index
+            kept = np.unique(np.asarray(self._class_filter, np.int64))
         top = kept[np.argsort(-scores[kept], kind="stable")[:_TOP_CLASSES]]
         return tuple(
             Classification(int(class_id), self.labels.get(int(class_id), str(class_id)), float(scores[class_id]))
@@ -490,6 +505,7 @@ class InferenceWorker:
         batching = self._batching
         max_per_stream = batching.max_same_source_frames or batching.max_batch
         try:
+            use_device_in_this_thread(self._detector.device)
             while not self._stop.is_set():
                 self._heartbeats.beat(self.thread_name)
                 self._metrics.queue_depth.labels(stage="batcher").set(self._hub.depth())
@@ -561,6 +577,7 @@ class InferenceWorker:
         name = self._finisher.name
         device = self._detector.device
         try:
+            use_device_in_this_thread(device)
             while True:
                 self._heartbeats.beat(name)
                 try:

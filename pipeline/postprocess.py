@@ -4,9 +4,10 @@ Ultralytics' own post-processing loops over the images of a batch and issues a d
 operations for each. At batch 32 on a GPU that is hundreds of kernel launches, each needing the GIL,
 and on a host busy decoding 16 cameras every one of them waits. Here the whole batch takes a fixed
 handful of operations: one candidate filter, one NMS over all images (boxes of different images and
-classes are offset so they never overlap, as Ultralytics does per image), one mask product and one
-upsample. The results match `YOLO.predict`'s (the tests compare them). Polygons are traced on the host,
-one box-sized crop per mask.
+classes are offset so they never overlap, as Ultralytics does per image; split into a few calls only when
+a very low `conf` leaves tens of thousands of candidates), one mask product and one upsample. The
+results match `YOLO.predict`'s (the tests compare them). Polygons are traced on the host, one box-sized
+crop per mask.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 _MAX_NMS_CANDIDATES = 30_000
+_MASK_PIXELS_AT_ONCE = 1 << 28  # a gigabyte of float32
 
 
 @dataclass(frozen=True)
@@ -42,46 +44,95 @@ class BatchDetections:
 
 def batched_nms(
     prediction: torch.Tensor, num_classes: int, conf: float, iou: float, classes: Sequence[int] | None,
-    agnostic: bool, input_hw: tuple[int, int],
+    agnostic: bool, input_hw: tuple[int, int], max_det: int = 300,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw YOLO output (B, 4 + classes + extra, anchors) -> kept rows (N, 6 + extra) and their image index.
 
     Rows are x1, y1, x2, y2 (model input pixels), confidence, class, then the extra channels (mask
-    coefficients), ordered by image and, within an image, by falling confidence.
+    coefficients), ordered by image and, within an image, by falling confidence. As in Ultralytics, each
+    image keeps at most `max_det` rows and offers NMS at most 30,000 candidates: caps over the whole batch
+    would let one busy image starve the others, and every row kept here costs a full-size mask later.
     """
     import torch
-    import torchvision
     from ultralytics.utils.ops import xywh2xyxy
 
     candidates = prediction.transpose(1, 2)
     scores, labels = candidates[..., 4:4 + num_classes].max(-1)
     keep = scores > conf
     if classes is not None:
-        keep &= torch.isin(labels, torch.tensor(list(classes), device=labels.device))
+        keep &= torch.isin(labels, torch.as_tensor(list(classes), dtype=labels.dtype, device=labels.device))
     image, anchor = keep.nonzero(as_tuple=True)
-    if image.numel() > _MAX_NMS_CANDIDATES:
-        best = scores[image, anchor].argsort(descending=True)[:_MAX_NMS_CANDIDATES]
-        image, anchor = image[best], anchor[best]
+    score = scores[image, anchor]
+    chunks = [image.numel()]
+    if image.numel() > _MAX_NMS_CANDIDATES:  # only with a very low `conf`; a sort and one sync are cheap then
+        best = _best_per_image(image, score, _MAX_NMS_CANDIDATES)
+        image, anchor, score = image[best], anchor[best], score[best]
+        chunks = _whole_image_chunks(torch.bincount(image, minlength=prediction.shape[0]).tolist())
     found = candidates[image, anchor].float()
     boxes = xywh2xyxy(found[:, :4])
-    score = scores[image, anchor].float()
+    score = score.float()
     label = labels[image, anchor]
     group = image if agnostic else image * num_classes + label
-    # float64: offsets for hundreds of (image, class) groups would cost float32 its sub-pixel precision
-    spacing = 4.0 * max(input_hw)
-    offset_boxes = boxes.double() + group.double()[:, None] * spacing
-    kept = torchvision.ops.nms(offset_boxes, score.double(), iou)
+    kept = _offset_nms(boxes, score, group, iou, 4.0 * max(input_hw), chunks)
     kept = kept[torch.argsort(image[kept], stable=True)]
+    kept = kept[_rank_within_groups(image[kept]) < max_det]
     rows = torch.cat([boxes[kept], score[kept, None], label[kept, None].float(), found[kept, 4 + num_classes:]], 1)
     return rows, image[kept]
+
+
+def _offset_nms(boxes: torch.Tensor, score: torch.Tensor, group: torch.Tensor, iou: float, spacing: float,
+                chunks: Sequence[int]) -> torch.Tensor:
+    """Indices NMS keeps, by falling score within each chunk of consecutive rows. Boxes of different groups
+    are moved apart so they never overlap, so one call serves every (image, class) group; the rows come in
+    chunks of whole images because the GPU kernel's work and memory grow with the square of its input
+    (a batch of 32 with `conf: 0` would need gigabytes in one call)."""
+    import torch
+    import torchvision
+
+    # float64: offsets for hundreds of (image, class) groups would cost float32 its sub-pixel precision
+    offset_boxes = boxes.double() + group.double()[:, None] * spacing
+    scores = score.double()
+    kept = []
+    start = 0
+    for size in chunks:
+        kept.append(torchvision.ops.nms(offset_boxes[start:start + size], scores[start:start + size], iou) + start)
+        start += size
+    return kept[0] if len(kept) == 1 else torch.cat(kept)
+
+
+def _whole_image_chunks(counts: Sequence[int]) -> list[int]:
+    """Row counts of consecutive images grouped so that no group passes the candidate cap."""
+    chunks = [0]
+    for count in counts:
+        if chunks[-1] and chunks[-1] + count > _MAX_NMS_CANDIDATES:
+            chunks.append(0)
+        chunks[-1] += count
+    return chunks
+
+
+def _best_per_image(image: torch.Tensor, score: torch.Tensor, limit: int) -> torch.Tensor:
+    """Indices of each image's `limit` highest scores, grouped by image in order, on the device."""
+    import torch
+
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(image[order], stable=True)]
+    return order[_rank_within_groups(image[order]) < limit]
+
+
+def _rank_within_groups(groups: torch.Tensor) -> torch.Tensor:
+    """Each element's position within its run of equal values, for sorted `groups`, without a host sync."""
+    import torch
+
+    positions = torch.arange(groups.numel(), device=groups.device)
+    starts = torch.ones_like(groups, dtype=torch.bool)
+    starts[1:] = groups[1:] != groups[:-1]
+    return positions - torch.where(starts, positions, 0).cummax(0).values
 
 
 def assemble(rows: torch.Tensor, image_index: torch.Tensor, plan: Sequence[Letterbox],
              protos: torch.Tensor | None) -> BatchDetections:
     """Masks from prototypes (when the model has them) and boxes mapped back to each source frame."""
     import torch
-    import torch.nn.functional as functional
-    from ultralytics.utils.ops import crop_mask
 
     boxes = rows[:, :4]
     masks = None
@@ -99,9 +150,7 @@ def assemble(rows: torch.Tensor, image_index: torch.Tensor, plan: Sequence[Lette
             grid = rows.new_zeros((batch, int(counts.max()), channels))
             grid[image_index, position] = rows[:, 6:6 + channels]
             products = torch.bmm(grid, protos.float().view(batch, channels, proto_h * proto_w))
-            raw = products[image_index, position].view(count, 1, proto_h, proto_w)
-            upsampled = functional.interpolate(raw, input_hw, mode="bilinear")[:, 0]
-            masks = crop_mask(upsampled.gt_(0.0).byte(), boxes)
+            masks = _binary_masks(products[image_index, position].view(count, 1, proto_h, proto_w), boxes, input_hw)
         else:
             masks = torch.zeros((0, *input_hw), dtype=torch.uint8, device=rows.device)
     geometry = torch.tensor(
@@ -111,6 +160,30 @@ def assemble(rows: torch.Tensor, image_index: torch.Tensor, plan: Sequence[Lette
     offset, gain, limit = geometry[:, 0:4], geometry[:, 4:8], geometry[:, 8:12]
     scaled = ((boxes - offset) / gain).clamp(min=0).minimum(limit)
     return BatchDetections(torch.cat([scaled, rows[:, 4:6]], 1), image_index, masks)
+
+
+def _binary_masks(raw: torch.Tensor, boxes: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+    """Prototype-resolution mask logits -> binary masks at input size, cropped to their boxes. On the way each
+    mask is float32 at input size (1.6 MB at 640 px); with `conf: 0` a batch keeps up to 300 rows per image, so
+    they are built a bounded number at a time, usually all in one go."""
+    import torch
+    import torch.nn.functional as functional
+    from ultralytics.utils.ops import crop_mask
+
+    def build(part: slice) -> torch.Tensor:
+        upsampled = functional.interpolate(raw[part], input_hw, mode="bilinear")[:, 0]
+        cropped: torch.Tensor = crop_mask(upsampled.gt_(0.0).byte(), boxes[part])
+        return cropped
+
+    count = raw.shape[0]
+    at_once = max(1, _MASK_PIXELS_AT_ONCE // (input_hw[0] * input_hw[1]))
+    if count <= at_once:
+        return build(slice(None))
+    masks = torch.empty((count, *input_hw), dtype=torch.uint8, device=raw.device)
+    for start in range(0, count, at_once):
+        part = slice(start, start + at_once)
+        masks[part] = build(part)
+    return masks
 
 
 def mask_polygons(masks: npt.NDArray[np.uint8], boxes_xyxy: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:

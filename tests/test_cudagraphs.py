@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import pytest
 import torch
 
@@ -38,6 +41,43 @@ def test_batches_larger_than_every_bucket_run_eagerly() -> None:
     graphed = GraphedForward(forward, torch.nn.Identity(), max_batch=4)
     assert torch.equal(graphed(torch.ones(6, 3)), torch.full((6, 3), 2.0))
     assert calls == [6] and graphed.captured == 0
+
+
+class FakeStream:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device  # None: the current device, whichever that is
+
+    def wait_stream(self, other: FakeStream) -> None:
+        pass
+
+
+class FakeGraph:
+    def replay(self) -> None:
+        pass
+
+
+def test_each_device_captures_on_a_stream_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left to itself, torch.cuda.graph captures every device's graph on one stream made on the first device
+    that captured; on another device that records an empty graph. Two tensor devices stand in for two GPUs."""
+    capture_streams: list[Any] = []
+
+    def graph(cuda_graph: FakeGraph, pool: Any = None, stream: Any = None, **options: Any) -> Any:
+        capture_streams.append(stream)
+        return contextlib.nullcontext()
+
+    for name, fake in (("Stream", FakeStream), ("current_stream", FakeStream), ("CUDAGraph", FakeGraph),
+                       ("graph", graph), ("graph_pool_handle", object), ("stream", contextlib.nullcontext),
+                       ("device", contextlib.nullcontext)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    devices = [torch.device("cpu"), torch.device("meta")]
+    for device in devices:
+        graphed = GraphedForward(lambda batch: batch * 2, torch.nn.Identity(), max_batch=4)
+        graphed(torch.ones(1, 3, device=device))
+        graphed(torch.ones(3, 3, device=device))
+        assert graphed.captured == 2
+    assert all(isinstance(stream, FakeStream) for stream in capture_streams), capture_streams
+    assert [stream.device for stream in capture_streams] == [devices[0]] * 2 + [devices[1]] * 2
+    assert capture_streams[0] is capture_streams[1], "graphs sharing a memory pool capture on one stream"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from pipeline.health import Heartbeats
 from pipeline.inference import InferenceWorker, UltralyticsDetector, infer
 from pipeline.metrics import PipelineMetrics
 from pipeline.synth.world import SceneSpec, render_scene
-from tests.fakes import make_frame
+from tests.fakes import make_frame, scene_frames
 
 
 class ContentReadingDetector:
@@ -127,6 +128,24 @@ def test_a_batch_of_eight_gives_the_same_detections_as_eight_single_frames(detec
         np.testing.assert_allclose(together.detections.boxes_xyxy, alone.detections.boxes_xyxy, atol=0.5)
         np.testing.assert_array_equal(together.detections.class_ids, alone.detections.class_ids)
         np.testing.assert_allclose(together.detections.confidences, alone.detections.confidences, atol=1e-3)
+
+
+def test_with_conf_zero_masks_are_built_only_for_the_300_rows_each_frame_publishes(
+        model_weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.postprocess import BatchDetections, assemble
+
+    assembled: list[list[int]] = []
+
+    def counting(rows: Any, image_index: Any, plan: Any, protos: Any) -> BatchDetections:
+        assembled.append(image_index.bincount(minlength=len(plan)).tolist())
+        return assemble(rows, image_index, plan, protos)
+
+    monkeypatch.setattr("pipeline.inference.assemble", counting)
+    detector = UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=320, conf=0.0), "cpu", 2)
+    results = infer(detector, scene_frames(480, 320, 2, seed=5))
+    assert assembled and all(0 < count <= 300 for count in assembled[0]), assembled
+    assert max(assembled[0]) == 300, "conf 0 should leave more rows than the cap"
+    assert all(len(result.detections) <= 300 for result in results)
 
 
 class SlowContentReadingDetector(ContentReadingDetector):
@@ -267,6 +286,13 @@ def test_a_classify_model_publishes_only_the_classes_kept_by_model_classes() -> 
     assert published and set(published) <= {0, 1}
 
 
+def test_an_empty_class_filter_publishes_no_classes_rather_than_failing() -> None:
+    config = ModelConfig(weights="yolo11n-cls.yaml", imgsz=64, conf=0.0, classes=[0], runtime="torch")
+    classifier = UltralyticsDetector(config.model_copy(update={"classes": []}), "cpu")
+    results = infer(classifier, [make_frame("s", 0, 96, 64)])
+    assert [result.classes for result in results] == [()]
+
+
 def test_a_class_id_the_model_does_not_have_is_a_startup_error_naming_the_key_and_its_classes(
         detector: UltralyticsDetector, model_weights: str) -> None:
     unknown = max(detector.labels) + 5
@@ -279,3 +305,44 @@ def test_weights_that_cannot_be_loaded_are_a_startup_error_naming_the_key(tmp_pa
     missing = tmp_path / "no-such-model.pt"
     with pytest.raises(RuntimeError, match=r"model\.weights: cannot load .*no-such-model\.pt"):
         UltralyticsDetector(ModelConfig(weights=str(missing)), "cpu", 1)
+
+
+class CurrentDeviceRecordingDetector(ContentReadingDetector):
+    """Notes the current CUDA device of the thread each call runs on, as a TensorRT context would use it."""
+
+    def __init__(self, device: str, current: threading.local) -> None:
+        self.device = device
+        self._current = current
+        self.seen: list[tuple[str, str, str | None]] = []
+
+    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
+        self.seen.append(("submit", threading.current_thread().name, getattr(self._current, "device", None)))
+        return frames
+
+    def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
+        self.seen.append(("collect", threading.current_thread().name, getattr(self._current, "device", None)))
+        return super().collect(frames)
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cpu"])
+def test_worker_threads_run_the_model_on_their_own_device(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    current = threading.local()
+
+    def set_device(chosen: torch.device) -> None:
+        assert chosen.type == "cuda", "only a CUDA worker selects a device"
+        current.device = str(chosen)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    metrics = PipelineMetrics(CollectorRegistry())
+    hub = waiting_hub(1)
+    delivered: list[FrameResult] = []
+    detector = CurrentDeviceRecordingDetector(device, current)
+    worker = InferenceWorker(detector, hub, BatchingConfig(max_batch=2, max_wait_ms=5), delivered.append, metrics,
+                             Heartbeats(metrics))
+    run_workers([worker], hub, 1, 4, delivered)
+    assert {(call, thread) for call, thread, _ in detector.seen} == {("submit", f"infer-{device}"),
+                                                                      ("collect", f"finish-{device}")}
+    expected = device if device.startswith("cuda") else None
+    assert {current_device for _, _, current_device in detector.seen} == {expected}

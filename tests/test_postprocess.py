@@ -44,6 +44,62 @@ def test_no_candidates_gives_empty_rows() -> None:
     assert rows.shape == (0, 6) and image_index.shape == (0,)
 
 
+def grid_predictions(batch: int, side: int, classes: int) -> torch.Tensor:
+    """`side`² small boxes per image that never overlap, each with its own score, so NMS keeps them all."""
+    generator = torch.Generator().manual_seed(7)
+    centres = (torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1) * 8 + 4)
+    xy = centres.reshape(1, -1, 2).float().expand(batch, -1, -1)
+    wh = torch.full_like(xy, 4.0)
+    scores = torch.rand((batch, side * side, classes), generator=generator)
+    return torch.cat([xy, wh, scores], -1).transpose(1, 2).contiguous()
+
+
+def test_each_image_keeps_its_300_most_confident_rows_as_ultralytics_does() -> None:
+    prediction = grid_predictions(batch=3, side=20, classes=2)
+    rows, image_index = batched_nms(prediction, 2, 0.0, 0.5, None, False, (160, 160))
+    reference = nms.non_max_suppression(prediction.clone(), 0.0, 0.5, None, False, max_det=300, nc=2)
+    assert torch.bincount(image_index).tolist() == [300, 300, 300]
+    for image, expected in enumerate(reference):
+        torch.testing.assert_close(rows[image_index == image], expected)
+
+
+def test_a_busy_image_does_not_take_the_candidate_places_of_the_others() -> None:
+    """Over 30,000 candidates in all, as with `conf: 0` at large inputs: the cap applies to each image."""
+    anchors = 30_001
+    prediction = torch.zeros((2, 5, anchors))
+    prediction[:, 0:2] = 100.0
+    prediction[:, 2:4] = 10.0
+    prediction[0, 4] = torch.linspace(0.9, 0.8, anchors)  # one crowd of identical boxes
+    prediction[1, 0, :3] = torch.tensor([20.0, 60.0, 140.0])  # three apart, all below the crowd's scores
+    prediction[1, 4, :3] = torch.tensor([0.5, 0.4, 0.3])
+    rows, image_index = batched_nms(prediction, 1, 0.1, 0.5, None, False, (320, 320))
+    reference = nms.non_max_suppression(prediction.clone(), 0.1, 0.5, None, False, max_det=300, nc=1)
+    assert [len(expected) for expected in reference] == [1, 3]
+    assert image_index.tolist() == [0, 1, 1, 1]
+    for image, expected in enumerate(reference):
+        torch.testing.assert_close(rows[image_index == image], expected)
+
+
+def test_masks_built_a_few_at_a_time_equal_those_built_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.postprocess
+    from pipeline.postprocess import assemble
+    from pipeline.preprocess import plan_batch
+
+    generator = torch.Generator().manual_seed(11)
+    plan = plan_batch([np.zeros((90, 160, 3), np.uint8)] * 2, 160, 32, True)
+    corners = torch.rand((7, 2), generator=generator) * 80
+    rows = torch.cat([corners, corners + 10 + torch.rand((7, 2), generator=generator) * 60,
+                      torch.rand((7, 1), generator=generator), torch.zeros((7, 1)),
+                      torch.randn((7, 32), generator=generator)], 1)
+    image_index = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    protos = torch.randn((2, 32, 24, 40), generator=generator)
+    at_once = assemble(rows, image_index, plan, protos)
+    monkeypatch.setattr(pipeline.postprocess, "_MASK_PIXELS_AT_ONCE", 3 * 96 * 160)
+    in_parts = assemble(rows, image_index, plan, protos)
+    assert at_once.masks is not None and in_parts.masks is not None and at_once.masks.shape == (7, 96, 160)
+    assert int(at_once.masks.sum()) > 0 and torch.equal(in_parts.masks, at_once.masks)
+
+
 def test_polygons_traced_on_box_crops_equal_ultralytics_whole_mask_polygons() -> None:
     from ultralytics.utils.ops import masks2segments
 
