@@ -2,19 +2,21 @@
 in reverse, and decides when a bounded run is over.
 
 Start order: HTTP (so /healthz answers during warm-up), model load, publisher, warm-up, one inference
-worker per device, readers; then /readyz turns 200. Stop order: readers, the hub drains through the model, the
-workers finish their batches, the publisher flushes within a deadline, HTTP last.
+worker per device, readers; then /readyz turns 200 and the control API takes stream changes (503 before,
+and again once stopping). Stop order: readers, the hub drains through the model, the workers finish their
+batches, the publisher flushes within a deadline, HTTP last.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -25,7 +27,7 @@ from pipeline.batching import FrameHub
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
-from pipeline.http import HttpServer, Probe, StreamExists, UnknownStream, build_app
+from pipeline.http import HttpServer, NotAcceptingChanges, Probe, StreamExists, UnknownStream, build_app
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
 from pipeline.kafka_process import KafkaChildUnusable, KafkaProcess
 from pipeline.metrics import PipelineMetrics
@@ -57,6 +59,24 @@ class StopTimeouts:
 
     drain_s: float = _DRAIN_TIMEOUT_S
     kafka_flush_s: float = 3.0
+
+
+class _Phase(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class _Incarnation:
+    """One add of a stream id. A stream removed and added again under the same id (a reload's restart) still
+    has results of frames read before the add in flight: they belong to the stream that was removed, and must
+    reach neither the new stream's tracker nor its series."""
+
+    added_monotonic: float
+    analytics: StreamAnalytics | None
+    occupancy_keys: set[tuple[str, str]] = field(default_factory=set)
 
 
 class Pipeline:
@@ -91,9 +111,9 @@ class Pipeline:
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
         self._stopped = False
+        self._phase = _Phase.NEW
         self._streams_lock = threading.RLock()
-        self._analytics: dict[str, StreamAnalytics] = {}
-        self._occupancy_keys: dict[str, set[tuple[str, str]]] = {}
+        self._incarnations: dict[str, _Incarnation] = {}
         self._started_monotonic = time.monotonic()
 
     @property
@@ -109,6 +129,8 @@ class Pipeline:
         config = self.config
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._max_frames = max_frames
+        with self._streams_lock:
+            self._phase = _Phase.STARTING
         token = config.http.auth_token.get_secret_value() if config.http.auth_token is not None else None
         self.http = HttpServer(config.http.host, config.http.port, build_app(self, config.http.host, token))
         self.http.start()
@@ -140,9 +162,12 @@ class Pipeline:
             )
             self.workers.append(worker)
             worker.start()
-        for stream in config.streams:
-            self.add_stream(stream)
-        self._ready.set()
+        with self._streams_lock:
+            for stream in config.streams:
+                self._add_stream(stream)
+            if self._phase is _Phase.STARTING:
+                self._phase = _Phase.RUNNING
+                self._ready.set()
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
                  ", ".join(devices), self.detector.runtime)
 
@@ -160,6 +185,23 @@ class Pipeline:
     def add_stream(self, stream: StreamConfig) -> None:
         """Start reading one more stream; the others never pause."""
         with self._streams_lock:
+            self._check_accepting_changes()
+            self._add_stream(stream)
+
+    def _check_accepting_changes(self) -> None:
+        """Stream changes wait for `start` to finish: before the model is loaded a stream's analytics cannot be
+        built, and a stream added under an id of the config would make `start` fail. Once `stop` has begun,
+        a new reader would never be stopped. Before `start` nothing runs that a change could race."""
+        if self._phase is _Phase.STARTING:
+            raise NotAcceptingChanges("starting; stream changes are accepted once ready")
+        if self._phase is _Phase.STOPPING:
+            raise NotAcceptingChanges("stopping; stream changes are no longer accepted")
+
+    def _add_stream(self, stream: StreamConfig) -> None:
+        """Everything that can refuse the stream runs before anything is registered: a refused stream must
+        leave no buffer and no series behind (a `vap_stream_up` of 0 for ever would fire the stream-down
+        alert for a stream that never ran)."""
+        with self._streams_lock:
             if stream.id in self.readers:
                 raise StreamExists(stream.id)
             if stream.kind == "file" and not stream.file_path.is_file():
@@ -167,18 +209,27 @@ class Pipeline:
             if stream.decoder != "cpu" and not nvdec_available():
                 raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
                                  "(pip install 'vap[nvdec]'), or use decoder: cpu")
+            analytics = None
+            if stream.analytics.tracks:
+                assert self.detector is not None
+                analytics = StreamAnalytics(
+                    stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels
+                )
+            source_factory = self._source_factory(stream)
             self.metrics.add_stream(stream.id)
             self.hub.add_stream(
                 stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
             )
-            if stream.analytics.tracks:
-                assert self.detector is not None
-                self._analytics[stream.id] = StreamAnalytics(
-                    stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels
-                )
-            reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats, self._source_factory(stream))
+            try:
+                reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats, source_factory)
+                incarnation = _Incarnation(time.monotonic(), analytics)
+                reader.start()
+            except BaseException:
+                self.hub.remove_stream(stream.id)
+                self.metrics.remove_stream(stream.id)
+                raise
             self.readers[stream.id] = reader
-            reader.start()
+            self._incarnations[stream.id] = incarnation
         log.info("stream %s: added (%s)", stream.id, stream.redacted_url, extra={"stream": stream.id})
 
     def _source_factory(self, stream: StreamConfig) -> Callable[[StreamConfig], VideoSource]:
@@ -190,14 +241,14 @@ class Pipeline:
     def remove_stream(self, stream_id: str) -> None:
         """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later."""
         with self._streams_lock:
+            self._check_accepting_changes()
             reader = self.readers.pop(stream_id, None)
             if reader is None:
                 raise UnknownStream(stream_id)
             reader.stop()
             self.hub.remove_stream(stream_id)
             self.metrics.remove_stream(stream_id)
-            self._analytics.pop(stream_id, None)
-            self._occupancy_keys.pop(stream_id, None)
+            self._incarnations.pop(stream_id, None)
         threading.Thread(target=self._reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
         log.info("stream %s: removed", stream_id, extra={"stream": stream_id})
 
@@ -211,21 +262,20 @@ class Pipeline:
         now = time.monotonic()
         with self._streams_lock:
             readers = list(self.readers.values())
-        return [
-            {
+        streams = []
+        for reader in readers:
+            totals = self.metrics.frame_totals(reader.config.id)
+            streams.append({
                 "id": reader.config.id,
                 "url": reader.config.redacted_url,
                 "kind": reader.config.kind,
                 "state": reader.state.value,
                 "last_frame_age_s": None if reader.last_frame_monotonic is None
                 else round(now - reader.last_frame_monotonic, 3),
-                "frames_read": self.registry.get_sample_value("vap_frames_read_total", {"stream": reader.config.id}),
-                "frames_processed": self.registry.get_sample_value(
-                    "vap_frames_processed_total", {"stream": reader.config.id}
-                ),
-            }
-            for reader in readers
-        ]
+                "frames_read": None if totals is None else totals.read,
+                "frames_processed": None if totals is None else totals.processed,
+            })
+        return streams
 
     def status(self) -> dict[str, Any]:
         publisher = self.publisher
@@ -247,10 +297,15 @@ class Pipeline:
 
     def _deliver(self, result: FrameResult) -> None:
         assert self.publisher is not None
-        analytics = self._analytics.get(result.frame.stream_id)
-        if analytics is not None:
-            result, events = analytics.process(result)
-            self._set_occupancy(result.frame.stream_id, analytics.occupancy())
+        frame = result.frame
+        incarnation = self._incarnations.get(frame.stream_id)
+        if incarnation is not None and frame.captured_monotonic < incarnation.added_monotonic:
+            log.debug("stream %s: frame %d was read before the stream was added again; not published",
+                      frame.stream_id, frame.frame_id, extra={"stream": frame.stream_id})
+            return
+        if incarnation is not None and incarnation.analytics is not None:
+            result, events = incarnation.analytics.process(result)
+            self._set_occupancy(frame.stream_id, incarnation.occupancy_keys, incarnation.analytics.occupancy())
         else:
             events = []
         self.publisher.submit(result)
@@ -261,12 +316,12 @@ class Pipeline:
             if self._max_frames is not None and self._processed >= self._max_frames:
                 self._stop_requested.set()
 
-    def _set_occupancy(self, stream_id: str, counts: dict[tuple[str, str], int]) -> None:
-        previous = self._occupancy_keys.get(stream_id, set())
+    def _set_occupancy(self, stream_id: str, keys: set[tuple[str, str]], counts: dict[tuple[str, str], int]) -> None:
+        """`keys`: every zone and label this stream has reported, so a zone that empties goes back to 0."""
+        keys |= set(counts)
         series = self.metrics.stream(stream_id)
-        for zone_id, label in previous | set(counts):
+        for zone_id, label in keys:
             series.occupancy(zone_id, label).set(counts.get((zone_id, label), 0))
-        self._occupancy_keys[stream_id] = previous | set(counts)
 
     def request_stop(self) -> None:
         """Safe from signal handlers: only sets a flag that `wait` watches."""
@@ -291,11 +346,12 @@ class Pipeline:
                 return "all sources finished"
 
     def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._ready.clear()
         with self._streams_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._phase = _Phase.STOPPING
+            self._ready.clear()
             readers = list(self.readers.values())
         for reader in readers:
             reader.stop()

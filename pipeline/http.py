@@ -2,7 +2,8 @@
 
 The control API adds and removes streams at run time. Mutating calls need `Authorization: Bearer
 <http.auth_token>` when a token is configured; without one they are refused unless the server only
-listens on loopback, so an exposed port never lets strangers add cameras.
+listens on loopback, so an exposed port never lets strangers add cameras. While the pipeline starts (the
+model loads) and once it has begun to stop, they answer 503.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class StreamExists(Exception):
 
 class UnknownStream(Exception):
     pass
+
+
+class NotAcceptingChanges(Exception):
+    """The pipeline is starting or stopping; the message says which. GETs still answer meanwhile."""
 
 
 class Control(Protocol):
@@ -113,6 +118,8 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
             control.add_stream(stream)
         except StreamExists:
             raise HTTPException(status.HTTP_409_CONFLICT, f"stream '{stream.id}' already exists") from None
+        except NotAcceptingChanges as error:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         except ValueError as error:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
         return {"id": stream.id, "url": stream.redacted_url}
@@ -124,6 +131,8 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
             control.remove_stream(stream_id)
         except UnknownStream:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream '{stream_id}'") from None
+        except NotAcceptingChanges as error:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     return app

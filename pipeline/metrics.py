@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
@@ -21,6 +22,14 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 _SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class FrameTotals:
+    """A stream's frames read and processed since it was added."""
+
+    read: float
+    processed: float
 
 
 _REMEMBERED_REMOVALS = 1024
@@ -191,6 +200,15 @@ class PipelineMetrics:
                 metric.remove(stream_id)
             for reason in DROP_REASONS:
                 self.frames_dropped.remove(stream_id, reason)
+
+    def frame_totals(self, stream_id: str) -> FrameTotals | None:
+        """None for a stream without series. Read from the stream's own counters: looking a sample up in the
+        registry renders every stream's series, and doing that for each stream made /readyz and the stream list
+        cost grow with the square of the stream count, holding the GIL the model needs."""
+        series = self._streams.get(stream_id)
+        if series is None:
+            return None
+        return FrameTotals(float(series.frames_read._value.get()), float(series.frames_processed._value.get()))
 
     def drop(self, stream_id: str, reason: str, count: int = 1) -> None:
         self.stream(stream_id).dropped[reason].inc(count)
