@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline import __version__
 
 if TYPE_CHECKING:
+    from pipeline.app import Pipeline
     from pipeline.config import PipelineConfig
 
 log = logging.getLogger("pipeline")
@@ -193,6 +194,10 @@ def run_pipeline(
         reloader.start()
         reason = pipeline.wait(duration_s)
         log.info("%s; stopping", reason)
+        if reason == "all sources finished" and not _any_frame_read(pipeline):
+            log.error("every stream ended without giving a single frame (see the errors above); check that each "
+                      "url is a video this machine can decode")
+            return EXIT_FAILURE
         return EXIT_OK
     finally:
         try:
@@ -201,6 +206,13 @@ def run_pipeline(
             pipeline.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _any_frame_read(pipeline: Pipeline) -> bool:
+    """A run whose every file failed to open "finishes" like one that read them all; only the frame
+    counters tell the two apart, and a batch job must not report success for the first."""
+    totals = [pipeline.metrics.frame_totals(stream_id) for stream_id in list(pipeline.readers)]
+    return any(total is not None and total.read > 0 for total in totals)
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -21,9 +21,11 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
 _LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
@@ -54,6 +56,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _error_at(location: tuple[int | str, ...], message: str) -> PydanticCustomError:
+    """An error about one item inside the value a validator checks, so the key path names that item
+    (`zones[1].id`), not the whole list; `parse_config` appends `location` to pydantic's own."""
+    return PydanticCustomError("config_item", "{message}", {"message": message, "at": location})
+
+
 def _number_as_text(value: Any) -> Any:
     """Ids like `123` are valid ids; YAML reads them as numbers, so give them back as text."""
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
@@ -77,6 +85,9 @@ def redact_url(url: str) -> str:
 
 
 Point = tuple[float, float]
+# inf or nan would make every point-in-polygon and side-of-line test false, silently.
+_Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+_ConfigPoint = tuple[_Coordinate, _Coordinate]
 Anchor = Literal["bottom_center", "center", "top_center", "left_center", "right_center"]
 
 
@@ -84,7 +95,7 @@ class ZoneConfig(_Section):
     """A polygon; a tracked object is inside when its anchor point is."""
 
     id: Annotated[str, BeforeValidator(_number_as_text), Field(pattern=STREAM_ID_PATTERN, max_length=64)]
-    polygon: list[Point] = Field(min_length=3, description="Vertices in pixels, or 0..1 with normalized: true")
+    polygon: list[_ConfigPoint] = Field(min_length=3, description="Vertices in pixels, or 0..1 with normalized: true")
     classes: list[int | str] | None = Field(None, description="Class ids or labels counted; default all")
     dwell_s: float | None = Field(None, gt=0, description="Emit a dwell event once an object stays this long")
 
@@ -94,10 +105,25 @@ class LineConfig(_Section):
     to the right-hand side gets the first direction name, one crossing to the left-hand side the second."""
 
     id: Annotated[str, BeforeValidator(_number_as_text), Field(pattern=STREAM_ID_PATTERN, max_length=64)]
-    start: Point
-    end: Point
+    start: _ConfigPoint
+    end: _ConfigPoint
     classes: list[int | str] | None = None
     directions: tuple[str, str] = Field(("in", "out"), description="Names for crossing to the right and to the left")
+
+    @field_validator("directions")
+    @classmethod
+    def _directions_differ(cls, value: tuple[str, str]) -> tuple[str, str]:
+        if value[0] == value[1]:
+            raise ValueError(f"both directions are named '{value[0]}', so events could not tell which way an "
+                             "object crossed; give them two different names")
+        return value
+
+    @model_validator(mode="after")
+    def _has_length(self) -> LineConfig:
+        if self.start == self.end:
+            raise _error_at(("end",), f"is the same point as start {list(self.start)}; a line needs two different "
+                                      "points")
+        return self
 
 
 class AnalyticsConfig(_Section):
@@ -108,6 +134,38 @@ class AnalyticsConfig(_Section):
     anchor: Anchor = Field("bottom_center", description="The point of a box tested against zones and lines")
     zones: list[ZoneConfig] = []
     lines: list[LineConfig] = []
+
+    @field_validator("zones", "lines")
+    @classmethod
+    def _unique_ids(
+        cls, items: Sequence[ZoneConfig | LineConfig], info: ValidationInfo
+    ) -> Sequence[ZoneConfig | LineConfig]:
+        """Events, occupancy and a track's state are keyed by id: two zones with one id would make each
+        undo the other, an exit and an enter on every frame."""
+        kind = "zone" if info.field_name == "zones" else "line"
+        first_index: dict[str, int] = {}
+        for index, item in enumerate(items):
+            if item.id in first_index:
+                raise _error_at((index, "id"), f"duplicate {kind} id '{item.id}' ({info.field_name}"
+                                               f"[{first_index[item.id]}] has it too); give each {kind} its own id")
+            first_index[item.id] = index
+        return items
+
+    @model_validator(mode="after")
+    def _normalized_within_the_frame(self) -> AnalyticsConfig:
+        if not self.normalized:
+            return self
+        points: list[tuple[tuple[int | str, ...], Point]] = [
+            (("zones", zone_index, "polygon", point_index), point)
+            for zone_index, zone in enumerate(self.zones) for point_index, point in enumerate(zone.polygon)
+        ]
+        points += [(("lines", index, end), getattr(line, end)) for index, line in enumerate(self.lines)
+                   for end in ("start", "end")]
+        for location, (x, y) in points:
+            if not (0 <= x <= 1 and 0 <= y <= 1):
+                raise _error_at(location, f"[{x:g}, {y:g}] is outside the frame: with normalized: true coordinates "
+                                          "are fractions from 0 to 1 (or set normalized: false for pixels)")
+        return self
 
     @property
     def tracks(self) -> bool:
@@ -217,10 +275,34 @@ class ModelConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device_names(cls, value: str | list[str]) -> str | list[str]:
-        for name in [value] if isinstance(value, str) else value:
-            if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|\d+", name):
-                raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda:N or a list of cuda:N")
+        if isinstance(value, str):
+            _check_device(value, in_list=False)
+            return value
+        if not value:
+            raise ValueError("an empty list names no device; use auto, cpu, cuda:N or a list of cuda:N")
+        for index, name in enumerate(value):
+            try:
+                _check_device(name, in_list=True)
+            except ValueError as error:
+                raise _error_at((index,), str(error)) from None
         return value
+
+    @field_validator("classes")
+    @classmethod
+    def _keeps_some_class(cls, value: list[int | str] | None) -> list[int | str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list keeps no class at all; omit it or use null to keep every class")
+        return value
+
+
+def _check_device(name: str, in_list: bool) -> None:
+    if name == "mps":
+        raise ValueError("mps (Apple GPUs) is not supported: vap's inference runs on the CPU or CUDA; use cpu, "
+                         "cuda:N or auto")
+    if in_list and name == "auto":
+        raise ValueError("auto cannot be one device of a list; use auto alone, or list devices such as cpu or cuda:N")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|\d+" if in_list else r"auto|cpu|cuda(:\d+)?|\d+", name):
+        raise ValueError(f"unknown device '{name}'; use auto, cpu, cuda:N or a list of cuda:N")
 
 
 class BatchingConfig(_Section):
@@ -277,11 +359,16 @@ class KafkaConfig(_Section):
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> KafkaConfig:
+        """An empty password is allowed without SASL, where it is unused: configs fill it from an optional
+        `${KAFKA_SASL_PASSWORD:-}` that is empty for brokers taking plain connections."""
         if self.security_protocol.startswith("SASL"):
             if self.sasl_mechanism is None:
                 raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
             if not self.sasl_username or self.sasl_password is None:
                 raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+            if not self.sasl_password.get_secret_value():
+                raise _error_at(("sasl_password",), f"is empty, and security_protocol {self.security_protocol} needs "
+                                                    "the password; check that its ${VAR} is set")
         return self
 
 
@@ -291,6 +378,14 @@ class HttpConfig(_Section):
     auth_token: SecretStr | None = Field(
         None, description="Bearer token for stream changes; use ${ENV_VAR}. Without it, changes need a loopback host"
     )
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("is empty, which would accept a bare 'Bearer ' header; set a token (check that its "
+                             "${VAR} is set), or use null to allow stream changes from a loopback host only")
+        return value
 
 
 class TrackingConfig(_Section):
@@ -318,6 +413,13 @@ class PipelineConfig(_Section):
                 )
             first_index[stream.id] = index
         return streams
+
+    @model_validator(mode="after")
+    def _events_apart_from_frames(self) -> PipelineConfig:
+        if self.tracking.events_topic == self.kafka.topic:
+            raise _error_at(("tracking", "events_topic"), f"is '{self.kafka.topic}', the topic of the frame results "
+                            "(kafka.topic); events need their own topic, such as vap.events")
+        return self
 
 
 def interpolate_env(text: str, environ: Mapping[str, str] | None = None) -> str:
@@ -487,7 +589,8 @@ def parse_config(tree: Any) -> PipelineConfig:
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
                 message = "unknown key (check its spelling)"
-            problems.append((_key_path(item["loc"]), message))
+            below = item.get("ctx", {}).get("at", ()) if item["type"] == "config_item" else ()
+            problems.append((_key_path((*item["loc"], *below)), message))
         raise ConfigError(problems) from None
 
 
@@ -505,6 +608,9 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError([("", f"cannot read config file {path}: {error.strerror}")]) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError([("", f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); save it as "
+                                    "UTF-8")]) from None
     tree = _parse_yaml(text, os.environ if environ is None else environ) or {}
     for assignment in overrides or []:
         apply_override(tree, assignment)

@@ -1,8 +1,8 @@
 """Config hot reload: re-read the file on change (`vap run --watch`) or on SIGHUP, apply stream changes.
 
 Streams are added, removed or restarted (when any of their fields changed) without pausing the
-others. Other sections (model, batching, kafka, http) need a restart; a change there is logged as
-such, never silently ignored. A config that no longer validates is reported and the running one kept.
+others. Every other section (tracking, model, batching, kafka, http) needs a restart; a change there is
+logged as such, never silently ignored. A config that no longer validates is reported and the running one kept.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pipeline.http import StreamExists, UnknownStream
 
 log = logging.getLogger(__name__)
 
-_RESTART_SECTIONS = ("model", "batching", "kafka", "http")
+# Derived, not listed: a section added to the config later must not be ignored on reload by default.
+_RESTART_SECTIONS = tuple(name for name in PipelineConfig.model_fields if name != "streams")
 
 
 class RunningStream(Protocol):

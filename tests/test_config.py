@@ -13,6 +13,9 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, PipelineConfig, apply_override, interpolate_env, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+ANALYTICS = "streams:\n  - id: a\n    url: CLIP\n    analytics:\n"
+NORMALIZED = ANALYTICS + "      normalized: true\n"
+TRIANGLE = "[[0, 0], [9, 0], [9, 9]]"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -54,7 +57,68 @@ BAD_CONFIGS = [
                  "environment variable VAP_TEST_UNSET is not set", id="unset-variable"),
     pytest.param("streams:\n  - {id: a, url: 'rtsp://u:${VAP_TEST:x}@h/s'}\n", "streams[0].url",
                  "write $${ for a literal ${", id="malformed-reference"),
+    pytest.param(ANALYTICS + f"      zones:\n        - {{id: door, polygon: {TRIANGLE}}}\n"
+                 f"        - {{id: door, polygon: {TRIANGLE}}}\n",
+                 "streams[0].analytics.zones[1].id", "duplicate zone id 'door' (zones[0] has it too)",
+                 id="duplicate-zone-ids"),
+    pytest.param(ANALYTICS + "      lines:\n        - {id: gate, start: [0, 0], end: [9, 9]}\n"
+                 "        - {id: kerb, start: [0, 0], end: [9, 9]}\n        - {id: gate, start: [1, 1], end: [9, 9]}\n",
+                 "streams[0].analytics.lines[2].id", "duplicate line id 'gate'", id="duplicate-line-ids"),
+    pytest.param(ANALYTICS + "      zones:\n        - {id: z, polygon: [[0, 0], [.inf, 0], [9, 9]]}\n",
+                 "streams[0].analytics.zones[0].polygon[1][0]", "finite number", id="infinite-zone-point"),
+    pytest.param(ANALYTICS + "      lines:\n        - {id: l, start: [0, .nan], end: [9, 9]}\n",
+                 "streams[0].analytics.lines[0].start[1]", "finite number", id="nan-line-end"),
+    pytest.param(ANALYTICS + "      lines:\n        - {id: l, start: [4, 5], end: [4, 5]}\n",
+                 "streams[0].analytics.lines[0].end", "same point as start", id="line-without-length"),
+    pytest.param(ANALYTICS + "      lines:\n        - {id: l, start: [0, 0], end: [9, 9], directions: [in, in]}\n",
+                 "streams[0].analytics.lines[0].directions", "both directions are named 'in'",
+                 id="same-direction-names"),
+    pytest.param(NORMALIZED + "      zones:\n        - {id: z, polygon: [[0, 0], [1, 0], [1, 1.5]]}\n",
+                 "streams[0].analytics.zones[0].polygon[2]", "outside the frame", id="normalized-zone-off-frame"),
+    pytest.param(NORMALIZED + "      lines:\n        - {id: l, start: [0.5, 1], end: [640, 0]}\n",
+                 "streams[0].analytics.lines[0].end", "fractions from 0 to 1", id="normalized-line-in-pixels"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {device: []}\n", "model.device", "empty list",
+                 id="no-devices"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {device: [cpu, auto]}\n", "model.device[1]",
+                 "auto cannot be one device of a list", id="auto-in-a-device-list"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {device: mps}\n", "model.device",
+                 "use cpu, cuda:N or auto", id="mps-device"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {classes: []}\n", "model.classes",
+                 "omit it or use null to keep every class", id="no-classes-kept"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nhttp: {auth_token: ''}\n", "http.auth_token", "is empty",
+                 id="empty-api-token"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\nkafka:\n  security_protocol: SASL_SSL\n"
+                 "  sasl_mechanism: PLAIN\n  sasl_username: vap\n  sasl_password: \"${VAP_TEST_UNSET:-}\"\n",
+                 "kafka.sasl_password", "is empty", id="empty-sasl-password"),
+    pytest.param("streams:\n  - {id: a, url: CLIP}\ntracking: {events_topic: vap.frames}\n",
+                 "tracking.events_topic", "the topic of the frame results", id="events-into-the-frames-topic"),
 ]
+
+STILL_VALID = [
+    pytest.param("model: {device: [cuda:0, cuda:1]}\n", id="cuda-device-list"),
+    pytest.param("model: {device: [cpu, cpu]}\n", id="two-cpu-workers"),
+    pytest.param("model: {device: cuda}\n", id="cuda-alone"),
+    pytest.param("kafka: {sasl_password: \"${VAP_TEST_UNSET:-}\"}\n", id="empty-password-without-sasl"),
+    pytest.param("tracking: {events_topic: site.events}\nkafka: {topic: site.frames}\n", id="own-topics"),
+]
+
+
+@pytest.mark.parametrize("text", STILL_VALID)
+def test_the_stricter_checks_still_accept_configs_that_work(tmp_path: Path, clip: Path, text: str) -> None:
+    zones = NORMALIZED + "      zones:\n        - {id: z, polygon: [[0, 0], [1, 0], [1, 1]]}\n"
+    path = write(tmp_path, zones.replace("CLIP", str(clip)) + text)
+    assert main(["validate", "-c", str(path)]) == 0
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes("streams:\n  - {id: caf\u00e9, url: 'rtsp://h/s'}\n".encode("latin-1"))
+    assert main(["validate", "-c", str(path)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert f"{path} is not UTF-8 text" in errors[0] and "Traceback" not in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(("text", "key", "reason"), BAD_CONFIGS)

@@ -861,6 +861,7 @@ def test_systemd_unit_restarts_on_failure_with_a_watchdog_and_logs_to_the_journa
     config = exec_start[exec_start.index("--config") + 1]
     assert exec_start[exec_start.index("--") + 1:] == [f"{IMAGE_ROOT}/.venv/bin/vap", "run", "-c", config]
     assert unit_settings()["Install"]["WantedBy"] == ["multi-user.target"]
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID", "systemctl reload must reach vap's config reload"
     configparser.ConfigParser(strict=False, interpolation=None).read_string(UNIT.read_text(encoding="utf-8"))
 
 
@@ -874,8 +875,10 @@ def test_systemd_unit_lets_vap_write_where_the_example_config_says() -> None:
         assert any(is_under(path, mount) for mount in writable), f"{path} is read-only under ProtectSystem=strict"
 
 
+# Its main thread wakes every 0.1 s, as vap's does: a signal the kernel hands to the HTTP thread runs its
+# Python handler only when the main thread next runs, and a 60 s wait would hold it back for a minute.
 FAKE_VAP = """
-import signal, sys, threading
+import signal, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 flags = Path(sys.argv[1])
@@ -891,8 +894,11 @@ server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Handler)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
+signal.signal(signal.SIGHUP, lambda *_: (flags / "reloaded").touch())
 (flags / "started").touch()
-stop.wait(60)
+deadline = time.monotonic() + 60
+while not stop.wait(0.1) and time.monotonic() < deadline:
+    pass
 sys.exit(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
 """
 
@@ -982,6 +988,40 @@ def test_notify_bridge_reports_ready_and_feeds_the_watchdog_only_while_healthy(
         time.sleep(0.6)  # three watchdog intervals
         notify_socket.drain()
         assert not any("WATCHDOG=1" in message for message in notify_socket.messages), notify_socket.messages
+
+        bridge.send_signal(signal.SIGTERM)
+        assert bridge.wait(timeout=15) == 0
+        notify_socket.wait_for("STOPPING=1")
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+            bridge.wait()
+
+
+def test_notify_bridge_passes_sighup_on_as_a_reload_and_keeps_the_service_up(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    bridge, flags = start_bridge(tmp_path, notify_socket)
+    try:
+        wait_for_file(flags / "started")
+        bridge.send_signal(signal.SIGHUP)  # before ready: held back, a vap still importing would die of it
+        time.sleep(0.5)
+        assert not (flags / "reloaded").exists()
+        (flags / "readyz").touch()
+        (flags / "healthz").touch()
+        notify_socket.wait_for("WATCHDOG=1")
+        wait_for_file(flags / "reloaded")
+
+        (flags / "reloaded").unlink()
+        notify_socket.drain()
+        notify_socket.messages.clear()
+        bridge.send_signal(signal.SIGHUP)
+        wait_for_file(flags / "reloaded")
+        notify_socket.drain()
+        assert not any("STOPPING=1" in message for message in notify_socket.messages), notify_socket.messages
+        notify_socket.messages.clear()  # what arrives from here on was sent after the reload
+        notify_socket.wait_for("WATCHDOG=1")
+        assert bridge.poll() is None, "a reload must not stop the service"
 
         bridge.send_signal(signal.SIGTERM)
         assert bridge.wait(timeout=15) == 0

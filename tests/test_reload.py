@@ -37,6 +37,32 @@ def test_plan_adds_removes_restarts_and_names_sections_that_need_a_restart() -> 
     assert plan_reload(current, current).empty
 
 
+@pytest.mark.parametrize(("section", "values", "changed"), [
+    ("tracking", {"tracker": "botsort"}, "tracking.tracker"),
+    ("tracking", {"events_topic": "site.events"}, "tracking.events_topic"),
+    ("batching", {"max_batch": 4}, "batching.max_batch"),
+    ("kafka", {"topic": "site.frames"}, "kafka.topic"),
+    ("http", {"port": 9200}, "http.port"),
+], ids=["tracker", "events-topic", "batching", "kafka", "http"])
+def test_a_change_in_any_section_but_streams_is_named_as_needing_a_restart(
+    section: str, values: dict[str, Any], changed: str
+) -> None:
+    streams = [{"id": "a", "url": "rtsp://h/a"}]
+    plan = plan_reload(parse_config(tree(streams)), parse_config(tree(streams, **{section: values})))
+    assert plan.needs_restart == (changed,)
+    assert not plan.empty
+
+
+def test_reload_logs_a_changed_tracker_as_needing_a_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reloader, control, path = reloader_over(tmp_path, [stream("a")])
+    path.write_text(yaml.safe_dump(tree([stream("a")], tracking={"tracker": "botsort"})), encoding="utf-8")
+    with caplog.at_level("INFO", logger="pipeline.reload"):
+        assert reloader.reload() is not None
+    warnings = messages(caplog, logging.WARNING)
+    assert any("tracking.tracker" in m and "needs a restart" in m for m in warnings), warnings
+    assert control.calls == []
+
+
 class RunningReader:
     def __init__(self, config: StreamConfig) -> None:
         self.config = config

@@ -4,9 +4,11 @@
 
 Starts COMMAND (normally `vap run -c FILE`) and stays its parent. It tells systemd `READY=1` once
 `/readyz` answers 200 (model loaded and warm), then sends `WATCHDOG=1` only while `/healthz` answers 200,
-so a pipeline whose loops stop turning is restarted by systemd after `WatchdogSec=`. SIGTERM, SIGINT and
-SIGHUP are passed on to COMMAND, and this process exits with COMMAND's exit status (128+N after signal N),
-so `RestartPreventExitStatus=2` keeps an invalid config from restarting in a loop.
+so a pipeline whose loops stop turning is restarted by systemd after `WatchdogSec=`. SIGTERM and SIGINT
+are passed on to COMMAND, and this process exits with COMMAND's exit status (128+N after signal N), so
+`RestartPreventExitStatus=2` keeps an invalid config from restarting in a loop. SIGHUP (`systemctl reload`,
+a config reload) is passed on too, once COMMAND is ready (before, it would kill a vap still importing);
+the service stays up and the watchdog fed.
 
 The probe address comes from `--base-url`, else from `http.host`/`http.port` in `--config` (read with the
 project's own config loader, so `${VAR}` references resolve as vap resolves them), else
@@ -99,6 +101,7 @@ def supervise(command: list[str], base_url: str, interval_s: float, notifier: No
     child = subprocess.Popen(command)  # stdout and stderr are inherited: they go to the journal
 
     stopping = False
+    reload_requested = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -107,13 +110,21 @@ def supervise(command: list[str], base_url: str, interval_s: float, notifier: No
         if child.poll() is None:
             child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    def request_reload(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal reload_requested
+        reload_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, request_reload)
 
     ready = False
     next_check = time.monotonic()
     last_problem = ""
     while child.poll() is None:
+        if reload_requested and ready and not stopping:
+            reload_requested = False
+            child.send_signal(signal.SIGHUP)
         now = time.monotonic()
         if not stopping and now >= next_check:
             if not ready:
