@@ -29,10 +29,11 @@ from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.http import HttpServer, NotAcceptingChanges, Probe, StreamExists, UnknownStream, build_app
 from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
+from pipeline.kafka_client import Producer, make_kafka_producer
 from pipeline.kafka_process import KafkaChildUnusable, KafkaProcess
 from pipeline.metrics import PipelineMetrics
 from pipeline.nvdec import NvdecSource, nvdec_available
-from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
+from pipeline.publishing import KafkaPublisher
 from pipeline.sources import (
     OpenCvSource,
     StreamReader,
@@ -71,8 +72,8 @@ class _Phase(enum.Enum):
 @dataclass(frozen=True)
 class _Incarnation:
     """One add of a stream id. A stream removed and added again under the same id (a reload's restart) still
-    has results of frames read before the add in flight: they belong to the stream that was removed, and must
-    reach neither the new stream's tracker nor its series."""
+    has results of frames read before the add in flight: they belong to the stream that was removed, so they
+    are published and counted in its series (`Frame.series`), but never reach the new stream's tracker."""
 
     added_monotonic: float
     analytics: StreamAnalytics | None
@@ -300,9 +301,7 @@ class Pipeline:
         frame = result.frame
         incarnation = self._incarnations.get(frame.stream_id)
         if incarnation is not None and frame.captured_monotonic < incarnation.added_monotonic:
-            log.debug("stream %s: frame %d was read before the stream was added again; not published",
-                      frame.stream_id, frame.frame_id, extra={"stream": frame.stream_id})
-            return
+            incarnation = None  # read before the stream was added again: published, but not the new run's analytics
         if incarnation is not None and incarnation.analytics is not None:
             result, events = incarnation.analytics.process(result)
             self._set_occupancy(frame.stream_id, incarnation.occupancy_keys, incarnation.analytics.occupancy())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Union
 
@@ -11,6 +11,8 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:
     import torch
+
+    from pipeline.metrics import StreamMetrics
 
 Image = Union[npt.NDArray[np.uint8], "torch.Tensor"]
 """BGR uint8 (H, W, 3): a NumPy array, or a tensor on the GPU that decoded it (`decoder: cuda`)."""
@@ -29,7 +31,9 @@ class Frame:
     """One decoded image from one stream, stamped where it was read.
 
     `captured_at` is wall-clock UTC for the message; `captured_monotonic` measures latency and
-    staleness without being fooled by clock changes.
+    staleness without being fooled by clock changes. `series` are the metrics of the reader that read it:
+    a stream removed and added again under its id (a reload's restart) still has frames in flight, and
+    what becomes of them counts for the run that read them, not for the new one.
     """
 
     stream_id: str
@@ -38,6 +42,7 @@ class Frame:
     captured_at: datetime
     captured_monotonic: float
     image: Image
+    series: StreamMetrics | None = field(default=None, compare=False, repr=False)
 
     @property
     def width(self) -> int:

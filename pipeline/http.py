@@ -121,7 +121,7 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
         except NotAcceptingChanges as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         except ValueError as error:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
+            raise HTTPException(422, str(error)) from None  # the constant's name differs between Starlette versions
         return {"id": stream.id, "url": stream.redacted_url}
 
     @app.delete("/api/v1/streams/{stream_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["control"],

@@ -571,7 +571,8 @@ class InferenceWorker:
 
     def _count_lost(self, batch: Batch) -> None:
         for frame in batch.frames:
-            self._metrics.drop(frame.stream_id, "inference_error")
+            series = frame.series or self._metrics.stream(frame.stream_id)
+            series.dropped["inference_error"].inc()
 
     def _finish(self) -> None:
         name = self._finisher.name

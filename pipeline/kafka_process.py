@@ -34,7 +34,7 @@ from pipeline.health import Heartbeats
 
 if TYPE_CHECKING:
     from pipeline.config import KafkaConfig
-    from pipeline.publishing import DeliveryErrorKind
+    from pipeline.kafka_client import DeliveryErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class KafkaProcessError(ConnectionError):
     """A delivery or producer failure reported by the child, or the child's exit.
 
     `delivery_error_kind` is what the child found about the original error (see
-    `pipeline.publishing.delivery_error_kind`): the publisher drops a message Kafka rejects and keeps
+    `pipeline.kafka_client.delivery_error_kind`): the publisher drops a message Kafka rejects and keeps
     one that failed for a transient reason, so that fact has to cross the pipe with the text.
     """
 
@@ -139,9 +139,11 @@ class KafkaProcess:
 
     def _open(self, config: KafkaConfig, generation: int) -> RemoteProducer:
         """Called holding the lock, with a child running."""
-        # kafka-python fails a message itself after delivery_timeout_ms (twice the request timeout); no
-        # answer long after that means the child is stuck, and the watchdog in `_read` replaces it.
-        self._answer_within_s = 4 * config.request_timeout_ms / 1000
+        from pipeline.kafka_client import delivery_timeout_ms
+
+        # kafka-python fails a message itself after its delivery timeout; no answer for twice as long means
+        # the child is stuck, and the watchdog in `_read` replaces it (before the publisher's own watchdog).
+        self._answer_within_s = 2 * delivery_timeout_ms(config) / 1000
         levels = {name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS}
         self._outbox.append(("open", generation, config, levels))
         self._lock.notify_all()
@@ -406,7 +408,7 @@ def serve(connection: Connection) -> None:
     reach the child too, and the pipeline still has to flush through it. It exits when told, or when the
     pipe closes because the pipeline process is gone.
     """
-    from pipeline.publishing import close_kafka_producer, delivery_error_kind, make_kafka_producer
+    from pipeline.kafka_client import close_kafka_producer, delivery_error_kind, make_kafka_producer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

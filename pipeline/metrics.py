@@ -74,14 +74,18 @@ class StreamMetrics:
                 stream=self.stream_id, zone=zone, label=label)
         return child
 
-    def remove_labelled(self) -> None:
-        """Stops exporting the series this stream created with labels beyond its own id."""
+    def retire(self, sink: PipelineMetrics) -> None:
+        """Stops exporting the series this stream created with labels beyond its own id. Frames read before the
+        removal still carry this object (`Frame.series`); a label they bring later is created in `sink`, which
+        nobody exports, rather than bringing the removed stream back."""
         for label in self._detections:
             self._metrics.detections.remove(self.stream_id, label)
         for key in self._zone_events:
             self._metrics.zone_events.remove(self.stream_id, *key)
         for zone_key in self._occupancy:
             self._metrics.zone_occupancy.remove(self.stream_id, *zone_key)
+        self._detections, self._zone_events, self._occupancy = {}, {}, {}
+        self._metrics = sink
 
 
 class PipelineMetrics:
@@ -180,12 +184,16 @@ class PipelineMetrics:
             return series
         with self._streams_lock:
             if stream_id in self._removed:
-                # A fresh sink now and then: one per removed id would grow with every stream ever removed.
-                if self._unexported is None or self._unexported_streams >= _UNEXPORTED_STREAMS:
-                    self._unexported, self._unexported_streams = PipelineMetrics(CollectorRegistry()), 0
-                self._unexported_streams += 1
-                return StreamMetrics(self._unexported, stream_id)
+                return StreamMetrics(self._sink(), stream_id)
             return self._streams.setdefault(stream_id, StreamMetrics(self, stream_id))
+
+    def _sink(self) -> PipelineMetrics:
+        """Series nobody exports, for removed streams. A fresh one now and then: one per removed id would grow
+        with every stream ever removed. Call with the streams lock held."""
+        if self._unexported is None or self._unexported_streams >= _UNEXPORTED_STREAMS:
+            self._unexported, self._unexported_streams = PipelineMetrics(CollectorRegistry()), 0
+        self._unexported_streams += 1
+        return self._unexported
 
     def remove_stream(self, stream_id: str) -> None:
         with self._streams_lock:
@@ -194,7 +202,7 @@ class PipelineMetrics:
                 del self._removed[next(iter(self._removed))]
             series = self._streams.pop(stream_id, None)
             if series is not None:
-                series.remove_labelled()
+                series.retire(self._sink())
             for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
                            self.end_to_end_latency):
                 metric.remove(stream_id)

@@ -8,7 +8,13 @@ what is dropped when a bound is reached (the oldest, counted as `dropped`).
 Counting: `sent` is a message the broker acknowledged; `failed` is a delivery attempt that did not
 succeed (the message goes back to the spool and is tried again, unless Kafka will never take it);
 `dropped` is a message lost for good (spool overflow, a result that could not be built, a message Kafka
-rejects, or still undelivered when a stop's flush deadline passed and there is no spool dir).
+rejects or larger than the spool's byte bound, a zone event whose topic is missing and may not be created,
+or still undelivered when a stop's flush deadline passed and there is no spool dir).
+
+Order: after a result's delivery fails, nothing more goes to that producer until every message it holds
+has come back, and failed messages are resent oldest first (see `pipeline.spool`), so a retry does not
+overtake the messages of its stream sent after it. Zone events go to a topic of their own, and a problem with
+that topic (missing, not yet created) holds up only the events, never the frame results.
 """
 
 from __future__ import annotations
@@ -19,14 +25,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pipeline.analytics import ZoneEvent
 from pipeline.config import KafkaConfig
 from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
+from pipeline.kafka_client import (
+    DeliveryErrorKind,
+    Producer,
+    close_kafka_producer,
+    delivery_error_kind,
+    delivery_timeout_ms,
+    ensure_topic,
+    make_kafka_producer,
+)
 from pipeline.messages import EVENT_HEADERS, HEADERS, build_event, build_message, encode
 from pipeline.metrics import PipelineMetrics
 from pipeline.snapshots import SnapshotWriter
@@ -39,47 +54,11 @@ _MAX_IN_FLIGHT = 1000
 _FAILURES_BEFORE_REBUILD = 3
 _MAX_UNEXPLAINED_FAILURES = 5
 _SETTLE_AFTER_CLOSE_S = 2.0
-_FORCE_CLOSE_JOIN_S = 1.0
 _REPEATED_ERROR_LOG_S = 10.0
 _RESTORED_CHECK_S = 0.5
-
-DeliveryErrorKind = Literal["transient", "rejected", "unexplained"]
-_DELIVERY_ERROR_KINDS: tuple[DeliveryErrorKind, ...] = ("transient", "rejected", "unexplained")
-
-
-def delivery_error_kind(error: BaseException) -> DeliveryErrorKind:
-    """Whether sending the same message again can ever succeed.
-
-    `rejected`: Kafka refuses this record or its topic (too large, invalid); every retry fails the same
-    way. `transient`: the broker is away or slow, the producer itself is broken (closed, fenced, its
-    producer id lost after a broker restart), or vap is not authorised yet (an ACL is the deployment's to
-    fix, not the message's); time, a fix or a new producer cures that, so such a failure never costs the
-    message while the spool has room. `unexplained`: the rest, non-retriable by kafka-python's own
-    `retriable` flag, but not known to be the message's fault (a batch-mate of an invalid record fails so).
-    An error reported by the Kafka child process carries the kind the child found.
-    """
-    from kafka import errors
-
-    reported = getattr(error, "delivery_error_kind", None)
-    for kind in _DELIVERY_ERROR_KINDS:
-        if reported == kind:
-            return kind
-    rejected = (
-        errors.MessageSizeTooLargeError, errors.RecordListTooLargeError, errors.InvalidRecordError,
-        errors.InvalidTimestampError, errors.InvalidTopicError, errors.PolicyViolationError,
-        errors.UnsupportedForMessageFormatError,
-    )
-    if isinstance(error, rejected):
-        return "rejected"
-    producer_faults = (
-        errors.IllegalStateError, errors.UnknownProducerIdError, errors.OutOfOrderSequenceNumberError,
-        errors.InvalidProducerEpochError, errors.ProducerFencedError, errors.InvalidProducerIdMappingError,
-        errors.TransactionAbortedError,
-    )
-    waits = (OSError, errors.AuthorizationError, *producer_faults)
-    if getattr(error, "retriable", False) or isinstance(error, waits):
-        return "transient"
-    return "unexplained"
+_EVENTS_FIRST_BACKOFF_S = 1.0
+_EVENTS_MAX_BACKOFF_S = 30.0
+_MISSING_TOPIC_RECHECK_S = 30.0
 
 
 class _RepeatedErrorLog:
@@ -111,80 +90,43 @@ def _describe(result: FrameResult | ZoneEvent) -> str:
     return f"stream {result.frame.stream_id}, frame {result.frame.frame_id}"
 
 
-class Producer(Protocol):
-    """The part of `kafka.KafkaProducer` the publisher uses."""
 
-    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> Any: ...
-
-    def close(self, timeout: float | None = None) -> None: ...
-
-
-def kafka_client_settings(config: KafkaConfig) -> dict[str, Any]:
-    """Connection and security settings shared by producers, admin clients and consumers."""
-    settings: dict[str, Any] = {
-        "bootstrap_servers": config.bootstrap_servers.split(","),
-        "client_id": config.client_id,
-        "security_protocol": config.security_protocol,
-        "request_timeout_ms": config.request_timeout_ms,
-    }
-    if config.sasl_mechanism is not None and config.sasl_password is not None:
-        settings["sasl_mechanism"] = config.sasl_mechanism
-        settings["sasl_plain_username"] = config.sasl_username
-        settings["sasl_plain_password"] = config.sasl_password.get_secret_value()
-    if config.security_protocol in ("SSL", "SASL_SSL"):
-        settings["ssl_check_hostname"] = config.ssl_check_hostname
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            value = getattr(config, name)
-            if value is not None:
-                settings[name] = str(value)
-    return settings
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    message: OutgoingMessage
+    generation: int
+    sent_at: float
 
 
-def kafka_producer_settings(config: KafkaConfig) -> dict[str, Any]:
-    """Per-stream order without duplicates on retry: acks=all, idempotence, at most 5 requests in flight."""
-    acks: int | str = config.acks if config.acks == "all" else int(config.acks)
-    return {
-        **kafka_client_settings(config),
-        "acks": acks,
-        "enable_idempotence": acks in ("all", -1),
-        "compression_type": None if config.compression == "none" else config.compression,
-        "linger_ms": config.linger_ms,
-        "delivery_timeout_ms": config.request_timeout_ms * 2,
-        "max_block_ms": 1000,
-        "bootstrap_timeout_ms": 2000,
-        "max_in_flight_requests_per_connection": 5,
-    }
+@dataclass
+class _EventsTopic:
+    """Whether zone events may go out now.
 
+    `unchecked` -> `checking` (the topic is looked up, and created like the results topic, on a thread of
+    its own) -> `ready`, or `missing` when it is not there and may not be created. A failed event sends it
+    back to `unchecked` after a backoff, and the next try sends one event alone (`probing`): with the
+    topic's metadata missing, each send blocks the Kafka client for max_block_ms.
+    """
 
-def make_kafka_producer(config: KafkaConfig) -> Producer:
-    from kafka import KafkaProducer
+    state: Literal["unchecked", "checking", "ready", "missing"] = "unchecked"
+    not_before: float = 0.0
+    backoff_s: float = _EVENTS_FIRST_BACKOFF_S
+    probing: bool = True
+    in_flight: int = 0
 
-    ensure_topic(config)
-    producer: Producer = KafkaProducer(**kafka_producer_settings(config))
-    return producer
+    def may_send(self, now: float) -> bool:
+        return self.state == "ready" and now >= self.not_before and not (self.probing and self.in_flight)
 
+    def delivered(self) -> None:
+        self.probing = False
+        self.backoff_s = _EVENTS_FIRST_BACKOFF_S
 
-def ensure_topic(config: KafkaConfig) -> None:
-    """Create the topic when it is missing and allowed; say clearly what to do when it is not."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(**kafka_client_settings(config), bootstrap_timeout_ms=2000)
-    try:
-        if config.topic in admin.list_topics():
-            return
-        if not config.create_topic:
-            log.error("Kafka topic '%s' does not exist and kafka.create_topic is false: create it on the "
-                      "cluster or allow vap to create it", config.topic)
-            return
-        try:
-            admin.create_topics([NewTopic(config.topic, config.partitions, config.replication)])
-            log.info("created Kafka topic '%s' (%d partitions, replication %d)", config.topic, config.partitions,
-                     config.replication)
-        except TopicAlreadyExistsError:
-            pass
-    finally:
-        admin.close()
+    def failed(self, now: float) -> None:
+        if self.state == "ready":
+            self.state = "unchecked"
+        self.probing = True
+        self.not_before = now + self.backoff_s
+        self.backoff_s = min(_EVENTS_MAX_BACKOFF_S, self.backoff_s * 2)
 
 
 class KafkaPublisher:
@@ -198,6 +140,7 @@ class KafkaPublisher:
         heartbeats: Heartbeats,
         producer_factory: Callable[[KafkaConfig], Producer] = make_kafka_producer,
         events_topic: str = "vap.events",
+        topic_setup: Callable[[KafkaConfig, str], bool] = ensure_topic,
     ) -> None:
         self._config = config
         self._events_topic = events_topic
@@ -205,17 +148,29 @@ class KafkaPublisher:
         self._metrics = metrics
         self._heartbeats = heartbeats
         self._producer_factory = producer_factory
+        self._topic_setup = topic_setup
         self._condition = threading.Condition()
         self._inbox: deque[FrameResult | ZoneEvent] = deque()
         self._spool = Spool(config.spool.max_messages, config.spool.max_bytes)
         self._snapshots = SnapshotWriter(config.snapshots) if config.snapshots.dir is not None else None
+        self._sequence = itertools.count()
         self._failed_deliveries: list[OutgoingMessage] = []
         # Held until their outcome, so that a stop can still keep them when kafka-python never answers.
-        self._in_flight: dict[int, OutgoingMessage] = {}
+        self._in_flight: dict[int, _InFlight] = {}
+        self._in_flight_bytes = 0
         self._tokens = itertools.count()
-        # Messages in flight count against the spool bound too: a dead broker holds them until they fail.
+        # At most half of each spool bound in flight: while deliveries fail, both count against the bounds.
         self._max_in_flight = max(1, min(_MAX_IN_FLIGHT, config.spool.max_messages // 2))
+        self._max_in_flight_bytes = config.spool.max_bytes // 2
+        # kafka-python fails a message itself after its delivery timeout; a producer that has given no outcome
+        # for much longer than that is stuck. Longer than the Kafka child's own watchdog (twice the delivery
+        # timeout), which replaces a stuck child first.
+        self._stuck_after_s = 2.5 * delivery_timeout_ms(config) / 1000
+        self._last_outcome_at = time.monotonic()
         self._consecutive_failures = 0
+        self._failing = False
+        self._draining = False
+        self._events = _EventsTopic()
         self._producer: Producer | None = None
         self._opening = False
         self._finished = False
@@ -231,6 +186,7 @@ class KafkaPublisher:
         self._snapshot_errors = _RepeatedErrorLog()
         self._rejections = _RepeatedErrorLog()
         self._loop_errors = _RepeatedErrorLog()
+        self._events_errors = _RepeatedErrorLog()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self.connected = False
 
@@ -244,7 +200,8 @@ class KafkaPublisher:
             if restored:
                 log.info("resending %d message(s) left undelivered by the previous run", len(restored))
                 self._restored_file_kept = True
-                self._count_dropped(self._spool.put_back(replace(message, restored=True) for message in restored))
+                self._count_dropped(self._spool.put_back(
+                    replace(message, restored=True, sequence=next(self._sequence)) for message in restored))
         self._thread.start()
 
     def is_alive(self) -> bool:
@@ -346,9 +303,11 @@ class KafkaPublisher:
             self._drained = True
             unbuilt = len(self._inbox)
             self._inbox.clear()
-            # Oldest first, as the next start resends them: in flight, then failed back, then never sent.
-            undelivered = [*self._in_flight.values(), *self._failed_deliveries, *self._spool.drain()]
+            # Oldest first, as the next start resends them in this order.
+            undelivered = sorted([*(record.message for record in self._in_flight.values()), *self._failed_deliveries,
+                                  *self._spool.drain()], key=lambda message: message.sequence)
             self._in_flight.clear()
+            self._in_flight_bytes = self._events.in_flight = 0
             self._failed_deliveries = []
         self._count_dropped(unbuilt)
         directory = self._config.spool.dir
@@ -375,7 +334,8 @@ class KafkaPublisher:
             return
         self._next_restored_check = now + _RESTORED_CHECK_S
         with self._condition:
-            pending = (*self._spool, *self._in_flight.values(), *self._failed_deliveries)
+            pending = (*self._spool, *(record.message for record in self._in_flight.values()),
+                       *self._failed_deliveries)
             if any(message.restored for message in pending):
                 return
         self._restored_file_kept = False
@@ -383,6 +343,13 @@ class KafkaPublisher:
             discard_undelivered(self._config.spool.dir)
 
     def _spool_inbox(self) -> None:
+        """Build what arrived and spool it within the bounds.
+
+        While deliveries fail, the messages in flight count against the bounds too (a dead broker holds them
+        until they fail back); while they succeed they do not, so a healthy broker never costs a message,
+        however small the bounds.
+        """
+        max_bytes = self._config.spool.max_bytes
         with self._condition:
             results = list(self._inbox)
             self._inbox.clear()
@@ -395,10 +362,16 @@ class KafkaPublisher:
                 dropped += 1
                 self._build_errors.error("cannot build the message for %s; dropped", _describe(result), exc_info=True)
                 continue
+            if outgoing.size > max_bytes:
+                dropped += 1
+                self._rejections.error("the %d-byte message of %s is larger than kafka.spool.max_bytes (%d); dropped",
+                                       outgoing.size, _describe(result), max_bytes)
+                continue
             with self._condition:
                 dropped += self._spool.append(outgoing)
         with self._condition:
-            dropped += self._spool.trim_to(self._config.spool.max_messages - len(self._in_flight))
+            held, held_bytes = (len(self._in_flight), self._in_flight_bytes) if self._failing else (0, 0)
+            dropped += self._spool.trim_to(self._config.spool.max_messages - held, max_bytes - held_bytes)
         self._count_dropped(dropped)
         self._metrics.queue_depth.labels(stage="kafka_spool").set(len(self._spool))
 
@@ -406,14 +379,15 @@ class KafkaPublisher:
         if isinstance(result, ZoneEvent):
             encoded = encode(build_event(result, datetime.now(timezone.utc)))
             self._count_zone_event(result)
-            return OutgoingMessage(result.stream_id.encode(), encoded, event=True)
+            return OutgoingMessage(result.stream_id.encode(), encoded, event=True, sequence=next(self._sequence))
         total_s = time.monotonic() - result.frame.captured_monotonic
         message = build_message(result, self._model_name, datetime.now(timezone.utc), total_s * 1000)
         snapshot_uri = self._write_snapshot(result)
         if snapshot_uri is not None:
             message["snapshot"] = {"uri": snapshot_uri}
-        outgoing = OutgoingMessage(key=result.frame.stream_id.encode(), value=encode(message))
-        series = self._metrics.stream(result.frame.stream_id)
+        outgoing = OutgoingMessage(key=result.frame.stream_id.encode(), value=encode(message),
+                                   sequence=next(self._sequence))
+        series = result.frame.series or self._metrics.stream(result.frame.stream_id)
         series.end_to_end_latency.observe(total_s)
         series.frames_processed.inc()
         for detection in message.get("detections", ()):
@@ -438,39 +412,58 @@ class KafkaPublisher:
         producer = self._ensure_producer()
         if producer is None:
             return
+        self._look_after_events_topic()
         while True:
+            now = time.monotonic()
             with self._condition:
-                if len(self._in_flight) >= self._max_in_flight:
+                if self._draining and self._in_flight:
                     return
-                message = self._spool.popleft()
+                self._draining = False
+                if len(self._in_flight) >= self._max_in_flight or self._in_flight_bytes >= self._max_in_flight_bytes:
+                    return
+                message = self._spool.popleft(events=self._events.may_send(now))
                 if message is None:
                     return
                 token = next(self._tokens)
-                self._in_flight[token] = message
-                generation = self._generation
-            sent_at = time.monotonic()
+                self._in_flight[token] = _InFlight(message, self._generation, now)
+                self._in_flight_bytes += message.size
+                self._events.in_flight += message.event
             try:
                 topic, headers = (self._events_topic, EVENT_HEADERS) if message.event else (self._config.topic, HEADERS)
                 future = producer.send(topic, value=message.value, key=message.key, headers=headers)
             except Exception as error:
-                if self._delivery_failed(token, generation, error) != "rejected":
-                    return
-                continue
-            future.add_callback(self._delivered, token, sent_at)
-            future.add_errback(self._delivery_failed, token, generation)
+                if self._delivery_failed(token, error) == "rejected" or message.event:
+                    continue
+                return
+            future.add_callback(self._delivered, token)
+            future.add_errback(self._delivery_failed, token)
 
-    def _delivered(self, token: int, sent_at: float, _metadata: Any) -> None:
+    def _take_in_flight(self, token: int) -> _InFlight | None:
+        """Called holding the lock, for an outcome."""
+        record = self._in_flight.pop(token, None)
+        if record is not None:
+            self._in_flight_bytes -= record.message.size
+            self._events.in_flight -= record.message.event
+            self._last_outcome_at = time.monotonic()
+        return record
+
+    def _delivered(self, token: int, _metadata: Any) -> None:
         with self._condition:
-            if self._in_flight.pop(token, None) is None:
-                return  # already kept or counted by a stop that could not wait for it
-            self._consecutive_failures = 0
-            self.connected = True
+            record = self._take_in_flight(token)
+            if record is None:
+                return  # already kept, counted or taken back by a stop or a rebuild that could not wait for it
+            if record.message.event:
+                self._events.delivered()
+            else:
+                self._consecutive_failures = 0
+                self._failing = False
+                self.connected = True
             if self._finished:
                 self._condition.notify_all()
         self._metrics.kafka_outcomes["sent"].inc()
-        self._metrics.kafka_send_latency.observe(time.monotonic() - sent_at)
+        self._metrics.kafka_send_latency.observe(time.monotonic() - record.sent_at)
 
-    def _delivery_failed(self, token: int, generation: int, error: Exception) -> DeliveryErrorKind:
+    def _delivery_failed(self, token: int, error: Exception) -> DeliveryErrorKind:
         """Keep the message for another try unless it can never succeed; a producer that keeps failing is rebuilt.
 
         A message Kafka rejects is dropped at once: retried, it would fail forever and hold up the messages
@@ -480,21 +473,29 @@ class KafkaPublisher:
         connection errors, a closed or fenced producer, a lost producer id, the child process gone), which
         never count towards it; five gives a rebuilt producer (after three failures) two more tries.
         Failures of a producer already replaced (its aborted batches) do not count against the new one.
+        A failed result stops sends to the producer until what it holds has come back (`_draining`), so
+        the retry goes out before the newer messages of its stream; a failed event backs off its own topic.
         """
         kind = delivery_error_kind(error)
         with self._condition:
-            message = self._in_flight.pop(token, None)
-            if message is None:
+            record = self._take_in_flight(token)
+            if record is None:
                 return kind
+            message = record.message
             if kind == "unexplained":
                 message = replace(message, unexplained_failures=message.unexplained_failures + 1)
             give_up = kind == "rejected" or message.unexplained_failures >= _MAX_UNEXPLAINED_FAILURES
             if not give_up:
                 self._failed_deliveries.append(message)
             if kind != "rejected":
-                if generation == self._generation:
-                    self._consecutive_failures += 1
-                self.connected = False
+                if message.event:
+                    self._events.failed(time.monotonic())
+                else:
+                    if record.generation == self._generation:
+                        self._consecutive_failures += 1
+                        self._draining = True
+                    self._failing = True
+                    self.connected = False
             self._condition.notify_all()
         self._metrics.kafka_outcomes["failed"].inc()
         if give_up:
@@ -507,30 +508,87 @@ class KafkaPublisher:
             log.debug("delivery failed: %r", error)
         return kind
 
+    def _look_after_events_topic(self) -> None:
+        """Zone events wait until their topic is known to be there (looked up, or created, on another thread);
+        when it is missing and may not be created, they are dropped and counted rather than kept for ever."""
+        now = time.monotonic()
+        dropped: list[OutgoingMessage] = []
+        with self._condition:
+            events = self._events
+            if events.state == "missing":
+                if now < events.not_before:
+                    dropped = self._spool.take_events()
+                else:
+                    events.state = "unchecked"
+            check = events.state == "unchecked" and now >= events.not_before and self._spool.has_events
+            if check:
+                events.state = "checking"
+        if dropped:
+            self._count_dropped(len(dropped))
+            self._events_errors.error("Kafka topic '%s' (tracking.events_topic) does not exist and vap may not "
+                                      "create it (kafka.create_topic); %d zone event(s) dropped",
+                                      self._events_topic, len(dropped))
+        if check:
+            threading.Thread(target=self._check_events_topic, name="kafka-topic", daemon=True).start()
+
+    def _check_events_topic(self) -> None:
+        try:
+            there = self._topic_setup(self._config, self._events_topic)
+        except Exception as error:
+            with self._condition:
+                self._events.state = "unchecked"
+                self._events.failed(time.monotonic())
+            self._events_errors.error("cannot look up Kafka topic '%s' (%s); zone events wait", self._events_topic,
+                                      error)
+            return
+        with self._condition:
+            self._events.state = "ready" if there else "missing"
+            if not there:
+                self._events.not_before = time.monotonic() + _MISSING_TOPIC_RECHECK_S
+            self._condition.notify_all()
+
+    def _stuck_for(self, now: float) -> float:
+        """Called holding the lock: how long the oldest message in flight has waited with no outcome of any
+        message since; 0 when nothing is in flight."""
+        oldest = next(iter(self._in_flight.values()), None)
+        return 0.0 if oldest is None else now - max(oldest.sent_at, self._last_outcome_at)
+
     def _ensure_producer(self) -> Producer | None:
         """The current producer, or None while one is being opened (on its own thread, so results keep
-        moving into the spool and being counted while a broker is slow to answer or away)."""
+        moving into the spool and being counted while a broker is slow to answer or away).
+
+        A producer is rebuilt when it keeps failing, or when it has gone silent: kafka-python has been seen
+        to never answer again after its broker stopped answering for a few seconds (a paused process), and
+        only a new producer sends again. Closing the silent one fails its messages back to the spool.
+        """
         now = time.monotonic()
         with self._condition:
             if self._opening:
                 return None
             failing = self._consecutive_failures >= _FAILURES_BEFORE_REBUILD
-            if self._producer is not None and not failing:
+            stuck_s = self._stuck_for(now) if self._producer is not None else 0.0
+            stuck = stuck_s > self._stuck_after_s
+            if self._producer is not None and not failing and not stuck:
                 return self._producer
             if now < self._retry_at:
                 return None
-        with self._condition:
             failed, self._producer = self._producer, None
+            held = len(self._in_flight)
             self._consecutive_failures = 0
+            self._draining = False
             self._generation += 1
             self._opening = True
-        if failed is not None:
+        if stuck:
+            log.error("Kafka producer has given no outcome for %.0f s with %d message(s) in flight; building a new "
+                      "one", stuck_s, held)
+        elif failed is not None:
             log.warning("Kafka producer keeps failing; building a new one")
         threading.Thread(target=self._open_producer, args=(failed,), name="kafka-open", daemon=True).start()
         return None
 
     def _open_producer(self, failed: Producer | None) -> None:
         close_kafka_producer(failed, 0)
+        self._take_back_in_flight()
         try:
             producer = self._producer_factory(self._config)
         except Exception as error:
@@ -551,9 +609,27 @@ class KafkaPublisher:
                 self._condition.notify_all()
         close_kafka_producer(orphan, 0)
 
+    def _take_back_in_flight(self) -> None:
+        """What a replaced producer still holds after its close (it never answered) goes back to the spool, so
+        the new producer starts with nothing older in flight; an outcome arriving later is ignored."""
+        with self._condition:
+            if self._finished:
+                return
+            stale = [token for token, record in self._in_flight.items() if record.generation < self._generation]
+            records = [record for token in stale if (record := self._take_in_flight(token)) is not None]
+            self._failed_deliveries.extend(record.message for record in records)
+            if records:
+                self._failing = True
+                self._condition.notify_all()
+        if records:
+            self._metrics.kafka_outcomes["failed"].inc(len(records))
+            log.warning("%d message(s) never came back from the replaced Kafka producer; sending them again",
+                        len(records))
+
     def _count_unreachable(self, error: Exception) -> None:
         with self._condition:
             pending = len(self._spool) > 0
+            self._failing = True
         if pending:
             self._metrics.kafka_outcomes["failed"].inc()
         log.warning("Kafka at %s is unreachable (%s); spooling", self._config.bootstrap_servers, error)
@@ -563,20 +639,3 @@ class KafkaPublisher:
         with self._condition:
             producer, self._producer = self._producer, None
         close_kafka_producer(producer, timeout)
-
-
-def close_kafka_producer(producer: Producer | None, timeout: float) -> None:
-    """kafka-python's `close` flushes first and raises when the flush times out, before it force-closes
-    the sender; the sender is then force-closed here, or its stuck batches would never fail back. A
-    force-close only asks the sender thread to abort them: waiting for that thread (briefly) means that on
-    return every pending message has failed back to its caller."""
-    if producer is None:
-        return
-    try:
-        producer.close(timeout=timeout)
-    except Exception as error:
-        log.debug("producer close: %r; forcing", error)
-    sender = getattr(producer, "_sender", None)
-    if sender is not None and sender.is_alive():
-        sender.force_close()
-        sender.join(_FORCE_CLOSE_JOIN_S)

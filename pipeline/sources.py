@@ -468,6 +468,7 @@ class StreamReader:
                 captured_at=datetime.now(timezone.utc),
                 captured_monotonic=time.monotonic(),
                 image=image,
+                series=series,
             )
             dropped = self._hub.put(frame, self._stop, self._slot)
             if dropped is not None and not self._stop.is_set():

@@ -5,16 +5,23 @@ backlog it will never catch up on. With a spool directory, whatever is undeliver
 to disk and read back at the next start, so restarting vap during a broker outage loses nothing. The
 file read back stays on disk until those messages are settled (or written again at stop), so a crash
 of the next run loses none of them either: they may be sent twice, never lost.
+
+Order: every message carries the sequence number it was built with. Failed deliveries come back in
+whatever order Kafka reports them (kafka-python aborts a closed producer's batches from a set), so the
+spool puts them back by sequence, and the file written at stop is in sequence order: each stream stays
+in order across retries, producer rebuilds and restarts of vap.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -28,13 +35,16 @@ _LENGTHS = struct.Struct(">?II")
 class OutgoingMessage:
     """An encoded message; `event` ones go to the events topic, the others to the results topic.
 
-    `unexplained_failures` counts the delivery failures of no known kind, which the publisher bounds;
-    `restored` marks a message read back from the previous run's file. Neither is saved to disk.
+    `sequence` orders messages as they were built (see the module's docstring); `unexplained_failures`
+    counts the delivery failures of no known kind, which the publisher bounds; `restored` marks a message
+    read back from the previous run's file. None of the three is saved to disk: the file's order is the
+    sequence.
     """
 
     key: bytes
     value: bytes
     event: bool = False
+    sequence: int = field(default=0, compare=False)
     unexplained_failures: int = field(default=0, compare=False)
     restored: bool = field(default=False, compare=False)
 
@@ -43,64 +53,102 @@ class OutgoingMessage:
         return len(self.key) + len(self.value)
 
 
+def _sequence(message: OutgoingMessage) -> int:
+    return message.sequence
+
+
 class Spool:
-    """A FIFO with two bounds; every append reports how many old messages it pushed out."""
+    """Two FIFOs in sequence order, results and events, under one pair of bounds.
+
+    Events have a lane of their own so that the publisher can hold them back (their topic is not there yet,
+    say) while results go on; the bounds still push out the oldest message of either lane first. Every
+    method that adds reports how many messages it pushed out.
+    """
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self._max_messages = max_messages
         self._max_bytes = max_bytes
-        self._messages: deque[OutgoingMessage] = deque()
+        self._lanes: dict[bool, deque[OutgoingMessage]] = {False: deque(), True: deque()}
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return len(self._lanes[False]) + len(self._lanes[True])
 
     def __iter__(self) -> Iterator[OutgoingMessage]:
-        return iter(self._messages)
+        return chain(self._lanes[False], self._lanes[True])
 
     @property
     def bytes(self) -> int:
         return self._bytes
 
+    @property
+    def has_events(self) -> bool:
+        return bool(self._lanes[True])
+
     def append(self, message: OutgoingMessage) -> int:
-        self._messages.append(message)
+        """Add the newest message; one larger than the byte bound on its own is the only one dropped."""
+        if message.size > self._max_bytes:
+            return 1
+        self._lanes[message.event].append(message)
         self._bytes += message.size
-        return self._enforce_bounds()
+        return self.trim_to(self._max_messages, self._max_bytes)
 
     def put_back(self, messages: Iterable[OutgoingMessage]) -> int:
-        """Return messages whose delivery failed to the front, in their original order."""
-        returned = list(messages)
-        self._messages.extendleft(reversed(returned))
-        self._bytes += sum(message.size for message in returned)
-        return self._enforce_bounds()
+        """Return messages whose delivery failed, each to its place in sequence order."""
+        returned = sorted(messages, key=_sequence)
+        dropped = sum(1 for message in returned if message.size > self._max_bytes)
+        for event, lane in self._lanes.items():
+            mine = [message for message in returned if message.event == event and message.size <= self._max_bytes]
+            if not mine:
+                continue
+            self._bytes += sum(message.size for message in mine)
+            if not lane or mine[-1].sequence < lane[0].sequence:
+                lane.extendleft(reversed(mine))
+            else:
+                self._lanes[event] = deque(heapq.merge(mine, lane, key=_sequence))
+        return dropped + self.trim_to(self._max_messages, self._max_bytes)
 
-    def trim_to(self, max_messages: int) -> int:
-        """Drop the oldest until at most `max_messages` are left; returns how many went."""
+    def trim_to(self, max_messages: int, max_bytes: int) -> int:
+        """Drop the oldest until at most `max_messages` and `max_bytes` are left; returns how many went."""
         dropped = 0
-        while len(self._messages) > max(0, max_messages):
-            self._bytes -= self._messages.popleft().size
+        while len(self) > max(0, max_messages) or self._bytes > max(0, max_bytes):
+            lane = self._oldest_lane(events=True)
+            if lane is None:
+                break
+            self._bytes -= lane.popleft().size
             dropped += 1
         return dropped
 
-    def popleft(self) -> OutgoingMessage | None:
-        if not self._messages:
+    def popleft(self, events: bool = True) -> OutgoingMessage | None:
+        """The oldest message; with `events` false, the oldest result (events wait)."""
+        lane = self._oldest_lane(events)
+        if lane is None:
             return None
-        message = self._messages.popleft()
+        message = lane.popleft()
         self._bytes -= message.size
         return message
 
+    def take_events(self) -> list[OutgoingMessage]:
+        """Every event, oldest first, out of the spool (their topic cannot take them)."""
+        events = list(self._lanes[True])
+        self._lanes[True].clear()
+        self._bytes -= sum(message.size for message in events)
+        return events
+
     def drain(self) -> list[OutgoingMessage]:
-        messages = list(self._messages)
-        self._messages.clear()
+        messages = list(heapq.merge(self._lanes[False], self._lanes[True], key=_sequence))
+        for lane in self._lanes.values():
+            lane.clear()
         self._bytes = 0
         return messages
 
-    def _enforce_bounds(self) -> int:
-        dropped = 0
-        while self._messages and (len(self._messages) > self._max_messages or self._bytes > self._max_bytes):
-            self._bytes -= self._messages.popleft().size
-            dropped += 1
-        return dropped
+    def _oldest_lane(self, events: bool) -> deque[OutgoingMessage] | None:
+        results, held = self._lanes[False], self._lanes[True]
+        if not events or not held:
+            return results or None
+        if not results or held[0].sequence < results[0].sequence:
+            return held
+        return results
 
 
 def save_undelivered(directory: Path, messages: list[OutgoingMessage]) -> None:
@@ -145,6 +193,7 @@ def load_undelivered(directory: Path) -> list[OutgoingMessage]:
         if end > len(data):
             log.error("%s is truncated; kept the %d complete messages before the damage", target, len(messages))
             break
-        messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end], event))
+        messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end], event,
+                                        sequence=len(messages)))
         offset = end
     return messages

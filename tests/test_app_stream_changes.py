@@ -16,7 +16,7 @@ from pipeline.app import Pipeline
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig, parse_config
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.inference import Detector
-from pipeline.publishing import Producer
+from pipeline.kafka_client import Producer
 from tests.conftest import sample, scrape, wait_for
 from tests.fakes import FakeProducer
 from tests.test_control_api import call
@@ -38,6 +38,7 @@ class InstantDetector:
     def __init__(self, release: threading.Event | None = None) -> None:
         self._release = release
         self.holding = threading.Event()
+        self.held = 0
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         pass
@@ -47,6 +48,7 @@ class InstantDetector:
 
     def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         if self._release is not None and not self._release.is_set():
+            self.held = len(frames)
             self.holding.set()
             self._release.wait(30)
         return [FrameResult(frame=frame, task=self.task, detections=Detections.empty(), labels=self.labels)
@@ -65,10 +67,17 @@ def config_with(streams: list[dict[str, Any]]) -> PipelineConfig:
     })
 
 
-def fake_kafka() -> Callable[[KafkaConfig], Producer]:
+def fake_kafka(made: list[FakeProducer] | None = None) -> Callable[[KafkaConfig], Producer]:
     available = threading.Event()
     available.set()
-    return lambda _config: FakeProducer(available)
+
+    def make(_config: KafkaConfig) -> Producer:
+        producer = FakeProducer(available)
+        if made is not None:
+            made.append(producer)
+        return producer
+
+    return make
 
 
 @pytest.fixture
@@ -81,10 +90,11 @@ def pipelines() -> Iterator[list[Pipeline]]:
 
 
 def started(pipelines: list[Pipeline], config: PipelineConfig,
-            detector_factory: Callable[[PipelineConfig, str], Detector] | None = None) -> Pipeline:
+            detector_factory: Callable[[PipelineConfig, str], Detector] | None = None,
+            producers: list[FakeProducer] | None = None) -> Pipeline:
     detector = InstantDetector()
     pipeline = Pipeline(config, detector_factory=detector_factory or (lambda _config, _device: detector),
-                        producer_factory=fake_kafka())
+                        producer_factory=fake_kafka(producers))
     pipelines.append(pipeline)
     pipeline.start()
     return pipeline
@@ -200,13 +210,14 @@ def test_listing_streams_gives_each_streams_counts_without_collecting_the_whole_
     assert not collections, "each stream's counts were read by collecting the registry"
 
 
-def test_results_in_flight_when_a_stream_is_restarted_do_not_count_for_the_new_stream(
+def test_results_in_flight_when_a_stream_is_restarted_are_published_but_not_counted_for_the_new_stream(
     clips: dict[str, Path], pipelines: list[Pipeline]
 ) -> None:
     release = threading.Event()
     detector = InstantDetector(release)
+    producers: list[FakeProducer] = []
     pipeline = started(pipelines, config_with([{"id": "cam", "url": str(clips["landscape"])}]),
-                       detector_factory=lambda _config, _device: detector)
+                       detector_factory=lambda _config, _device: detector, producers=producers)
     try:
         wait_for(detector.holding.is_set, 10, "no batch of the first stream reached the model")
         pipeline.remove_stream("cam")
@@ -219,3 +230,6 @@ def test_results_in_flight_when_a_stream_is_restarted_do_not_count_for_the_new_s
              "the new stream's frames were not all published")
     assert sample(pipeline, PROCESSED, stream="cam") == sample(pipeline, READ, stream="cam") > 0, (
         "frames read before the restart were counted as the new stream's")
+    published = lambda: sum(key == b"cam" for producer in producers for key, _value in producer.sent)  # noqa: E731
+    expected = detector.held + sample(pipeline, READ, stream="cam")
+    wait_for(lambda: published() >= expected, 10, "the results held while the stream restarted were lost")

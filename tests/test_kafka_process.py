@@ -3,31 +3,35 @@ the publisher's delivery failures with the client in either place."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+from kafka import KafkaConsumer
 from prometheus_client import CollectorRegistry
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import KafkaConfig, SpoolConfig
 from pipeline.frames import Detections, FrameResult
 from pipeline.health import Heartbeats
+from pipeline.kafka_client import Producer, make_kafka_producer
 from pipeline.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
 from pipeline.metrics import PipelineMetrics
-from pipeline.publishing import KafkaPublisher, Producer, make_kafka_producer
+from pipeline.publishing import KafkaPublisher
 from pipeline.spool import load_undelivered
 from tests.conftest import closed_port_address, decode, read_topic, unused_topic, wait_until
 from tests.fakes import make_frame, make_result
+from tests.test_publishing import zone_event
 
 ProducerFactory = Callable[[KafkaConfig], Producer]
 
@@ -47,12 +51,13 @@ def producer_factory(request: pytest.FixtureRequest, kafka_process: KafkaProcess
 
 
 def start_publisher(producer_factory: ProducerFactory, broker: EmbeddedBroker, topic: str,
-                    **kafka: Any) -> tuple[KafkaPublisher, Callable[[str], float]]:
+                    events_topic: str = "vap.events", **kafka: Any) -> tuple[KafkaPublisher, Callable[[str], float]]:
     """A started publisher whose producers come from `producer_factory`, and a reader of its delivery counts."""
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
     config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic, **kafka)
-    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), producer_factory)
+    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), producer_factory,
+                               events_topic=events_topic)
     publisher.start()
 
     def count(result: str) -> float:
@@ -415,3 +420,169 @@ def test_a_child_that_only_logs_while_holding_a_message_is_replaced(monkeypatch:
         assert isinstance(future.exception, KafkaProcessError)
     finally:
         process.close(1.0)
+
+
+@contextlib.contextmanager
+def paused(broker: EmbeddedBroker) -> Iterator[None]:
+    """The broker process stopped (alive, connections open, silent) until the block ends."""
+    process = broker._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def frame_ids_by_stream(bootstrap: str, topic: str, frame_ids: range, timeout_s: float = 30.0) -> dict[str, list[int]]:
+    """Each stream's frame ids in the order the topic holds them, read until both streams' `frame_ids` came."""
+    expected = {(stream_id, frame_id) for stream_id in STREAMS for frame_id in frame_ids}
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False)
+    seen: set[tuple[str, int]] = set()
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not expected <= seen and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+                seen.update((decode(record)["stream_id"], decode(record)["frame_id"]) for record in batch)
+    finally:
+        consumer.close()
+    by_stream: dict[str, list[int]] = {stream_id: [] for stream_id in STREAMS}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        message = decode(record)
+        by_stream[message["stream_id"]].append(message["frame_id"])
+    return by_stream
+
+
+def first_deliveries(frame_ids: list[int]) -> list[int]:
+    """Without the repeats at-least-once delivery allows (a message that timed out on the producer's side
+    may still have reached the broker, and is sent again)."""
+    return list(dict.fromkeys(frame_ids))
+
+
+STREAMS = ("cam-1", "cam-2")
+
+
+def submit_frames(publisher: KafkaPublisher, frame_ids: range, every_s: float = 0.01) -> None:
+    """Two streams, as cameras give them: frame ids shared, one result per stream per tick."""
+    for frame_id in frame_ids:
+        for stream_id in STREAMS:
+            publisher.submit(make_result(make_frame(stream_id, frame_id)))
+        time.sleep(every_s)
+
+
+def test_after_the_broker_stops_answering_for_a_while_every_message_is_delivered_and_each_stream_stays_in_order(
+    producer_factory: ProducerFactory
+) -> None:
+    """kafka-python has been seen never to answer again after its broker was silent for a few seconds."""
+    topic = unused_topic("paused")
+    with EmbeddedBroker() as broker:
+        publisher, count = start_publisher(producer_factory, broker, topic, request_timeout_ms=1000, partitions=1,
+                                           spool=SpoolConfig(max_messages=10_000))
+        try:
+            submit_frames(publisher, range(0, 100))
+            # Three delivery timeouts (2 s each here): what the producer held when the broker stopped answering
+            # has failed back before it answers again, so no message can be delivered before an older retry.
+            with paused(broker):
+                submit_frames(publisher, range(100, 700))
+            submit_frames(publisher, range(700, 800))
+            assert wait_until(lambda: count("sent") == 1600, timeout_s=60), \
+                f"sent {count('sent')} of 1600, {publisher.backlog()} still waiting"
+        finally:
+            publisher.stop(flush_timeout_s=5)
+            assert publisher.join(15)
+        assert count("dropped") == 0
+        by_stream = frame_ids_by_stream(broker.bootstrap_servers, topic, range(800))
+    for stream_id in STREAMS:
+        assert set(by_stream[stream_id]) == set(range(800)), f"{stream_id}: messages missing"
+        delivered = first_deliveries(by_stream[stream_id])
+        assert delivered == sorted(delivered), f"{stream_id} out of order"
+
+
+def test_after_a_broker_restart_every_message_of_the_outage_reaches_the_new_broker_with_each_stream_in_order(
+    producer_factory: ProducerFactory
+) -> None:
+    """The restarted broker has forgotten the producer's id: its producer is rebuilt and the spool resent."""
+    topic = unused_topic("restarted")
+    broker = EmbeddedBroker().start()
+    try:
+        publisher, count = start_publisher(producer_factory, broker, topic, request_timeout_ms=1000,
+                                           spool=SpoolConfig(max_messages=10_000))
+        try:
+            submit_frames(publisher, range(0, 50))
+            assert wait_until(lambda: count("sent") == 100, timeout_s=20)
+            broker.stop()
+            submit_frames(publisher, range(50, 650))  # 6 s: see the test with a paused broker
+            broker.start()
+            submit_frames(publisher, range(650, 750))
+            assert wait_until(lambda: count("sent") == 1500, timeout_s=60), \
+                f"sent {count('sent')} of 1500, {publisher.backlog()} still waiting"
+        finally:
+            publisher.stop(flush_timeout_s=5)
+            assert publisher.join(15)
+        assert count("dropped") == 0
+        by_stream = frame_ids_by_stream(broker.bootstrap_servers, topic, range(50, 750))
+    finally:
+        broker.stop()
+    for stream_id in STREAMS:
+        assert set(by_stream[stream_id]) == set(range(50, 750)), f"{stream_id}: messages missing"
+        delivered = first_deliveries(by_stream[stream_id])
+        assert delivered == sorted(delivered), f"{stream_id} out of order"
+
+
+def test_messages_kept_at_a_stop_while_the_broker_is_silent_are_kept_and_resent_in_order(
+    producer_factory: ProducerFactory, tmp_path: Path
+) -> None:
+    topic = unused_topic("kept-in-order")
+    with EmbeddedBroker() as broker:
+        publisher, count = start_publisher(producer_factory, broker, topic, spool=SpoolConfig(dir=tmp_path))
+        submit_frames(publisher, range(0, 5), every_s=0)
+        assert wait_until(lambda: count("sent") == 10, timeout_s=20)
+        with paused(broker):
+            submit_frames(publisher, range(5, 200), every_s=0.002)
+            assert wait_until(lambda: publisher.backlog() == 390, timeout_s=20)
+            publisher.stop(flush_timeout_s=0.5)
+            assert publisher.join(15)
+        kept = load_undelivered(tmp_path)
+        for stream_id in STREAMS:
+            frame_ids = [orjson.loads(m.value)["frame_id"] for m in kept if m.key.decode() == stream_id]
+            assert frame_ids == list(range(5, 200)), f"{stream_id}: the file is out of order or incomplete"
+        assert count("dropped") == 0
+        publisher, count = start_publisher(producer_factory, broker, topic, spool=SpoolConfig(dir=tmp_path))
+        try:
+            assert wait_until(lambda: count("sent") == 390, timeout_s=30)
+        finally:
+            publisher.stop(flush_timeout_s=5)
+            assert publisher.join(15)
+        by_stream = frame_ids_by_stream(broker.bootstrap_servers, topic, range(200))
+    for stream_id in STREAMS:
+        assert set(by_stream[stream_id]) == set(range(200)), f"{stream_id}: messages missing"
+        delivered = first_deliveries(by_stream[stream_id])
+        assert delivered == sorted(delivered), f"{stream_id} out of order"
+
+
+def test_the_events_topic_is_created_like_the_results_topic_and_zone_events_reach_it(
+    broker: EmbeddedBroker, producer_factory: ProducerFactory
+) -> None:
+    """Created by vap with the configured partitions, not left to a broker's auto-creation (which Tansu does,
+    with four partitions; a cluster with auto-creation off would refuse every event)."""
+    topic, events_topic = unused_topic("frames"), unused_topic("events")
+    publisher, count = start_publisher(producer_factory, broker, topic, events_topic=events_topic, partitions=2)
+    try:
+        publisher.submit(make_result(make_frame("cam-1", 0)))
+        publisher.submit(zone_event(0))
+        publisher.submit(make_result(make_frame("cam-1", 1)))
+        assert wait_until(lambda: count("sent") == 3, timeout_s=20)
+    finally:
+        publisher.stop(flush_timeout_s=5)
+        assert publisher.join(15)
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        assert consumer.partitions_for_topic(events_topic) == {0, 1}
+    finally:
+        consumer.close()
+    records = read_topic(broker.bootstrap_servers, events_topic, expected=1)
+    assert [decode(record)["schema"] for record in records] == ["vap.event.v1"]
+    assert dict(records[0].headers)["schema"] == b"vap.event.v1"

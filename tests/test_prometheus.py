@@ -157,6 +157,27 @@ def test_a_removed_stream_leaves_no_series_behind_and_comes_back_from_zero() -> 
     assert registry.get_sample_value("vap_detections_total", {"stream": "cam", "label": "car"}) is None
 
 
+def test_series_a_frame_carries_from_before_its_streams_removal_never_export_the_stream_again() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.metrics import PipelineMetrics
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    metrics.add_stream("cam")
+    carried = metrics.stream("cam")  # what the reader stamps on each frame it reads (Frame.series)
+    carried.detections("car").inc()
+    metrics.remove_stream("cam")
+
+    carried.frames_processed.inc()
+    carried.detections("car").inc()
+    carried.detections("person").inc()  # a label the stream had not reported before it was removed
+    carried.zone_events("door", "enter", "person").inc()
+    carried.occupancy("door", "person").set(1)
+
+    assert not [s for family in registry.collect() for s in family.samples if s.labels.get("stream") == "cam"]
+
+
 def test_streams_added_and_removed_for_ever_leave_bounded_bookkeeping() -> None:
     from prometheus_client import CollectorRegistry
 

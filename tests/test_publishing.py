@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +17,29 @@ import pytest
 from kafka import errors
 from prometheus_client import CollectorRegistry
 
+from pipeline.analytics import ZoneEvent
 from pipeline.config import KafkaConfig, SnapshotConfig, SpoolConfig
 from pipeline.frames import Detections, FrameResult
 from pipeline.health import Heartbeats
+from pipeline.kafka_client import DeliveryErrorKind, Producer, delivery_error_kind
 from pipeline.kafka_process import KafkaProcessError
 from pipeline.metrics import PipelineMetrics
-from pipeline.publishing import DeliveryErrorKind, KafkaPublisher, Producer, delivery_error_kind
+from pipeline.publishing import KafkaPublisher
 from pipeline.snapshots import SnapshotWriter
-from pipeline.spool import SPOOL_FILE, OutgoingMessage, load_undelivered, save_undelivered
+from pipeline.spool import SPOOL_FILE, OutgoingMessage, Spool, load_undelivered, save_undelivered
 from tests.conftest import wait_until
 from tests.fakes import FakeFuture, FakeProducer, make_frame, make_result
+
+
+def topic_is_there(_config: KafkaConfig, _topic: str) -> bool:
+    return True
 
 
 class Harness:
     def __init__(self, spool_max_messages: int = 100, broker_up: bool = True,
                  producer_class: type[FakeProducer] = FakeProducer, spool_dir: Path | None = None,
-                 **kafka: Any) -> None:
+                 spool_max_bytes: int = 64 * 2**20,
+                 topic_setup: Callable[[KafkaConfig, str], bool] = topic_is_there, **kafka: Any) -> None:
         self.registry = CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.available = threading.Event()
@@ -37,8 +47,10 @@ class Harness:
             self.available.set()
         self.producers: list[FakeProducer] = []
         self._producer_class = producer_class
-        config = KafkaConfig(spool=SpoolConfig(max_messages=spool_max_messages, dir=spool_dir), **kafka)
-        self.publisher = KafkaPublisher(config, "test-model", self.metrics, Heartbeats(self.metrics), self._factory)
+        spool = SpoolConfig(max_messages=spool_max_messages, max_bytes=spool_max_bytes, dir=spool_dir)
+        config = KafkaConfig(spool=spool, **kafka)
+        self.publisher = KafkaPublisher(config, "test-model", self.metrics, Heartbeats(self.metrics), self._factory,
+                                        topic_setup=topic_setup)
 
     def _factory(self, _config: KafkaConfig) -> Producer:
         producer = self._producer_class(self.available)
@@ -265,3 +277,277 @@ def test_snapshots_keep_only_the_newest_even_when_frame_ids_have_gaps(tmp_path: 
         writer.write(make_result(make_frame("cam", frame_id)))
     kept = sorted(path.name for path in (tmp_path / "cam").iterdir())
     assert kept == [f"{frame_id:012d}.jpg" for frame_id in (450, 480, 510, 540, 570)]
+
+
+def zone_event(frame_id: int, stream_id: str = "cam-1") -> ZoneEvent:
+    return ZoneEvent(stream_id=stream_id, event="enter", zone_id="door", zone_kind="zone", track_id=1, class_id=0,
+                     label="person", frame_id=frame_id, pts_ms=None, occurred_at=datetime.now(timezone.utc),
+                     position=(1.0, 2.0))
+
+
+def frame_id_of(value: bytes) -> int:
+    frame_id: int = orjson.loads(value)["frame_id"]
+    return frame_id
+
+
+class HoldingProducer(FakeProducer):
+    """While the broker is down, holds every message unanswered until the test fails them back; its close
+    fails what it holds in reverse order, as kafka-python aborts batches in no particular order."""
+
+    def __init__(self, available: threading.Event) -> None:
+        super().__init__(available)
+        self.attempts: list[int] = []
+        self.held: list[tuple[bytes, FakeFuture]] = []
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        self.attempts.append(frame_id_of(value))
+        if self.available.is_set():
+            return super().send(topic, value, key, headers)
+        future = FakeFuture()
+        self.held.append((value, future))
+        return future
+
+    def fail_held(self, reverse: bool = False) -> None:
+        held, self.held = self.held, []
+        for _, future in reversed(held) if reverse else held:
+            future.fail(errors.KafkaTimeoutError("Expiring 1 record(s): 2000 ms has passed since batch creation"))
+
+    def close(self, timeout: float | None = None) -> None:
+        super().close(timeout)
+        self.fail_held(reverse=True)
+
+
+def only_producer(harness: Harness) -> HoldingProducer:
+    assert wait_until(lambda: len(harness.producers) == 1)
+    producer = harness.producers[0]
+    assert isinstance(producer, HoldingProducer)
+    return producer
+
+
+def test_messages_that_failed_back_in_any_order_are_resent_oldest_first() -> None:
+    harness = Harness(broker_up=False, producer_class=HoldingProducer)
+    harness.publisher.start()
+    for frame_id in range(60):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    holding = only_producer(harness)
+    assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
+    harness.available.set()
+    holding.fail_held(reverse=True)
+    assert wait_until(lambda: harness.count("sent") == 60)
+    harness.publisher.stop(flush_timeout_s=2)
+    assert harness.publisher.join(5)
+    assert harness.sent_frame_ids() == list(range(60))
+    assert harness.count("dropped") == 0
+
+
+def test_after_a_failure_nothing_more_is_sent_to_the_producer_until_what_it_holds_has_come_back() -> None:
+    harness = Harness(broker_up=False, producer_class=HoldingProducer)
+    harness.publisher.start()
+    for frame_id in range(10):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    holding = only_producer(harness)
+    assert wait_until(lambda: len(holding.held) == 10)
+    first_value, first_future = holding.held.pop(0)
+    first_future.fail(errors.KafkaTimeoutError("expired"))
+    for frame_id in range(10, 15):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: harness.publisher.backlog() == 15)
+    assert not wait_until(lambda: len(holding.attempts) > 10, timeout_s=0.5), \
+        "a retry sent now would overtake the messages still in flight"
+    harness.available.set()
+    holding.fail_held()
+    assert wait_until(lambda: harness.count("sent") == 15)
+    harness.publisher.stop(flush_timeout_s=2)
+    assert harness.publisher.join(5)
+    assert harness.sent_frame_ids() == list(range(15)) and frame_id_of(first_value) == 0
+
+
+def test_the_spool_file_kept_at_stop_is_oldest_first_whatever_order_the_producer_failed_messages_back_in(
+        tmp_path: Path) -> None:
+    harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_dir=tmp_path)
+    harness.publisher.start()
+    for frame_id in range(60):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    holding = only_producer(harness)
+    assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
+    harness.publisher.stop(flush_timeout_s=0.2)
+    assert harness.publisher.join(5)
+    assert [frame_id_of(message.value) for message in load_undelivered(tmp_path)] == list(range(60))
+    assert harness.count("dropped") == 0
+
+
+def test_spool_puts_failed_messages_back_in_sequence_order_among_the_waiting_ones() -> None:
+    spool = Spool(max_messages=100, max_bytes=2**20)
+
+    def message(sequence: int, event: bool = False) -> OutgoingMessage:
+        return OutgoingMessage(b"cam-1", b"%d" % sequence, event=event, sequence=sequence)
+
+    for sequence in (3, 6, 7):
+        assert spool.append(message(sequence)) == 0
+    assert spool.append(message(5, event=True)) == 0
+    assert spool.put_back([message(4), message(1), message(2, event=True), message(0)]) == 0
+    assert [m.sequence for m in spool.drain()] == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_spool_lets_results_pass_the_events_it_holds_back() -> None:
+    spool = Spool(max_messages=100, max_bytes=2**20)
+    for sequence, event in ((0, True), (1, False), (2, True), (3, False)):
+        spool.append(OutgoingMessage(b"cam-1", b"x", event=event, sequence=sequence))
+    assert [m.sequence for m in iter(lambda: spool.popleft(events=False), None)] == [1, 3]
+    assert [m.sequence for m in iter(spool.popleft, None)] == [0, 2]
+
+
+def test_a_message_larger_than_the_spool_byte_bound_is_the_only_one_dropped() -> None:
+    spool = Spool(max_messages=100, max_bytes=1000)
+    for sequence in range(3):
+        assert spool.append(OutgoingMessage(b"cam-1", b"x" * 100, sequence=sequence)) == 0
+    assert spool.append(OutgoingMessage(b"cam-1", b"x" * 1000, sequence=3)) == 1
+    assert [m.sequence for m in spool.drain()] == [0, 1, 2]
+
+
+def big_result(frame_id: int) -> FrameResult:
+    """A result whose message is about 5 kB (a long label)."""
+    detections = Detections(boxes_xyxy=np.zeros((1, 4), np.float32), confidences=np.ones(1, np.float32),
+                            class_ids=np.zeros(1, np.int64))
+    return FrameResult(frame=make_frame("cam-1", frame_id), task="detect", detections=detections,
+                       labels={0: "x" * 5000})
+
+
+def test_a_result_larger_than_the_spool_byte_bound_costs_only_itself() -> None:
+    harness = Harness(broker_up=False, spool_max_bytes=4096)
+    harness.publisher.start()
+    for frame_id in range(6):
+        harness.publisher.submit(big_result(frame_id) if frame_id == 3 else make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: harness.count("dropped") == 1 and harness.publisher.backlog() == 5)
+    harness.available.set()
+    assert wait_until(lambda: harness.count("sent") == 5)
+    harness.publisher.stop(flush_timeout_s=2)
+    assert harness.publisher.join(5)
+    assert harness.sent_frame_ids() == [0, 1, 2, 4, 5] and harness.count("dropped") == 1
+
+
+def test_while_deliveries_fail_the_bytes_in_flight_count_against_the_spool_byte_bound() -> None:
+    max_bytes = 4096
+    harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_max_bytes=max_bytes)
+    harness.publisher.start()
+    harness.publisher.submit(make_result(make_frame("cam-1", 0)))
+    holding = only_producer(harness)
+    assert wait_until(lambda: len(holding.held) == 1)
+    holding.fail_held()  # the broker is failing deliveries now
+    for frame_id in range(1, 30):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: harness.publisher.backlog() + harness.count("dropped") == 30 and len(holding.held) > 1)
+    for frame_id in range(30, 60):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+
+    def within_bound() -> bool:
+        sizes = [len(b"cam-1") + len(value) for value, _ in holding.held]
+        # Messages differ by a few bytes (digits of ids and latencies): allow for it.
+        return bool(sizes) and harness.publisher.backlog() * (min(sizes) - 8) <= max_bytes
+
+    assert wait_until(within_bound), "what is in flight and what is spooled, together, stay within the bound"
+    assert harness.publisher.backlog() + harness.count("dropped") == 60
+    harness.publisher.stop(flush_timeout_s=0.2)
+    assert harness.publisher.join(5)
+
+
+class AckAfterProducer(FakeProducer):
+    """A healthy but not instant broker: acknowledges each message 200 ms after it was sent."""
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        future = FakeFuture()
+        self.sent.append((key, value))
+        threading.Timer(0.2, future.succeed).start()
+        return future
+
+
+def sent_or_dropped(harness: Harness, sends: int) -> bool:
+    return len(harness.sent_frame_ids()) >= sends or harness.count("dropped") > 0
+
+
+def test_a_healthy_broker_costs_no_message_even_with_a_spool_of_one() -> None:
+    harness = Harness(spool_max_messages=1, producer_class=AckAfterProducer)
+    harness.publisher.start()
+    for frame_id in range(8):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        # The next result comes while this one is in flight.
+        assert wait_until(functools.partial(sent_or_dropped, harness, frame_id + 1))
+    assert wait_until(lambda: harness.count("sent") == 8 or harness.count("dropped") > 0)
+    harness.publisher.stop(flush_timeout_s=2)
+    assert harness.publisher.join(5)
+    assert harness.count("dropped") == 0 and harness.sent_frame_ids() == list(range(8))
+
+
+class EventsTopicWithoutMetadata(FakeProducer):
+    """The events topic is missing from the broker's metadata: each send to it blocks, then times out, as
+    kafka-python does for max_block_ms."""
+
+    def __init__(self, available: threading.Event) -> None:
+        super().__init__(available)
+        self.event_sends = 0
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        if topic == "vap.events":
+            self.event_sends += 1
+            time.sleep(0.3)
+            raise errors.KafkaTimeoutError("Failed to update metadata after 0.3 secs.")
+        return super().send(topic, value, key, headers)
+
+
+def event_sends(harness: Harness) -> int:
+    return sum(p.event_sends for p in harness.producers if isinstance(p, EventsTopicWithoutMetadata))
+
+
+def test_a_zone_event_its_topic_cannot_take_never_holds_up_the_frame_results_behind_it() -> None:
+    harness = Harness(spool_max_messages=1000, producer_class=EventsTopicWithoutMetadata)
+    harness.publisher.start()
+    harness.publisher.submit(zone_event(0))
+    assert wait_until(lambda: event_sends(harness) > 0)
+    for frame_id in range(100):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: harness.count("sent") == 100, timeout_s=20), \
+        f"sent {harness.count('sent')} of 100 frame results"
+    harness.publisher.stop(flush_timeout_s=0.5)
+    assert harness.publisher.join(5)
+    assert harness.sent_frame_ids() == list(range(100))
+    assert 1 <= event_sends(harness) <= 6, "the event is retried with a backoff, not on every pass"
+    assert harness.count("dropped") == 1, "the event still undelivered at stop is counted"
+
+
+def test_zone_events_wait_for_their_topic_and_are_dropped_and_counted_when_it_may_not_be_created() -> None:
+    answer = threading.Event()
+    asked: list[str] = []
+
+    def topic_missing(_config: KafkaConfig, topic: str) -> bool:
+        asked.append(topic)
+        answer.wait(10)
+        return False
+
+    harness = Harness(topic_setup=topic_missing)
+    harness.publisher.start()
+    harness.publisher.submit(zone_event(0))
+    for frame_id in range(10):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: harness.count("sent") == 10), "frame results do not wait for the events topic"
+    assert asked == ["vap.events"] and harness.count("dropped") == 0, "the event waits while its topic is looked up"
+    answer.set()
+    assert wait_until(lambda: harness.count("dropped") == 1)
+    harness.publisher.submit(zone_event(10))
+    assert wait_until(lambda: harness.count("dropped") == 2)
+    harness.publisher.stop(flush_timeout_s=1)
+    assert harness.publisher.join(5)
+    assert harness.count("sent") == 10 and harness.count("failed") == 0
+    assert all(b'"schema":"vap.event.v1"' not in value for producer in harness.producers for _, value in producer.sent)
+
+
+def test_zone_events_go_to_the_events_topic_once_it_is_there() -> None:
+    harness = Harness()
+    harness.publisher.start()
+    harness.publisher.submit(zone_event(0))
+    harness.publisher.submit(make_result(make_frame("cam-1", 0)))
+    harness.publisher.submit(zone_event(1))
+    assert wait_until(lambda: harness.count("sent") == 3)
+    harness.publisher.stop(flush_timeout_s=1)
+    assert harness.publisher.join(5)
+    schemas = [orjson.loads(value)["schema"] for producer in harness.producers for _, value in producer.sent]
+    assert sorted(schemas) == ["vap.event.v1", "vap.event.v1", "vap.frame.v1"]
