@@ -230,6 +230,9 @@ def test_results_in_flight_when_a_stream_is_restarted_are_published_but_not_coun
              "the new stream's frames were not all published")
     assert sample(pipeline, PROCESSED, stream="cam") == sample(pipeline, READ, stream="cam") > 0, (
         "frames read before the restart were counted as the new stream's")
-    published = lambda: sum(key == b"cam" for producer in producers for key, _value in producer.sent)  # noqa: E731
+
+    def published() -> int:
+        return sum(key == b"cam" for producer in producers for key, _value in producer.sent)
+
     expected = detector.held + sample(pipeline, READ, stream="cam")
     wait_for(lambda: published() >= expected, 10, "the results held while the stream restarted were lost")
