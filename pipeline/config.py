@@ -91,6 +91,13 @@ _ConfigPoint = tuple[_Coordinate, _Coordinate]
 Anchor = Literal["bottom_center", "center", "top_center", "left_center", "right_center"]
 
 
+def _some_classes(value: list[int | str] | None) -> list[int | str] | None:
+    """An empty class list would silently keep (or count) nothing at all."""
+    if value is not None and not value:
+        raise ValueError("an empty list keeps no class at all; omit it or use null to keep every class")
+    return value
+
+
 class ZoneConfig(_Section):
     """A polygon; a tracked object is inside when its anchor point is."""
 
@@ -98,6 +105,8 @@ class ZoneConfig(_Section):
     polygon: list[_ConfigPoint] = Field(min_length=3, description="Vertices in pixels, or 0..1 with normalized: true")
     classes: list[int | str] | None = Field(None, description="Class ids or labels counted; default all")
     dwell_s: float | None = Field(None, gt=0, description="Emit a dwell event once an object stays this long")
+
+    _some_classes = field_validator("classes")(_some_classes)
 
 
 class LineConfig(_Section):
@@ -109,6 +118,8 @@ class LineConfig(_Section):
     end: _ConfigPoint
     classes: list[int | str] | None = None
     directions: tuple[str, str] = Field(("in", "out"), description="Names for crossing to the right and to the left")
+
+    _some_classes = field_validator("classes")(_some_classes)
 
     @field_validator("directions")
     @classmethod
@@ -290,9 +301,7 @@ class ModelConfig(_Section):
     @field_validator("classes")
     @classmethod
     def _keeps_some_class(cls, value: list[int | str] | None) -> list[int | str] | None:
-        if value is not None and not value:
-            raise ValueError("an empty list keeps no class at all; omit it or use null to keep every class")
-        return value
+        return _some_classes(value)
 
 
 def _check_device(name: str, in_list: bool) -> None:

@@ -85,6 +85,12 @@ BAD_CONFIGS = [
                  "use cpu, cuda:N or auto", id="mps-device"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {classes: []}\n", "model.classes",
                  "omit it or use null to keep every class", id="no-classes-kept"),
+    pytest.param("streams:\n  - id: a\n    url: CLIP\n    analytics:\n      zones:\n        - {id: z, polygon: "
+                 "[[0, 0], [9, 0], [9, 9]], classes: []}\n", "streams[0].analytics.zones[0].classes",
+                 "omit it or use null to keep every class", id="zone-counts-no-class"),
+    pytest.param("streams:\n  - id: a\n    url: CLIP\n    analytics:\n      lines:\n        - {id: l, start: [0, 0], "
+                 "end: [9, 9], classes: []}\n", "streams[0].analytics.lines[0].classes",
+                 "omit it or use null to keep every class", id="line-counts-no-class"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nhttp: {auth_token: ''}\n", "http.auth_token", "is empty",
                  id="empty-api-token"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nkafka:\n  security_protocol: SASL_SSL\n"
