@@ -209,10 +209,9 @@ def run_pipeline(
 
 
 def _any_frame_read(pipeline: Pipeline) -> bool:
-    """A run whose every file failed to open "finishes" like one that read them all; only the frame
-    counters tell the two apart, and a batch job must not report success for the first."""
-    totals = [pipeline.metrics.frame_totals(stream_id) for stream_id in list(pipeline.readers)]
-    return any(total is not None and total.read > 0 for total in totals)
+    """A run whose every file failed to open or decode "finishes" like one that read them all; only the
+    readers tell the two apart, and a batch job must not report success for the first."""
+    return any(reader.ever_read for reader in list(pipeline.readers.values()))
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -172,10 +172,11 @@ class AnalyticsConfig(_Section):
         ]
         points += [(("lines", index, end), getattr(line, end)) for index, line in enumerate(self.lines)
                    for end in ("start", "end")]
+        # A point a little past the edge is fine (a line drawn from edge to edge); one far past it is pixels.
         for location, (x, y) in points:
-            if not (0 <= x <= 1 and 0 <= y <= 1):
-                raise _error_at(location, f"[{x:g}, {y:g}] is outside the frame: with normalized: true coordinates "
-                                          "are fractions from 0 to 1 (or set normalized: false for pixels)")
+            if not (-1 <= x <= 2 and -1 <= y <= 2):
+                raise _error_at(location, f"[{x:g}, {y:g}] is far outside the frame: with normalized: true "
+                                          "coordinates are fractions from 0 to 1 (or set normalized: false for pixels)")
         return self
 
     @property

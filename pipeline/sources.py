@@ -281,6 +281,11 @@ class StreamReader:
     def thread_name(self) -> str:
         return self._thread.name
 
+    @property
+    def ever_read(self) -> bool:
+        """Whether the stream ever gave a decodable frame (frames lost to decode errors count as read, not this)."""
+        return self._ever_read
+
     def start(self) -> None:
         self._thread.start()
 

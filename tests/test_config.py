@@ -73,8 +73,8 @@ BAD_CONFIGS = [
     pytest.param(ANALYTICS + "      lines:\n        - {id: l, start: [0, 0], end: [9, 9], directions: [in, in]}\n",
                  "streams[0].analytics.lines[0].directions", "both directions are named 'in'",
                  id="same-direction-names"),
-    pytest.param(NORMALIZED + "      zones:\n        - {id: z, polygon: [[0, 0], [1, 0], [1, 1.5]]}\n",
-                 "streams[0].analytics.zones[0].polygon[2]", "outside the frame", id="normalized-zone-off-frame"),
+    pytest.param(NORMALIZED + "      zones:\n        - {id: z, polygon: [[0, 0], [1, 0], [1, 2.5]]}\n",
+                 "streams[0].analytics.zones[0].polygon[2]", "far outside the frame", id="normalized-zone-off-frame"),
     pytest.param(NORMALIZED + "      lines:\n        - {id: l, start: [0.5, 1], end: [640, 0]}\n",
                  "streams[0].analytics.lines[0].end", "fractions from 0 to 1", id="normalized-line-in-pixels"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {device: []}\n", "model.device", "empty list",
@@ -114,6 +114,12 @@ def test_the_stricter_checks_still_accept_configs_that_work(tmp_path: Path, clip
     zones = NORMALIZED + "      zones:\n        - {id: z, polygon: [[0, 0], [1, 0], [1, 1]]}\n"
     path = write(tmp_path, zones.replace("CLIP", str(clip)) + text)
     assert main(["validate", "-c", str(path)]) == 0
+
+
+def test_normalized_points_a_little_past_the_edge_are_accepted(tmp_path: Path, clip: Path) -> None:
+    text = NORMALIZED + ("      zones:\n        - {id: z, polygon: [[-0.003, 0], [1.02, 0], [1, 1]]}\n"
+                         "      lines:\n        - {id: l, start: [-0.05, 0.6], end: [1.05, 0.6]}\n")
+    assert main(["validate", "-c", str(write(tmp_path, text.replace("CLIP", str(clip))))]) == 0
 
 
 def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(

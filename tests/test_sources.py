@@ -170,6 +170,22 @@ def test_unusable_frames_at_start_are_read_dropped_as_decode_errors_and_leave_a_
     assert harness.value("vap_frames_read_total") == 7
 
 
+def test_a_file_whose_every_frame_fails_to_decode_was_read_but_never_gave_a_frame() -> None:
+    harness = ReaderHarness(file_stream(reconnect_backoff_s=0.01, reconnect_backoff_max_s=0.02),
+                            GarbageThenGoodSource(garbage=5, frames=0))
+    harness.reader.start()
+    assert harness.reader.finished.wait(10), "a file that never decodes is given up after a few tries"
+    assert harness.value("vap_frames_read_total") == 5
+    assert not harness.reader.ever_read, "vap run would report success for a file it could not decode"
+
+
+def test_a_file_that_decodes_gave_a_frame() -> None:
+    harness = ReaderHarness(file_stream(), GarbageThenGoodSource(garbage=1, frames=2))
+    harness.reader.start()
+    assert harness.reader.finished.wait(5)
+    assert harness.reader.ever_read
+
+
 def test_frames_older_than_the_staleness_budget_are_dropped_as_stale() -> None:
     config = live_stream(max_staleness_ms=50)
     stale: list[Frame] = []
