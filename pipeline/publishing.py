@@ -114,19 +114,24 @@ class _EventsTopic:
     probing: bool = True
     in_flight: int = 0
 
-    def may_send(self, now: float) -> bool:
-        return self.state == "ready" and now >= self.not_before and not (self.probing and self.in_flight)
+    def may_send(self, now: float, flushing: bool = False) -> bool:
+        """While a stop flushes, the backoff no longer holds events back: it is their last chance."""
+        due = flushing or now >= self.not_before
+        return self.state == "ready" and due and not (self.probing and self.in_flight)
 
     def delivered(self) -> None:
         self.probing = False
         self.backoff_s = _EVENTS_FIRST_BACKOFF_S
 
     def failed(self, now: float) -> None:
+        """Events that were in flight together fail together: only the first failure of a round moves the
+        backoff on, or one blip would leave the events waiting the longest backoff."""
         if self.state == "ready":
             self.state = "unchecked"
         self.probing = True
-        self.not_before = now + self.backoff_s
-        self.backoff_s = min(_EVENTS_MAX_BACKOFF_S, self.backoff_s * 2)
+        if now >= self.not_before:
+            self.not_before = now + self.backoff_s
+            self.backoff_s = min(_EVENTS_MAX_BACKOFF_S, self.backoff_s * 2)
 
 
 class KafkaPublisher:
@@ -416,12 +421,13 @@ class KafkaPublisher:
         while True:
             now = time.monotonic()
             with self._condition:
-                if self._draining and self._in_flight:
+                # A failure not yet put back in the spool must not be overtaken by the messages after it.
+                if self._failed_deliveries or (self._draining and self._in_flight):
                     return
                 self._draining = False
                 if len(self._in_flight) >= self._max_in_flight or self._in_flight_bytes >= self._max_in_flight_bytes:
                     return
-                message = self._spool.popleft(events=self._events.may_send(now))
+                message = self._spool.popleft(events=self._events.may_send(now, flushing=self._stop.is_set()))
                 if message is None:
                     return
                 token = next(self._tokens)
@@ -489,7 +495,8 @@ class KafkaPublisher:
                 self._failed_deliveries.append(message)
             if kind != "rejected":
                 if message.event:
-                    self._events.failed(time.monotonic())
+                    if record.generation == self._generation:  # not one aborted with a producer replaced since
+                        self._events.failed(time.monotonic())
                 else:
                     if record.generation == self._generation:
                         self._consecutive_failures += 1
@@ -520,7 +527,8 @@ class KafkaPublisher:
                     dropped = self._spool.take_events()
                 else:
                     events.state = "unchecked"
-            check = events.state == "unchecked" and now >= events.not_before and self._spool.has_events
+            due = now >= events.not_before or self._stop.is_set()
+            check = events.state == "unchecked" and due and self._spool.has_events
             if check:
                 events.state = "checking"
         if dropped:

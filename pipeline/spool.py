@@ -102,10 +102,12 @@ class Spool:
             if not mine:
                 continue
             self._bytes += sum(message.size for message in mine)
-            if not lane or mine[-1].sequence < lane[0].sequence:
-                lane.extendleft(reversed(mine))
-            else:
-                self._lanes[event] = deque(heapq.merge(mine, lane, key=_sequence))
+            # Only the lane's older head is merged: rebuilding a spool of millions for each returned group would
+            # hold the publisher's lock for a good part of a second.
+            older: list[OutgoingMessage] = []
+            while lane and lane[0].sequence < mine[-1].sequence:
+                older.append(lane.popleft())
+            lane.extendleft(reversed(list(heapq.merge(mine, older, key=_sequence))))
         return dropped + self.trim_to(self._max_messages, self._max_bytes)
 
     def trim_to(self, max_messages: int, max_bytes: int) -> int:

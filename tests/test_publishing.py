@@ -551,3 +551,52 @@ def test_zone_events_go_to_the_events_topic_once_it_is_there() -> None:
     assert harness.publisher.join(5)
     schemas = [orjson.loads(value)["schema"] for producer in harness.producers for _, value in producer.sent]
     assert sorted(schemas) == ["vap.event.v1", "vap.event.v1", "vap.frame.v1"]
+
+
+class FailsFrameZeroAtOnce(FakeProducer):
+    """kafka-python hands back an already-failed future when the metadata wait raises a broker error (an
+    authorisation not granted yet, say): the errback runs inside `send`, before the next message goes."""
+
+    def __init__(self, available: threading.Event) -> None:
+        super().__init__(available)
+        self.failed_once = False
+
+    def send(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        if frame_id_of(value) == 0 and not self.failed_once:
+            self.failed_once = True
+            future = FakeFuture()
+            future.fail(errors.TopicAuthorizationFailedError("not yet"))
+            return future
+        return super().send(topic, value, key, headers)
+
+
+def test_a_message_that_fails_inside_send_is_not_overtaken_by_the_ones_after_it() -> None:
+    harness = Harness(producer_class=FailsFrameZeroAtOnce)
+    for frame_id in range(5):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    harness.publisher.start()
+    assert wait_until(lambda: harness.count("sent") == 5)
+    harness.publisher.stop(2)
+    assert harness.publisher.join(5)
+    assert harness.sent_frame_ids() == [0, 1, 2, 3, 4]
+
+
+def test_zone_events_failed_together_in_one_blip_wait_one_backoff_step_and_a_stop_still_sends_them() -> None:
+    harness = Harness(producer_class=HoldingProducer)
+    harness.publisher.start()
+    harness.publisher.submit(zone_event(0))
+    assert wait_until(lambda: harness.count("sent") == 1)
+    holding = only_producer(harness)
+    harness.available.clear()
+    for frame_id in range(1, 7):
+        harness.publisher.submit(zone_event(frame_id))
+    assert wait_until(lambda: len(holding.held) == 6)
+    holding.fail_held()
+    harness.available.set()
+    for frame_id in range(20):
+        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: harness.count("sent") == 21), "results flow at once: the broker is back"
+    harness.publisher.stop(flush_timeout_s=5)
+    assert harness.publisher.join(10)
+    assert harness.count("dropped") == 0, "the events were dropped though the broker was healthy"
+    assert harness.count("sent") == 27
