@@ -111,7 +111,6 @@ class Pipeline:
         self.workers: list[InferenceWorker] = []
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
-        self._stopped = False
         self._phase = _Phase.NEW
         self._streams_lock = threading.RLock()
         self._incarnations: dict[str, _Incarnation] = {}
@@ -346,9 +345,8 @@ class Pipeline:
 
     def stop(self) -> None:
         with self._streams_lock:
-            if self._stopped:
+            if self._phase is _Phase.STOPPING:
                 return
-            self._stopped = True
             self._phase = _Phase.STOPPING
             self._ready.clear()
             readers = list(self.readers.values())
@@ -383,8 +381,8 @@ class Pipeline:
         dead = [
             name
             for name, alive in (
-                ("inference", all(worker.is_alive() for worker in self.workers) or self._stopped),
-                ("publisher", self.publisher is None or self.publisher.is_alive() or self._stopped),
+                ("inference", all(worker.is_alive() for worker in self.workers) or self._phase is _Phase.STOPPING),
+                ("publisher", self.publisher is None or self.publisher.is_alive() or self._phase is _Phase.STOPPING),
             )
             if not alive
         ]

@@ -299,10 +299,7 @@ class ModelConfig(_Section):
                 raise _error_at((index,), str(error)) from None
         return value
 
-    @field_validator("classes")
-    @classmethod
-    def _keeps_some_class(cls, value: list[int | str] | None) -> list[int | str] | None:
-        return _some_classes(value)
+    _some_classes = field_validator("classes")(_some_classes)
 
 
 def _check_device(name: str, in_list: bool) -> None:

@@ -456,6 +456,13 @@ def frame_ids_by_stream(bootstrap: str, topic: str, frame_ids: range, timeout_s:
     return by_stream
 
 
+def assert_every_stream_complete_and_in_order(by_stream: dict[str, list[int]], frame_ids: range) -> None:
+    for stream_id in STREAMS:
+        assert set(by_stream[stream_id]) == set(frame_ids), f"{stream_id}: messages missing"
+        delivered = first_deliveries(by_stream[stream_id])
+        assert delivered == sorted(delivered), f"{stream_id} out of order"
+
+
 def first_deliveries(frame_ids: list[int]) -> list[int]:
     """Without the repeats at-least-once delivery allows (a message that timed out on the producer's side
     may still have reached the broker, and is sent again)."""
@@ -495,10 +502,7 @@ def test_after_the_broker_stops_answering_for_a_while_every_message_is_delivered
             assert publisher.join(15)
         assert count("dropped") == 0
         by_stream = frame_ids_by_stream(broker.bootstrap_servers, topic, range(800))
-    for stream_id in STREAMS:
-        assert set(by_stream[stream_id]) == set(range(800)), f"{stream_id}: messages missing"
-        delivered = first_deliveries(by_stream[stream_id])
-        assert delivered == sorted(delivered), f"{stream_id} out of order"
+    assert_every_stream_complete_and_in_order(by_stream, range(800))
 
 
 def test_after_a_broker_restart_every_message_of_the_outage_reaches_the_new_broker_with_each_stream_in_order(
@@ -526,10 +530,7 @@ def test_after_a_broker_restart_every_message_of_the_outage_reaches_the_new_brok
         by_stream = frame_ids_by_stream(broker.bootstrap_servers, topic, range(50, 750))
     finally:
         broker.stop()
-    for stream_id in STREAMS:
-        assert set(by_stream[stream_id]) == set(range(50, 750)), f"{stream_id}: messages missing"
-        delivered = first_deliveries(by_stream[stream_id])
-        assert delivered == sorted(delivered), f"{stream_id} out of order"
+    assert_every_stream_complete_and_in_order(by_stream, range(50, 750))
 
 
 def test_messages_kept_at_a_stop_while_the_broker_is_silent_are_kept_and_resent_in_order(
@@ -557,10 +558,7 @@ def test_messages_kept_at_a_stop_while_the_broker_is_silent_are_kept_and_resent_
             publisher.stop(flush_timeout_s=5)
             assert publisher.join(15)
         by_stream = frame_ids_by_stream(broker.bootstrap_servers, topic, range(200))
-    for stream_id in STREAMS:
-        assert set(by_stream[stream_id]) == set(range(200)), f"{stream_id}: messages missing"
-        delivered = first_deliveries(by_stream[stream_id])
-        assert delivered == sorted(delivered), f"{stream_id} out of order"
+    assert_every_stream_complete_and_in_order(by_stream, range(200))
 
 
 def test_the_events_topic_is_created_like_the_results_topic_and_zone_events_reach_it(
