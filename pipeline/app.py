@@ -359,10 +359,12 @@ class Pipeline:
         deadline = time.monotonic() + self._timeouts.drain_s
         while self.workers and not self.hub.drained() and time.monotonic() < deadline:
             time.sleep(0.02)
-        left = self.hub.depth()
-        if self.workers and left:
-            log.warning("stopping with %d frame(s) read but not inferred after %.0f s of draining", left,
-                        self._timeouts.drain_s)
+        left = self.hub.discard_waiting()
+        for frame in left:
+            (frame.series or self.metrics.stream(frame.stream_id)).dropped["shutdown"].inc()
+        if left:
+            log.warning("stopping with %d frame(s) read but not inferred after %.0f s of draining; counted as "
+                        "dropped (shutdown)", len(left), self._timeouts.drain_s)
         for worker in self.workers:
             worker.stop()
         for worker in self.workers:

@@ -105,6 +105,20 @@ class FrameHub:
         with self._condition:
             return self._in_flight == 0 and not self._any_frame()
 
+    def in_flight(self) -> int:
+        """Frames taken in batches not yet reported done."""
+        with self._condition:
+            return self._in_flight
+
+    def discard_waiting(self) -> list[Frame]:
+        """Empties every buffer, for a stop whose drain deadline passed: the caller counts what it gets."""
+        with self._condition:
+            frames = [frame for buffer in self._buffers.values() for _, frame in buffer.frames]
+            for buffer in self._buffers.values():
+                buffer.frames.clear()
+            self._condition.notify_all()
+            return frames
+
     def batch_done(self, batch: Batch) -> None:
         with self._condition:
             self._in_flight -= len(batch.frames)

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# DESIGN.md's four, and frames the model failed on, so that read = processed + dropped + in flight per stream.
-DROP_REASONS = ("fps_cap", "stale", "queue_full", "decode_error", "inference_error")
+# DESIGN.md's four, frames the model failed on, and frames a stop left behind (refused by the hub once stopping, or
+# still waiting when the drain deadline passed), so that read = processed + dropped + in flight per stream.
+DROP_REASONS = ("fps_cap", "stale", "queue_full", "decode_error", "inference_error", "shutdown")
 KAFKA_RESULTS = ("sent", "failed", "dropped")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)

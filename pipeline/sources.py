@@ -456,6 +456,7 @@ class StreamReader:
                     anchor_media_s, anchor_monotonic = media_s, now
                 last_media_s = media_s
                 if self._wait_until(anchor_monotonic + (media_s - anchor_media_s)):
+                    series.dropped["shutdown"].inc()
                     return False
             if cap_period_s is not None:
                 clock = media_s if is_file else now
@@ -476,8 +477,8 @@ class StreamReader:
                 series=series,
             )
             dropped = self._hub.put(frame, self._stop, self._slot)
-            if dropped is not None and not self._stop.is_set():
-                series.dropped["queue_full"].inc()
+            if dropped is not None:
+                series.dropped["shutdown" if dropped is frame and self._stop.is_set() else "queue_full"].inc()
         return False
 
 

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from prometheus_client import Metric
 
-from pipeline.app import Pipeline
+from pipeline.app import Pipeline, StopTimeouts
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig, parse_config
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.inference import Detector
 from pipeline.kafka_client import Producer
-from tests.conftest import sample, scrape, wait_for
+from pipeline.metrics import DROP_REASONS
+from tests.conftest import sample, scrape, wait_for, write_moving_box_clip
 from tests.fakes import FakeProducer
 from tests.test_control_api import call
 
@@ -236,3 +237,29 @@ def test_results_in_flight_when_a_stream_is_restarted_are_published_but_not_coun
 
     expected = detector.held + sample(pipeline, READ, stream="cam")
     wait_for(lambda: published() >= expected, 10, "the results held while the stream restarted were lost")
+
+
+def test_frames_a_stop_leaves_behind_are_counted_as_dropped_so_read_equals_processed_plus_dropped(
+    pipelines: list[Pipeline], tmp_path: Path
+) -> None:
+    """The model holds its first batch, so the file's reader fills its buffer and blocks; a stop whose drain
+    deadline passes must count the waiting frames and the one the reader could not hand over."""
+    release = threading.Event()
+    detector = InstantDetector(release)
+    config = config_with([{"id": "file", "url": str(write_moving_box_clip(tmp_path / "long.mp4", 96, 64, frames=60)),
+                           "realtime": False}])
+    pipeline = Pipeline(config, detector_factory=lambda _config, _device: detector, producer_factory=fake_kafka(),
+                        timeouts=StopTimeouts(drain_s=0.5, kafka_flush_s=1.0))
+    pipelines.append(pipeline)
+    pipeline.start()
+    wait_for(lambda: detector.holding.is_set() and pipeline.hub.depth() == 4, 10, "the buffer never filled")
+    in_flight = pipeline.hub.in_flight()
+    threading.Timer(0.7, release.set).start()  # after the drain deadline, while the workers are joined
+    pipeline.stop()
+    read, processed = sample(pipeline, READ, stream="file"), sample(pipeline, PROCESSED, stream="file")
+    shutdown = sample(pipeline, "vap_frames_dropped_total", stream="file", reason="shutdown")
+    dropped = sum(sample(pipeline, "vap_frames_dropped_total", stream="file", reason=reason)
+                  for reason in DROP_REASONS)
+    assert processed == in_flight > 0, "the batches the model already had finish within the stop"
+    assert shutdown == 5, "4 frames waiting in the buffer and 1 refused to the blocked reader"
+    assert read == processed + dropped
