@@ -194,11 +194,14 @@ def run_pipeline(
         reloader.start()
         reason = pipeline.wait(duration_s)
         log.info("%s; stopping", reason)
-        if reason == "all sources finished" and not _any_frame_read(pipeline):
+        unread = _streams_never_read(pipeline) if reason == "all sources finished" else []
+        if unread and len(unread) == len(pipeline.readers):
             log.error("every stream ended without giving a single frame (see the errors above); check that each "
                       "url is a video this machine can decode")
-            return EXIT_FAILURE
-        return EXIT_OK
+        elif unread:
+            log.error("stream(s) %s ended without giving a single frame (see the errors above), the others were "
+                      "processed; check that each url is a video this machine can decode", ", ".join(unread))
+        return EXIT_FAILURE if unread else EXIT_OK
     finally:
         try:
             reloader.stop()
@@ -208,10 +211,10 @@ def run_pipeline(
                 signal.signal(sig, handler)
 
 
-def _any_frame_read(pipeline: Pipeline) -> bool:
-    """A run whose every file failed to open or decode "finishes" like one that read them all; only the
-    readers tell the two apart, and a batch job must not report success for the first."""
-    return any(reader.ever_read for reader in list(pipeline.readers.values()))
+def _streams_never_read(pipeline: Pipeline) -> list[str]:
+    """A file that failed to open or decode "finishes" like one that was read to its end; only the readers tell
+    the two apart, and a batch job must not report success when one of its files gave nothing."""
+    return [stream_id for stream_id, reader in list(pipeline.readers.items()) if not reader.ever_read]
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -76,6 +76,28 @@ def test_run_whose_only_file_cannot_be_read_exits_1_with_one_error_line(tmp_path
     assert len(errors) == 1 and "without giving a single frame" in errors[0], err
 
 
+def test_run_with_one_unreadable_file_among_good_ones_processes_the_good_ones_and_exits_1_naming_it(
+    tmp_path: Path, model_weights: str, clips: dict[str, Path]
+) -> None:
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_bytes(b"this is not a video")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"streams:\n  - {{id: good, url: {clips['landscape']}, realtime: false}}\n"
+        f"  - {{id: broken, url: {not_a_video}, reconnect_backoff_s: 0.05}}\n"
+        f"model: {{weights: {model_weights}, imgsz: 160, warmup: false, runtime: torch}}\n"
+        f"kafka: {{bootstrap_servers: {closed_port_address()}, client_process: false}}\n"
+        "http: {host: 127.0.0.1, port: 0}\n",
+        encoding="utf-8",
+    )
+    code, _, err = run_cli(["run", "-c", str(path), "--duration", "60"])
+    assert code == 1, err
+    assert "all sources finished" in err and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if " ERROR pipeline: " in line]
+    assert len(errors) == 1 and "stream(s) broken ended without giving a single frame" in errors[0], err
+    assert "stopped after 12 processed frame(s)" in err, "the good file must still be processed to its end"
+
+
 class FailingPipeline:
     """Starts its HTTP part, then fails the way a missing model does."""
 
