@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -88,6 +90,16 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
         if not hmac.compare_digest(supplied.encode(), f"Bearer {auth_token}".encode()):
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's own answer, except that an error about one item of a list (a duplicate zone id) has that
+        item in its `loc`, as `vap validate` names it, rather than the list."""
+        problems = []
+        for problem in error.errors():
+            below = problem.get("ctx", {}).get("at", ()) if problem.get("type") == "config_item" else ()
+            problems.append({**problem, "loc": [*problem.get("loc", ()), *below]})
+        return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

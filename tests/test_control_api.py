@@ -88,6 +88,10 @@ def test_invalid_stream_body_gets_422_naming_the_field_and_no_token_gets_401(
         assert code == 422
         locations = {tuple(error["loc"]) for error in body["detail"]}
         assert {("body", "id"), ("body", "url"), ("body", "fps")} <= locations
+        zone = {"id": "dock", "polygon": [[0, 0], [1, 0], [1, 1]]}
+        twice = {"id": "gate", "url": str(clips["portrait"]), "analytics": {"zones": [zone, zone]}}
+        code, body = call(port, "POST", "/api/v1/streams", twice)
+        assert code == 422 and [error["loc"] for error in body["detail"]] == [["body", "analytics", "zones", 1, "id"]]
         new_stream = {"id": "x", "url": str(clips["portrait"])}
         assert call(port, "POST", "/api/v1/streams", new_stream, token=None)[0] == 401
         assert call(port, "POST", "/api/v1/streams", new_stream, token="wrong")[0] == 401
