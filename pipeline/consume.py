@@ -28,7 +28,8 @@ class ConsumeOptions:
     connect_timeout_s: float = 10.0
 
 
-_TABLE_HEADER = f"{'captured_at':<24} {'stream':<16} {'frame':>7} {'dets':>4} {'total_ms':>8}  labels"
+_FRAME_HEADER = f"{'captured_at':<24} {'stream':<16} {'frame':>7} {'dets':>4} {'total_ms':>8}  labels"
+_EVENT_HEADER = f"{'occurred_at':<24} {'stream':<16} {'frame':>7} {'event':>5} zone, track, label, detail"
 
 
 def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -91,8 +92,9 @@ def _open_consumer(options: ConsumeOptions) -> Any:
     return None
 
 
-def _render(value: bytes | None, options: ConsumeOptions, labels: set[str]) -> str | None:
-    """The output line for one message, None when the label filter drops it; ValueError for a foreign message."""
+def _render(value: bytes | None, options: ConsumeOptions, labels: set[str]) -> tuple[str | None, str] | None:
+    """The table header the message's line goes under (None for JSON) and the line; None when the label filter
+    drops it; ValueError for a foreign message."""
     try:
         message = orjson.loads(value) if value is not None else None
     except orjson.JSONDecodeError:
@@ -103,8 +105,9 @@ def _render(value: bytes | None, options: ConsumeOptions, labels: set[str]) -> s
         if labels and not labels & _labels_of(message):
             return None
         if options.output_format == "json":
-            return bytes(value or b"").decode("utf-8", "replace")
-        return format_table_row(message)
+            return None, bytes(value or b"").decode("utf-8", "replace")
+        header = _EVENT_HEADER if message.get("schema") == "vap.event.v1" else _FRAME_HEADER
+        return header, format_table_row(message)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ValueError("not a vap.frame.v1 or vap.event.v1 message") from None
 
@@ -122,8 +125,7 @@ def consume(options: ConsumeOptions, out: TextIO) -> int:
     labels = set(options.labels)
     printed = 0
     last_message = time.monotonic()
-    if options.output_format == "table":
-        out.write(_TABLE_HEADER + "\n")
+    header_shown: str | None = None  # again whenever the kind of row changes: frames and events differ
     try:
         while options.max_messages is None or printed < options.max_messages:
             batches = consumer.poll(timeout_ms=200)
@@ -138,13 +140,17 @@ def consume(options: ConsumeOptions, out: TextIO) -> int:
                 if wanted and key not in wanted:
                     continue
                 try:
-                    line = _render(record.value, options, labels)
+                    rendered = _render(record.value, options, labels)
                 except ValueError as error:
                     log.warning("skipped the message at %s[%d] offset %d: %s", record.topic, record.partition,
                                 record.offset, error)
                     continue
-                if line is None:
+                if rendered is None:
                     continue
+                header, line = rendered
+                if header is not None and header != header_shown:
+                    out.write(header + "\n")
+                    header_shown = header
                 out.write(line + "\n")
                 printed += 1
                 if options.max_messages is not None and printed >= options.max_messages:

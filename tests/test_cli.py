@@ -214,17 +214,22 @@ def test_consume_skips_messages_that_are_not_results_and_goes_on(
         admin.close()
     result = {"schema": "vap.frame.v1", "stream_id": "cam-ok", "frame_id": 7, "captured_at": "2026-01-01T00:00:00Z",
               "latency_ms": {"total": 1.5}, "detections": [{"label": "person"}]}
+    event = {"schema": "vap.event.v1", "stream_id": "cam-ok", "frame_id": 8, "occurred_at": "2026-01-01T00:00:01Z",
+             "event": "enter", "zone_kind": "zone", "zone_id": "dock", "track_id": 3, "label": "person"}
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
     try:
-        for value in (b"not json", b"[1, 2]", b'{"schema": "vap.event.v1"}', orjson.dumps(result)):
+        for value in (b"not json", b"[1, 2]", b'{"schema": "vap.event.v1"}', orjson.dumps(result),
+                      orjson.dumps(event)):
             producer.send(topic, key=b"cam", value=value).get(timeout=10)
     finally:
         producer.close()
     out = io.StringIO()
-    options = ConsumeOptions(bootstrap=broker.bootstrap_servers, topic=topic, from_beginning=True, max_messages=1,
+    options = ConsumeOptions(bootstrap=broker.bootstrap_servers, topic=topic, from_beginning=True, max_messages=2,
                              idle_timeout_s=15)
     with caplog.at_level(logging.WARNING, logger="pipeline.consume"):
         assert consume(options, out) == 0
-    assert "cam-ok" in out.getvalue() and "person x1" in out.getvalue()
+    frame_header, frame_row, event_header, event_row = out.getvalue().splitlines()
+    assert frame_header.startswith("captured_at") and "cam-ok" in frame_row and "person x1" in frame_row
+    assert event_header.startswith("occurred_at") and "enter zone dock track 3 person" in event_row
     skipped = [record.getMessage() for record in caplog.records if record.name == "pipeline.consume"]
     assert len(skipped) == 3 and "not JSON" in skipped[0], skipped
