@@ -28,7 +28,7 @@ from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.frames import FrameResult
 from pipeline.health import Heartbeats
 from pipeline.http import HttpServer, NotAcceptingChanges, Probe, StreamExists, UnknownStream, build_app
-from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices
+from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices, worker_for_decoder
 from pipeline.kafka_client import Producer, make_kafka_producer
 from pipeline.kafka_process import KafkaChildUnusable, KafkaProcess
 from pipeline.metrics import PipelineMetrics
@@ -218,7 +218,8 @@ class Pipeline:
             source_factory = self._source_factory(stream)
             self.metrics.add_stream(stream.id)
             self.hub.add_stream(
-                stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream)
+                stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream),
+                worker=worker_for_decoder(stream.decoder, [worker.device for worker in self.workers]),
             )
             try:
                 reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats, source_factory)

@@ -51,14 +51,17 @@ class FrameHub:
             self._workers = max(1, workers)
 
     def add_stream(
-        self, stream_id: str, capacity: int, policy: OverflowPolicy, max_age_s: float | None = None
+        self, stream_id: str, capacity: int, policy: OverflowPolicy, max_age_s: float | None = None,
+        worker: int | None = None,
     ) -> None:
-        """`max_age_s`: a frame older than this when a batch takes it is dropped as stale instead."""
+        """`max_age_s`: a frame older than this when a batch takes it is dropped as stale instead. `worker`: the
+        one that must infer this stream (its frames are decoded on that worker's GPU); else the least loaded."""
         with self._condition:
-            load = [0] * self._workers
-            for buffer in self._buffers.values():
-                load[buffer.worker] += 1
-            worker = load.index(min(load))
+            if worker is None or not 0 <= worker < self._workers:
+                load = [0] * self._workers
+                for buffer in self._buffers.values():
+                    load[buffer.worker] += 1
+                worker = load.index(min(load))
             self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy, max_age_s, worker)
 
     def remove_stream(self, stream_id: str) -> None:

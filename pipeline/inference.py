@@ -76,6 +76,15 @@ def resolve_devices(requested: str | list[str]) -> list[str]:
     return names
 
 
+def worker_for_decoder(decoder: str, worker_devices: list[str]) -> int | None:
+    """The worker on the GPU that decodes a stream, so its frames never cross between devices; None for a stream
+    decoded on the CPU, or on a GPU no worker runs on (its frames are then copied over)."""
+    if decoder == "cpu":
+        return None
+    device = _canonical_device(decoder)
+    return worker_devices.index(device) if device in worker_devices else None
+
+
 def _canonical_device(name: str) -> str:
     """`0` and `cuda` mean `cuda:0`, as in Ultralytics; one spelling keeps metric labels and checks simple."""
     if name.isdigit():

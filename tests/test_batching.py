@@ -6,6 +6,7 @@ import threading
 import time
 
 from pipeline.batching import FrameHub, OverflowPolicy
+from pipeline.inference import worker_for_decoder
 from tests.fakes import make_frame
 
 
@@ -111,6 +112,23 @@ def test_drained_accounts_for_batches_still_in_the_model() -> None:
     assert not hub.drained()
     hub.batch_done(batch)
     assert hub.drained()
+
+
+def test_streams_decoded_on_a_gpu_go_to_that_gpus_worker_whatever_the_load() -> None:
+    devices = ["cuda:0", "cuda:1"]
+    hub = FrameHub(workers=2)
+    stop = threading.Event()
+    for stream_id, decoder in (("a", "cuda:1"), ("b", "cuda:1"), ("c", "cpu"), ("d", "cuda"), ("e", "cuda:2")):
+        hub.add_stream(stream_id, 8, OverflowPolicy.WAIT, worker=worker_for_decoder(decoder, devices))
+        hub.put(make_frame(stream_id, 0), stop)
+    taken = {}
+    for worker in (0, 1):
+        batch = hub.take_batch(max_batch=8, max_wait_s=0.0, max_per_stream=8, worker=worker)
+        assert batch is not None
+        taken[worker] = {frame.stream_id for frame in batch.frames}
+    assert taken[1] >= {"a", "b"} and "d" in taken[0], taken
+    assert taken[0] | taken[1] == {"a", "b", "c", "d", "e"}, "cpu and unknown GPUs go to the least loaded worker"
+    assert worker_for_decoder("cpu", devices) is None and worker_for_decoder("cuda:2", devices) is None
 
 
 def test_with_two_workers_each_stream_belongs_to_one_and_load_is_split() -> None:
