@@ -53,7 +53,7 @@ def main() -> None:
         for pair in range(args.pairs):
             for variant in ("AB" if pair % 2 == 0 else "BA"):
                 config = vap_config(options, str(SHIPPED_WEIGHTS), clips, broker.bootstrap_servers,
-                                    f"ab.{pair}.{variant}", realtime=False)
+                                    f"ab.{pair}.{variant}", realtime=False, device=device)
                 if variant == "B":
                     config = with_overrides(config, args.overrides)
                 measured = run_vap(config, variant, device, timeout_s=600)

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every contender runs the same runtime (default: the fastest installed)")
     bench.add_argument("--decoder", default="cpu",
                        help="where vap decodes the clips: cpu, or cuda[:N] for the GPU's video engine (NVDEC)")
+    bench.add_argument("--codec", default="mpeg4", choices=["mpeg4", "h264"],
+                       help="codec of the generated clips; h264 (what cameras send) needs pip install 'vap[h264]'")
     bench.add_argument("--weights", help="model file (default: the bundled model)")
     bench.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a paced run this long")
     bench.add_argument("--json", type=Path, help="also write the numbers to this file")
@@ -281,16 +283,19 @@ def _schema(_args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import BenchOptions, format_report, report_json, run_bench
+    from pipeline.bench import BenchOptions, format_report, h264_available, report_json, run_bench
 
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         print(f"vap bench: --size must be WIDTHxHEIGHT, got {args.size!r}", file=sys.stderr)
         return EXIT_USAGE
+    if args.codec == "h264" and not h264_available():
+        print("vap bench: --codec h264 needs PyAV with libx264: pip install 'vap[h264]'", file=sys.stderr)
+        return EXIT_USAGE
     options = BenchOptions(
         streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,
-        max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, decoder=args.decoder,
+        max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, decoder=args.decoder, codec=args.codec,
         weights=args.weights, quick=args.quick,
         soak_s=args.soak, json_path=args.json,
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from pipeline.bench import BenchOptions, ReplayDetector, looping, run_vap, vap_config
+from pipeline.bench import BenchOptions, ReplayDetector, _write_bench_clip, h264_available, looping, run_vap, vap_config
 from pipeline.broker import EmbeddedBroker
 from pipeline.frames import Detections, Frame, FrameResult
 from tests.conftest import CLIP_FRAMES, decode, read_topic, unused_topic
@@ -28,16 +29,46 @@ def test_host_ceiling_loops_the_clips_until_the_target_and_publishes_the_replaye
     topic = unused_topic("ceiling")
     target = 3 * options.streams * CLIP_FRAMES
     config = looping(vap_config(options, model_weights, [clips["landscape"]] * 2, broker.bootstrap_servers, topic,
-                                False))
+                                False, "cpu"))
 
     measured = run_vap(config, "ceiling", "cpu", timeout_s=60, detector_factory=lambda _c, _d: replay,
                        until_frames=target)
 
     assert measured.frames >= target, "the clips loop until the target, though each holds far fewer frames"
     assert measured.fps > 0 and measured.latency_p99_ms is not None
+    assert measured.dropped == 0 and "could not be read back" not in measured.notes, measured.notes
     messages = [decode(record) for record in read_topic(broker.bootstrap_servers, topic, measured.frames)]
     assert len(messages) >= measured.frames
     assert max(message["frame_id"] for message in messages) >= CLIP_FRAMES, "frame ids go on past one pass"
     for message in messages:
         expected = samples[message["frame_id"] % 2].detections.boxes_xyxy.tolist()
         assert [[d["bbox"][k] for k in ("x1", "y1", "x2", "y2")] for d in message["detections"]] == expected
+
+
+def test_a_file_run_counts_the_messages_the_broker_acknowledged_and_their_latency_from_capture_to_send(
+        broker: EmbeddedBroker, clips: dict[str, Path], model_weights: str) -> None:
+    options = BenchOptions(streams=2, frames=CLIP_FRAMES, width=320, height=192, imgsz=160, batch=4, device="cpu")
+    replay = ReplayDetector("replay", "detect", "cpu", {0: "box"}, [_sample(0, [[1, 2, 3, 4]])])
+    topic = unused_topic("bench-file")
+    config = vap_config(options, model_weights, [clips["landscape"], clips["portrait"]], broker.bootstrap_servers,
+                        topic, False, "cpu")
+
+    measured = run_vap(config, "files", "cpu", timeout_s=60, detector_factory=lambda _c, _d: replay)
+
+    messages = [decode(record) for record in read_topic(broker.bootstrap_servers, topic, 2 * CLIP_FRAMES)]
+    assert measured.frames == len(messages) == 2 * CLIP_FRAMES and measured.dropped == 0
+    assert measured.latency_p50_ms is not None and measured.latency_p99_ms is not None
+    own = sorted(message["latency_ms"]["total"] for message in messages)
+    assert measured.latency_p50_ms >= own[len(own) // 2] - 1, "send time comes after the message is built"
+
+
+def test_h264_clips_are_written_as_cameras_send_them_and_decode_frame_for_frame(tmp_path: Path) -> None:
+    assert h264_available(), "PyAV with libx264 is a dev dependency"
+    path = _write_bench_clip(tmp_path / "clip.mp4", 160, 96, frames=25, fps=10.0, seed=1, codec="h264")
+    capture = cv2.VideoCapture(str(path))
+    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()
+    decoded = []
+    while (read := capture.read())[0]:
+        decoded.append(read[1])
+    capture.release()
+    assert fourcc in ("avc1", "h264") and len(decoded) == 25 and decoded[0].shape == (96, 160, 3)
