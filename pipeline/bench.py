@@ -29,6 +29,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
 from pipeline.broker import EmbeddedBroker
@@ -420,6 +421,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
                 time.sleep(0.005 if until_frames else 0.02)
             elapsed = time.perf_counter() - started
             measured_frames = delivered()
+            dropped = _dropped_while_running(pipeline.registry)
             pipeline.stop()
             peak_mb = peak()
     finally:
@@ -429,8 +431,6 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     batches = registry.get_sample_value("vap_batch_size_count", {"device": device}) or 0.0
     frames_in_batches = registry.get_sample_value("vap_batch_size_sum", {"device": device}) or 0.0
     batch_seconds = registry.get_sample_value("vap_inference_seconds_sum", {"device": device}) or 0.0
-    dropped = int(sum(sample.value for metric in registry.collect() if metric.name == "vap_frames_dropped"
-                      for sample in metric.samples if sample.name == "vap_frames_dropped_total"))
     notes = (f"{len(latencies)} messages read back; mean batch {frames_in_batches / max(batches, 1):.1f} frames, "
              f"{1000 * batch_seconds / max(batches, 1):.1f} ms from submit to results; {dropped} frame(s) dropped")
     if len(latencies) < delivered():
@@ -438,6 +438,14 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
                        gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped)
+
+
+def _dropped_while_running(registry: CollectorRegistry) -> int:
+    """Frames a stop leaves behind (reason `shutdown`) are not the run's losses: a looping run stops on purpose
+    with frames still queued."""
+    return int(sum(sample.value for metric in registry.collect() if metric.name == "vap_frames_dropped"
+                   for sample in metric.samples
+                   if sample.name == "vap_frames_dropped_total" and sample.labels.get("reason") != "shutdown"))
 
 
 def published_latencies(bootstrap: str, topic: str, expected: int) -> list[float]:
