@@ -399,13 +399,15 @@ class Pipeline:
         }
         publisher = self.publisher
         spool_limit = self.config.kafka.spool.max_messages
-        kafka_ok = publisher is not None and (publisher.connected or publisher.backlog() < spool_limit)
+        overflowing = publisher is not None and publisher.overflowing()
+        kafka_ok = publisher is not None and not overflowing
         ready = self._ready.is_set() and kafka_ok
         body = {
             "ready": ready,
             "model_warm": self._ready.is_set(),
             "kafka": None if publisher is None else {
-                "connected": publisher.connected, "backlog": publisher.backlog(), "spool_limit": spool_limit
+                "connected": publisher.connected, "backlog": publisher.backlog(), "spool_limit": spool_limit,
+                "dropping": overflowing,
             },
             "streams": streams,
         }

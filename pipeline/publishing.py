@@ -59,6 +59,8 @@ _RESTORED_CHECK_S = 0.5
 _EVENTS_FIRST_BACKOFF_S = 1.0
 _EVENTS_MAX_BACKOFF_S = 30.0
 _MISSING_TOPIC_RECHECK_S = 30.0
+_SILENT_AFTER_S = 5.0  # no outcome for this long with messages in flight: the broker is not there
+_OVERFLOW_MEMORY_S = 5.0  # how long a spool overflow keeps vap unready
 
 
 class _RepeatedErrorLog:
@@ -193,7 +195,26 @@ class KafkaPublisher:
         self._loop_errors = _RepeatedErrorLog()
         self._events_errors = _RepeatedErrorLog()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self.connected = False
+        self._connected = False
+        self._overflowed_at: float | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker acknowledges messages: the last delivery succeeded and the broker has not gone
+        silent since. A broker that died answers nothing, and kafka-python fails the messages it holds only
+        after its request timeout (about half a minute), so silence is the first sign."""
+        with self._condition:
+            return self._connected and self._stuck_for(time.monotonic()) < _SILENT_AFTER_S
+
+    def overflowing(self) -> bool:
+        """Whether messages are being lost to the spool's bounds: it dropped one lately, or the broker is away
+        and the backlog has reached the bound. With the broker there, a backlog over the bound is only messages
+        in flight, which do not count against it."""
+        with self._condition:
+            at = self._overflowed_at
+        if at is not None and time.monotonic() - at < _OVERFLOW_MEMORY_S:
+            return True
+        return not self.connected and self.backlog() >= self._config.spool.max_messages
 
     @property
     def thread_name(self) -> str:
@@ -359,7 +380,8 @@ class KafkaPublisher:
             results = list(self._inbox)
             self._inbox.clear()
             retry, self._failed_deliveries = self._failed_deliveries, []
-            dropped = self._spool.put_back(retry)
+            overflowed = self._spool.put_back(retry)
+        dropped = 0
         for result in results:
             try:
                 outgoing = self._build(result)
@@ -373,11 +395,13 @@ class KafkaPublisher:
                                        outgoing.size, _describe(result), max_bytes)
                 continue
             with self._condition:
-                dropped += self._spool.append(outgoing)
+                overflowed += self._spool.append(outgoing)
         with self._condition:
             held, held_bytes = (len(self._in_flight), self._in_flight_bytes) if self._failing else (0, 0)
-            dropped += self._spool.trim_to(self._config.spool.max_messages - held, max_bytes - held_bytes)
-        self._count_dropped(dropped)
+            overflowed += self._spool.trim_to(self._config.spool.max_messages - held, max_bytes - held_bytes)
+            if overflowed:
+                self._overflowed_at = time.monotonic()
+        self._count_dropped(dropped + overflowed)
         self._metrics.queue_depth.labels(stage="kafka_spool").set(len(self._spool))
 
     def _build(self, result: FrameResult | ZoneEvent) -> OutgoingMessage:
@@ -463,7 +487,7 @@ class KafkaPublisher:
             else:
                 self._consecutive_failures = 0
                 self._failing = False
-                self.connected = True
+                self._connected = True
             if self._finished:
                 self._condition.notify_all()
         self._metrics.kafka_outcomes["sent"].inc()
@@ -502,7 +526,7 @@ class KafkaPublisher:
                         self._consecutive_failures += 1
                         self._draining = True
                     self._failing = True
-                    self.connected = False
+                    self._connected = False
             self._condition.notify_all()
         self._metrics.kafka_outcomes["failed"].inc()
         if give_up:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.conftest import (
     stop_with_sigterm,
     unused_topic,
     vap_process,
+    wait_for,
 )
 
 DESIGN_METRICS = [
@@ -212,3 +214,36 @@ def test_when_the_kafka_client_process_cannot_start_here_results_go_out_through_
     run_to_completion(config)
     records = read_topic(broker.bootstrap_servers, topic, expected=CLIP_FRAMES)
     assert sorted(decode(record)["frame_id"] for record in records) == list(range(CLIP_FRAMES))
+
+
+def test_readiness_turns_503_as_soon_as_results_are_dropped_after_the_broker_dies(
+    clips: dict[str, Path], make_config: ConfigFactory
+) -> None:
+    with EmbeddedBroker() as broker:
+        config = make_config([{"id": "cam-a", "url": str(clips["landscape"]), "loop": True}],
+                             broker.bootstrap_servers, unused_topic("ready"), kafka={"spool": {"max_messages": 5}})
+        pipeline = Pipeline(config)
+        pipeline.start()
+        try:
+            assert pipeline.http is not None
+            port = pipeline.http.port
+            wait_for(lambda: (metric_value(scrape(port), "vap_kafka_messages_total", result="sent") or 0) > 0, 30,
+                     "no message was acknowledged")
+            assert readyz(port)[0] == 200
+            broker.stop()
+            wait_for(lambda: (metric_value(scrape(port), "vap_kafka_messages_total", result="dropped") or 0) > 0,
+                     30, "no message was dropped with the broker gone and a spool of 5")
+            status, body = readyz(port)
+            assert status == 503 and body["kafka"]["dropping"] is True, body
+            wait_for(lambda: readyz(port)[1]["kafka"]["connected"] is False, 10,
+                     "the broker was still reported connected long after it died")
+        finally:
+            pipeline.stop()
+
+
+def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
