@@ -172,6 +172,7 @@ def run_pipeline(
 ) -> int:
     """Run until a signal, the duration, the frame bound, or the end of every file source."""
     from pipeline.app import Pipeline
+    from pipeline.config import ModelMismatch
     from pipeline.reload import ConfigReloader
 
     pipeline = Pipeline(config)
@@ -189,6 +190,9 @@ def run_pipeline(
     try:
         try:
             pipeline.start(max_frames=max_frames)
+        except ModelMismatch as error:
+            print(f"invalid config {path}: {error}", file=sys.stderr)
+            return EXIT_USAGE
         except Exception as error:
             log.error("cannot start: %s", error)
             log.debug("start failure", exc_info=True)

@@ -52,6 +52,11 @@ class ConfigError(Exception):
         return [f"{path}: {message}" if path else message for path, message in self.problems]
 
 
+class ModelMismatch(ValueError):
+    """A config value the loaded model contradicts, such as a class it does not have: found only once the
+    model is loaded, yet a mistake in the config like any other, so `vap run` exits 2 for it too."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

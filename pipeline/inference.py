@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.batching import FrameHub
-from pipeline.config import BatchingConfig, ModelConfig
+from pipeline.config import BatchingConfig, ModelConfig, ModelMismatch
 from pipeline.cudagraphs import GraphedForward, batch_buckets
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult, host_image
 from pipeline.health import Heartbeats
@@ -124,7 +124,7 @@ def class_ids_for(entries: list[int | str] | None, labels: dict[int, str], key_p
         if class_id is None or class_id not in labels:
             shown = ", ".join(f"{known_id} {label}" for known_id, label in list(labels.items())[:_CLASSES_SHOWN])
             more = f" and {len(labels) - _CLASSES_SHOWN} more" if len(labels) > _CLASSES_SHOWN else ""
-            raise ValueError(f"{key_path}: {entry!r} is not a class of the model; its classes are {shown}{more}")
+            raise ModelMismatch(f"{key_path}: {entry!r} is not a class of the model; its classes are {shown}{more}")
         ids.append(class_id)
     return ids
 
@@ -175,6 +175,9 @@ class UltralyticsDetector:
                 "(a model name like yolo11n.pt downloads only where the internet is reachable)"
             ) from error
         self.task = str(original.task)
+        if self.task == "obb":
+            raise ModelMismatch(f"model.weights: {config.weights!r} is an oriented-box (obb) model, which vap does not "
+                               "support yet; use a detect, segment, classify or pose model")
         self.labels: dict[int, str] = {int(k): str(v) for k, v in original.names.items()}
         self._class_filter = class_ids_for(config.classes, self.labels, "model.classes")
         export_dir = config.export_dir or default_export_dir()

@@ -98,6 +98,27 @@ def test_run_with_one_unreadable_file_among_good_ones_processes_the_good_ones_an
     assert "stopped after 12 processed frame(s)" in err, "the good file must still be processed to its end"
 
 
+@pytest.mark.parametrize(("setting", "key_path"), [
+    ("model.classes=[giraffe]", "model.classes"),
+    ('streams.0.analytics={zones: [{id: z, polygon: [[0, 0], [100, 0], [100, 100]], classes: [giraffe]}]}',
+     "stream a: analytics.zones[0].classes"),
+], ids=["model-classes", "zone-classes"])
+def test_run_with_a_class_the_model_does_not_have_exits_2_naming_the_key(
+        tmp_path: Path, model_weights: str, clips: dict[str, Path], setting: str, key_path: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"streams:\n  - {{id: a, url: {clips['landscape']}}}\n"
+        f"model: {{weights: {model_weights}, imgsz: 160, warmup: false, runtime: torch}}\n"
+        f"kafka: {{bootstrap_servers: {closed_port_address()}, client_process: false}}\n"
+        "http: {host: 127.0.0.1, port: 0}\n",
+        encoding="utf-8",
+    )
+    code, _, err = run_cli(["run", "-c", str(path), "--set", setting, "--duration", "30"])
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert f"invalid config {path}: {key_path}: 'giraffe' is not a class of the model" in err, err
+
+
 class FailingPipeline:
     """Starts its HTTP part, then fails the way a missing model does."""
 

@@ -86,3 +86,41 @@ def test_detections_with_nan_or_inf_are_left_out_so_the_message_stays_valid() ->
     message = json.loads(encode(build_message(result, "m", datetime.now(timezone.utc), 1.0)))
     jsonschema.validate(message, load_schema())
     assert [d["class_id"] for d in message["detections"]] == [0]
+
+
+def test_the_schema_takes_real_messages_of_each_task_and_refuses_mixed_or_malformed_ones() -> None:
+    from datetime import datetime, timezone
+
+    import jsonschema
+    import numpy as np
+    import pytest
+
+    from pipeline.frames import Classification, Detections, FrameResult
+
+    def message(task: str, polygons: tuple[Any, ...] = ()) -> dict[str, Any]:
+        detections = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.5], np.float32),
+                                np.array([0], np.int64), polygons)
+        result = FrameResult(frame=make_frame("cam", 0), task=task, detections=detections, labels={0: "a"},
+                             classes=(Classification(0, "a", 0.9),))
+        built: dict[str, Any] = json.loads(encode(build_message(result, "m", datetime.now(timezone.utc), 1.0)))
+        return built
+
+    schema = load_schema()
+    segment = message("segment", (np.array([[1, 2], [3, 2], [3, 4]], np.float32),))
+    detect, classify = message("detect"), message("classify")
+    for valid in (segment, detect, classify, message("segment", (np.zeros((0, 2), np.float32),))):
+        jsonschema.validate(valid, schema)
+    assert "classes" in classify and "detections" not in classify
+
+    invalid = [
+        {**classify, "detections": []},
+        {key: value for key, value in classify.items() if key != "classes"},
+        {**detect, "classes": classify["classes"]},
+        {key: value for key, value in detect.items() if key != "detections"},
+        {**detect, "detections": segment["detections"]},
+        {**detect, "captured_at": "2026-11-25T03:21:00+01:00"},
+        {**detect, "published_at": "2026-11-25 03:21:00.123"},
+    ]
+    for broken in invalid:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
