@@ -241,6 +241,15 @@ class StreamConfig(_Section):
         return url
 
     @model_validator(mode="after")
+    def _backoff_grows(self) -> StreamConfig:
+        """A first wait above the longest would make every wait the longest: a typo, not a choice."""
+        if self.reconnect_backoff_s > self.reconnect_backoff_max_s:
+            raise _error_at(("reconnect_backoff_max_s",),
+                            f"is {self.reconnect_backoff_max_s}, below reconnect_backoff_s "
+                            f"({self.reconnect_backoff_s}); the longest wait cannot be shorter than the first")
+        return self
+
+    @model_validator(mode="after")
     def _gpu_decoding_reads_files(self) -> StreamConfig:
         if self.decoder != "cpu" and self.kind != "file":
             raise ValueError(f"decoder {self.decoder} reads files only; decode {self.kind} streams with cpu")

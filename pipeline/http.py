@@ -8,6 +8,7 @@ model loads) and once it has begun to stop, they answer 503.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import logging
@@ -161,7 +162,12 @@ class HttpServer:
             self._socket.bind((host, port))
         except OSError as error:
             self._socket.close()
-            raise RuntimeError(f"cannot listen on {host}:{port} (http.port): {error.strerror}") from None
+            key = "http.port"
+            if isinstance(error, socket.gaierror):
+                key = "http.host: not a host name this machine can resolve"
+            elif error.errno == errno.EADDRNOTAVAIL:
+                key = "http.host: no interface of this machine has that address"
+            raise RuntimeError(f"cannot listen on {host}:{port} ({key}): {error.strerror}") from None
         self.port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)

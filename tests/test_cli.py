@@ -57,6 +57,13 @@ def test_run_that_cannot_listen_exits_1_with_one_error_line_and_no_traceback(tmp
     assert len(errors) == 1 and f"cannot listen on 127.0.0.1:{taken_port}" in errors[0], err
 
 
+def test_run_on_an_address_this_machine_does_not_have_names_http_host(tmp_path: Path) -> None:
+    code, _, err = run_cli(["run", "-c", str(config_file(tmp_path)), "--set", "http.host=192.0.2.1"])
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot listen on 192.0.2.1:9108 (http.host: no interface" in errors[0], err
+
+
 def test_run_whose_only_file_cannot_be_read_exits_1_with_one_error_line(tmp_path: Path, model_weights: str) -> None:
     not_a_video = tmp_path / "notes.mp4"
     not_a_video.write_bytes(b"this is not a video")

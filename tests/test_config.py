@@ -77,6 +77,8 @@ BAD_CONFIGS = [
                  "streams[0].analytics.zones[0].polygon[2]", "far outside the frame", id="normalized-zone-off-frame"),
     pytest.param(NORMALIZED + "      lines:\n        - {id: l, start: [0.5, 1], end: [640, 0]}\n",
                  "streams[0].analytics.lines[0].end", "fractions from 0 to 1", id="normalized-line-in-pixels"),
+    pytest.param("streams:\n  - {id: a, url: CLIP, reconnect_backoff_s: 30, reconnect_backoff_max_s: 5}\n",
+                 "streams[0].reconnect_backoff_max_s", "below reconnect_backoff_s (30.0)", id="backoff-max-below"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {device: []}\n", "model.device", "empty list",
                  id="no-devices"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {device: [cpu, auto]}\n", "model.device[1]",
