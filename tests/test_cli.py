@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,8 +247,8 @@ def test_consume_skips_messages_that_are_not_results_and_goes_on(
              "event": "enter", "zone_kind": "zone", "zone_id": "dock", "track_id": 3, "label": "person"}
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
     try:
-        for value in (b"not json", b"[1, 2]", b'{"schema": "vap.event.v1"}', orjson.dumps(result),
-                      orjson.dumps(event)):
+        for value in (b"not json", b"[1, 2]", b'{"schema": "vap.event.v1"}', b'{"schema": "shop.order.v2"}',
+                      b'{"detections": []}', orjson.dumps(result), orjson.dumps(event)):
             producer.send(topic, key=b"cam", value=value).get(timeout=10)
     finally:
         producer.close()
@@ -260,4 +261,50 @@ def test_consume_skips_messages_that_are_not_results_and_goes_on(
     assert frame_header.startswith("captured_at") and "cam-ok" in frame_row and "person x1" in frame_row
     assert event_header.startswith("occurred_at") and "enter zone dock track 3 person" in event_row
     skipped = [record.getMessage() for record in caplog.records if record.name == "pipeline.consume"]
-    assert len(skipped) == 3 and "not JSON" in skipped[0], skipped
+    assert len(skipped) == 5 and "not JSON" in skipped[0] and "'shop.order.v2'" in skipped[3], skipped
+
+    as_json = io.StringIO()
+    assert consume(ConsumeOptions(bootstrap=broker.bootstrap_servers, topic=topic, from_beginning=True,
+                                  output_format="json", idle_timeout_s=3), as_json) == 0
+    printed = [orjson.loads(line)["schema"] for line in as_json.getvalue().splitlines()]
+    assert printed == ["vap.event.v1", "vap.frame.v1", "vap.event.v1"], "JSON passes vap's messages through as is"
+
+
+def test_consume_with_a_bootstrap_that_is_no_address_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert consume(ConsumeOptions(bootstrap="broker:kafka", topic="vap.frames", connect_timeout_s=1.0),
+                   io.StringIO()) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "--bootstrap broker:kafka is not HOST:PORT" in errors[0], errors
+
+
+def test_consume_says_once_that_the_broker_is_lost_and_once_that_it_is_back(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with EmbeddedBroker() as broker:
+        topic = unused_topic("consume-lost")
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        result = {"schema": "vap.frame.v1", "stream_id": "cam", "frame_id": 0, "latency_ms": {"total": 1.0},
+                  "detections": []}
+        producer.send(topic, key=b"cam", value=orjson.dumps(result)).get(timeout=10)
+        producer.close()
+        out = io.StringIO()
+
+        def restart_the_broker_once_a_message_is_printed() -> None:
+            deadline = time.monotonic() + 30
+            while "cam" not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            broker.stop()
+            time.sleep(3)
+            broker.start()
+
+        restarter = threading.Thread(target=restart_the_broker_once_a_message_is_printed)
+        restarter.start()
+        options = ConsumeOptions(bootstrap=broker.bootstrap_servers, topic=topic, from_beginning=True,
+                                 idle_timeout_s=12)
+        assert consume(options, out) == 0
+        restarter.join()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"vap consume: lost the broker at {broker.bootstrap_servers} ("), lines
+    assert lines[1] == f"vap consume: the broker at {broker.bootstrap_servers} answers again", lines
+    assert not [record for record in caplog.records if record.name.startswith("kafka")]
