@@ -15,13 +15,16 @@ Example, a live per-label counter::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
 
 
 class _Message(BaseModel):
@@ -74,7 +77,7 @@ class FrameMessage(_Message):
     """One `vap.frame.v1` message. `gap` is filled by the reader: frames of this stream never published
     between the previous message and this one (0 for the first message seen of a stream)."""
 
-    schema_id: str = Field(alias="schema")
+    schema_id: Literal["vap.frame.v1"] = Field(alias="schema")
     stream_id: str
     frame_id: int
     pts_ms: float | None
@@ -107,7 +110,11 @@ def parse_message(value: bytes) -> FrameMessage:
 
 
 class ResultReader:
-    """Iterates parsed messages from the result topic; stops after `idle_timeout_s` without one, if set."""
+    """Iterates parsed messages from the result topic; stops after `idle_timeout_s` without one, if set.
+
+    A record that is not a `vap.frame.v1` message (another producer on the topic, a zone event) is skipped
+    with a warning and counted in `skipped`: one stray record must not end a dashboard's loop.
+    """
 
     def __init__(
         self,
@@ -130,10 +137,18 @@ class ResultReader:
             **consumer_settings,
         )
         self._gaps = GapTracker()
+        self.skipped = 0
 
     def __iter__(self) -> Iterator[FrameMessage]:
         for record in self._consumer:
-            message = parse_message(record.value)
+            try:
+                message = parse_message(record.value)
+            except (orjson.JSONDecodeError, ValidationError, TypeError) as error:
+                self.skipped += 1
+                reason = "not JSON" if isinstance(error, orjson.JSONDecodeError) else "not a vap.frame.v1 message"
+                log.warning("skipped the record at %s[%d] offset %d: %s", record.topic, record.partition,
+                            record.offset, reason)
+                continue
             gap = self._gaps.observe(message.stream_id, message.frame_id)
             yield message.model_copy(update={"gap": gap}) if gap else message
 

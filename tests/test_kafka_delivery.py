@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.app import Pipeline
 from pipeline.broker import EmbeddedBroker, free_port
@@ -154,8 +154,15 @@ def test_result_reader_yields_typed_messages_and_reports_frames_dropped_by_the_f
     config = make_config([{"id": "capped", "url": str(clips["landscape"]), "realtime": False, "fps": 5}],
                          broker.bootstrap_servers, topic)
     pipeline = run_to_completion(config)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        for stray in (b"not json", b'{"schema": "vap.event.v1", "event": "enter"}', None):
+            producer.send(topic, key=b"capped", value=stray).get(timeout=10)
+    finally:
+        producer.close()
     with ResultReader(broker.bootstrap_servers, topic=topic, from_beginning=True, idle_timeout_s=3) as reader:
         messages = list(reader)
+    assert reader.skipped == 3, "stray records are skipped and counted, and the reader goes on"
     assert [m.frame_id for m in messages] == list(range(0, 12, 2))
     assert [m.gap for m in messages] == [0] + [1] * 5
     assert all(m.image.width == 320 and m.schema_id == "vap.frame.v1" for m in messages)
