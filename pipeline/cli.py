@@ -149,9 +149,24 @@ def _load(args: argparse.Namespace) -> PipelineConfig | None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    if _load(args) is None:
+    config = _load(args)
+    if config is None:
         return EXIT_USAGE
-    print(f"{args.config}: valid")
+    from pipeline.inference import model_mismatches
+
+    try:
+        problems = model_mismatches(config)
+    except Exception as error:
+        print(f"invalid config {args.config}: model.weights: cannot load {config.model.weights!r} ({error})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for problem in problems or []:
+        print(f"invalid config {args.config}: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    unchecked = "" if problems is not None else (
+        f" (class names not checked: model.weights {config.model.weights!r} is not a file on this machine)")
+    print(f"{args.config}: valid{unchecked}")
     return EXIT_OK
 
 

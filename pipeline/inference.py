@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.batching import FrameHub
-from pipeline.config import BatchingConfig, ModelConfig, ModelMismatch
+from pipeline.config import BatchingConfig, ModelConfig, ModelMismatch, PipelineConfig
 from pipeline.cudagraphs import GraphedForward, batch_buckets
 from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult, host_image
 from pipeline.health import Heartbeats
@@ -129,6 +129,41 @@ def class_ids_for(entries: list[int | str] | None, labels: dict[int, str], key_p
     return ids
 
 
+def reject_unsupported_task(task: str, weights: str) -> None:
+    if task == "obb":
+        raise ModelMismatch(f"model.weights: {weights!r} is an oriented-box (obb) model, which vap does not "
+                            "support yet; use a detect, segment, classify or pose model")
+
+
+def model_mismatches(config: PipelineConfig) -> list[str] | None:
+    """What the model contradicts in a config (a class it does not have, a task vap cannot run), so that
+    `vap validate` finds it before a run at a camera site does. None when the weights are not on this
+    machine: a bare model name would start a download, which `validate` must not do."""
+    weights = config.model.weights
+    if not (Path(weights).exists() or weights.endswith((".yaml", ".yml"))):
+        return None
+    from ultralytics import YOLO
+
+    model = YOLO(weights, task=None if config.model.task == "auto" else config.model.task)
+    labels = {int(k): str(v) for k, v in model.names.items()}
+    checks: list[tuple[list[int | str] | None, str]] = [(config.model.classes, "model.classes")]
+    for stream_index, stream in enumerate(config.streams):
+        analytics = f"streams[{stream_index}].analytics"
+        checks += [(zone.classes, f"{analytics}.zones[{i}].classes") for i, zone in enumerate(stream.analytics.zones)]
+        checks += [(line.classes, f"{analytics}.lines[{i}].classes") for i, line in enumerate(stream.analytics.lines)]
+    problems = []
+    try:
+        reject_unsupported_task(str(model.task), weights)
+    except ModelMismatch as error:
+        problems.append(str(error))
+    for entries, key_path in checks:
+        try:
+            class_ids_for(entries, labels, key_path)
+        except ModelMismatch as error:
+            problems.append(str(error))
+    return problems
+
+
 @dataclass(frozen=True)
 class _ExportedModel:
     """What the direct path reads from Ultralytics' backend, for a model that runs without one."""
@@ -175,9 +210,7 @@ class UltralyticsDetector:
                 "(a model name like yolo11n.pt downloads only where the internet is reachable)"
             ) from error
         self.task = str(original.task)
-        if self.task == "obb":
-            raise ModelMismatch(f"model.weights: {config.weights!r} is an oriented-box (obb) model, which vap does not "
-                               "support yet; use a detect, segment, classify or pose model")
+        reject_unsupported_task(self.task, config.weights)
         self.labels: dict[int, str] = {int(k): str(v) for k, v in original.names.items()}
         self._class_filter = class_ids_for(config.classes, self.labels, "model.classes")
         export_dir = config.export_dir or default_export_dir()

@@ -168,9 +168,37 @@ def test_valid_config_exits_0(tmp_path: Path, clip: Path, capsys: pytest.Capture
 def test_shipped_example_site_config_is_valid_once_its_weights_exist(tmp_path: Path) -> None:
     example = str(REPO / "configs" / "site-example.yaml")
     assert main(["validate", "-c", example]) == 2
-    weights = tmp_path / "site-model.pt"
-    weights.write_bytes(b"placeholder")
-    assert main(["validate", "-c", example, "--set", f"model.weights={weights}"]) == 0
+    untrained = ["--set", "model.weights=yolo11n-seg.yaml", "--set", "model.classes=null"]
+    assert main(["validate", "-c", example, *untrained]) == 0, "an untrained model has no class names to match"
+
+
+def test_validate_checks_class_names_against_the_model_and_reports_every_mismatch(
+    tmp_path: Path, clip: Path, model_weights: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, (
+        f"streams:\n  - {{id: a, url: {clip}}}\n  - id: b\n    url: {clip}\n    analytics:\n"
+        "      zones:\n        - {id: z, polygon: [[0, 0], [9, 0], [9, 9]]}\n"
+        "        - {id: y, polygon: [[0, 0], [9, 0], [9, 9]], classes: [giraffe]}\n"
+        "      lines:\n        - {id: l, start: [0, 0], end: [9, 9], classes: [0, 9999]}\n"
+        f"model: {{weights: {model_weights}, classes: [giraffe]}}\n"
+    ))
+    assert main(["validate", "-c", str(path)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert [error.split(": ")[1] for error in errors] == [
+        "model.classes", "streams[1].analytics.zones[1].classes", "streams[1].analytics.lines[0].classes"], errors
+    assert "'giraffe' is not a class of the model" in errors[0] and "9999 is not a class" in errors[2], errors
+
+
+def test_validate_says_when_it_could_not_check_class_names(
+    tmp_path: Path, clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, f"streams:\n  - {{id: a, url: {clip}}}\nmodel: {{weights: no-such-model.pt}}\n")
+    assert main(["validate", "-c", str(path)]) == 0
+    assert "class names not checked: model.weights 'no-such-model.pt' is not a file" in capsys.readouterr().out
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    assert main(["validate", "-c", str(path), "--set", f"model.weights={broken}"]) == 2
+    assert f"model.weights: cannot load '{broken}'" in capsys.readouterr().err
 
 
 def test_defaults_match_the_design_contract(clip: Path) -> None:
