@@ -106,6 +106,7 @@ class Pipeline:
         self._processed_lock = threading.Lock()
         self._processed = 0
         self._max_frames: int | None = None
+        self._results_abandoned = False
         self.detector: Detector | None = None
         self.publisher: KafkaPublisher | None = None
         self.workers: list[InferenceWorker] = []
@@ -298,6 +299,8 @@ class Pipeline:
 
     def _deliver(self, result: FrameResult) -> None:
         assert self.publisher is not None
+        if self._results_abandoned:
+            return  # counted as dropped when the stop gave up on its worker
         frame = result.frame
         incarnation = self._incarnations.get(frame.stream_id)
         if incarnation is not None and frame.captured_monotonic < incarnation.added_monotonic:
@@ -370,6 +373,14 @@ class Pipeline:
             worker.stop()
         for worker in self.workers:
             worker.join(max(0.1, deadline + self._timeouts.drain_s - time.monotonic()))
+        stuck = [worker.thread_name for worker in self.workers if worker.is_alive()]
+        if stuck:
+            self._results_abandoned = True
+            lost = self.hub.abandon_in_flight()
+            for frame in lost:
+                (frame.series or self.metrics.stream(frame.stream_id)).dropped["shutdown"].inc()
+            log.warning("%s did not finish in time; the %d frame(s) in its batches are counted as dropped "
+                        "(shutdown)", ", ".join(stuck), len(lost))
         if self.publisher is not None:
             self.publisher.stop(self._timeouts.kafka_flush_s)
             self.publisher.join(self._timeouts.kafka_flush_s + 3)

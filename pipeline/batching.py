@@ -43,7 +43,7 @@ class FrameHub:
         self._condition = threading.Condition()
         self._buffers: dict[str, _StreamBuffer] = {}
         self._next_stream: dict[int, int] = {}  # per worker: a shared turn would fix each worker's first stream
-        self._in_flight = 0
+        self._in_flight: dict[int, Batch] = {}  # by id: a batch holds arrays, so it cannot be a dict key
 
     def set_workers(self, workers: int) -> None:
         """Set before streams are added; streams already added keep their worker."""
@@ -106,12 +106,21 @@ class FrameHub:
     def drained(self) -> bool:
         """No frame waits in a buffer and every taken batch was reported done."""
         with self._condition:
-            return self._in_flight == 0 and not self._any_frame()
+            return not self._in_flight and not self._any_frame()
 
     def in_flight(self) -> int:
         """Frames taken in batches not yet reported done."""
         with self._condition:
-            return self._in_flight
+            return sum(len(batch.frames) for batch in self._in_flight.values())
+
+    def abandon_in_flight(self) -> list[Frame]:
+        """The frames of every batch not yet reported done, for a stop that gave up waiting on a stuck worker:
+        the caller counts them, and a late `batch_done` for one of those batches changes nothing."""
+        with self._condition:
+            frames = [frame for batch in self._in_flight.values() for frame in batch.frames]
+            self._in_flight.clear()
+            self._condition.notify_all()
+            return frames
 
     def discard_waiting(self) -> list[Frame]:
         """Empties every buffer, for a stop whose drain deadline passed: the caller counts what it gets."""
@@ -124,7 +133,7 @@ class FrameHub:
 
     def batch_done(self, batch: Batch) -> None:
         with self._condition:
-            self._in_flight -= len(batch.frames)
+            self._in_flight.pop(id(batch), None)
 
     def take_batch(
         self, max_batch: int, max_wait_s: float, max_per_stream: int, poll_s: float = 0.1, worker: int = 0
@@ -156,11 +165,12 @@ class FrameHub:
                     break
                 self._condition.wait(timeout=remaining)
             self._next_stream[worker] = self._next_stream.get(worker, 0) + 1
-            self._in_flight += len(taken)
             self._condition.notify_all()
-        if not taken:
-            return None
-        return Batch(frames=tuple(taken), formed_monotonic=time.monotonic())
+            if not taken:
+                return None
+            batch = Batch(frames=tuple(taken), formed_monotonic=time.monotonic())
+            self._in_flight[id(batch)] = batch
+        return batch
 
     def _any_frame(self, worker: int | None = None) -> bool:
         return any(buffer.frames for buffer in self._buffers.values() if worker is None or buffer.worker == worker)

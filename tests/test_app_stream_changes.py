@@ -263,3 +263,34 @@ def test_frames_a_stop_leaves_behind_are_counted_as_dropped_so_read_equals_proce
     assert processed == in_flight > 0, "the batches the model already had finish within the stop"
     assert shutdown == 5, "4 frames waiting in the buffer and 1 refused to the blocked reader"
     assert read == processed + dropped
+
+
+def test_frames_a_stuck_model_holds_at_stop_are_counted_as_dropped_and_not_published_late(
+    pipelines: list[Pipeline], tmp_path: Path
+) -> None:
+    """The model never returns its batch within the stop: its frames must still be counted, once."""
+    release = threading.Event()
+    detector = InstantDetector(release)
+    producers: list[FakeProducer] = []
+    config = config_with([{"id": "file", "url": str(write_moving_box_clip(tmp_path / "long.mp4", 96, 64, frames=60)),
+                           "realtime": False}])
+    pipeline = Pipeline(config, detector_factory=lambda _config, _device: detector,
+                        producer_factory=fake_kafka(producers), timeouts=StopTimeouts(drain_s=0.5, kafka_flush_s=1.0))
+    pipelines.append(pipeline)
+    pipeline.start()
+    try:
+        wait_for(lambda: detector.holding.is_set() and pipeline.hub.depth() == 4, 10, "the buffer never filled")
+        held = pipeline.hub.in_flight()
+        pipeline.stop()
+        assert any(worker.is_alive() for worker in pipeline.workers), "the model was to hold its batch past the stop"
+    finally:
+        release.set()
+    wait_for(lambda: not any(worker.is_alive() for worker in pipeline.workers), 10, "the worker never ended")
+    read, processed = sample(pipeline, READ, stream="file"), sample(pipeline, PROCESSED, stream="file")
+    shutdown = sample(pipeline, "vap_frames_dropped_total", stream="file", reason="shutdown")
+    dropped = sum(sample(pipeline, "vap_frames_dropped_total", stream="file", reason=reason)
+                  for reason in DROP_REASONS)
+    assert processed == 0 and held > 0
+    assert shutdown == held + 5, "the held batch, 4 frames waiting in the buffer and 1 refused to the reader"
+    assert read == processed + dropped
+    assert not any(key == b"file" for producer in producers for key, _value in producer.sent)
