@@ -129,10 +129,15 @@ def class_ids_for(entries: list[int | str] | None, labels: dict[int, str], key_p
     return ids
 
 
-def reject_unsupported_task(task: str, weights: str) -> None:
-    if task == "obb":
-        raise ModelMismatch(f"model.weights: {weights!r} is an oriented-box (obb) model, which vap does not "
-                            "support yet; use a detect, segment, classify or pose model")
+def unsupported_task(task: str, weights: str) -> str | None:
+    if task != "obb":
+        return None
+    return (f"model.weights: {weights!r} is an oriented-box (obb) model, which vap does not support yet; use a "
+            "detect, segment, classify or pose model")
+
+
+def model_labels(model: Any) -> dict[int, str]:
+    return {int(k): str(v) for k, v in model.names.items()}
 
 
 def model_mismatches(config: PipelineConfig) -> list[str] | None:
@@ -145,17 +150,14 @@ def model_mismatches(config: PipelineConfig) -> list[str] | None:
     from ultralytics import YOLO
 
     model = YOLO(weights, task=None if config.model.task == "auto" else config.model.task)
-    labels = {int(k): str(v) for k, v in model.names.items()}
+    labels = model_labels(model)
     checks: list[tuple[list[int | str] | None, str]] = [(config.model.classes, "model.classes")]
     for stream_index, stream in enumerate(config.streams):
         analytics = f"streams[{stream_index}].analytics"
         checks += [(zone.classes, f"{analytics}.zones[{i}].classes") for i, zone in enumerate(stream.analytics.zones)]
         checks += [(line.classes, f"{analytics}.lines[{i}].classes") for i, line in enumerate(stream.analytics.lines)]
-    problems = []
-    try:
-        reject_unsupported_task(str(model.task), weights)
-    except ModelMismatch as error:
-        problems.append(str(error))
+    task_problem = unsupported_task(str(model.task), weights)
+    problems = [] if task_problem is None else [task_problem]
     for entries, key_path in checks:
         try:
             class_ids_for(entries, labels, key_path)
@@ -210,8 +212,10 @@ class UltralyticsDetector:
                 "(a model name like yolo11n.pt downloads only where the internet is reachable)"
             ) from error
         self.task = str(original.task)
-        reject_unsupported_task(self.task, config.weights)
-        self.labels: dict[int, str] = {int(k): str(v) for k, v in original.names.items()}
+        task_problem = unsupported_task(self.task, config.weights)
+        if task_problem is not None:
+            raise ModelMismatch(task_problem)
+        self.labels = model_labels(original)
         self._class_filter = class_ids_for(config.classes, self.labels, "model.classes")
         export_dir = config.export_dir or default_export_dir()
         resolved = resolve_model(config.weights, config.runtime, device, config.imgsz, max_batch, self._half,
