@@ -15,11 +15,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from pipeline.bench import BenchOptions, make_clips, progress, run_vap, vap_config
-from pipeline.broker import EmbeddedBroker
 from pipeline.config import PipelineConfig, apply_override, parse_config
-from pipeline.demo import SHIPPED_WEIGHTS
-from pipeline.inference import resolve_device
+from pipeline.inference.devices import resolve_device
+from pipeline.tools.bench import BenchOptions, make_clips, progress, run_vap, vap_config
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.demo import SHIPPED_WEIGHTS
 
 
 def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:

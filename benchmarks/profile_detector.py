@@ -24,11 +24,11 @@ import cv2
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.demo import SHIPPED_WEIGHTS
 from pipeline.frames import Frame
-from pipeline.inference import UltralyticsDetector, infer
-from pipeline.sources import decoder_threads
-from pipeline.synth.world import SceneSpec, render_scene
+from pipeline.inference.detector import UltralyticsDetector, infer
+from pipeline.sources.opencv import decoder_threads
+from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.synth.world import SceneSpec, render_scene
 
 
 def synchronise(device: str) -> None:

@@ -22,26 +22,24 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from pipeline import __version__
-from pipeline.analytics import StreamAnalytics
-from pipeline.batching import FrameHub
+from pipeline.analytics.zones import StreamAnalytics
+from pipeline.batching.hub import FrameHub
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
+from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
 from pipeline.frames import FrameResult
-from pipeline.health import Heartbeats
-from pipeline.http import HttpServer, NotAcceptingChanges, Probe, StreamExists, UnknownStream, build_app
-from pipeline.inference import Detector, InferenceWorker, UltralyticsDetector, resolve_devices, worker_for_decoder
-from pipeline.kafka_client import Producer, make_kafka_producer
-from pipeline.kafka_process import KafkaChildUnusable, KafkaProcess
-from pipeline.metrics import PipelineMetrics
-from pipeline.nvdec import NvdecSource, nvdec_available
-from pipeline.publishing import KafkaPublisher
-from pipeline.sources import (
-    OpenCvSource,
-    StreamReader,
-    VideoSource,
-    decoder_threads,
-    max_age_for,
-    overflow_policy_for,
-)
+from pipeline.inference.detector import Detector, UltralyticsDetector
+from pipeline.inference.devices import resolve_devices, worker_for_decoder
+from pipeline.inference.worker import InferenceWorker
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.http import HttpServer, Probe, build_app
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.publishing.kafka_client import Producer, make_kafka_producer
+from pipeline.publishing.kafka_process import KafkaChildUnusable, KafkaProcess
+from pipeline.publishing.publisher import KafkaPublisher
+from pipeline.sources.nvdec import NvdecSource, nvdec_available
+from pipeline.sources.opencv import OpenCvSource, decoder_threads
+from pipeline.sources.reader import StreamReader, max_age_for, overflow_policy_for
+from pipeline.sources.source import VideoSource
 
 log = logging.getLogger(__name__)
 

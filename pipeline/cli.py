@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load(args: argparse.Namespace) -> PipelineConfig | None:
     """The validated config, or None after printing every problem with its key path."""
-    from pipeline.config import ConfigError, check_files_exist, load_config
+    from pipeline.config import check_files_exist, load_config
+    from pipeline.errors import ConfigError
 
     try:
         config = load_config(args.config, args.overrides)
@@ -152,7 +153,7 @@ def _validate(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    from pipeline.inference import model_mismatches
+    from pipeline.inference.model_info import model_mismatches
 
     try:
         problems = model_mismatches(config)
@@ -187,8 +188,8 @@ def run_pipeline(
 ) -> int:
     """Run until a signal, the duration, the frame bound, or the end of every file source."""
     from pipeline.app import Pipeline
-    from pipeline.config import ModelMismatch
-    from pipeline.reload import ConfigReloader
+    from pipeline.errors import ModelMismatch
+    from pipeline.ops.reload import ConfigReloader
 
     pipeline = Pipeline(config)
     reloader = ConfigReloader(path, overrides, config, pipeline, watch=watch)
@@ -272,13 +273,13 @@ def configure_logging(level: str, log_format: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.tools.demo import run_demo
 
     return run_demo(duration_s=args.duration, overrides=args.overrides)
 
 
 def _consume(args: argparse.Namespace) -> int:
-    from pipeline.consume import ConsumeOptions, consume
+    from pipeline.tools.consume import ConsumeOptions, consume
 
     options = ConsumeOptions(
         bootstrap=args.bootstrap,
@@ -295,14 +296,14 @@ def _consume(args: argparse.Namespace) -> int:
 
 
 def _schema(_args: argparse.Namespace) -> int:
-    from pipeline.messages import load_schema
+    from pipeline.publishing.messages import load_schema
 
     print(json.dumps(load_schema(), indent=2))
     return EXIT_OK
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import BenchOptions, format_report, h264_available, report_json, run_bench
+    from pipeline.tools.bench import BenchOptions, format_report, h264_available, report_json, run_bench
 
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -326,6 +327,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train_demo_model(args: argparse.Namespace) -> int:
-    from pipeline.synth.train import main as train_main
+    from pipeline.tools.synth.train import main as train_main
 
     return train_main(args.train_args)

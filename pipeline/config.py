@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pipeline.errors import ConfigError
+
 STREAM_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
 _LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
 # `$${` is an escaped literal `${`; a `${` that is neither is a malformed reference.
@@ -39,22 +41,6 @@ _HOST_AND_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?(
 _SECRET_QUERY_VALUE = re.compile(
     r"(?i)([?&;][a-z0-9_.-]*(?:pass|pwd|pw|token|secret|key|auth|sig)[a-z0-9_.-]*=)[^&;#]*"
 )
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; `problems` holds one `(key path, message)` pair per mistake."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
-
-    def lines(self) -> list[str]:
-        return [f"{path}: {message}" if path else message for path, message in self.problems]
-
-
-class ModelMismatch(ValueError):
-    """A config value the loaded model contradicts, such as a class it does not have: found only once the
-    model is loaded, yet a mistake in the config like any other, so `vap run` exits 2 for it too."""
 
 
 class _Section(BaseModel):

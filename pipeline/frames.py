@@ -12,7 +12,7 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.metrics import StreamMetrics
+    from pipeline.ops.metrics import StreamMetrics
 
 Image = Union[npt.NDArray[np.uint8], "torch.Tensor"]
 """BGR uint8 (H, W, 3): a NumPy array, or a tensor on the GPU that decoded it (`decoder: cuda`)."""

@@ -20,9 +20,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import PipelineConfig, parse_config
-from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
+from pipeline.tools.broker import EmbeddedBroker, free_port
+from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 pytest_plugins = ["tests.servers.fixtures"]
 

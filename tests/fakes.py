@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.frames import Detections, Frame, FrameResult
-from pipeline.synth.world import SceneSpec, render_scene
+from pipeline.tools.synth.world import SceneSpec, render_scene
 
 
 def make_frame(stream_id: str, frame_id: int, width: int = 32, height: int = 24) -> Frame:
@@ -139,7 +139,7 @@ class GarbageThenGoodSource(FakeSource):
         self._garbage = garbage
 
     def read(self) -> npt.NDArray[np.uint8] | None:
-        from pipeline.sources import InvalidFrame
+        from pipeline.sources.source import InvalidFrame
 
         if self._garbage > 0:
             self._garbage -= 1

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.demo import SHIPPED_WEIGHTS
-from pipeline.synth.clips import load_ground_truth, write_clip
-from pipeline.synth.evaluate import AccuracyStats
-from pipeline.synth.world import GroundTruthObject, SceneSpec
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.synth.clips import load_ground_truth, write_clip
+from pipeline.tools.synth.evaluate import AccuracyStats
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec
 from tests.conftest import decode, read_topic, run_to_completion, unused_topic
 
 SIZES = {"wide": (640, 360, 5101), "tall": (480, 640, 5102)}

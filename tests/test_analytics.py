@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.analytics import StreamAnalytics, ZoneEvent, crosses_segment, point_in_polygon
+from pipeline.analytics.zones import StreamAnalytics, ZoneEvent, crosses_segment, point_in_polygon
 from pipeline.config import AnalyticsConfig
 from pipeline.frames import Detections, FrameResult
 from tests.fakes import make_frame
@@ -198,7 +198,7 @@ def test_a_crossing_is_judged_on_the_path_taken_within_the_band_not_a_straight_l
 
 
 def test_a_long_stay_in_a_lines_band_still_decides_the_crossing_by_where_it_met_the_line() -> None:
-    from pipeline.analytics import StreamAnalytics, _TrackState
+    from pipeline.analytics.zones import StreamAnalytics, _TrackState
 
     start, end, band = (0.0, 0.0), (100.0, 0.0), 5.0
     state = _TrackState(0.0, (50.0, -10.0), LABELS)

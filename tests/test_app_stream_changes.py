@@ -15,9 +15,9 @@ from prometheus_client import Metric
 from pipeline.app import Pipeline, StopTimeouts
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig, parse_config
 from pipeline.frames import Detections, Frame, FrameResult
-from pipeline.inference import Detector
-from pipeline.kafka_client import Producer
-from pipeline.metrics import DROP_REASONS
+from pipeline.inference.detector import Detector
+from pipeline.ops.metrics import DROP_REASONS
+from pipeline.publishing.kafka_client import Producer
 from tests.conftest import sample, scrape, wait_for, write_moving_box_clip
 from tests.fakes import FakeProducer
 from tests.test_control_api import call

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from pipeline.batching import FrameHub, OverflowPolicy
-from pipeline.inference import worker_for_decoder
+from pipeline.batching.hub import FrameHub, OverflowPolicy
+from pipeline.inference.devices import worker_for_decoder
 from tests.fakes import make_frame
 
 

@@ -8,9 +8,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.bench import BenchOptions, ReplayDetector, _write_bench_clip, h264_available, looping, run_vap, vap_config
-from pipeline.broker import EmbeddedBroker
 from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.tools.bench import (
+    BenchOptions,
+    ReplayDetector,
+    _write_bench_clip,
+    h264_available,
+    looping,
+    run_vap,
+    vap_config,
+)
+from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import CLIP_FRAMES, decode, read_topic, unused_topic
 
 

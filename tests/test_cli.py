@@ -21,10 +21,10 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 import pipeline.app
-from pipeline.broker import EmbeddedBroker
 from pipeline.cli import main, run_pipeline
 from pipeline.config import PipelineConfig, load_config
-from pipeline.consume import ConsumeOptions, consume
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.consume import ConsumeOptions, consume
 from tests.conftest import closed_port_address, unused_topic, vap_process
 
 
@@ -255,12 +255,12 @@ def test_consume_skips_messages_that_are_not_results_and_goes_on(
     out = io.StringIO()
     options = ConsumeOptions(bootstrap=broker.bootstrap_servers, topic=topic, from_beginning=True, max_messages=2,
                              idle_timeout_s=15)
-    with caplog.at_level(logging.WARNING, logger="pipeline.consume"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tools.consume"):
         assert consume(options, out) == 0
     frame_header, frame_row, event_header, event_row = out.getvalue().splitlines()
     assert frame_header.startswith("captured_at") and "cam-ok" in frame_row and "person x1" in frame_row
     assert event_header.startswith("occurred_at") and "enter zone dock track 3 person" in event_row
-    skipped = [record.getMessage() for record in caplog.records if record.name == "pipeline.consume"]
+    skipped = [record.getMessage() for record in caplog.records if record.name == "pipeline.tools.consume"]
     assert len(skipped) == 5 and "not JSON" in skipped[0] and "'shop.order.v2'" in skipped[3], skipped
 
     as_json = io.StringIO()

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, PipelineConfig, apply_override, interpolate_env, load_config
+from pipeline.config import PipelineConfig, apply_override, interpolate_env, load_config
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 ANALYTICS = "streams:\n  - id: a\n    url: CLIP\n    analytics:\n"

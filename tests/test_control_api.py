@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker
 from pipeline.config import StreamConfig
+from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import ConfigFactory, decode, read_topic, sample, unused_topic, wait_for
 
 TOKEN = "s3cret-token"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.cudagraphs import GraphedForward, _first_rows, batch_buckets
-from pipeline.inference import UltralyticsDetector, infer
+from pipeline.inference.cudagraphs import GraphedForward, _first_rows, batch_buckets
+from pipeline.inference.detector import UltralyticsDetector, infer
 from tests.fakes import scene_frames
 
 

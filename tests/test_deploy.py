@@ -34,11 +34,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from pipeline.broker import free_port
 from pipeline.cli import EXIT_USAGE
 from pipeline.config import load_config
-from pipeline.demo import DEMO_CLIPS, SHIPPED_WEIGHTS
-from pipeline.metrics import PipelineMetrics
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.tools.broker import free_port
+from pipeline.tools.demo import DEMO_CLIPS, SHIPPED_WEIGHTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline.batching import FrameHub, OverflowPolicy
+from pipeline.batching.hub import FrameHub, OverflowPolicy
 from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.frames import Detections, Frame, FrameResult
-from pipeline.health import Heartbeats
-from pipeline.inference import InferenceWorker, UltralyticsDetector, infer
-from pipeline.metrics import PipelineMetrics
-from pipeline.synth.world import SceneSpec, render_scene
+from pipeline.inference.detector import UltralyticsDetector, infer
+from pipeline.inference.worker import InferenceWorker
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.tools.synth.world import SceneSpec, render_scene
 from tests.fakes import make_frame, scene_frames
 
 
@@ -132,7 +133,7 @@ def test_a_batch_of_eight_gives_the_same_detections_as_eight_single_frames(detec
 
 def test_with_conf_zero_masks_are_built_only_for_the_300_rows_each_frame_publishes(
         model_weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.postprocess import BatchDetections, assemble
+    from pipeline.inference.postprocess import BatchDetections, assemble
 
     assembled: list[list[int]] = []
 
@@ -140,7 +141,7 @@ def test_with_conf_zero_masks_are_built_only_for_the_300_rows_each_frame_publish
         assembled.append(image_index.bincount(minlength=len(plan)).tolist())
         return assemble(rows, image_index, plan, protos)
 
-    monkeypatch.setattr("pipeline.inference.assemble", counting)
+    monkeypatch.setattr("pipeline.inference.detector.assemble", counting)
     detector = UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=320, conf=0.0), "cpu", 2)
     results = infer(detector, scene_frames(480, 320, 2, seed=5))
     assert assembled and all(0 < count <= 300 for count in assembled[0]), assembled
@@ -262,7 +263,7 @@ def test_when_the_finisher_dies_the_waiting_batch_is_released_and_the_worker_sto
 def test_device_names_resolve_to_one_spelling_and_auto_falls_back_to_cpu() -> None:
     import torch
 
-    from pipeline.inference import resolve_devices
+    from pipeline.inference.devices import resolve_devices
 
     assert resolve_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
     if torch.cuda.is_available():

@@ -14,8 +14,8 @@ import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker, free_port
-from pipeline.spool import SPOOL_FILE
+from pipeline.publishing.spool import SPOOL_FILE
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from tests.conftest import (
     ConfigFactory,
     decode,
@@ -177,7 +177,7 @@ def test_snapshots_are_written_as_annotated_thumbnails_and_referenced_from_messa
     import cv2
     import jsonschema
 
-    from pipeline.messages import load_schema
+    from pipeline.publishing.messages import load_schema
 
     topic = unused_topic("snapshots")
     snapshot_dir = tmp_path / "thumbs"
@@ -203,7 +203,7 @@ def test_the_embedded_broker_outlives_ctrl_c_so_vap_can_flush_to_it(tmp_path: Pa
     script = tmp_path / "owner.py"
     script.write_text(
         "import signal, socket, sys, time\n"
-        "from pipeline.broker import EmbeddedBroker\n"
+        "from pipeline.tools.broker import EmbeddedBroker\n"
         "interrupted = []\n"
         "signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # vap handles Ctrl-C itself\n"
         "with EmbeddedBroker() as broker:\n"

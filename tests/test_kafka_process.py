@@ -20,15 +20,15 @@ import pytest
 from kafka import KafkaConsumer
 from prometheus_client import CollectorRegistry
 
-from pipeline.broker import EmbeddedBroker
 from pipeline.config import KafkaConfig, SpoolConfig
 from pipeline.frames import Detections, FrameResult
-from pipeline.health import Heartbeats
-from pipeline.kafka_client import Producer, make_kafka_producer
-from pipeline.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
-from pipeline.metrics import PipelineMetrics
-from pipeline.publishing import KafkaPublisher
-from pipeline.spool import load_undelivered
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.publishing.kafka_client import Producer, make_kafka_producer
+from pipeline.publishing.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
+from pipeline.publishing.publisher import KafkaPublisher
+from pipeline.publishing.spool import load_undelivered
+from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import closed_port_address, decode, read_topic, unused_topic, wait_until
 from tests.fakes import make_frame, make_result
 from tests.test_publishing import zone_event
@@ -260,7 +260,7 @@ def test_a_script_without_a_main_guard_runs_once_from_a_folder_with_another_pipe
     script.write_text(
         "import pathlib\n"
         "from pipeline.config import KafkaConfig\n"
-        "from pipeline.kafka_process import KafkaProcess\n"
+        "from pipeline.publishing.kafka_process import KafkaProcess\n"
         f"with open({str(runs)!r}, 'a') as log:\n"
         "    log.write('run\\n')\n"
         "process = KafkaProcess()\n"
@@ -408,7 +408,7 @@ while True:
 
 def test_a_child_that_only_logs_while_holding_a_message_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     """kafka-python's sender loop logs on every turn while it is broken: log lines are not answers."""
-    import pipeline.kafka_process as kafka_process_module
+    import pipeline.publishing.kafka_process as kafka_process_module
 
     monkeypatch.setattr(kafka_process_module, "_CHILD_BOOTSTRAP", LOGGING_BUT_STUCK_CHILD)
     process = KafkaProcess()

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analytics import StreamAnalytics
+from pipeline.analytics.zones import StreamAnalytics
 from pipeline.app import Pipeline
-from pipeline.config import AnalyticsConfig, ConfigError, SnapshotConfig, StreamConfig, parse_config
+from pipeline.config import AnalyticsConfig, SnapshotConfig, StreamConfig, parse_config
+from pipeline.errors import ConfigError
 from pipeline.frames import Detections, FrameResult, Image, host_image
-from pipeline.nvdec import NvdecSource, gpu_index
-from pipeline.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
-from pipeline.snapshots import SnapshotWriter
-from pipeline.sources import InvalidFrame
+from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
+from pipeline.publishing.snapshots import SnapshotWriter
+from pipeline.sources.nvdec import NvdecSource, gpu_index
+from pipeline.sources.source import InvalidFrame
 from tests.fakes import scene_frames
 
 

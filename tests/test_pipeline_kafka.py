@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.cli import main
-from pipeline.messages import load_schema
+from pipeline.publishing.messages import load_schema
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from tests.conftest import (
     CLIP_FRAMES,
     ConfigFactory,
@@ -205,9 +205,9 @@ def test_unreachable_broker_keeps_inferring_counts_failures_and_stops_on_sigterm
 def test_when_the_kafka_client_process_cannot_start_here_results_go_out_through_this_process(
     broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.kafka_process
+    import pipeline.publishing.kafka_process
 
-    monkeypatch.setattr(pipeline.kafka_process, "_CHILD_BOOTSTRAP", "import sys; sys.exit(3)")
+    monkeypatch.setattr(pipeline.publishing.kafka_process, "_CHILD_BOOTSTRAP", "import sys; sys.exit(3)")
     topic = unused_topic("no-child")
     config = make_config([{"id": "cam-a", "url": str(clips["landscape"]), "realtime": False}],
                          broker.bootstrap_servers, topic)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from ultralytics.utils import nms
 
-from pipeline.postprocess import batched_nms
+from pipeline.inference.postprocess import batched_nms
 
 
 def crowded_predictions(batch: int, classes: int, extra: int, anchors: int, seed: int) -> torch.Tensor:
@@ -81,9 +81,9 @@ def test_a_busy_image_does_not_take_the_candidate_places_of_the_others() -> None
 
 
 def test_masks_built_a_few_at_a_time_equal_those_built_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.postprocess
-    from pipeline.postprocess import assemble
-    from pipeline.preprocess import plan_batch
+    import pipeline.inference.postprocess
+    from pipeline.inference.postprocess import assemble
+    from pipeline.inference.preprocess import plan_batch
 
     generator = torch.Generator().manual_seed(11)
     plan = plan_batch([np.zeros((90, 160, 3), np.uint8)] * 2, 160, 32, True)
@@ -94,7 +94,7 @@ def test_masks_built_a_few_at_a_time_equal_those_built_at_once(monkeypatch: pyte
     image_index = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     protos = torch.randn((2, 32, 24, 40), generator=generator)
     at_once = assemble(rows, image_index, plan, protos)
-    monkeypatch.setattr(pipeline.postprocess, "_MASK_PIXELS_AT_ONCE", 3 * 96 * 160)
+    monkeypatch.setattr(pipeline.inference.postprocess, "_MASK_PIXELS_AT_ONCE", 3 * 96 * 160)
     in_parts = assemble(rows, image_index, plan, protos)
     assert at_once.masks is not None and in_parts.masks is not None and at_once.masks.shape == (7, 96, 160)
     assert int(at_once.masks.sum()) > 0 and torch.equal(in_parts.masks, at_once.masks)
@@ -103,7 +103,7 @@ def test_masks_built_a_few_at_a_time_equal_those_built_at_once(monkeypatch: pyte
 def test_polygons_traced_on_box_crops_equal_ultralytics_whole_mask_polygons() -> None:
     from ultralytics.utils.ops import masks2segments
 
-    from pipeline.postprocess import mask_polygons
+    from pipeline.inference.postprocess import mask_polygons
 
     generator = np.random.default_rng(5)
     height, width = 96, 128

@@ -8,8 +8,8 @@ import torch
 from ultralytics.data.augment import LetterBox
 
 from pipeline.config import ModelConfig
-from pipeline.inference import UltralyticsDetector, infer
-from pipeline.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
+from pipeline.inference.detector import UltralyticsDetector, infer
+from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, plan_batch
 from tests.fakes import scene_frames
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from tests.conftest import ConfigFactory, decode, read_topic, unused_topic, wait_for, write_moving_box_clip
 
 PROMETHEUS = shutil.which("prometheus")
@@ -137,7 +137,7 @@ def test_alert_rules_pass_promtool() -> None:
 def test_a_removed_stream_leaves_no_series_behind_and_comes_back_from_zero() -> None:
     from prometheus_client import CollectorRegistry
 
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.ops.metrics import PipelineMetrics
 
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
@@ -162,7 +162,7 @@ def test_a_removed_stream_leaves_no_series_behind_and_comes_back_from_zero() -> 
 def test_series_a_frame_carries_from_before_its_streams_removal_never_export_the_stream_again() -> None:
     from prometheus_client import CollectorRegistry
 
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.ops.metrics import PipelineMetrics
 
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
@@ -183,7 +183,7 @@ def test_series_a_frame_carries_from_before_its_streams_removal_never_export_the
 def test_streams_added_and_removed_for_ever_leave_bounded_bookkeeping() -> None:
     from prometheus_client import CollectorRegistry
 
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.ops.metrics import PipelineMetrics
 
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)

@@ -17,16 +17,16 @@ import pytest
 from kafka import errors
 from prometheus_client import CollectorRegistry
 
-from pipeline.analytics import ZoneEvent
+from pipeline.analytics.zones import ZoneEvent
 from pipeline.config import KafkaConfig, SnapshotConfig, SpoolConfig
 from pipeline.frames import Detections, FrameResult
-from pipeline.health import Heartbeats
-from pipeline.kafka_client import DeliveryErrorKind, Producer, delivery_error_kind
-from pipeline.kafka_process import KafkaProcessError
-from pipeline.metrics import PipelineMetrics
-from pipeline.publishing import KafkaPublisher
-from pipeline.snapshots import SnapshotWriter
-from pipeline.spool import SPOOL_FILE, OutgoingMessage, Spool, load_undelivered, save_undelivered
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.publishing.kafka_client import DeliveryErrorKind, Producer, delivery_error_kind
+from pipeline.publishing.kafka_process import KafkaProcessError
+from pipeline.publishing.publisher import KafkaPublisher
+from pipeline.publishing.snapshots import SnapshotWriter
+from pipeline.publishing.spool import SPOOL_FILE, OutgoingMessage, Spool, load_undelivered, save_undelivered
 from tests.conftest import wait_until
 from tests.fakes import FakeFuture, FakeProducer, make_frame, make_result
 

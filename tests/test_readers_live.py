@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from tests.conftest import (
     ConfigFactory,
     metric_value,

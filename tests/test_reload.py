@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import StreamConfig, parse_config
-from pipeline.http import StreamExists, UnknownStream
-from pipeline.reload import ConfigReloader, plan_reload
+from pipeline.errors import StreamExists, UnknownStream
+from pipeline.ops.reload import ConfigReloader, plan_reload
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from tests.conftest import metric_value, scrape, stop_with_sigterm, vap_process
 
 
@@ -56,7 +56,7 @@ def test_a_change_in_any_section_but_streams_is_named_as_needing_a_restart(
 def test_reload_logs_a_changed_tracker_as_needing_a_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reloader, control, path = reloader_over(tmp_path, [stream("a")])
     path.write_text(yaml.safe_dump(tree([stream("a")], tracking={"tracker": "botsort"})), encoding="utf-8")
-    with caplog.at_level("INFO", logger="pipeline.reload"):
+    with caplog.at_level("INFO", logger="pipeline.ops.reload"):
         assert reloader.reload() is not None
     warnings = messages(caplog, logging.WARNING)
     assert any("tracking.tracker" in m and "needs a restart" in m for m in warnings), warnings
@@ -122,7 +122,7 @@ def test_reload_accepts_stream_changes_the_control_api_made_the_same_way(
     control.add_stream(parse_config(tree([stream("c")])).streams[0])
     control.calls.clear()
     edit(path, [stream("a"), stream("c")])
-    with caplog.at_level("INFO", logger="pipeline.reload"):
+    with caplog.at_level("INFO", logger="pipeline.ops.reload"):
         assert reloader.reload() is not None
     assert set(control.running()) == {"a", "c"}
     assert control.calls == ["remove b"], "c already runs as the file says: it must not be restarted"

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker
 from pipeline.config import parse_config
-from pipeline.demo import SHIPPED_WEIGHTS
-from pipeline.synth.clips import load_ground_truth, write_clip
-from pipeline.synth.evaluate import AccuracyStats
-from pipeline.synth.world import SceneSpec
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.synth.clips import load_ground_truth, write_clip
+from pipeline.tools.synth.evaluate import AccuracyStats
+from pipeline.tools.synth.world import SceneSpec
 from tests.conftest import decode, read_topic, unused_topic
 from tests.servers.fixtures import RtspServerFactory
 

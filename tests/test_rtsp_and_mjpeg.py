@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker
+from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import ConfigFactory, decode, read_topic, sample, unused_topic, wait_for
 from tests.servers.fixtures import MjpegServerFactory, RtspServerFactory
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.inference import UltralyticsDetector, infer
-from pipeline.runtimes import OpenVinoRequests, choose_runtime, export_path, resolve_model, runtime_available
-from pipeline.synth.world import SceneSpec, render_scene
+from pipeline.inference.detector import UltralyticsDetector, infer
+from pipeline.inference.runtimes import OpenVinoRequests, choose_runtime, export_path, resolve_model, runtime_available
+from pipeline.tools.synth.world import SceneSpec, render_scene
 from tests.fakes import make_frame
 
 
@@ -149,11 +149,11 @@ def test_a_cached_export_that_does_not_load_is_discarded_and_the_model_runs_on_p
     detector = UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=160, runtime="openvino",
                                                export_dir=tmp_path), "cpu", 2)
     assert detector.runtime == "openvino", "the corrupt export is found where a good one would be"
-    with caplog.at_level(logging.WARNING, logger="pipeline.inference"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference.detector"):
         detector.warmup([1, 2])
     assert detector.runtime == "torch"
     assert any("does not load" in record.getMessage() for record in caplog.records
-               if record.name == "pipeline.inference" and record.levelno == logging.WARNING)
+               if record.name == "pipeline.inference.detector" and record.levelno == logging.WARNING)
     assert not target.parent.exists(), "the next start must export afresh"
     frames = [replace(make_frame("s", i), image=image)
               for i, (image, _) in enumerate(render_scene(SceneSpec(width=320, height=180, n_frames=2, seed=5)))]

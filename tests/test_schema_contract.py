@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.client import GapTracker, parse_message
-from pipeline.messages import SCHEMA_ID, build_message, encode, load_schema
+from pipeline.publishing.messages import SCHEMA_ID, build_message, encode, load_schema
 from tests.fakes import make_frame, make_result
 
 RELEASED = Path(__file__).parent / "data" / f"{SCHEMA_ID}.released.json"

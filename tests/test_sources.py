@@ -15,23 +15,14 @@ import numpy.typing as npt
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline.batching import FrameHub
+from pipeline.batching.hub import FrameHub
 from pipeline.config import StreamConfig
 from pipeline.frames import Frame
-from pipeline.health import Heartbeats
-from pipeline.metrics import PipelineMetrics
-from pipeline.sources import (
-    _FFMPEG_OPTIONS_GATE,
-    ALLOWED_TRANSITIONS,
-    FfmpegOptionsGate,
-    InvalidFrame,
-    OpenCvSource,
-    StreamReader,
-    StreamState,
-    VideoSource,
-    max_age_for,
-    overflow_policy_for,
-)
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.sources.opencv import _FFMPEG_OPTIONS_GATE, FfmpegOptionsGate, OpenCvSource
+from pipeline.sources.reader import ALLOWED_TRANSITIONS, StreamReader, StreamState, max_age_for, overflow_policy_for
+from pipeline.sources.source import InvalidFrame, VideoSource
 from tests.conftest import wait_until
 from tests.fakes import FakeSource, GarbageThenGoodSource, make_frame
 
@@ -341,7 +332,7 @@ def test_an_unexpected_error_fails_that_attempt_and_the_stream_is_tried_again(
         return attempts[-1]
 
     harness = ReaderHarness(live_stream(), factory)
-    caplog.set_level(logging.WARNING, logger="pipeline.sources")
+    caplog.set_level(logging.WARNING, logger="pipeline.sources.reader")
     harness.reader.start()
     try:
         assert wait_until(lambda: harness.reader.state is StreamState.UP), harness.reader.state

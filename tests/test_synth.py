@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.synth.clips import ground_truth_path, load_ground_truth, write_clip
-from pipeline.synth.dataset import write_dataset
-from pipeline.synth.evaluate import AccuracyStats, is_required, mask_iou, match_frame
-from pipeline.synth.world import (
+from pipeline.tools.synth.clips import ground_truth_path, load_ground_truth, write_clip
+from pipeline.tools.synth.dataset import write_dataset
+from pipeline.tools.synth.evaluate import AccuracyStats, is_required, mask_iou, match_frame
+from pipeline.tools.synth.world import (
     CLASS_NAMES,
     GroundTruthObject,
     SceneSpec,

@@ -17,13 +17,13 @@ import cv2
 import jsonschema
 import pytest
 
-from pipeline.analytics import anchor_point, crosses_segment, point_in_polygon
-from pipeline.broker import EmbeddedBroker
+from pipeline.analytics.zones import anchor_point, crosses_segment, point_in_polygon
 from pipeline.config import parse_config
-from pipeline.demo import SHIPPED_WEIGHTS
-from pipeline.messages import load_schema
-from pipeline.synth.evaluate import box_iou
-from pipeline.synth.world import GroundTruthObject, SceneSpec, _Track, plan_scene, render_frame
+from pipeline.publishing.messages import load_schema
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.synth.evaluate import box_iou
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track, plan_scene, render_frame
 from tests.conftest import decode, read_topic, run_to_completion, unused_topic
 
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="the bundled model is not in the tree")

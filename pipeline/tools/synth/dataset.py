@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.synth.evaluate import EVAL_SEED_BASE, is_labelled
-from pipeline.synth.world import CLASS_NAMES, GroundTruthObject, SceneSpec, plan_scene, render_frame
+from pipeline.tools.synth.evaluate import EVAL_SEED_BASE, is_labelled
+from pipeline.tools.synth.world import CLASS_NAMES, GroundTruthObject, SceneSpec, plan_scene, render_frame
 
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
     (640, 360),

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from pipeline import __version__
 from pipeline.config import StreamConfig
+from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,6 @@ class Probe:
 
     ok: bool
     body: dict[str, Any]
-
-
-class StreamExists(Exception):
-    pass
-
-
-class UnknownStream(Exception):
-    pass
-
-
-class NotAcceptingChanges(Exception):
-    """The pipeline is starting or stopping; the message says which. GETs still answer meanwhile."""
 
 
 class Control(Protocol):

@@ -32,12 +32,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
-from pipeline.broker import EmbeddedBroker
 from pipeline.config import PipelineConfig, parse_config
-from pipeline.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 from pipeline.frames import Frame, FrameResult
-from pipeline.inference import Detector, PendingBatch, infer, resolve_device
-from pipeline.runtimes import default_export_dir, resolve_model
+from pipeline.inference.detector import Detector, PendingBatch, infer
+from pipeline.inference.devices import resolve_device
+from pipeline.inference.runtimes import default_export_dir, resolve_model
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 
 @dataclass(frozen=True)
@@ -159,14 +160,14 @@ def _write_bench_clip(path: Path, width: int, height: int, frames: int, fps: flo
 
     MPEG-4 by default, which every OpenCV build writes, so results stay comparable across machines and runs.
     `h264` is what cameras send: it needs PyAV, and on a GPU's video engine it may decode faster than MPEG-4."""
-    from pipeline.synth.world import SceneSpec, render_scene
+    from pipeline.tools.synth.world import SceneSpec, render_scene
 
     unique = [image for image, _ in render_scene(
         SceneSpec(width=width, height=height, n_frames=min(frames, _UNIQUE_FRAMES), fps=fps, seed=seed))]
     if codec == "h264":
         _write_h264(path, unique, frames, fps)
         return path
-    from pipeline.synth.clips import open_writer
+    from pipeline.tools.synth.clips import open_writer
 
     writer, _ = open_writer(path, fps, (width, height), fourccs=("mp4v",))
     try:
@@ -246,7 +247,7 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
     from datetime import datetime, timezone
 
     from pipeline.config import ModelConfig
-    from pipeline.inference import UltralyticsDetector
+    from pipeline.inference.detector import UltralyticsDetector
 
     detector = UltralyticsDetector(ModelConfig(weights=weights, imgsz=options.imgsz, runtime=runtime), device,
                                    options.batch)
@@ -349,7 +350,7 @@ class ReplayDetector:
         from datetime import datetime, timezone
 
         from pipeline.config import ModelConfig
-        from pipeline.inference import UltralyticsDetector
+        from pipeline.inference.detector import UltralyticsDetector
 
         config = ModelConfig(weights=weights, imgsz=options.imgsz, runtime="torch", cuda_graphs=False)
         model = UltralyticsDetector(config, device, len(images))

@@ -22,8 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.synth.clips import load_ground_truth, write_clip
-from pipeline.synth.world import GroundTruthObject, SceneSpec
+from pipeline.tools.synth.clips import load_ground_truth, write_clip
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec
 
 LABEL_MIN_VISIBLE = 0.2
 LABEL_MIN_SIDE = 4.0
@@ -311,7 +311,8 @@ def evaluate_model(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure a shapes model end to end on generated clips.")
-    parser.add_argument("--weights", type=Path, default=Path(__file__).parent.parent / "assets" / "vap-shapes-seg.pt")
+    shipped = Path(__file__).parent.parent.parent / "assets" / "vap-shapes-seg.pt"
+    parser.add_argument("--weights", type=Path, default=shipped)
     parser.add_argument("--clips", type=int, default=4, help="clips per frame size")
     parser.add_argument("--frames", type=int, default=60, help="frames per clip")
     parser.add_argument("--seed", type=int, default=EVAL_SEED_BASE)

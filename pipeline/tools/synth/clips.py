@@ -13,7 +13,7 @@ from typing import Any
 
 import cv2
 
-from pipeline.synth.world import GroundTruthObject, SceneSpec, render_scene
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, render_scene
 
 _FOURCCS = ("avc1", "mp4v")
 

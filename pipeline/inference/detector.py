@@ -7,31 +7,27 @@ first camera frames do not pay for lazy initialisation. Results come back in sou
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.batching import FrameHub
-from pipeline.config import BatchingConfig, ModelConfig, ModelMismatch, PipelineConfig
-from pipeline.cudagraphs import GraphedForward, batch_buckets
-from pipeline.frames import Batch, Classification, Detections, Frame, FrameResult, host_image
-from pipeline.health import Heartbeats
-from pipeline.metrics import PipelineMetrics
-from pipeline.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
-from pipeline.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
-from pipeline.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
+from pipeline.config import ModelConfig
+from pipeline.errors import ModelMismatch
+from pipeline.frames import Classification, Detections, Frame, FrameResult, host_image
+from pipeline.inference.cudagraphs import GraphedForward, batch_buckets
+from pipeline.inference.devices import use_device_in_this_thread
+from pipeline.inference.model_info import class_ids_for, model_display_name, model_labels, unsupported_task
+from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
+from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
+from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
 
 log = logging.getLogger(__name__)
 
 _MAX_DETECTIONS = 300
-_CLASSES_SHOWN = 20
 _TOP_CLASSES = 5
 
 
@@ -60,110 +56,6 @@ class Detector(Protocol):
 def infer(detector: Detector, frames: Sequence[Frame]) -> list[FrameResult]:
     """One batch, start to finish."""
     return detector.collect(detector.submit(frames))
-
-
-def resolve_devices(requested: str | list[str]) -> list[str]:
-    """Every device that gets a worker: each CUDA GPU for `auto` when there is one, else the CPU."""
-    import torch
-
-    names = [_canonical_device(name) for name in ([requested] if isinstance(requested, str) else requested)]
-    if names == ["auto"]:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
-    for name in names:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"model.device is {name} but no CUDA device is available; use 'cpu' or 'auto'")
-    return names
-
-
-def worker_for_decoder(decoder: str, worker_devices: list[str]) -> int | None:
-    """The worker on the GPU that decodes a stream, so its frames never cross between devices; None for a stream
-    decoded on the CPU, or on a GPU no worker runs on (its frames are then copied over)."""
-    if decoder == "cpu":
-        return None
-    device = _canonical_device(decoder)
-    return worker_devices.index(device) if device in worker_devices else None
-
-
-def _canonical_device(name: str) -> str:
-    """`0` and `cuda` mean `cuda:0`, as in Ultralytics; one spelling keeps metric labels and checks simple."""
-    if name.isdigit():
-        return f"cuda:{name}"
-    return "cuda:0" if name == "cuda" else name
-
-
-def resolve_device(requested: str | list[str]) -> str:
-    """The first device `resolve_devices` picks; for single-device tools such as the benchmark."""
-    return resolve_devices(requested)[0]
-
-
-def use_device_in_this_thread(device: str) -> None:
-    """Makes `device` the calling thread's current CUDA device. The current device is per thread and
-    starts at cuda:0 in every new one; what depends on it rather than on a tensor's device (a TensorRT
-    execution context, indexless `cuda` calls) would otherwise run against the wrong GPU, failing with
-    "invalid resource handle" on any but cuda:0."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.set_device(torch.device(device))
-
-
-def model_display_name(weights: str) -> str:
-    return Path(weights).stem
-
-
-def class_ids_for(entries: list[int | str] | None, labels: dict[int, str], key_path: str) -> list[int] | None:
-    """Ids for a config's class list, which may name classes by id or label. An entry the model does not
-    have is a startup error: kept silently, it would filter out everything, and nothing would say why."""
-    if entries is None:
-        return None
-    by_label = {label: class_id for class_id, label in labels.items()}
-    ids = []
-    for entry in entries:
-        class_id = entry if isinstance(entry, int) else by_label.get(entry)
-        if class_id is None or class_id not in labels:
-            shown = ", ".join(f"{known_id} {label}" for known_id, label in list(labels.items())[:_CLASSES_SHOWN])
-            more = f" and {len(labels) - _CLASSES_SHOWN} more" if len(labels) > _CLASSES_SHOWN else ""
-            raise ModelMismatch(f"{key_path}: {entry!r} is not a class of the model; its classes are {shown}{more}")
-        ids.append(class_id)
-    return ids
-
-
-def unsupported_task(task: str, weights: str) -> str | None:
-    if task != "obb":
-        return None
-    return (f"model.weights: {weights!r} is an oriented-box (obb) model, which vap does not support yet; use a "
-            "detect, segment, classify or pose model")
-
-
-def model_labels(model: Any) -> dict[int, str]:
-    return {int(k): str(v) for k, v in model.names.items()}
-
-
-def model_mismatches(config: PipelineConfig) -> list[str] | None:
-    """What the model contradicts in a config (a class it does not have, a task vap cannot run), so that
-    `vap validate` finds it before a run at a camera site does. None when the weights are not on this
-    machine: a bare model name would start a download, which `validate` must not do."""
-    weights = config.model.weights
-    if not (Path(weights).exists() or weights.endswith((".yaml", ".yml"))):
-        return None
-    from ultralytics import YOLO
-
-    model = YOLO(weights, task=None if config.model.task == "auto" else config.model.task)
-    labels = model_labels(model)
-    checks: list[tuple[list[int | str] | None, str]] = [(config.model.classes, "model.classes")]
-    for stream_index, stream in enumerate(config.streams):
-        analytics = f"streams[{stream_index}].analytics"
-        checks += [(zone.classes, f"{analytics}.zones[{i}].classes") for i, zone in enumerate(stream.analytics.zones)]
-        checks += [(line.classes, f"{analytics}.lines[{i}].classes") for i, line in enumerate(stream.analytics.lines)]
-    task_problem = unsupported_task(str(model.task), weights)
-    problems = [] if task_problem is None else [task_problem]
-    for entries, key_path in checks:
-        try:
-            class_ids_for(entries, labels, key_path)
-        except ModelMismatch as error:
-            problems.append(str(error))
-    return problems
 
 
 @dataclass(frozen=True)
@@ -491,174 +383,3 @@ class UltralyticsDetector:
             for class_id in top
             if float(scores[class_id]) >= self._config.conf
         )
-
-
-class InferenceWorker:
-    """One device's worker: takes batches from the hub, runs the detector, hands each frame's result on.
-
-    Two threads form a two-stage pipeline with at most one batch between them: `infer-<device>` takes a
-    batch and queues its device work; `finish-<device>` waits for it, builds the results and delivers
-    them. While the host turns one batch's masks into polygons, the device already runs the next, and
-    batches stay in order, so each stream's results do too.
-    """
-
-    def __init__(
-        self,
-        detector: Detector,
-        hub: FrameHub,
-        batching: BatchingConfig,
-        deliver: Callable[[FrameResult], None],
-        metrics: PipelineMetrics,
-        heartbeats: Heartbeats,
-        worker_index: int = 0,
-    ) -> None:
-        self._detector = detector
-        self._hub = hub
-        self._batching = batching
-        self._deliver = deliver
-        self._metrics = metrics
-        self._heartbeats = heartbeats
-        self._worker_index = worker_index
-        self._stop = threading.Event()
-        self._handoff: queue.Queue[tuple[Batch, Any, float] | None] = queue.Queue(maxsize=1)
-        suffix = detector.device if worker_index == 0 else f"{detector.device}-{worker_index}"
-        self._thread = threading.Thread(target=self._run, name=f"infer-{suffix}", daemon=True)
-        self._finisher = threading.Thread(target=self._finish, name=f"finish-{suffix}", daemon=True)
-
-    @property
-    def thread_name(self) -> str:
-        return self._thread.name
-
-    @property
-    def device(self) -> str:
-        return self._detector.device
-
-    def start(self) -> None:
-        self._finisher.start()
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Finish the batches in flight, then end."""
-        self._stop.set()
-
-    def join(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        self._thread.join(timeout)
-        self._finisher.join(max(0.0, deadline - time.monotonic()))
-        return not self.is_alive()
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive() or self._finisher.is_alive()
-
-    def _run(self) -> None:
-        batching = self._batching
-        max_per_stream = batching.max_same_source_frames or batching.max_batch
-        try:
-            use_device_in_this_thread(self._detector.device)
-            while not self._stop.is_set():
-                self._heartbeats.beat(self.thread_name)
-                self._metrics.queue_depth.labels(stage="batcher").set(self._hub.depth())
-                batch = self._hub.take_batch(batching.max_batch, batching.max_wait_ms / 1000, max_per_stream,
-                                             worker=self._worker_index)
-                if batch is None:
-                    continue
-                submitted = time.monotonic()
-                try:
-                    pending = self._detector.submit(batch.frames)
-                except Exception:
-                    self._failed(batch)
-                    continue
-                if not self._hand_over((batch, pending, submitted)):
-                    self._abandon(batch, pending)
-                    return
-        finally:
-            self._heartbeats.forget(self.thread_name)
-            self._hand_over(None)
-            self._detector.close()
-
-    def _hand_over(self, item: tuple[Batch, Any, float] | None) -> bool:
-        """Blocks while the finisher is busy, beating so a long batch does not look like a stuck loop;
-        False when the finisher is gone."""
-        while True:
-            if not self._finisher.is_alive():
-                return False
-            try:
-                self._handoff.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                self._heartbeats.beat(self.thread_name)
-
-    def _abandon(self, batch: Batch, pending: Any) -> None:
-        """The finisher died: wait for the device work of every batch it will never take, so each gives back
-        what it holds (an OpenVINO request, staging memory), count them as failed, and stop this worker so
-        health reports it."""
-        left: list[tuple[Batch, Any]] = []
-        while True:
-            try:
-                item = self._handoff.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                left.append(item[:2])
-        left.append((batch, pending))
-        log.error("%s is gone; %s stops after dropping %d frames", self._finisher.name, self.thread_name,
-                  sum(len(abandoned.frames) for abandoned, _ in left))
-        for abandoned, its_pending in left:
-            try:
-                self._detector.collect(its_pending)
-            except Exception:
-                log.debug("an abandoned batch failed as well", exc_info=True)
-            self._metrics.inference_errors.labels(device=self._detector.device).inc()
-            self._count_lost(abandoned)
-            self._hub.batch_done(abandoned)
-
-    def _failed(self, batch: Batch) -> None:
-        log.exception("inference failed on a batch of %d frames", len(batch.frames))
-        self._metrics.inference_errors.labels(device=self._detector.device).inc()
-        self._count_lost(batch)
-        self._hub.batch_done(batch)
-
-    def _count_lost(self, batch: Batch) -> None:
-        for frame in batch.frames:
-            series = frame.series or self._metrics.stream(frame.stream_id)
-            series.dropped["inference_error"].inc()
-
-    def _finish(self) -> None:
-        name = self._finisher.name
-        device = self._detector.device
-        try:
-            use_device_in_this_thread(device)
-            while True:
-                self._heartbeats.beat(name)
-                try:
-                    item = self._handoff.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    return
-                batch, pending, submitted = item
-                try:
-                    results = self._detector.collect(pending)
-                except Exception:
-                    self._failed(batch)
-                    continue
-                self._metrics.inference_seconds.labels(device=device).observe(time.monotonic() - submitted)
-                self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
-                try:
-                    for result in results:
-                        queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
-                        self._deliver_one(replace(result, queue_ms=max(0.0, queue_ms)))
-                finally:
-                    self._hub.batch_done(batch)
-        finally:
-            self._heartbeats.forget(name)
-
-    def _deliver_one(self, result: FrameResult) -> None:
-        """A result that cannot be delivered (a failing analytics step, say) is logged and counted; the
-        finisher goes on, since every later batch of every stream waits for it."""
-        try:
-            self._deliver(result)
-        except Exception:
-            log.exception("stream %s: delivering the result of frame %d failed; it is not published",
-                          result.frame.stream_id, result.frame.frame_id, extra={"stream": result.frame.stream_id})
-            self._metrics.inference_errors.labels(device=self._detector.device).inc()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.config import ConfigError, PipelineConfig, StreamConfig, check_files_exist, load_config
-from pipeline.http import StreamExists, UnknownStream
+from pipeline.config import PipelineConfig, StreamConfig, check_files_exist, load_config
+from pipeline.errors import ConfigError, StreamExists, UnknownStream
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import Gauge
 
-from pipeline.metrics import PipelineMetrics
+from pipeline.ops.metrics import PipelineMetrics
 
 
 class Heartbeats:

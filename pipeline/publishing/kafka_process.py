@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from kafka.future import Future
 
-from pipeline.health import Heartbeats
+from pipeline.ops.health import Heartbeats
 
 if TYPE_CHECKING:
     from pipeline.config import KafkaConfig
-    from pipeline.kafka_client import DeliveryErrorKind
+    from pipeline.publishing.kafka_client import DeliveryErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _SEND_BATCH = 512
 _DEFAULT_ANSWER_WITHIN_S = 40.0
 _CHILD_BOOTSTRAP = (
     "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from pipeline.kafka_process import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
+    "from pipeline.publishing.kafka_process import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
 )
 _FORWARDED_LOGGERS = ("", "kafka", "pipeline")
 
@@ -59,7 +59,7 @@ class KafkaProcessError(ConnectionError):
     """A delivery or producer failure reported by the child, or the child's exit.
 
     `delivery_error_kind` is what the child found about the original error (see
-    `pipeline.kafka_client.delivery_error_kind`): the publisher drops a message Kafka rejects and keeps
+    `pipeline.publishing.kafka_client.delivery_error_kind`): the publisher drops a message Kafka rejects and keeps
     one that failed for a transient reason, so that fact has to cross the pipe with the text.
     """
 
@@ -139,7 +139,7 @@ class KafkaProcess:
 
     def _open(self, config: KafkaConfig, generation: int) -> RemoteProducer:
         """Called holding the lock, with a child running."""
-        from pipeline.kafka_client import delivery_timeout_ms
+        from pipeline.publishing.kafka_client import delivery_timeout_ms
 
         # kafka-python fails a message itself after its delivery timeout; no answer for twice as long means
         # the child is stuck, and the watchdog in `_read` replaces it (before the publisher's own watchdog).
@@ -408,7 +408,7 @@ def serve(connection: Connection) -> None:
     reach the child too, and the pipeline still has to flush through it. It exits when told, or when the
     pipe closes because the pipeline process is gone.
     """
-    from pipeline.kafka_client import close_kafka_producer, delivery_error_kind, make_kafka_producer
+    from pipeline.publishing.kafka_client import close_kafka_producer, delivery_error_kind, make_kafka_producer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.synth.background import Background, apply_camera, plan_background, render_background
+from pipeline.tools.synth.background import Background, apply_camera, plan_background, render_background
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle")
 

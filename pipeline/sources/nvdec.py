@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import StreamConfig
-from pipeline.sources import InvalidFrame
+from pipeline.sources.source import InvalidFrame
 
 if TYPE_CHECKING:
     import torch

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.preprocess import Letterbox
+from pipeline.inference.preprocess import Letterbox
 
 if TYPE_CHECKING:
     import torch

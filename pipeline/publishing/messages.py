@@ -17,7 +17,7 @@ import orjson
 from pipeline.frames import FrameResult
 
 if TYPE_CHECKING:
-    from pipeline.analytics import ZoneEvent
+    from pipeline.analytics.zones import ZoneEvent
 
 SCHEMA_ID = "vap.frame.v1"
 EVENT_SCHEMA_ID = "vap.event.v1"

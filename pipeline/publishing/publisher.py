@@ -12,7 +12,7 @@ rejects or larger than the spool's byte bound, a zone event whose topic is missi
 or still undelivered when a stop's flush deadline passed and there is no spool dir).
 
 Order: after a result's delivery fails, nothing more goes to that producer until every message it holds
-has come back, and failed messages are resent oldest first (see `pipeline.spool`), so a retry does not
+has come back, and failed messages are resent oldest first (see `pipeline.publishing.spool`), so a retry does not
 overtake the messages of its stream sent after it. Zone events go to a topic of their own, and a problem with
 that topic (missing, not yet created) holds up only the events, never the frame results.
 """
@@ -29,11 +29,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pipeline.analytics import ZoneEvent
+from pipeline.analytics.zones import ZoneEvent
 from pipeline.config import KafkaConfig
 from pipeline.frames import FrameResult
-from pipeline.health import Heartbeats
-from pipeline.kafka_client import (
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.publishing.kafka_client import (
     DeliveryErrorKind,
     Producer,
     close_kafka_producer,
@@ -42,10 +43,9 @@ from pipeline.kafka_client import (
     ensure_topic,
     make_kafka_producer,
 )
-from pipeline.messages import EVENT_HEADERS, HEADERS, build_event, build_message, encode
-from pipeline.metrics import PipelineMetrics
-from pipeline.snapshots import SnapshotWriter
-from pipeline.spool import OutgoingMessage, Spool, discard_undelivered, load_undelivered, save_undelivered
+from pipeline.publishing.messages import EVENT_HEADERS, HEADERS, build_event, build_message, encode
+from pipeline.publishing.snapshots import SnapshotWriter
+from pipeline.publishing.spool import OutgoingMessage, Spool, discard_undelivered, load_undelivered, save_undelivered
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,6 @@ def _describe(result: FrameResult | ZoneEvent) -> str:
     if isinstance(result, ZoneEvent):
         return f"stream {result.stream_id}, zone event {result.event} in {result.zone_id}"
     return f"stream {result.frame.stream_id}, frame {result.frame.frame_id}"
-
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,10 @@ from datetime import datetime
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.analytics.tracking import StreamTracker
 from pipeline.config import AnalyticsConfig, ZoneConfig
 from pipeline.frames import FrameResult
-from pipeline.inference import class_ids_for
-from pipeline.tracking import StreamTracker
+from pipeline.inference.model_info import class_ids_for
 
 TRACK_EXPIRY_S = 3.0
 # Ultralytics' trackers keep a lost track 30 frames (track_buffer); at low frame rates that outlasts

@@ -21,12 +21,13 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from pipeline.app import Pipeline
-from pipeline.broker import EmbeddedBroker
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.tools.broker import EmbeddedBroker
 
 log = logging.getLogger(__name__)
 
-SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "vap-shapes-seg.pt"
+SHIPPED_WEIGHTS = Path(__file__).parent.parent / "assets" / "vap-shapes-seg.pt"
 UNTRAINED_FALLBACK = "yolo11n-seg.yaml"
 _SUMMARY_EVERY_S = 2.0
 
@@ -55,8 +56,8 @@ def cache_dir() -> Path:
 
 def ensure_clips(directory: Path) -> None:
     """Render the sample clips once; later demos reuse them."""
-    from pipeline.synth.clips import ground_truth_path, write_clip
-    from pipeline.synth.world import SceneSpec
+    from pipeline.tools.synth.clips import ground_truth_path, write_clip
+    from pipeline.tools.synth.world import SceneSpec
 
     for clip in DEMO_CLIPS:
         path = directory / f"{clip.name}.mp4"
@@ -72,7 +73,7 @@ def ensure_clips(directory: Path) -> None:
 
 
 def demo_config(clips: Path, bootstrap: str, weights: str, overrides: list[str]) -> PipelineConfig:
-    text = resources.files("pipeline").joinpath("demo.yaml").read_text(encoding="utf-8")
+    text = resources.files("pipeline.tools").joinpath("demo.yaml").read_text(encoding="utf-8")
     environ = dict(os.environ)
     environ.update(VAP_DEMO_DIR=str(clips), VAP_DEMO_BOOTSTRAP=bootstrap, VAP_DEMO_WEIGHTS=weights)
     return load_config(None, overrides, text=text, environ=environ)

@@ -1,6 +1,6 @@
 """Train the shipped shapes segmentation model from scratch on generated data, on one CPU core.
 
-Run ``python -m pipeline.synth.train``. Everything it needs is generated or shipped inside the installed
+Run ``python -m pipeline.tools.synth.train``. Everything it needs is generated or shipped inside the installed
 packages (the architecture comes from Ultralytics' bundled YAML), so it works where weights, fonts and datasets
 cannot be downloaded. The result is reproducible from the command line recorded in the model card.
 """
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.synth.dataset import DEFAULT_SIZES, write_dataset
-from pipeline.synth.world import CLASS_NAMES
+from pipeline.tools.synth.dataset import DEFAULT_SIZES, write_dataset
+from pipeline.tools.synth.world import CLASS_NAMES
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
 WEIGHTS_NAME = "vap-shapes-seg.pt"
 
 
@@ -198,7 +198,7 @@ def write_model_card(
     lines = [
         "# vap-shapes-seg",
         "",
-        "Instance segmentation model for the procedural shapes world in `pipeline.synth`. It exists so the",
+        "Instance segmentation model for the procedural shapes world in `pipeline.tools.synth`. It exists so the",
         "pipeline can be proven end to end (decode, batch, infer, publish) with known ground truth on machines",
         "that cannot download weights. It is not a general-purpose detector.",
         "",
@@ -239,7 +239,7 @@ def write_model_card(
             "## End to end on encoded clips",
             "",
             "Fresh scenes (seeds never used for training) written to MP4, decoded with OpenCV and predicted at",
-            "imgsz 320, conf 0.25, scored by `pipeline.synth.evaluate` (box IoU >= 0.5 with matching class;",
+            "imgsz 320, conf 0.25, scored by `pipeline.tools.synth.evaluate` (box IoU >= 0.5 with matching class;",
             "required objects are at least half visible with a box side of at least 12 px; detections of",
             "smaller or mostly hidden objects are ignored rather than counted as false positives).",
             "",
@@ -251,7 +251,7 @@ def write_model_card(
                 f"| {name} ({s['frames']} frames) | {s['required_objects']} | {s['box_recall']:.3f} | "
                 f"{s['box_precision']:.3f} | {s['mean_mask_iou']:.3f} |"
             )
-        lines += ["", "Re-measure with `python -m pipeline.synth.evaluate`.", ""]
+        lines += ["", "Re-measure with `python -m pipeline.tools.synth.evaluate`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         width=args.width or None,
         cls_gain=args.cls_gain,
     )
-    command = "python -m pipeline.synth.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m pipeline.tools.synth.train " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="vap-train-") as tmp:
         work_dir = args.work_dir or Path(tmp)
         outcome = train(config, work_dir, args.output)
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         end_to_end = None
         if args.eval_clips > 0:
-            from pipeline.synth.evaluate import evaluate_model
+            from pipeline.tools.synth.evaluate import evaluate_model
 
             end_to_end = evaluate_model(args.output, n_clips=args.eval_clips, work_dir=work_dir / "eval")
             for name, summary in end_to_end.items():

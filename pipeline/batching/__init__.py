@@ -1,0 +1,1 @@
+"""The frame hub: bounded per-stream buffers and the batcher that takes from them fairly."""

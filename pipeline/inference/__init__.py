@@ -1,0 +1,1 @@
+"""Inference: the model on its device, batch pre- and post-processing, and the worker threads."""

@@ -1,0 +1,1 @@
+"""The operator's side: metrics, health, the HTTP API and config reload."""

@@ -1,0 +1,1 @@
+"""Publishing: result messages, the Kafka client and its child process, the spool, snapshots."""
