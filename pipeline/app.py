@@ -1,10 +1,11 @@
 """The composition root: builds every stage from a validated config, starts them in order, stops them
 in reverse, and decides when a bounded run is over.
 
-Start order: HTTP (so /healthz answers during warm-up), model load, publisher, warm-up, one inference
-worker per device, readers; then /readyz turns 200 and the control API takes stream changes (503 before,
-and again once stopping). Stop order: readers, the hub drains through the model, the workers finish their
-batches, the publisher flushes within a deadline, HTTP last.
+Start order: HTTP (so /healthz answers during warm-up), model load, publisher, analytics stage, warm-up,
+one inference worker per device, readers; then /readyz turns 200 and the control API takes stream changes
+(503 before, and again once stopping). Stop order: readers, the hub drains through the model, the workers
+finish their batches, the analytics stage empties, the publisher flushes, HTTP last; all within one
+budget (`StopTimeouts`), and whatever a stop leaves behind is dropped (shutdown) in the ledger.
 """
 
 from __future__ import annotations
@@ -16,48 +17,56 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from pipeline import __version__
+from pipeline.analytics.stage import AnalyticsStage
 from pipeline.analytics.zones import StreamAnalytics
-from pipeline.batching.hub import FrameHub
+from pipeline.batching.hub import FrameHub, OverflowPolicy
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
-from pipeline.frames import FrameResult
+from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, UltralyticsDetector
 from pipeline.inference.devices import resolve_devices, worker_for_decoder
 from pipeline.inference.worker import InferenceWorker
+from pipeline.ledger import FrameLedger
+from pipeline.ops import probes
 from pipeline.ops.health import Heartbeats
 from pipeline.ops.http import HttpServer, Probe, build_app
 from pipeline.ops.metrics import PipelineMetrics
+from pipeline.publishing.building import MessageBuilder
 from pipeline.publishing.kafka_client import Producer, make_kafka_producer
 from pipeline.publishing.kafka_process import KafkaChildUnusable, KafkaProcess
 from pipeline.publishing.publisher import KafkaPublisher
 from pipeline.sources.nvdec import NvdecSource, nvdec_available
 from pipeline.sources.opencv import OpenCvSource, decoder_threads
+from pipeline.sources.pyav import PyAvSource
 from pipeline.sources.reader import StreamReader, max_age_for, overflow_policy_for
 from pipeline.sources.source import VideoSource
 
 log = logging.getLogger(__name__)
 
-_STUCK_AFTER_S = 30.0
 # Python hands the GIL to a waiting thread only every switch interval (5 ms by default). The inference
 # thread gives the GIL up hundreds of times per batch (every kernel launch, every OpenCV call), so behind
 # busy reader and publisher threads each hand-back could cost up to 5 ms; 1 ms cut a measured case 10x.
 GIL_SWITCH_INTERVAL_S = 0.001
-_DRAIN_TIMEOUT_S = 5.0
-_READER_JOIN_S = 2.0
 
 
 @dataclass(frozen=True)
 class StopTimeouts:
-    """How long each stage may take to stop; together well under the 10 s operators expect."""
+    """How long each stage may take to stop. Each stage gets its share of one deadline, so together they
+    stay within the 10 s a service manager gives before it kills the process, however stuck a stage is."""
 
-    drain_s: float = _DRAIN_TIMEOUT_S
-    kafka_flush_s: float = 3.0
+    readers_s: float = 1.0
+    drain_s: float = 2.5  # the frames waiting in the hub go through the model
+    workers_s: float = 1.5  # the batches the model holds come back
+    analytics_s: float = 1.0
+    kafka_flush_s: float = 2.5
+    kafka_close_s: float = 0.5
+    http_s: float = 0.5
 
 
 class _Phase(enum.Enum):
@@ -65,17 +74,6 @@ class _Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
-
-
-@dataclass(frozen=True)
-class _Incarnation:
-    """One add of a stream id. A stream removed and added again under the same id (a reload's restart) still
-    has results of frames read before the add in flight: they belong to the stream that was removed, so they
-    are published and counted in its series (`Frame.series`), but never reach the new stream's tracker."""
-
-    added_monotonic: float
-    analytics: StreamAnalytics | None
-    occupancy_keys: set[tuple[str, str]] = field(default_factory=set)
 
 
 class Pipeline:
@@ -93,13 +91,15 @@ class Pipeline:
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.heartbeats = Heartbeats(self.metrics)
-        self.hub = FrameHub(on_stale=lambda frame: self.metrics.drop(frame.stream_id, "stale"))
+        self.ledger = FrameLedger(self.metrics)
+        self.hub = FrameHub(on_stale=lambda frame: self.ledger.dropped(frame.ticket, "stale"))
         self._detector_factory = detector_factory or _ultralytics_detector
         self._producer_factory = producer_factory
         self._kafka_process: KafkaProcess | None = None
         self._kafka_in_process = False
         self._timeouts = timeouts
         self._stop_requested = threading.Event()
+        self._stopping = threading.Event()
         self._ready = threading.Event()
         self._processed_lock = threading.Lock()
         self._processed = 0
@@ -107,16 +107,17 @@ class Pipeline:
         self._results_abandoned = False
         self.detector: Detector | None = None
         self.publisher: KafkaPublisher | None = None
+        self.analytics: AnalyticsStage | None = None
         self.workers: list[InferenceWorker] = []
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
         self._phase = _Phase.NEW
         self._streams_lock = threading.RLock()
-        self._incarnations: dict[str, _Incarnation] = {}
         self._started_monotonic = time.monotonic()
 
     @property
     def processed(self) -> int:
+        """Frames inferred and handed to the analytics stage (what `--max-frames` counts)."""
         return self._processed
 
     @property
@@ -144,21 +145,13 @@ class Pipeline:
         self.hub.set_workers(len(detectors))
         for detector in detectors:
             self.metrics.build_info.labels(version=__version__, model=detector.name, device=detector.device).set(1)
-        producer_factory = self._producer_factory or make_kafka_producer
-        if self._kafka_process is not None:
-            producer_factory = self._open_producer_in_child
-        self.publisher = KafkaPublisher(
-            config.kafka, self.detector.name, self.metrics, self.heartbeats, producer_factory,
-            events_topic=config.tracking.events_topic,
-        )
-        self.publisher.start()
+        self._start_publishing(self.detector.name)
         for index, detector in enumerate(detectors):
             if config.model.warmup:
                 log.info("warming up %s on %s", detector.name, detector.device)
                 detector.warmup([1, config.batching.max_batch])
-            worker = InferenceWorker(
-                detector, self.hub, config.batching, self._deliver, self.metrics, self.heartbeats, index
-            )
+            worker = InferenceWorker(detector, self.hub, config.batching, self._deliver, self.ledger, self.metrics,
+                                     self.heartbeats, index)
             self.workers.append(worker)
             worker.start()
         with self._streams_lock:
@@ -169,6 +162,19 @@ class Pipeline:
                 self._ready.set()
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
                  ", ".join(devices), self.detector.runtime)
+
+    def _start_publishing(self, model_name: str) -> None:
+        config = self.config
+        producer_factory = self._producer_factory or make_kafka_producer
+        if self._kafka_process is not None:
+            producer_factory = self._open_producer_in_child
+        self.publisher = KafkaPublisher(config.kafka, self.ledger, self.metrics, self.heartbeats, producer_factory,
+                                        events_topic=config.tracking.events_topic)
+        self.publisher.start()
+        builder = MessageBuilder(model_name, config.kafka.snapshots)
+        self.analytics = AnalyticsStage(config.analytics, builder, self.publisher.submit, self.ledger, self.metrics,
+                                        self.heartbeats)
+        self.analytics.start()
 
     def _open_producer_in_child(self, config: KafkaConfig) -> Producer:
         """The child's producer, or this process's own once the child has shown it cannot start here: results
@@ -200,43 +206,31 @@ class Pipeline:
         """Everything that can refuse the stream runs before anything is registered: a refused stream must
         leave no buffer and no series behind (a `vap_stream_up` of 0 for ever would fire the stream-down
         alert for a stream that never ran)."""
-        with self._streams_lock:
-            if stream.id in self.readers:
-                raise StreamExists(stream.id)
-            if stream.kind == "file" and not stream.file_path.is_file():
-                raise ValueError(f"url: file not found: {stream.redacted_url}")
-            if stream.decoder != "cpu" and not nvdec_available():
-                raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
-                                 "(pip install 'vap[nvdec]'), or use decoder: cpu")
-            analytics = None
-            if stream.analytics.tracks:
-                assert self.detector is not None
-                analytics = StreamAnalytics(
-                    stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels
-                )
-            source_factory = self._source_factory(stream)
-            self.metrics.add_stream(stream.id)
-            self.hub.add_stream(
-                stream.id, self.config.batching.queue_size, overflow_policy_for(stream), max_age_for(stream),
-                worker=worker_for_decoder(stream.decoder, [worker.device for worker in self.workers]),
-            )
-            try:
-                reader = StreamReader(stream, self.hub, self.metrics, self.heartbeats, source_factory)
-                incarnation = _Incarnation(time.monotonic(), analytics)
-                reader.start()
-            except BaseException:
-                self.hub.remove_stream(stream.id)
-                self.metrics.remove_stream(stream.id)
-                raise
-            self.readers[stream.id] = reader
-            self._incarnations[stream.id] = incarnation
+        if stream.id in self.readers:
+            raise StreamExists(stream.id)
+        if stream.kind == "file" and not stream.file_path.is_file():
+            raise ValueError(f"url: file not found: {stream.redacted_url}")
+        if stream.decoder != "cpu" and not nvdec_available():
+            raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
+                             "(pip install 'vap[nvdec]'), or use decoder: cpu")
+        assert self.detector is not None and self.analytics is not None
+        analytics = None
+        if stream.analytics.tracks:
+            analytics = StreamAnalytics(stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels)
+        source_factory = _source_factory(stream, max(len(self.config.streams), len(self.readers) + 1))
+        run = self.ledger.add_stream(stream.id)
+        policy = overflow_policy_for(stream)
+        self.hub.add_stream(stream.id, self.config.batching.queue_size, policy, max_age_for(stream),
+                            worker=worker_for_decoder(stream.decoder, [worker.device for worker in self.workers]))
+        self.analytics.add_stream(stream.id, run, analytics, wait_when_full=policy is OverflowPolicy.WAIT)
+        try:
+            reader = StreamReader(stream, run, self.hub, self.ledger, self.metrics, self.heartbeats, source_factory)
+            reader.start()
+        except BaseException:
+            self._forget_stream(stream.id, run)
+            raise
+        self.readers[stream.id] = reader
         log.info("stream %s: added (%s)", stream.id, stream.redacted_url, extra={"stream": stream.id})
-
-    def _source_factory(self, stream: StreamConfig) -> Callable[[StreamConfig], VideoSource]:
-        if stream.decoder != "cpu":
-            return NvdecSource
-        threads = decoder_threads(max(len(self.config.streams), len(self.readers) + 1))
-        return functools.partial(OpenCvSource, threads=threads)
 
     def remove_stream(self, stream_id: str) -> None:
         """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later."""
@@ -246,92 +240,70 @@ class Pipeline:
             if reader is None:
                 raise UnknownStream(stream_id)
             reader.stop()
-            self.hub.remove_stream(stream_id)
-            self.metrics.remove_stream(stream_id)
-            self._incarnations.pop(stream_id, None)
-        threading.Thread(target=self._reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
+            self._forget_stream(stream_id, reader.run)
+            self.heartbeats.forget_death(reader.thread_name)
+        threading.Thread(target=_reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
         log.info("stream %s: removed", stream_id, extra={"stream": stream_id})
 
-    def _reap(self, reader: StreamReader) -> None:
-        """Only says when a removed reader does not end: what it still does reaches neither the metrics nor
-        the frames of a stream added again under its id."""
-        if not reader.join(timeout=60):
-            log.warning("stream %s: reader still blocked 60 s after removal", reader.config.id)
+    def _forget_stream(self, stream_id: str, run: int) -> None:
+        """Frames still waiting for the model are dropped; those already inferred are published, without
+        reaching a new run's analytics."""
+        assert self.analytics is not None
+        for frame in self.hub.remove_stream(stream_id):
+            self.ledger.dropped(frame.ticket, "stream_removed")
+        self.analytics.remove_stream(run)
+        self.ledger.remove_stream(stream_id)
+
+    @property
+    def stopping(self) -> bool:
+        return self._phase is _Phase.STOPPING
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and warm, and the configured streams are started."""
+        return self._ready.is_set()
+
+    @property
+    def started_monotonic(self) -> float:
+        return self._started_monotonic
+
+    def running_readers(self) -> list[StreamReader]:
+        with self._streams_lock:
+            return list(self.readers.values())
 
     def list_streams(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        with self._streams_lock:
-            readers = list(self.readers.values())
-        streams = []
-        for reader in readers:
-            totals = self.metrics.frame_totals(reader.config.id)
-            streams.append({
-                "id": reader.config.id,
-                "url": reader.config.redacted_url,
-                "kind": reader.config.kind,
-                "state": reader.state.value,
-                "last_frame_age_s": None if reader.last_frame_monotonic is None
-                else round(now - reader.last_frame_monotonic, 3),
-                "frames_read": None if totals is None else totals.read,
-                "frames_processed": None if totals is None else totals.processed,
-            })
-        return streams
+        return probes.list_streams(self)
 
     def status(self) -> dict[str, Any]:
-        publisher = self.publisher
-        return {
-            "version": __version__,
-            "uptime_s": round(time.monotonic() - self._started_monotonic, 1),
-            "ready": self._ready.is_set(),
-            "model": None if self.detector is None else {
-                "name": self.detector.name, "task": self.detector.task,
-                "device": ", ".join(worker.device for worker in self.workers) or self.detector.device,
-                "runtime": self.detector.runtime,
-            },
-            "streams": len(self.readers),
-            "frames_processed": self._processed,
-            "kafka": None if publisher is None else {
-                "topic": self.config.kafka.topic, "connected": publisher.connected, "backlog": publisher.backlog()
-            },
-        }
+        return probes.status(self)
+
+    def health(self) -> Probe:
+        return probes.health(self)
+
+    def readiness(self) -> Probe:
+        return probes.readiness(self)
 
     def _deliver(self, result: FrameResult) -> None:
-        assert self.publisher is not None
+        """The inference workers' hand-off to the analytics stage."""
+        assert self.analytics is not None
         if self._results_abandoned:
             return  # counted as dropped when the stop gave up on its worker
-        frame = result.frame
-        incarnation = self._incarnations.get(frame.stream_id)
-        if incarnation is not None and frame.captured_monotonic < incarnation.added_monotonic:
-            incarnation = None  # read before the stream was added again: published, but not the new run's analytics
-        if incarnation is not None and incarnation.analytics is not None:
-            result, events = incarnation.analytics.process(result)
-            self._set_occupancy(frame.stream_id, incarnation.occupancy_keys, incarnation.analytics.occupancy())
-        else:
-            events = []
-        self.publisher.submit(result)
-        for event in events:
-            self.publisher.submit(event)
+        self.analytics.submit(result, self._stopping)
         with self._processed_lock:
             self._processed += 1
             if self._max_frames is not None and self._processed >= self._max_frames:
                 self._stop_requested.set()
-
-    def _set_occupancy(self, stream_id: str, keys: set[tuple[str, str]], counts: dict[tuple[str, str], int]) -> None:
-        """`keys`: every zone and label this stream has reported, so a zone that empties goes back to 0."""
-        keys |= set(counts)
-        series = self.metrics.stream(stream_id)
-        for zone_id, label in keys:
-            series.occupancy(zone_id, label).set(counts.get((zone_id, label), 0))
 
     def request_stop(self) -> None:
         """Safe from signal handlers: only sets a flag that `wait` watches."""
         self._stop_requested.set()
 
     def sources_exhausted(self) -> bool:
-        """Every stream was a file that ended, and every frame read went through the model."""
-        with self._streams_lock:
-            readers = list(self.readers.values())
-        return bool(readers) and all(reader.finished.is_set() for reader in readers) and self.hub.drained()
+        """Every stream was a file that ended, and every frame read went through the model and analytics."""
+        readers = self.running_readers()
+        analytics_done = self.analytics is None or self.analytics.drained()
+        return (bool(readers) and all(reader.finished.is_set() for reader in readers) and self.hub.drained()
+                and analytics_done)
 
     def wait(self, duration_s: float | None = None) -> str:
         """Block until a stop is requested, the duration passes, or all files are done; says which."""
@@ -352,76 +324,75 @@ class Pipeline:
             self._phase = _Phase.STOPPING
             self._ready.clear()
             readers = list(self.readers.values())
+        timeouts = self._timeouts
         for reader in readers:
             reader.stop()
-        readers_deadline = time.monotonic() + _READER_JOIN_S  # one for all: stuck readers must not add up
+        readers_deadline = time.monotonic() + timeouts.readers_s  # one for all: stuck readers must not add up
         for reader in readers:
             if not reader.join(max(0.0, readers_deadline - time.monotonic())):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
-        deadline = time.monotonic() + self._timeouts.drain_s
+        self._stop_inference(time.monotonic() + timeouts.drain_s, timeouts.workers_s)
+        if self.analytics is not None:
+            self._stop_analytics(time.monotonic() + timeouts.analytics_s)
+        if self.publisher is not None:
+            self.publisher.stop(timeouts.kafka_flush_s)
+            if not self.publisher.join(timeouts.kafka_flush_s + 0.2):
+                log.warning("the publisher did not finish in time")
+        if self._kafka_process is not None:
+            self._kafka_process.close(timeouts.kafka_close_s)
+        if self.http is not None:
+            self.http.stop(timeouts.http_s)
+        log.info("stopped after %d inferred and %d published frame(s)", self._processed, self.ledger.published_total)
+
+    def _stop_inference(self, deadline: float, workers_s: float) -> None:
+        """The hub drains through the model until `deadline`; what is left there is dropped (shutdown). The
+        workers then have `workers_s` to finish their batches; the batches of one still stuck are dropped."""
         while self.workers and not self.hub.drained() and time.monotonic() < deadline:
             time.sleep(0.02)
-        left = self.hub.discard_waiting()
-        for frame in left:
-            (frame.series or self.metrics.stream(frame.stream_id)).dropped["shutdown"].inc()
-        if left:
-            log.warning("stopping with %d frame(s) read but not inferred after %.0f s of draining; counted as "
-                        "dropped (shutdown)", len(left), self._timeouts.drain_s)
+        self._drop_at_stop(self.hub.discard_waiting(), "read but not inferred")
+        self._stopping.set()  # a worker waiting for room in the analytics stage gives up from here on
         for worker in self.workers:
             worker.stop()
+        workers_deadline = time.monotonic() + workers_s
         for worker in self.workers:
-            worker.join(max(0.1, deadline + self._timeouts.drain_s - time.monotonic()))
+            worker.join(max(0.0, workers_deadline - time.monotonic()))
         stuck = [worker.thread_name for worker in self.workers if worker.is_alive()]
         if stuck:
             self._results_abandoned = True
-            lost = self.hub.abandon_in_flight()
-            for frame in lost:
-                (frame.series or self.metrics.stream(frame.stream_id)).dropped["shutdown"].inc()
-            log.warning("%s did not finish in time; the %d frame(s) in its batches are counted as dropped "
-                        "(shutdown)", ", ".join(stuck), len(lost))
-        if self.publisher is not None:
-            self.publisher.stop(self._timeouts.kafka_flush_s)
-            self.publisher.join(self._timeouts.kafka_flush_s + 3)
-        if self._kafka_process is not None:
-            self._kafka_process.close()
-        if self.http is not None:
-            self.http.stop()
-        log.info("stopped after %d processed frame(s)", self._processed)
+            self._drop_at_stop(self.hub.abandon_in_flight(), f"in the batches of {', '.join(stuck)}")
 
-    def health(self) -> Probe:
-        stuck = self.heartbeats.stuck(_STUCK_AFTER_S)
-        dead = [
-            name
-            for name, alive in (
-                ("inference", all(worker.is_alive() for worker in self.workers) or self._phase is _Phase.STOPPING),
-                ("publisher", self.publisher is None or self.publisher.is_alive() or self._phase is _Phase.STOPPING),
-            )
-            if not alive
-        ]
-        ok = not stuck and not dead
-        return Probe(ok, {"status": "ok" if ok else "failing", "stuck": stuck, "dead": dead})
+    def _stop_analytics(self, deadline: float) -> None:
+        assert self.analytics is not None
+        self.analytics.stop()
+        if not self.analytics.join(max(0.0, deadline - time.monotonic())):
+            log.warning("the analytics stage did not empty in time")
+        left = self.analytics.discard_waiting()
+        if left:
+            log.warning("stopping with %d frame(s) inferred but not analysed; counted as dropped (shutdown)", left)
 
-    def readiness(self) -> Probe:
-        streams = {
-            entry["id"]: {"state": entry["state"], "last_frame_age_s": entry["last_frame_age_s"]}
-            for entry in self.list_streams()
-        }
-        publisher = self.publisher
-        spool_limit = self.config.kafka.spool.max_messages
-        overflowing = publisher is not None and publisher.overflowing()
-        kafka_ok = publisher is not None and not overflowing
-        ready = self._ready.is_set() and kafka_ok
-        body = {
-            "ready": ready,
-            "model_warm": self._ready.is_set(),
-            "kafka": None if publisher is None else {
-                "connected": publisher.connected, "backlog": publisher.backlog(), "spool_limit": spool_limit,
-                "dropping": overflowing,
-            },
-            "streams": streams,
-        }
-        return Probe(ready, body)
+    def _drop_at_stop(self, frames: list[Frame], where: str) -> None:
+        for frame in frames:
+            self.ledger.dropped(frame.ticket, "shutdown")
+        if frames:
+            log.warning("stopping with %d frame(s) %s; counted as dropped (shutdown)", len(frames), where)
+
 
 
 def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:
     return UltralyticsDetector(config.model, device, config.batching.max_batch)
+
+
+def _source_factory(stream: StreamConfig, streams: int) -> Callable[[StreamConfig], VideoSource]:
+    """NVDEC when asked for; PyAV for RTSP cameras, which need FFmpeg options of their own; OpenCV else."""
+    if stream.decoder != "cpu":
+        return NvdecSource
+    if stream.url.lower().startswith(("rtsp://", "rtsps://")):
+        return functools.partial(PyAvSource, threads=decoder_threads(streams))
+    return functools.partial(OpenCvSource, threads=decoder_threads(streams))
+
+
+def _reap(reader: StreamReader) -> None:
+    """Only says when a removed reader does not end: what it still does reaches neither the metrics nor the
+    frames of a stream added again under its id."""
+    if not reader.join(timeout=60):
+        log.warning("stream %s: reader still blocked 60 s after removal", reader.config.id)

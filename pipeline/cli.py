@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -109,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     train.add_argument("train_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def entry() -> None:
+    """The `vap` command: `main`, then the process's end.
+
+    A stop may leave a thread behind inside native code (a camera's FFmpeg open that ignores its timeout, a
+    model stuck in a batch). Tearing the interpreter down around such a thread can abort the process
+    (C++'s "terminate called without an active exception"), turning a clean stop into a crash. Once
+    everything is flushed, such a process ends at once instead.
+    """
+    code = main()
+    if any(thread is not threading.main_thread() and thread.is_alive() for thread in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

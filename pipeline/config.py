@@ -400,9 +400,17 @@ class TrackingConfig(_Section):
     events_topic: str = Field("vap.events", pattern=r"^[A-Za-z0-9._-]+$", description="Topic of vap.event.v1")
 
 
+class AnalyticsStageConfig(_Section):
+    """The stage after inference: each stream's tracking, zones and lines, then its messages."""
+
+    workers: int = Field(2, ge=1, le=64, description="Threads shared by all streams; one stream uses one at a time")
+    queue_size: int = Field(8, ge=1, le=1024, description="Results waiting per stream (each holds its image)")
+
+
 class PipelineConfig(_Section):
     streams: list[StreamConfig] = Field(min_length=1)
     tracking: TrackingConfig = TrackingConfig()
+    analytics: AnalyticsStageConfig = AnalyticsStageConfig()
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
     kafka: KafkaConfig = KafkaConfig()

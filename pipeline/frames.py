@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.ledger import NO_RUN, FrameTicket
+
 if TYPE_CHECKING:
     import torch
-
-    from pipeline.ops.metrics import StreamMetrics
 
 Image = Union[npt.NDArray[np.uint8], "torch.Tensor"]
 """BGR uint8 (H, W, 3): a NumPy array, or a tensor on the GPU that decoded it (`decoder: cuda`)."""
@@ -31,9 +31,9 @@ class Frame:
     """One decoded image from one stream, stamped where it was read.
 
     `captured_at` is wall-clock UTC for the message; `captured_monotonic` measures latency and
-    staleness without being fooled by clock changes. `series` are the metrics of the reader that read it:
-    a stream removed and added again under its id (a reload's restart) still has frames in flight, and
-    what becomes of them counts for the run that read them, not for the new one.
+    staleness without being fooled by clock changes. `run` is the run of the stream that read it (see
+    `pipeline.ledger`): a stream removed and added again under its id (a reload's restart) still has frames
+    in flight, and what becomes of them counts for the run that read them, not for the new one.
     """
 
     stream_id: str
@@ -42,7 +42,11 @@ class Frame:
     captured_at: datetime
     captured_monotonic: float
     image: Image
-    series: StreamMetrics | None = field(default=None, compare=False, repr=False)
+    run: int = field(default=NO_RUN, compare=False)
+
+    @property
+    def ticket(self) -> FrameTicket:
+        return FrameTicket(self.stream_id, self.run, self.frame_id)
 
     @property
     def width(self) -> int:
@@ -95,8 +99,19 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class BatchTimings:
+    """Where a batch's time went in the inference stage, in seconds: letterboxing, the model alone, and NMS,
+    masks and polygons. On a GPU the model's time is measured on the device; the others on the host."""
+
+    preprocess_s: float
+    infer_s: float
+    postprocess_s: float
+
+
+@dataclass(frozen=True)
 class FrameResult:
-    """What the model said about one frame, with the timings the message reports."""
+    """What the model said about one frame, with the timings the message reports (`inference_ms` is the
+    model's own time on the frame's batch, without waiting for earlier batches)."""
 
     frame: Frame
     task: str
@@ -106,3 +121,4 @@ class FrameResult:
     queue_ms: float = 0.0
     inference_ms: float = 0.0
     inferred_monotonic: float = 0.0
+    timings: BatchTimings | None = field(default=None, compare=False, repr=False)

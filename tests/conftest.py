@@ -206,3 +206,12 @@ def stop_with_sigterm(process: subprocess.Popen[bytes], within_s: float = 10.0) 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=within_s) == 0
     assert time.monotonic() - stopped_at < within_s
+
+
+@pytest.fixture
+def pipelines() -> Iterator[list[Pipeline]]:
+    """Pipelines a test made, stopped however the test ends."""
+    made: list[Pipeline] = []
+    yield made
+    for pipeline in made:
+        pipeline.stop()

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import CollectorRegistry
 
+from pipeline.analytics.zones import ZoneEvent
+from pipeline.config import KafkaConfig, PipelineConfig, SnapshotConfig, parse_config
 from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.ledger import NO_RUN, FrameLedger
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import DROP_REASONS, PipelineMetrics
+from pipeline.publishing.building import MessageBuilder
+from pipeline.publishing.kafka_client import Producer
+from pipeline.publishing.publisher import KafkaPublisher
+from pipeline.publishing.spool import OutgoingMessage
 from pipeline.tools.synth.world import SceneSpec, render_scene
 
 
@@ -145,3 +155,142 @@ class GarbageThenGoodSource(FakeSource):
             self._garbage -= 1
             raise InvalidFrame("no key frame yet")
         return super().read()
+
+
+class Stages:
+    """What every stage is built with, fresh for one test: a registry, its metrics, heartbeats and a ledger."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = PipelineMetrics(self.registry)
+        self.heartbeats = Heartbeats(self.metrics)
+        self.ledger = FrameLedger(self.metrics)
+        self.runs: dict[str, int] = {}
+
+    def add_stream(self, stream_id: str) -> int:
+        self.runs[stream_id] = self.ledger.add_stream(stream_id)
+        return self.runs[stream_id]
+
+    def frame(self, stream_id: str, frame_id: int, width: int = 32, height: int = 24) -> Frame:
+        """A frame of a stream added here, read (for the ledger) as a reader would."""
+        run = self.runs.get(stream_id) or self.add_stream(stream_id)
+        frame = replace(make_frame(stream_id, frame_id, width, height), run=run)
+        self.ledger.read(frame.ticket)
+        return frame
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def dropped(self, stream_id: str, reason: str) -> float:
+        return self.value("vap_frames_dropped_total", stream=stream_id, reason=reason)
+
+    def assert_settled(self, *stream_ids: str) -> None:
+        """Every frame read ended exactly once: published or dropped, and the metrics say the same."""
+        for stream_id in stream_ids:
+            totals = self.ledger.totals(stream_id)
+            assert totals is not None
+            assert totals.in_flight == 0, f"{stream_id}: {totals}"
+            assert totals.read == totals.published + totals.dropped, f"{stream_id}: {totals}"
+            dropped = sum(self.dropped(stream_id, reason) for reason in DROP_REASONS)
+            assert self.value("vap_frames_read_total", stream=stream_id) == totals.read
+            assert self.value("vap_frames_processed_total", stream=stream_id) == totals.published
+            assert dropped == totals.dropped
+        assert self.ledger.double_outcomes == 0
+
+
+class MessageFeed:
+    """Builds results and zone events into messages as the analytics stage does, and hands them to a
+    publisher: for tests of the publisher alone. A frame of no stream yet is read into `stages`' ledger
+    first, as a reader would, so that its fate is counted."""
+
+    def __init__(self, stages: Stages, publish: Callable[[list[OutgoingMessage]], None],
+                 snapshots: SnapshotConfig | None = None) -> None:
+        self._stages = stages
+        self._publish = publish
+        self._builder = MessageBuilder("test-model", snapshots or SnapshotConfig())
+
+    def submit(self, item: FrameResult | ZoneEvent) -> None:
+        if isinstance(item, ZoneEvent):
+            self._publish([self._builder.event_message(item, None)])
+            return
+        frame = item.frame
+        if frame.run == NO_RUN:
+            frame = self._stages.frame(frame.stream_id, frame.frame_id)
+            item = replace(item, frame=replace(item.frame, run=frame.run))
+        series = self._stages.ledger.series(frame.stream_id, frame.run)
+        self._publish([self._builder.frame_message(item, series)])
+
+
+class FedPublisher:
+    """A started publisher with a `MessageFeed` in front, so a test submits results and events as such."""
+
+    def __init__(self, stages: Stages, publisher: KafkaPublisher) -> None:
+        self.stages = stages
+        self.publisher = publisher
+        self._feed = MessageFeed(stages, publisher.submit)
+
+    def submit(self, item: FrameResult | ZoneEvent) -> None:
+        self._feed.submit(item)
+
+    def backlog(self) -> int:
+        return self.publisher.backlog()
+
+    def stop(self, flush_timeout_s: float) -> None:
+        self.publisher.stop(flush_timeout_s)
+
+    def join(self, timeout: float) -> bool:
+        return self.publisher.join(timeout)
+
+
+class InstantDetector:
+    """A model that finds nothing; `loaded` and `release` let a test hold its loading or a batch."""
+
+    name = "instant"
+    task = "detect"
+    device = "cpu"
+    runtime = "python"
+    labels = {0: "marker"}
+
+    def __init__(self, release: threading.Event | None = None) -> None:
+        self._release = release
+        self.holding = threading.Event()
+        self.held = 0
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        pass
+
+    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
+        return frames
+
+    def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
+        if self._release is not None and not self._release.is_set():
+            self.held = len(frames)
+            self.holding.set()
+            self._release.wait(30)
+        return [FrameResult(frame=frame, task=self.task, detections=Detections.empty(), labels=self.labels)
+                for frame in frames]
+
+    def close(self) -> None:
+        pass
+
+
+def config_with(streams: list[dict[str, Any]]) -> PipelineConfig:
+    return parse_config({
+        "streams": streams,
+        "model": {"warmup": False},
+        "batching": {"max_batch": 4, "max_wait_ms": 10},
+        "http": {"host": "127.0.0.1", "port": 0},
+    })
+
+
+def fake_kafka(made: list[FakeProducer] | None = None) -> Callable[[KafkaConfig], Producer]:
+    available = threading.Event()
+    available.set()
+
+    def make(_config: KafkaConfig) -> Producer:
+        producer = FakeProducer(available)
+        if made is not None:
+            made.append(producer)
+        return producer
+
+    return make

@@ -5,89 +5,23 @@ was in flight while its stream was restarted belongs to."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import Metric
 
 from pipeline.app import Pipeline, StopTimeouts
-from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig, parse_config
-from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.config import PipelineConfig, StreamConfig
 from pipeline.inference.detector import Detector
 from pipeline.ops.metrics import DROP_REASONS
-from pipeline.publishing.kafka_client import Producer
 from tests.conftest import sample, scrape, wait_for, write_moving_box_clip
-from tests.fakes import FakeProducer
+from tests.fakes import FakeProducer, InstantDetector, config_with, fake_kafka
 from tests.test_control_api import call
 
 READ = "vap_frames_read_total"
 PROCESSED = "vap_frames_processed_total"
 NO_CAMERA = "rtsp://127.0.0.1:1/live"  # nothing listens: the reader backs off and reads nothing
-
-
-class InstantDetector:
-    """A model that finds nothing; `loaded` and `release` let a test hold its loading or a batch."""
-
-    name = "instant"
-    task = "detect"
-    device = "cpu"
-    runtime = "python"
-    labels = {0: "marker"}
-
-    def __init__(self, release: threading.Event | None = None) -> None:
-        self._release = release
-        self.holding = threading.Event()
-        self.held = 0
-
-    def warmup(self, batch_sizes: Sequence[int]) -> None:
-        pass
-
-    def submit(self, frames: Sequence[Frame]) -> Sequence[Frame]:
-        return frames
-
-    def collect(self, frames: Sequence[Frame]) -> list[FrameResult]:
-        if self._release is not None and not self._release.is_set():
-            self.held = len(frames)
-            self.holding.set()
-            self._release.wait(30)
-        return [FrameResult(frame=frame, task=self.task, detections=Detections.empty(), labels=self.labels)
-                for frame in frames]
-
-    def close(self) -> None:
-        pass
-
-
-def config_with(streams: list[dict[str, Any]]) -> PipelineConfig:
-    return parse_config({
-        "streams": streams,
-        "model": {"warmup": False},
-        "batching": {"max_batch": 4, "max_wait_ms": 10},
-        "http": {"host": "127.0.0.1", "port": 0},
-    })
-
-
-def fake_kafka(made: list[FakeProducer] | None = None) -> Callable[[KafkaConfig], Producer]:
-    available = threading.Event()
-    available.set()
-
-    def make(_config: KafkaConfig) -> Producer:
-        producer = FakeProducer(available)
-        if made is not None:
-            made.append(producer)
-        return producer
-
-    return make
-
-
-@pytest.fixture
-def pipelines() -> Iterator[list[Pipeline]]:
-    """Pipelines a test made, stopped however the test ends."""
-    made: list[Pipeline] = []
-    yield made
-    for pipeline in made:
-        pipeline.stop()
 
 
 def started(pipelines: list[Pipeline], config: PipelineConfig,

@@ -72,7 +72,8 @@ def test_drop_oldest_keeps_the_freshest_frames_and_reports_the_dropped_one() -> 
     hub.add_stream("live", 2, OverflowPolicy.DROP_OLDEST)
     stop = threading.Event()
     dropped = [hub.put(make_frame("live", frame_id), stop) for frame_id in range(5)]
-    assert [d.frame_id for d in dropped if d is not None] == [0, 1, 2]
+    assert [(d[0].frame_id, d[1]) for d in dropped if d is not None] == [(0, "queue_full"), (1, "queue_full"),
+                                                                         (2, "queue_full")]
     batch = hub.take_batch(max_batch=4, max_wait_s=0.0, max_per_stream=4)
     assert batch is not None and [f.frame_id for f in batch.frames] == [3, 4]
 

@@ -11,17 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from pipeline.batching.hub import FrameHub, OverflowPolicy
 from pipeline.config import BatchingConfig, ModelConfig
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.inference.detector import UltralyticsDetector, infer
 from pipeline.inference.worker import InferenceWorker
-from pipeline.ops.health import Heartbeats
-from pipeline.ops.metrics import PipelineMetrics
 from pipeline.tools.synth.world import SceneSpec, render_scene
-from tests.fakes import make_frame, scene_frames
+from tests.fakes import Stages, make_frame, scene_frames
 
 
 class ContentReadingDetector:
@@ -60,8 +57,9 @@ class ContentReadingDetector:
         ]
 
 
-def marked_frame(stream_index: int, frame_id: int) -> Frame:
-    frame = make_frame(f"s{stream_index}", frame_id)
+def marked_frame(stream_index: int, frame_id: int, stages: Stages | None = None) -> Frame:
+    stream_id = f"s{stream_index}"
+    frame = make_frame(stream_id, frame_id) if stages is None else stages.frame(stream_id, frame_id)
     frame.image[0, 0, 0] = (stream_index * 50 + frame_id) % 256
     return frame
 
@@ -75,7 +73,7 @@ def waiting_hub(streams: int, workers: int = 1) -> FrameHub:
 
 
 def run_workers(workers: list[InferenceWorker], hub: FrameHub, streams: int, frames: int,
-                delivered: list[FrameResult], expected: int | None = None) -> None:
+                delivered: list[FrameResult], expected: int | None = None, stages: Stages | None = None) -> None:
     """Feed `frames` marked frames per stream through the workers, wait for `expected` results (every
     frame's by default), stop them."""
     stop = threading.Event()
@@ -83,7 +81,7 @@ def run_workers(workers: list[InferenceWorker], hub: FrameHub, streams: int, fra
         worker.start()
     for frame_id in range(frames):
         for stream_index in range(streams):
-            hub.put(marked_frame(stream_index, frame_id), stop)
+            hub.put(marked_frame(stream_index, frame_id, stages), stop)
     deadline = time.monotonic() + 10
     while len(delivered) < (streams * frames if expected is None else expected) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -103,12 +101,14 @@ def assert_routed_in_order(delivered: list[FrameResult], streams: int, frames: i
 
 
 def test_worker_routes_each_result_to_its_own_stream_and_frame() -> None:
-    metrics = PipelineMetrics(CollectorRegistry())
+    stages = Stages()
+    metrics = stages.metrics
     hub = waiting_hub(3)
     delivered: list[FrameResult] = []
     worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=5, max_wait_ms=5),
-                             delivered.append, metrics, Heartbeats(metrics))
-    run_workers([worker], hub, 3, 20, delivered)
+                             delivered.append, stages.ledger, metrics,
+                             stages.heartbeats)
+    run_workers([worker], hub, 3, 20, delivered, stages=stages)
     assert_routed_in_order(delivered, 3, 20)
 
 
@@ -163,7 +163,8 @@ class SlowContentReadingDetector(ContentReadingDetector):
 
 
 def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() -> None:
-    metrics = PipelineMetrics(CollectorRegistry())
+    stages = Stages()
+    metrics = stages.metrics
     hub = waiting_hub(4, workers=2)
     delivered: list[FrameResult] = []
     lock = threading.Lock()
@@ -173,15 +174,16 @@ def test_two_device_workers_share_the_streams_and_keep_each_stream_in_order() ->
             delivered.append(result)
 
     detectors = [SlowContentReadingDetector("dev0"), SlowContentReadingDetector("dev1")]
-    workers = [InferenceWorker(d, hub, BatchingConfig(max_batch=3, max_wait_ms=1), deliver, metrics,
-                               Heartbeats(metrics), index) for index, d in enumerate(detectors)]
-    run_workers(workers, hub, 4, 30, delivered)
+    workers = [InferenceWorker(d, hub, BatchingConfig(max_batch=3, max_wait_ms=1), deliver, stages.ledger, metrics,
+                               stages.heartbeats, index) for index, d in enumerate(detectors)]
+    run_workers(workers, hub, 4, 30, delivered, stages=stages)
     assert all(d.batches > 0 for d in detectors), [d.batches for d in detectors]
     assert_routed_in_order(delivered, 4, 30)
 
 
-def test_a_result_that_cannot_be_delivered_is_counted_and_the_others_still_flow() -> None:
-    metrics = PipelineMetrics(CollectorRegistry())
+def test_a_result_the_next_stage_cannot_take_is_dropped_per_stream_and_the_others_still_flow() -> None:
+    stages = Stages()
+    metrics = stages.metrics
     hub = waiting_hub(2)
     delivered: list[FrameResult] = []
 
@@ -191,11 +193,14 @@ def test_a_result_that_cannot_be_delivered_is_counted_and_the_others_still_flow(
         delivered.append(result)
 
     worker = InferenceWorker(ContentReadingDetector(), hub, BatchingConfig(max_batch=4, max_wait_ms=5), deliver,
-                             metrics, Heartbeats(metrics))
-    run_workers([worker], hub, 2, 20, delivered, expected=36)
+                             stages.ledger, metrics, stages.heartbeats)
+    run_workers([worker], hub, 2, 20, delivered, expected=36, stages=stages)
     assert len(delivered) == 36
     assert [r.frame.frame_id for r in delivered if r.frame.stream_id == "s0"] == list(range(20))
-    assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 4
+    assert stages.dropped("s1", "analytics_error") == 4, "each lost result is counted against its own stream"
+    assert stages.dropped("s0", "analytics_error") == 0
+    assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) is None, \
+        "the model did not fail"
     assert hub.drained()
 
 
@@ -207,12 +212,14 @@ class FailingFirstBatchDetector(ContentReadingDetector):
 
 
 def test_the_frames_of_a_batch_the_model_fails_on_are_counted_as_dropped_per_stream() -> None:
-    metrics = PipelineMetrics(CollectorRegistry())
+    stages = Stages()
+    metrics = stages.metrics
     hub = waiting_hub(1)
     delivered: list[FrameResult] = []
     worker = InferenceWorker(FailingFirstBatchDetector(), hub, BatchingConfig(max_batch=2, max_wait_ms=50),
-                             delivered.append, metrics, Heartbeats(metrics))
-    run_workers([worker], hub, 1, 10, delivered, expected=8)
+                             delivered.append, stages.ledger, metrics,
+                             stages.heartbeats)
+    run_workers([worker], hub, 1, 10, delivered, expected=8, stages=stages)
     lost = metrics.registry.get_sample_value("vap_frames_dropped_total", {"stream": "s0", "reason": "inference_error"})
     assert lost == 10 - len(delivered) == 2
     assert metrics.registry.get_sample_value("vap_inference_errors_total", {"device": "cpu"}) == 1
@@ -242,14 +249,15 @@ class DyingFinisherDetector(ContentReadingDetector):
 def test_when_the_finisher_dies_the_waiting_batch_is_released_and_the_worker_stops(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threading, "excepthook", lambda args: None)
-    metrics = PipelineMetrics(CollectorRegistry())
+    stages = Stages()
+    metrics = stages.metrics
     hub = waiting_hub(1)
     detector = DyingFinisherDetector()
     worker = InferenceWorker(detector, hub, BatchingConfig(max_batch=2, max_wait_ms=1), lambda result: None,
-                             metrics, Heartbeats(metrics))
+                             stages.ledger, metrics, stages.heartbeats)
     stop = threading.Event()
     for frame_id in range(10):
-        hub.put(marked_frame(0, frame_id), stop)
+        hub.put(marked_frame(0, frame_id, stages), stop)
     worker.start()
     assert worker.join(5), "the inference thread kept waiting for a finisher that is gone"
     assert detector.submitted == 3  # the dying batch, the one handed over behind it, the one waiting
@@ -336,13 +344,14 @@ def test_worker_threads_run_the_model_on_their_own_device(device: str, monkeypat
         current.device = str(chosen)
 
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    metrics = PipelineMetrics(CollectorRegistry())
+    stages = Stages()
+    metrics = stages.metrics
     hub = waiting_hub(1)
     delivered: list[FrameResult] = []
     detector = CurrentDeviceRecordingDetector(device, current)
-    worker = InferenceWorker(detector, hub, BatchingConfig(max_batch=2, max_wait_ms=5), delivered.append, metrics,
-                             Heartbeats(metrics))
-    run_workers([worker], hub, 1, 4, delivered)
+    worker = InferenceWorker(detector, hub, BatchingConfig(max_batch=2, max_wait_ms=5), delivered.append,
+                             stages.ledger, metrics, stages.heartbeats)
+    run_workers([worker], hub, 1, 4, delivered, stages=stages)
     assert {(call, thread) for call, thread, _ in detector.seen} == {("submit", f"infer-{device}"),
                                                                       ("collect", f"finish-{device}")}
     expected = device if device.startswith("cuda") else None

@@ -121,7 +121,7 @@ def test_spool_dir_keeps_undelivered_messages_across_a_restart_of_vap(
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     run_args = ["run", "-c", str(path)]
     with vap_process(run_args, env=dict(os.environ)) as first:
-        wait_for(lambda: _processed(http_port, "first-run") >= 8, 90, "first run processed nothing")
+        wait_for(lambda: _spooled(http_port) >= 8, 90, "first run spooled nothing")
         stop_with_sigterm(first)
     assert (spool_dir / SPOOL_FILE).is_file()
     with EmbeddedBroker(port=port):
@@ -138,9 +138,9 @@ def test_spool_dir_keeps_undelivered_messages_across_a_restart_of_vap(
     assert not (spool_dir / SPOOL_FILE).exists(), "a delivered spool is removed"
 
 
-def _processed(port: int, stream: str) -> float:
+def _spooled(port: int) -> float:
     try:
-        return metric_value(scrape(port), "vap_frames_processed_total", stream=stream) or 0.0
+        return metric_value(scrape(port), "vap_queue_depth", stage="kafka_spool") or 0.0
     except OSError:
         return 0.0
 

@@ -18,19 +18,16 @@ import numpy as np
 import orjson
 import pytest
 from kafka import KafkaConsumer
-from prometheus_client import CollectorRegistry
 
 from pipeline.config import KafkaConfig, SpoolConfig
 from pipeline.frames import Detections, FrameResult
-from pipeline.ops.health import Heartbeats
-from pipeline.ops.metrics import PipelineMetrics
 from pipeline.publishing.kafka_client import Producer, make_kafka_producer
 from pipeline.publishing.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
 from pipeline.publishing.publisher import KafkaPublisher
 from pipeline.publishing.spool import load_undelivered
 from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import closed_port_address, decode, read_topic, unused_topic, wait_until
-from tests.fakes import make_frame, make_result
+from tests.fakes import FedPublisher, Stages, make_frame, make_result
 from tests.test_publishing import zone_event
 
 ProducerFactory = Callable[[KafkaConfig], Producer]
@@ -51,23 +48,22 @@ def producer_factory(request: pytest.FixtureRequest, kafka_process: KafkaProcess
 
 
 def start_publisher(producer_factory: ProducerFactory, broker: EmbeddedBroker, topic: str,
-                    events_topic: str = "vap.events", **kafka: Any) -> tuple[KafkaPublisher, Callable[[str], float]]:
+                    events_topic: str = "vap.events", **kafka: Any) -> tuple[FedPublisher, Callable[[str], float]]:
     """A started publisher whose producers come from `producer_factory`, and a reader of its delivery counts."""
-    registry = CollectorRegistry()
-    metrics = PipelineMetrics(registry)
+    stages = Stages()
     config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic, **kafka)
-    publisher = KafkaPublisher(config, "test-model", metrics, Heartbeats(metrics), producer_factory,
+    publisher = KafkaPublisher(config, stages.ledger, stages.metrics, stages.heartbeats, producer_factory,
                                events_topic=events_topic)
     publisher.start()
 
     def count(result: str) -> float:
-        return registry.get_sample_value("vap_kafka_messages_total", {"result": result}) or 0.0
+        return stages.value("vap_kafka_messages_total", result=result)
 
-    return publisher, count
+    return FedPublisher(stages, publisher), count
 
 
 def publish_through(kafka_process: KafkaProcess, broker: EmbeddedBroker, topic: str,
-                    **kafka: Any) -> tuple[KafkaPublisher, Callable[[str], float]]:
+                    **kafka: Any) -> tuple[FedPublisher, Callable[[str], float]]:
     """A started publisher whose producers live in `kafka_process`, and a reader of its delivery counts."""
     return start_publisher(kafka_process.open_producer, broker, topic, **kafka)
 
@@ -472,7 +468,7 @@ def first_deliveries(frame_ids: list[int]) -> list[int]:
 STREAMS = ("cam-1", "cam-2")
 
 
-def submit_frames(publisher: KafkaPublisher, frame_ids: range, every_s: float = 0.01) -> None:
+def submit_frames(publisher: FedPublisher, frame_ids: range, every_s: float = 0.01) -> None:
     """Two streams, as cameras give them: frame ids shared, one result per stream per tick."""
     for frame_id in frame_ids:
         for stream_id in STREAMS:

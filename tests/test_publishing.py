@@ -15,20 +15,17 @@ import numpy as np
 import orjson
 import pytest
 from kafka import errors
-from prometheus_client import CollectorRegistry
 
 from pipeline.analytics.zones import ZoneEvent
 from pipeline.config import KafkaConfig, SnapshotConfig, SpoolConfig
 from pipeline.frames import Detections, FrameResult
-from pipeline.ops.health import Heartbeats
-from pipeline.ops.metrics import PipelineMetrics
 from pipeline.publishing.kafka_client import DeliveryErrorKind, Producer, delivery_error_kind
 from pipeline.publishing.kafka_process import KafkaProcessError
 from pipeline.publishing.publisher import KafkaPublisher
 from pipeline.publishing.snapshots import SnapshotWriter
 from pipeline.publishing.spool import SPOOL_FILE, OutgoingMessage, Spool, load_undelivered, save_undelivered
 from tests.conftest import wait_until
-from tests.fakes import FakeFuture, FakeProducer, make_frame, make_result
+from tests.fakes import FakeFuture, FakeProducer, MessageFeed, Stages, make_frame, make_result
 
 
 def topic_is_there(_config: KafkaConfig, _topic: str) -> bool:
@@ -40,8 +37,9 @@ class Harness:
                  producer_class: type[FakeProducer] = FakeProducer, spool_dir: Path | None = None,
                  spool_max_bytes: int = 64 * 2**20,
                  topic_setup: Callable[[KafkaConfig, str], bool] = topic_is_there, **kafka: Any) -> None:
-        self.registry = CollectorRegistry()
-        self.metrics = PipelineMetrics(self.registry)
+        self.stages = Stages()
+        self.registry = self.stages.registry
+        self.metrics = self.stages.metrics
         self.available = threading.Event()
         if broker_up:
             self.available.set()
@@ -49,8 +47,12 @@ class Harness:
         self._producer_class = producer_class
         spool = SpoolConfig(max_messages=spool_max_messages, max_bytes=spool_max_bytes, dir=spool_dir)
         config = KafkaConfig(spool=spool, **kafka)
-        self.publisher = KafkaPublisher(config, "test-model", self.metrics, Heartbeats(self.metrics), self._factory,
-                                        topic_setup=topic_setup)
+        self.publisher = KafkaPublisher(config, self.stages.ledger, self.metrics, self.stages.heartbeats,
+                                        self._factory, topic_setup=topic_setup)
+        self.feed = MessageFeed(self.stages, self.publisher.submit, config.snapshots)
+
+    def submit(self, item: FrameResult | ZoneEvent) -> None:
+        self.feed.submit(item)
 
     def _factory(self, _config: KafkaConfig) -> Producer:
         producer = self._producer_class(self.available)
@@ -67,13 +69,6 @@ class Harness:
         return [orjson.loads(value) for producer in self.producers for _, value in producer.sent]
 
 
-def mismatched_result(frame_id: int) -> FrameResult:
-    """Two boxes but one confidence and class id: its message cannot be built."""
-    detections = Detections(boxes_xyxy=np.zeros((2, 4), np.float32), confidences=np.ones(1, np.float32),
-                            class_ids=np.zeros(1, np.int64))
-    return FrameResult(frame=make_frame("cam-1", frame_id), task="detect", detections=detections, labels={0: "box"})
-
-
 class RefusingProducer(FakeProducer):
     """Fails frame 2, on every try, with an error of no known kind."""
 
@@ -87,7 +82,7 @@ def test_every_message_is_sent_keyed_by_stream_in_order() -> None:
     harness = Harness()
     harness.publisher.start()
     for frame_id in range(20):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("sent") == 20)
     harness.publisher.stop(flush_timeout_s=2)
     assert harness.publisher.join(5)
@@ -100,7 +95,7 @@ def test_broker_outage_spools_within_bound_and_counts_the_oldest_dropped() -> No
     harness = Harness(spool_max_messages=10, broker_up=False)
     harness.publisher.start()
     for frame_id in range(25):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("dropped") == 15)
     assert wait_until(lambda: harness.count("failed") >= 1)
     harness.available.set()
@@ -108,13 +103,15 @@ def test_broker_outage_spools_within_bound_and_counts_the_oldest_dropped() -> No
     harness.publisher.stop(flush_timeout_s=2)
     assert harness.publisher.join(5)
     assert sorted(harness.sent_frame_ids()) == list(range(15, 25))
+    assert harness.stages.dropped("cam-1", "spool_full") == 15, "each frame lost to the bound counts for its stream"
+    harness.stages.assert_settled("cam-1")
 
 
 def test_a_producer_that_keeps_failing_is_replaced_and_the_spool_resent() -> None:
     harness = Harness(broker_up=False)
     harness.publisher.start()
     for frame_id in range(5):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: len(harness.producers) >= 2)
     harness.available.set()
     assert wait_until(lambda: harness.count("sent") == 5)
@@ -128,18 +125,19 @@ def test_stop_counts_undeliverable_messages_as_dropped_within_the_deadline() -> 
     harness = Harness(broker_up=False)
     harness.publisher.start()
     for frame_id in range(7):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.publisher.backlog() == 7)
     started = time.monotonic()
     harness.publisher.stop(flush_timeout_s=0.5)
     assert harness.publisher.join(5)
     assert time.monotonic() - started < 4
     assert harness.count("dropped") == 7 and harness.count("sent") == 0
+    assert harness.stages.dropped("cam-1", "shutdown") == 7
+    harness.stages.assert_settled("cam-1")
 
 
-def test_results_are_counted_and_spooled_while_a_slow_producer_opens() -> None:
-    registry = CollectorRegistry()
-    metrics = PipelineMetrics(registry)
+def test_results_are_spooled_while_a_slow_producer_opens_and_published_once_it_has() -> None:
+    stages = Stages()
     may_open = threading.Event()
     opened: list[FakeProducer] = []
     up = threading.Event()
@@ -150,54 +148,36 @@ def test_results_are_counted_and_spooled_while_a_slow_producer_opens() -> None:
         opened.append(FakeProducer(up))
         return opened[-1]
 
-    publisher = KafkaPublisher(KafkaConfig(), "test-model", metrics, Heartbeats(metrics), slow_factory)
+    publisher = KafkaPublisher(KafkaConfig(), stages.ledger, stages.metrics, stages.heartbeats, slow_factory)
+    feed = MessageFeed(stages, publisher.submit)
     publisher.start()
     for frame_id in range(5):
-        publisher.submit(make_result(make_frame("cam-1", frame_id)))
-    assert wait_until(lambda: registry.get_sample_value("vap_frames_processed_total", {"stream": "cam-1"}) == 5,
-                      timeout_s=3), \
+        feed.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: stages.value("vap_queue_depth", stage="kafka_spool") == 5, timeout_s=3), \
         "the publisher loop must not wait for the producer to open"
-    assert registry.get_sample_value("vap_queue_depth", {"stage": "kafka_spool"}) == 5
+    assert stages.value("vap_frames_processed_total", stream="cam-1") == 0, "nothing is published before Kafka has it"
     may_open.set()
-    assert wait_until(lambda: registry.get_sample_value("vap_kafka_messages_total", {"result": "sent"}) == 5)
+    assert wait_until(lambda: stages.value("vap_kafka_messages_total", result="sent") == 5)
+    assert stages.value("vap_frames_processed_total", stream="cam-1") == 5
     publisher.stop(flush_timeout_s=1)
     assert publisher.join(5)
     assert opened[0].closed
-
-
-def test_results_that_cannot_be_built_are_counted_dropped_and_the_publisher_goes_on(tmp_path: Path) -> None:
-    not_a_directory = tmp_path / "snapshots"
-    not_a_directory.write_text("a file where the snapshot directory should be", encoding="utf-8")
-    harness = Harness(snapshots=SnapshotConfig(dir=not_a_directory, every_n_frames=1))
-    harness.publisher.start()
-    broken = {3, 7}
-    for frame_id in range(10):
-        harness.publisher.submit(mismatched_result(frame_id) if frame_id in broken else make_result(
-            make_frame("cam-1", frame_id)))
-    assert wait_until(lambda: harness.count("sent") + harness.count("dropped") == 10)
-    assert harness.publisher.is_alive()
-    for frame_id in range(10, 15):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
-    assert wait_until(lambda: harness.count("sent") == 13), "the publisher keeps publishing after a bad result"
-    harness.publisher.stop(flush_timeout_s=2)
-    assert harness.publisher.join(5)
-    assert harness.count("dropped") == 2 and harness.count("sent") + harness.count("dropped") == 15
-    assert harness.sent_frame_ids() == [frame_id for frame_id in range(15) if frame_id not in broken]
-    assert all("snapshot" not in message for message in harness.sent_messages()), \
-        "a snapshot that cannot be written costs the picture, not the message"
+    stages.assert_settled("cam-1")
 
 
 def test_a_message_that_keeps_failing_for_no_known_reason_is_dropped_after_a_bounded_number_of_tries() -> None:
     harness = Harness(producer_class=RefusingProducer)
     harness.publisher.start()
     for frame_id in range(6):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("sent") == 5 and harness.count("dropped") == 1)
     assert harness.publisher.is_alive()
     harness.publisher.stop(flush_timeout_s=2)
     assert harness.publisher.join(5)
     assert harness.count("failed") == 5 and harness.count("dropped") == 1
     assert harness.sent_frame_ids() == [0, 1, 3, 4, 5]
+    assert harness.stages.dropped("cam-1", "publish_rejected") == 1
+    harness.stages.assert_settled("cam-1")
 
 
 @pytest.mark.parametrize(
@@ -256,7 +236,7 @@ def test_a_restored_spool_file_goes_once_its_own_messages_are_delivered_though_t
     gone_at = None
     try:
         for frame_id in range(150):  # 100 frames/s for 1.5 s
-            harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+            harness.submit(make_result(make_frame("cam-1", frame_id)))
             if gone_at is None and not (tmp_path / SPOOL_FILE).exists():
                 gone_at = frame_id
             time.sleep(0.01)
@@ -328,7 +308,7 @@ def test_messages_that_failed_back_in_any_order_are_resent_oldest_first() -> Non
     harness = Harness(broker_up=False, producer_class=HoldingProducer)
     harness.publisher.start()
     for frame_id in range(60):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     holding = only_producer(harness)
     assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
     harness.available.set()
@@ -344,13 +324,13 @@ def test_after_a_failure_nothing_more_is_sent_to_the_producer_until_what_it_hold
     harness = Harness(broker_up=False, producer_class=HoldingProducer)
     harness.publisher.start()
     for frame_id in range(10):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     holding = only_producer(harness)
     assert wait_until(lambda: len(holding.held) == 10)
     first_value, first_future = holding.held.pop(0)
     first_future.fail(errors.KafkaTimeoutError("expired"))
     for frame_id in range(10, 15):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.publisher.backlog() == 15)
     assert not wait_until(lambda: len(holding.attempts) > 10, timeout_s=0.5), \
         "a retry sent now would overtake the messages still in flight"
@@ -367,7 +347,7 @@ def test_the_spool_file_kept_at_stop_is_oldest_first_whatever_order_the_producer
     harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_dir=tmp_path)
     harness.publisher.start()
     for frame_id in range(60):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     holding = only_producer(harness)
     assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
     harness.publisher.stop(flush_timeout_s=0.2)
@@ -383,9 +363,9 @@ def test_spool_puts_failed_messages_back_in_sequence_order_among_the_waiting_one
         return OutgoingMessage(b"cam-1", b"%d" % sequence, event=event, sequence=sequence)
 
     for sequence in (3, 6, 7):
-        assert spool.append(message(sequence)) == 0
-    assert spool.append(message(5, event=True)) == 0
-    assert spool.put_back([message(4), message(1), message(2, event=True), message(0)]) == 0
+        assert spool.append(message(sequence)) == []
+    assert spool.append(message(5, event=True)) == []
+    assert spool.put_back([message(4), message(1), message(2, event=True), message(0)]) == []
     assert [m.sequence for m in spool.drain()] == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
@@ -400,8 +380,8 @@ def test_spool_lets_results_pass_the_events_it_holds_back() -> None:
 def test_a_message_larger_than_the_spool_byte_bound_is_the_only_one_dropped() -> None:
     spool = Spool(max_messages=100, max_bytes=1000)
     for sequence in range(3):
-        assert spool.append(OutgoingMessage(b"cam-1", b"x" * 100, sequence=sequence)) == 0
-    assert spool.append(OutgoingMessage(b"cam-1", b"x" * 1000, sequence=3)) == 1
+        assert spool.append(OutgoingMessage(b"cam-1", b"x" * 100, sequence=sequence)) == []
+    assert [m.sequence for m in spool.append(OutgoingMessage(b"cam-1", b"x" * 1000, sequence=3))] == [3]
     assert [m.sequence for m in spool.drain()] == [0, 1, 2]
 
 
@@ -417,28 +397,30 @@ def test_a_result_larger_than_the_spool_byte_bound_costs_only_itself() -> None:
     harness = Harness(broker_up=False, spool_max_bytes=4096)
     harness.publisher.start()
     for frame_id in range(6):
-        harness.publisher.submit(big_result(frame_id) if frame_id == 3 else make_result(make_frame("cam-1", frame_id)))
+        harness.submit(big_result(frame_id) if frame_id == 3 else make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("dropped") == 1 and harness.publisher.backlog() == 5)
     harness.available.set()
     assert wait_until(lambda: harness.count("sent") == 5)
     harness.publisher.stop(flush_timeout_s=2)
     assert harness.publisher.join(5)
     assert harness.sent_frame_ids() == [0, 1, 2, 4, 5] and harness.count("dropped") == 1
+    assert harness.stages.dropped("cam-1", "publish_rejected") == 1
+    harness.stages.assert_settled("cam-1")
 
 
 def test_while_deliveries_fail_the_bytes_in_flight_count_against_the_spool_byte_bound() -> None:
     max_bytes = 4096
     harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_max_bytes=max_bytes)
     harness.publisher.start()
-    harness.publisher.submit(make_result(make_frame("cam-1", 0)))
+    harness.submit(make_result(make_frame("cam-1", 0)))
     holding = only_producer(harness)
     assert wait_until(lambda: len(holding.held) == 1)
     holding.fail_held()  # the broker is failing deliveries now
     for frame_id in range(1, 30):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.publisher.backlog() + harness.count("dropped") == 30 and len(holding.held) > 1)
     for frame_id in range(30, 60):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
 
     def within_bound() -> bool:
         sizes = [len(b"cam-1") + len(value) for value, _ in holding.held]
@@ -469,7 +451,7 @@ def test_a_healthy_broker_costs_no_message_even_with_a_spool_of_one() -> None:
     harness = Harness(spool_max_messages=1, producer_class=AckAfterProducer)
     harness.publisher.start()
     for frame_id in range(8):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
         # The next result comes while this one is in flight.
         assert wait_until(functools.partial(sent_or_dropped, harness, frame_id + 1))
     assert wait_until(lambda: harness.count("sent") == 8 or harness.count("dropped") > 0)
@@ -501,10 +483,10 @@ def event_sends(harness: Harness) -> int:
 def test_a_zone_event_its_topic_cannot_take_never_holds_up_the_frame_results_behind_it() -> None:
     harness = Harness(spool_max_messages=1000, producer_class=EventsTopicWithoutMetadata)
     harness.publisher.start()
-    harness.publisher.submit(zone_event(0))
+    harness.submit(zone_event(0))
     assert wait_until(lambda: event_sends(harness) > 0)
     for frame_id in range(100):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("sent") == 100, timeout_s=20), \
         f"sent {harness.count('sent')} of 100 frame results"
     harness.publisher.stop(flush_timeout_s=0.5)
@@ -525,14 +507,14 @@ def test_zone_events_wait_for_their_topic_and_are_dropped_and_counted_when_it_ma
 
     harness = Harness(topic_setup=topic_missing)
     harness.publisher.start()
-    harness.publisher.submit(zone_event(0))
+    harness.submit(zone_event(0))
     for frame_id in range(10):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("sent") == 10), "frame results do not wait for the events topic"
     assert asked == ["vap.events"] and harness.count("dropped") == 0, "the event waits while its topic is looked up"
     answer.set()
     assert wait_until(lambda: harness.count("dropped") == 1)
-    harness.publisher.submit(zone_event(10))
+    harness.submit(zone_event(10))
     assert wait_until(lambda: harness.count("dropped") == 2)
     harness.publisher.stop(flush_timeout_s=1)
     assert harness.publisher.join(5)
@@ -543,9 +525,9 @@ def test_zone_events_wait_for_their_topic_and_are_dropped_and_counted_when_it_ma
 def test_zone_events_go_to_the_events_topic_once_it_is_there() -> None:
     harness = Harness()
     harness.publisher.start()
-    harness.publisher.submit(zone_event(0))
-    harness.publisher.submit(make_result(make_frame("cam-1", 0)))
-    harness.publisher.submit(zone_event(1))
+    harness.submit(zone_event(0))
+    harness.submit(make_result(make_frame("cam-1", 0)))
+    harness.submit(zone_event(1))
     assert wait_until(lambda: harness.count("sent") == 3)
     harness.publisher.stop(flush_timeout_s=1)
     assert harness.publisher.join(5)
@@ -573,7 +555,7 @@ class FailsFrameZeroAtOnce(FakeProducer):
 def test_a_message_that_fails_inside_send_is_not_overtaken_by_the_ones_after_it() -> None:
     harness = Harness(producer_class=FailsFrameZeroAtOnce)
     for frame_id in range(5):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     harness.publisher.start()
     assert wait_until(lambda: harness.count("sent") == 5)
     harness.publisher.stop(2)
@@ -584,17 +566,17 @@ def test_a_message_that_fails_inside_send_is_not_overtaken_by_the_ones_after_it(
 def test_zone_events_failed_together_in_one_blip_wait_one_backoff_step_and_a_stop_still_sends_them() -> None:
     harness = Harness(producer_class=HoldingProducer)
     harness.publisher.start()
-    harness.publisher.submit(zone_event(0))
+    harness.submit(zone_event(0))
     assert wait_until(lambda: harness.count("sent") == 1)
     holding = only_producer(harness)
     harness.available.clear()
     for frame_id in range(1, 7):
-        harness.publisher.submit(zone_event(frame_id))
+        harness.submit(zone_event(frame_id))
     assert wait_until(lambda: len(holding.held) == 6)
     holding.fail_held()
     harness.available.set()
     for frame_id in range(20):
-        harness.publisher.submit(make_result(make_frame("cam-1", frame_id)))
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: harness.count("sent") == 21), "results flow at once: the broker is back"
     harness.publisher.stop(flush_timeout_s=5)
     assert harness.publisher.join(10)

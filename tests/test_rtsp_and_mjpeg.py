@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -71,6 +72,26 @@ def test_rtsp_camera_is_read_over_both_transports(
     try:
         wait_for(lambda: sample(pipeline, "vap_frames_processed_total", stream="camera") >= 5, 30,
                  f"no frames over RTSP/{transport}")
+    finally:
+        pipeline.stop()
+
+
+def test_tcp_and_udp_cameras_connect_side_by_side_without_touching_the_environment(
+    broker: EmbeddedBroker, stream_clip: Path, make_config: ConfigFactory, rtsp_server_factory: RtspServerFactory,
+) -> None:
+    """Each RTSP open carries its own FFmpeg options (PyAV), so cameras with different transports connect in
+    parallel, and nothing writes the process environment native threads may be reading."""
+    server = rtsp_server_factory(stream_clip)
+    config = make_config([{"id": "tcp", "url": server.url, "transport": "tcp"},
+                          {"id": "udp", "url": server.url, "transport": "udp"}], broker.bootstrap_servers,
+                         unused_topic("rtsp-both"))
+    environment = dict(os.environ)
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        wait_for(lambda: min(sample(pipeline, "vap_frames_processed_total", stream=stream_id)
+                             for stream_id in ("tcp", "udp")) >= 5, 30, "no frames from one of the cameras")
+        assert dict(os.environ) == environment
     finally:
         pipeline.stop()
 

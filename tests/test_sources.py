@@ -13,32 +13,30 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-from prometheus_client import CollectorRegistry
 
 from pipeline.batching.hub import FrameHub
 from pipeline.config import StreamConfig
 from pipeline.frames import Frame
-from pipeline.ops.health import Heartbeats
-from pipeline.ops.metrics import PipelineMetrics
-from pipeline.sources.opencv import _FFMPEG_OPTIONS_GATE, FfmpegOptionsGate, OpenCvSource
+from pipeline.sources.pyav import PyAvSource, rtsp_options
 from pipeline.sources.reader import ALLOWED_TRANSITIONS, StreamReader, StreamState, max_age_for, overflow_policy_for
 from pipeline.sources.source import InvalidFrame, VideoSource
 from tests.conftest import wait_until
-from tests.fakes import FakeSource, GarbageThenGoodSource, make_frame
+from tests.fakes import FakeSource, GarbageThenGoodSource, Stages, make_frame
 
 
 class ReaderHarness:
     def __init__(
         self, config: StreamConfig, source: FakeSource | Callable[[StreamConfig], VideoSource], capacity: int = 1000
     ) -> None:
-        self.registry = CollectorRegistry()
-        metrics = PipelineMetrics(self.registry)
-        metrics.add_stream(config.id)
+        self.stages = Stages()
+        self.registry = self.stages.registry
+        run = self.stages.add_stream(config.id)
         self.hub = FrameHub()
         self.hub.add_stream(config.id, capacity, overflow_policy_for(config))
-        self.heartbeats = Heartbeats(metrics)
+        self.heartbeats = self.stages.heartbeats
         factory = source if callable(source) else lambda _config: source
-        self.reader = StreamReader(config, self.hub, metrics, self.heartbeats, factory)
+        self.reader = StreamReader(config, run, self.hub, self.stages.ledger, self.stages.metrics, self.heartbeats,
+                                   factory)
 
     def frames(self) -> list[Frame]:
         batch = self.hub.take_batch(max_batch=1000, max_wait_s=0.0, max_per_stream=1000, poll_s=0.01)
@@ -219,13 +217,13 @@ class SlowOpenSource(FakeSource):
 def test_a_reader_waiting_in_an_open_or_a_long_backoff_is_not_reported_stuck() -> None:
     config = StreamConfig.model_validate({"id": "s", "url": "rtsp://cam/s", "open_timeout_ms": 1000,
                                           "reconnect_backoff_s": 2.5, "reconnect_backoff_max_s": 2.5})
-    registry = CollectorRegistry()
-    metrics = PipelineMetrics(registry)
-    metrics.add_stream("s")
+    stages = Stages()
+    run = stages.add_stream("s")
     hub = FrameHub()
     hub.add_stream("s", 10, overflow_policy_for(config))
-    heartbeats = Heartbeats(metrics)
-    reader = StreamReader(config, hub, metrics, heartbeats, lambda _config: SlowOpenSource(open_s=1.2))
+    heartbeats = stages.heartbeats
+    reader = StreamReader(config, run, hub, stages.ledger, stages.metrics, heartbeats,
+                          lambda _config: SlowOpenSource(open_s=1.2))
     reader.start()
     seen: set[StreamState] = set()
     deadline = time.monotonic() + 4.0
@@ -240,48 +238,25 @@ def test_a_reader_waiting_in_an_open_or_a_long_backoff_is_not_reported_stuck() -
     assert {StreamState.CONNECTING, StreamState.BACKOFF} <= seen
 
 
-def test_ffmpeg_options_gate_lets_equal_options_overlap_and_keeps_different_ones_apart_in_arrival_order() -> None:
-    gate = FfmpegOptionsGate()
-    key = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
-    assert gate.acquire("rtsp_transport;tcp", 1.0)
-    assert os.environ[key] == "rtsp_transport;tcp"
-    assert gate.acquire("rtsp_transport;tcp", 0.1), "a second TCP camera opens alongside the first"
-    order: list[str] = []
-
-    def open_with(options: str | None, name: str) -> None:
-        assert gate.acquire(options, 5.0)
-        order.append(f"{name}:{os.environ.get(key)}")
-        gate.release()
-
-    file_open = threading.Thread(target=open_with, args=(None, "file"))
-    file_open.start()
-    time.sleep(0.1)
-    late_tcp = threading.Thread(target=open_with, args=("rtsp_transport;tcp", "late-tcp"))
-    late_tcp.start()
-    time.sleep(0.1)
-    assert order == [], "the file waits for the TCP opens, and the later TCP open waits behind the file"
-    assert not gate.acquire("rtsp_transport;udp", 0.05)
-    gate.release()
-    gate.release()
-    file_open.join(2)
-    late_tcp.join(2)
-    assert order == [f"file:{os.environ.get(key)}", "late-tcp:rtsp_transport;tcp"]
-    assert os.environ.get(key) is None
-
-
-def test_an_offline_rtsp_camera_fails_its_open_without_waiting_for_other_streams_opens() -> None:
+def test_an_offline_rtsp_camera_fails_its_open_at_once() -> None:
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    camera = OpenCvSource(StreamConfig.model_validate(
+    camera = PyAvSource(StreamConfig.model_validate(
         {"id": "cam", "url": f"rtsp://viewer:secret@127.0.0.1:{port}/live", "open_timeout_ms": 3000}))
-    assert _FFMPEG_OPTIONS_GATE.acquire(None, 1.0), "a file or HTTP stream opening now"
-    try:
-        started = time.monotonic()
-        assert camera.open() is False
-        assert time.monotonic() - started < 1.0
-    finally:
-        _FFMPEG_OPTIONS_GATE.release()
+    started = time.monotonic()
+    assert camera.open() is False
+    assert time.monotonic() - started < 1.0
+
+
+def test_each_rtsp_open_carries_its_own_ffmpeg_options_and_the_environment_is_never_touched() -> None:
+    tcp = StreamConfig.model_validate({"id": "a", "url": "rtsp://cam/a"})
+    udp = StreamConfig.model_validate({"id": "b", "url": "rtsp://cam/b", "transport": "udp"})
+    assert rtsp_options(tcp) == {"rtsp_transport": "tcp", "fpsprobesize": "0"}
+    assert rtsp_options(udp)["rtsp_transport"] == "udp"
+    before = dict(os.environ)
+    PyAvSource(StreamConfig.model_validate({"id": "c", "url": "rtsp://127.0.0.1:1/x", "open_timeout_ms": 500})).open()
+    assert dict(os.environ) == before
 
 
 def test_a_file_that_never_opens_or_never_gives_a_frame_is_given_up_so_the_run_can_finish() -> None:
@@ -347,7 +322,7 @@ def test_an_unexpected_error_fails_that_attempt_and_the_stream_is_tried_again(
 
 
 def test_a_camera_host_name_that_cannot_be_looked_up_fails_its_open_instead_of_raising() -> None:
-    camera = OpenCvSource(StreamConfig.model_validate({"id": "cam", "url": "rtsp://cam..site.local/x"}))
+    camera = PyAvSource(StreamConfig.model_validate({"id": "cam", "url": "rtsp://cam..site.local/x"}))
     assert camera.open() is False
 
 

@@ -64,10 +64,12 @@ class FrameHub:
                 worker = load.index(min(load))
             self._buffers[stream_id] = _StreamBuffer(deque(), capacity, policy, max_age_s, worker)
 
-    def remove_stream(self, stream_id: str) -> None:
+    def remove_stream(self, stream_id: str) -> list[Frame]:
+        """The frames still waiting in the stream's buffer, for the caller to count."""
         with self._condition:
-            self._buffers.pop(stream_id, None)
+            buffer = self._buffers.pop(stream_id, None)
             self._condition.notify_all()
+            return [] if buffer is None else [frame for _, frame in buffer.frames]
 
     def slot(self, stream_id: str) -> object | None:
         """The stream's buffer as it is now, for `put`: a reader of a removed stream must not feed a new
@@ -75,25 +77,27 @@ class FrameHub:
         with self._condition:
             return self._buffers.get(stream_id)
 
-    def put(self, frame: Frame, stop: threading.Event, slot: object | None = None) -> Frame | None:
-        """Add a frame; returns the frame dropped to make room (to be counted), if any.
+    def put(self, frame: Frame, stop: threading.Event, slot: object | None = None) -> tuple[Frame, str] | None:
+        """Add a frame; returns the frame dropped instead, with the reason, if any.
 
-        With the WAIT policy this blocks until there is room, the stream is removed, or `stop` is set;
-        a frame refused because of `stop` is returned as dropped. With `slot` (from `slot()`), a frame for a
-        buffer that has since been removed or replaced is refused.
+        With the WAIT policy this blocks until there is room, the stream is removed, or `stop` is set; a
+        frame refused because of `stop` is dropped (shutdown). With `slot` (from `slot()`), a frame for a
+        buffer that has since been removed or replaced is refused (stream_removed).
         """
         with self._condition:
             buffer = self._buffers.get(frame.stream_id)
             if buffer is None or (slot is not None and buffer is not slot):
-                return frame
+                return frame, "stream_removed"
             while len(buffer.frames) >= buffer.capacity:
                 if buffer.policy is OverflowPolicy.DROP_OLDEST:
                     _, dropped = buffer.frames.popleft()
                     buffer.frames.append((time.monotonic(), frame))
                     self._condition.notify_all()
-                    return dropped
-                if stop.is_set() or self._buffers.get(frame.stream_id) is not buffer:
-                    return frame
+                    return dropped, "queue_full"
+                if stop.is_set():
+                    return frame, "shutdown"
+                if self._buffers.get(frame.stream_id) is not buffer:
+                    return frame, "stream_removed"
                 self._condition.wait(timeout=0.1)
             buffer.frames.append((time.monotonic(), frame))
             self._condition.notify_all()

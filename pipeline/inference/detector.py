@@ -17,11 +17,11 @@ import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ModelMismatch
-from pipeline.frames import Classification, Detections, Frame, FrameResult, host_image
+from pipeline.frames import BatchTimings, Classification, Detections, Frame, FrameResult, host_image
 from pipeline.inference.cudagraphs import GraphedForward, batch_buckets
 from pipeline.inference.devices import use_device_in_this_thread
 from pipeline.inference.model_info import class_ids_for, model_display_name, model_labels, unsupported_task
-from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, mask_polygons
+from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, frame_detections
 from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
 
@@ -78,6 +78,10 @@ class PendingBatch:
     copied: Any = None
     request: Any = None
     raw: list[Any] | None = None
+    preprocess_s: float = 0.0
+    infer_s: float = 0.0
+    postprocess_s: float = 0.0
+    device_clock: tuple[Any, Any] | None = None  # CUDA events around the model alone
 
 
 class UltralyticsDetector:
@@ -210,6 +214,7 @@ class UltralyticsDetector:
         if not self._direct:
             pending = PendingBatch(frames=frames, started=time.monotonic())
             pending.raw = self._predict([host_image(frame.image) for frame in frames])
+            pending.infer_s = time.monotonic() - pending.started
             return pending
         batch, pending = self.letterbox_batch(frames)
         return self.forward(batch, pending)
@@ -225,7 +230,9 @@ class UltralyticsDetector:
         dtype = torch.float16 if backend.fp16 else torch.float32
         with torch.inference_mode():
             batch = self._letterbox(images, pending.plan, dtype)
-            return (batch if self._cuda or self.device == "cpu" else batch.to(self.device)), pending
+            batch = batch if self._cuda or self.device == "cpu" else batch.to(self.device)
+        pending.preprocess_s = time.monotonic() - pending.started
+        return batch, pending
 
     @property
     def in_flight(self) -> int:
@@ -242,7 +249,17 @@ class UltralyticsDetector:
             pending.request = self._requests.start(np.ascontiguousarray(batch.numpy(), np.float32))
             return pending
         with torch.inference_mode():
-            self._postprocess((self._graphed or backend)(batch), pending)
+            started = time.monotonic()
+            if self._cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                begin.record(torch.cuda.current_stream(self.device))
+                preds = (self._graphed or backend)(batch)
+                end.record(torch.cuda.current_stream(self.device))
+                pending.device_clock = (begin, end)
+            else:
+                preds = (self._graphed or backend)(batch)
+                pending.infer_s = time.monotonic() - started
+            self._postprocess(preds, pending)
         return pending
 
     def complete(self, pending: PendingBatch) -> None:
@@ -250,18 +267,23 @@ class UltralyticsDetector:
         import torch
 
         if pending.request is not None and self._requests is not None:
-            outputs = self._requests.finish(pending.request)
+            outputs, pending.infer_s = self._requests.finish_timed(pending.request)
             pending.request = None
             with torch.inference_mode():
                 self._postprocess([torch.from_numpy(output) for output in outputs], pending)
         if pending.copied is not None:
             pending.copied.synchronize()
+        if pending.device_clock is not None:
+            begin, end = pending.device_clock
+            pending.infer_s = float(begin.elapsed_time(end)) / 1000
+            pending.device_clock = None
 
     def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
         """NMS, box rescaling and mask assembly for the whole batch on the model's device; the small
         results are copied to the host without waiting, so the next batch can start meanwhile."""
         import torch
 
+        started = time.monotonic()
         segment = self.task == "segment"
         protos = None
         if segment:
@@ -286,6 +308,7 @@ class UltralyticsDetector:
             # On this device's stream: a thread's current device is cuda:0 unless set, which is wrong on cuda:1.
             pending.copied.record(torch.cuda.current_stream(self.device))
         pending.found = found
+        pending.postprocess_s += time.monotonic() - started
 
     def _end_to_end_rows(self, preds: Any) -> tuple[Any, Any]:
         """Models with NMS built in (YOLO26, YOLOv10) only need their confidence and class filter."""
@@ -300,52 +323,19 @@ class UltralyticsDetector:
 
     def collect(self, pending: PendingBatch) -> list[FrameResult]:
         self.complete(pending)
-        finished = time.monotonic()
-        inference_ms = (finished - pending.started) * 1000
+        started = time.monotonic()
         if pending.raw is not None:
             per_frame = [(self._result_detections(r), self._result_classes(r)) for r in pending.raw]
         else:
-            per_frame = [(d, ()) for d in self._detections(pending)]
+            assert pending.found is not None
+            per_frame = [(d, ()) for d in frame_detections(pending.found, pending.plan)]
+        finished = time.monotonic()
+        timings = BatchTimings(pending.preprocess_s, pending.infer_s, pending.postprocess_s + finished - started)
         return [
             FrameResult(frame=frame, task=self.task, detections=detections, classes=classes, labels=self.labels,
-                        inference_ms=inference_ms, inferred_monotonic=finished)
+                        inference_ms=pending.infer_s * 1000, inferred_monotonic=finished, timings=timings)
             for frame, (detections, classes) in zip(pending.frames, per_frame, strict=True)
         ]
-
-    def _detections(self, pending: PendingBatch) -> list[Detections]:
-        assert pending.found is not None
-        rows = pending.found.rows.numpy()
-        image_index = pending.found.image_index.numpy()
-        masks = None if pending.found.masks is None else pending.found.masks.numpy()
-        bounds = np.searchsorted(image_index, np.arange(len(pending.plan) + 1))
-        out: list[Detections] = []
-        for index, box in enumerate(pending.plan):
-            start, end = int(bounds[index]), int(bounds[index + 1])
-            found = rows[start:end]
-            polygons: tuple[Any, ...] = ()
-            if masks is not None and len(found):
-                resized_h, resized_w = box.resized_hw
-                scale = np.array(box.gain_xy, np.float32)
-                visible_part = masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w]
-                outlines = mask_polygons(visible_part, found[:, :4] * np.tile(scale, 2))
-                visible = np.array([len(outline) > 0 for outline in outlines])
-                if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
-                    found = found[visible]
-                limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
-                for outline in outlines:  # fresh arrays: scaled back to the source frame and clipped in place
-                    outline /= scale
-                    np.minimum(np.maximum(outline, 0, out=outline), limit, out=outline)
-                polygons = tuple(outline for outline in outlines if len(outline))
-            if len(found) == 0:
-                out.append(Detections.empty())
-                continue
-            out.append(Detections(
-                boxes_xyxy=np.ascontiguousarray(found[:, :4], np.float32),
-                confidences=np.ascontiguousarray(found[:, 4], np.float32),
-                class_ids=found[:, 5].astype(np.int64),
-                polygons=polygons,
-            ))
-        return out
 
     def close(self) -> None:
         """Ends the upload copy threads; `submit` must not be called afterwards."""

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.frames import Detections
 from pipeline.inference.preprocess import Letterbox
 
 if TYPE_CHECKING:
@@ -215,3 +216,40 @@ def mask_polygons(masks: npt.NDArray[np.uint8], boxes_xyxy: npt.NDArray[np.float
             merged = merge_multi_segment([contour.reshape(-1, 2) for contour in contours])
             polygons.append(np.concatenate(merged).astype(np.float32))
     return polygons
+
+
+def frame_detections(found_in_batch: BatchDetections, plan: Sequence[Letterbox]) -> list[Detections]:
+    """Each frame's detections in its own pixels, from a batch's results on the host: boxes as they are, masks
+    turned into polygons scaled back to the source frame and clipped to it."""
+    rows = found_in_batch.rows.numpy()
+    image_index = found_in_batch.image_index.numpy()
+    masks = None if found_in_batch.masks is None else found_in_batch.masks.numpy()
+    bounds = np.searchsorted(image_index, np.arange(len(plan) + 1))
+    out: list[Detections] = []
+    for index, box in enumerate(plan):
+        start, end = int(bounds[index]), int(bounds[index + 1])
+        found = rows[start:end]
+        polygons: tuple[Any, ...] = ()
+        if masks is not None and len(found):
+            resized_h, resized_w = box.resized_hw
+            scale = np.array(box.gain_xy, np.float32)
+            visible_part = masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w]
+            outlines = mask_polygons(visible_part, found[:, :4] * np.tile(scale, 2))
+            visible = np.array([len(outline) > 0 for outline in outlines])
+            if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
+                found = found[visible]
+            limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
+            for outline in outlines:  # fresh arrays: scaled back to the source frame and clipped in place
+                outline /= scale
+                np.minimum(np.maximum(outline, 0, out=outline), limit, out=outline)
+            polygons = tuple(outline for outline in outlines if len(outline))
+        if len(found) == 0:
+            out.append(Detections.empty())
+            continue
+        out.append(Detections(
+            boxes_xyxy=np.ascontiguousarray(found[:, :4], np.float32),
+            confidences=np.ascontiguousarray(found[:, 4], np.float32),
+            class_ids=found[:, 5].astype(np.int64),
+            polygons=polygons,
+        ))
+    return out

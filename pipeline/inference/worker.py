@@ -15,8 +15,10 @@ from pipeline.config import BatchingConfig
 from pipeline.frames import Batch, FrameResult
 from pipeline.inference.detector import Detector
 from pipeline.inference.devices import use_device_in_this_thread
+from pipeline.ledger import FrameLedger
 from pipeline.ops.health import Heartbeats
 from pipeline.ops.metrics import PipelineMetrics
+from pipeline.threads import StageThread
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +27,10 @@ class InferenceWorker:
     """One device's worker: takes batches from the hub, runs the detector, hands each frame's result on.
 
     Two threads form a two-stage pipeline with at most one batch between them: `infer-<device>` takes a
-    batch and queues its device work; `finish-<device>` waits for it, builds the results and delivers
-    them. While the host turns one batch's masks into polygons, the device already runs the next, and
-    batches stay in order, so each stream's results do too.
+    batch and queues its device work; `finish-<device>` waits for it, builds the results and hands them to
+    the analytics stage. While the host turns one batch's masks into polygons, the device already runs the
+    next, and batches stay in order, so each stream's results do too. A batch the model fails on drops its
+    frames (inference_error).
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class InferenceWorker:
         hub: FrameHub,
         batching: BatchingConfig,
         deliver: Callable[[FrameResult], None],
+        ledger: FrameLedger,
         metrics: PipelineMetrics,
         heartbeats: Heartbeats,
         worker_index: int = 0,
@@ -44,18 +48,24 @@ class InferenceWorker:
         self._hub = hub
         self._batching = batching
         self._deliver = deliver
+        self._ledger = ledger
         self._metrics = metrics
-        self._heartbeats = heartbeats
         self._worker_index = worker_index
         self._stop = threading.Event()
         self._handoff: queue.Queue[tuple[Batch, Any, float] | None] = queue.Queue(maxsize=1)
         suffix = detector.device if worker_index == 0 else f"{detector.device}-{worker_index}"
-        self._thread = threading.Thread(target=self._run, name=f"infer-{suffix}", daemon=True)
-        self._finisher = threading.Thread(target=self._finish, name=f"finish-{suffix}", daemon=True)
+        self._thread = StageThread(f"infer-{suffix}", self._run, heartbeats)
+        self._finisher = StageThread(f"finish-{suffix}", self._finish, heartbeats)
+        self._stage = {stage: metrics.stage_seconds.labels(stage=stage)
+                       for stage in ("queue", "preprocess", "infer", "postprocess")}
 
     @property
     def thread_name(self) -> str:
         return self._thread.name
+
+    @property
+    def threads(self) -> list[StageThread]:
+        return [self._thread, self._finisher]
 
     @property
     def device(self) -> str:
@@ -84,7 +94,7 @@ class InferenceWorker:
         try:
             use_device_in_this_thread(self._detector.device)
             while not self._stop.is_set():
-                self._heartbeats.beat(self.thread_name)
+                self._thread.beat()
                 self._metrics.queue_depth.labels(stage="batcher").set(self._hub.depth())
                 batch = self._hub.take_batch(batching.max_batch, batching.max_wait_ms / 1000, max_per_stream,
                                              worker=self._worker_index)
@@ -100,7 +110,6 @@ class InferenceWorker:
                     self._abandon(batch, pending)
                     return
         finally:
-            self._heartbeats.forget(self.thread_name)
             self._hand_over(None)
             self._detector.close()
 
@@ -114,7 +123,7 @@ class InferenceWorker:
                 self._handoff.put(item, timeout=0.5)
                 return True
             except queue.Full:
-                self._heartbeats.beat(self.thread_name)
+                self._thread.beat()
 
     def _abandon(self, batch: Batch, pending: Any) -> None:
         """The finisher died: wait for the device work of every batch it will never take, so each gives back
@@ -136,57 +145,63 @@ class InferenceWorker:
                 self._detector.collect(its_pending)
             except Exception:
                 log.debug("an abandoned batch failed as well", exc_info=True)
-            self._metrics.inference_errors.labels(device=self._detector.device).inc()
-            self._count_lost(abandoned)
-            self._hub.batch_done(abandoned)
+            self._failed(abandoned, logged=False)
 
-    def _failed(self, batch: Batch) -> None:
-        log.exception("inference failed on a batch of %d frames", len(batch.frames))
+    def _failed(self, batch: Batch, logged: bool = True) -> None:
+        if logged:
+            log.exception("inference failed on a batch of %d frames", len(batch.frames))
         self._metrics.inference_errors.labels(device=self._detector.device).inc()
-        self._count_lost(batch)
+        for frame in batch.frames:
+            self._ledger.dropped(frame.ticket, "inference_error")
         self._hub.batch_done(batch)
 
-    def _count_lost(self, batch: Batch) -> None:
-        for frame in batch.frames:
-            series = frame.series or self._metrics.stream(frame.stream_id)
-            series.dropped["inference_error"].inc()
-
     def _finish(self) -> None:
-        name = self._finisher.name
-        device = self._detector.device
-        try:
-            use_device_in_this_thread(device)
-            while True:
-                self._heartbeats.beat(name)
-                try:
-                    item = self._handoff.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    return
-                batch, pending, submitted = item
-                try:
-                    results = self._detector.collect(pending)
-                except Exception:
-                    self._failed(batch)
-                    continue
-                self._metrics.inference_seconds.labels(device=device).observe(time.monotonic() - submitted)
-                self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
-                try:
-                    for result in results:
-                        queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
-                        self._deliver_one(replace(result, queue_ms=max(0.0, queue_ms)))
-                finally:
-                    self._hub.batch_done(batch)
-        finally:
-            self._heartbeats.forget(name)
+        use_device_in_this_thread(self._detector.device)
+        while True:
+            self._finisher.beat()
+            try:
+                item = self._handoff.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            batch, pending, submitted = item
+            try:
+                results = self._detector.collect(pending)
+            except Exception:
+                self._failed(batch)
+                continue
+            try:
+                self._observe(batch, results, time.monotonic() - submitted)
+                for result in results:
+                    queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
+                    self._deliver_one(replace(result, queue_ms=max(0.0, queue_ms)))
+            finally:
+                self._hub.batch_done(batch)
 
     def _deliver_one(self, result: FrameResult) -> None:
-        """A result that cannot be delivered (a failing analytics step, say) is logged and counted; the
-        finisher goes on, since every later batch of every stream waits for it."""
+        """A result the next stage cannot take is dropped (analytics_error) and the finisher goes on: every
+        later batch of every stream waits for it."""
         try:
             self._deliver(result)
         except Exception:
-            log.exception("stream %s: delivering the result of frame %d failed; it is not published",
-                          result.frame.stream_id, result.frame.frame_id, extra={"stream": result.frame.stream_id})
-            self._metrics.inference_errors.labels(device=self._detector.device).inc()
+            frame = result.frame
+            log.exception("stream %s: handing on the result of frame %d failed; dropped", frame.stream_id,
+                          frame.frame_id, extra={"stream": frame.stream_id})
+            self._ledger.dropped(frame.ticket, "analytics_error")
+
+    def _observe(self, batch: Batch, results: list[FrameResult], total_s: float) -> None:
+        """Per batch: the model alone (`vap_inference_seconds`, and the infer stage), its pre- and
+        post-processing, and each frame's wait in the hub. A detector that cannot tell its parts apart
+        reports the whole batch as the model's time."""
+        device = self._detector.device
+        timings = results[0].timings if results else None
+        infer_s = total_s if timings is None else timings.infer_s
+        self._metrics.inference_seconds.labels(device=device).observe(infer_s)
+        self._metrics.batch_size.labels(device=device).observe(len(batch.frames))
+        self._stage["infer"].observe(infer_s)
+        if timings is not None:
+            self._stage["preprocess"].observe(timings.preprocess_s)
+            self._stage["postprocess"].observe(timings.postprocess_s)
+        for frame in batch.frames:
+            self._stage["queue"].observe(max(0.0, batch.formed_monotonic - frame.captured_monotonic))

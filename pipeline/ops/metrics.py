@@ -8,29 +8,36 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# DESIGN.md's four, frames the model failed on, and frames a stop left behind (refused by the hub once stopping, or
-# still waiting when the drain deadline passed), so that read = processed + dropped + in flight per stream.
-DROP_REASONS = ("fps_cap", "stale", "queue_full", "decode_error", "inference_error", "shutdown")
+# What a frame can be dropped for (the `reason` label; DESIGN.md's four first). `pipeline.ledger` decides which
+# applies; every frame read ends published or dropped for exactly one of these.
+DROP_REASONS = (
+    "fps_cap",  # above the stream's configured rate
+    "decode_error",  # the decoder gave no usable image
+    "queue_full",  # the stream's hub buffer was full (live streams keep the freshest)
+    "stale",  # waited in the hub past the stream's staleness budget
+    "inference_error",  # the model failed on its batch
+    "analytics_queue_full",  # the stream's analytics queue was full (live streams keep the freshest)
+    "analytics_error",  # the analytics stage could not take it
+    "build_error",  # its message could not be built
+    "publish_queue_full",  # the publisher's inbox was full
+    "spool_full",  # pushed out of the Kafka spool by newer messages while the broker was away
+    "publish_rejected",  # Kafka refused the message, or it failed too often for no known reason
+    "stream_removed",  # still waiting in a stage when its stream was removed
+    "shutdown",  # still in a stage when a stop's deadline passed
+)
 KAFKA_RESULTS = ("sent", "failed", "dropped")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+_STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STAGES = ("decode", "queue", "preprocess", "infer", "postprocess", "analytics", "serialize", "publish")
 _SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass(frozen=True)
-class FrameTotals:
-    """A stream's frames read and processed since it was added."""
-
-    read: float
-    processed: float
 
 
 _REMEMBERED_REMOVALS = 1024
@@ -48,6 +55,7 @@ class StreamMetrics:
         self.end_to_end_latency = metrics.end_to_end_latency.labels(stream=stream_id)
         self.up = metrics.stream_up.labels(stream=stream_id)
         self.reconnects = metrics.stream_reconnects.labels(stream=stream_id)
+        self.analytics_errors = metrics.analytics_errors.labels(stream=stream_id)
         self.dropped = {reason: metrics.frames_dropped.labels(stream=stream_id, reason=reason)
                         for reason in DROP_REASONS}
         self._metrics = metrics
@@ -99,17 +107,33 @@ class PipelineMetrics:
         self._removed: dict[str, None] = {}  # insertion-ordered, so the oldest can be forgotten
         self._unexported: PipelineMetrics | None = None
         self._unexported_streams = 0
+        self._define_stream_metrics(registry)
+        self._define_stage_metrics(registry)
+        self._define_output_metrics(registry)
+        self.build_info = Gauge(
+            "vap_build_info", "Version, model and device of this process", ["version", "model", "device"],
+            registry=registry,
+        )
+        self.thread_heartbeat = Gauge(
+            "vap_thread_heartbeat_timestamp_seconds", "Last time each pipeline thread's loop turned",
+            ["thread"], registry=registry,
+        )
+        ProcessCollector(registry=registry)
+        registry.register(GpuCollector())
+
+    def _define_stream_metrics(self, registry: CollectorRegistry) -> None:
+        """Per stream: its frames' fates (`pipeline.ledger`), its connection, its latency."""
         self.frames_read = Counter(
             "vap_frames_read_total", "Frames decoded from each stream", ["stream"], registry=registry
         )
         self.frames_dropped = Counter(
             "vap_frames_dropped_total",
-            "Frames dropped before inference, by reason",
+            "Frames that will never be published, by reason",
             ["stream", "reason"],
             registry=registry,
         )
         self.frames_processed = Counter(
-            "vap_frames_processed_total", "Frames inferred and handed to the publisher", ["stream"],
+            "vap_frames_processed_total", "Frames whose result message Kafka acknowledged (published)", ["stream"],
             registry=registry,
         )
         self.stream_up = Gauge(
@@ -119,21 +143,40 @@ class PipelineMetrics:
             "vap_stream_reconnects_total", "Reconnect attempts after a stream failed", ["stream"],
             registry=registry,
         )
+        self.end_to_end_latency = Histogram(
+            "vap_end_to_end_latency_seconds", "From frame capture to the message handed to Kafka",
+            ["stream"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.analytics_errors = Counter(
+            "vap_analytics_errors_total",
+            "Frames whose tracking or zone step failed; each is published without track ids or events",
+            ["stream"], registry=registry,
+        )
+
+    def _define_stage_metrics(self, registry: CollectorRegistry) -> None:
+        """Where the time goes, and what waits where."""
         self.batch_size = Histogram(
             "vap_batch_size", "Frames per inference batch", ["device"], buckets=_BATCH_BUCKETS,
             registry=registry,
         )
         self.inference_seconds = Histogram(
-            "vap_inference_seconds", "Time of one batch through the model, pre- and post-processing included",
+            "vap_inference_seconds", "Time of one batch through the model alone (no pre- or post-processing)",
             ["device"], buckets=_INFERENCE_BUCKETS, registry=registry,
-        )
-        self.end_to_end_latency = Histogram(
-            "vap_end_to_end_latency_seconds", "From frame capture to the message handed to Kafka",
-            ["stream"], buckets=_LATENCY_BUCKETS, registry=registry,
         )
         self.queue_depth = Gauge(
             "vap_queue_depth", "Items waiting in each stage's queue", ["stage"], registry=registry
         )
+        self.inference_errors = Counter(
+            "vap_inference_errors_total", "Batches the model failed on (their frames: dropped, inference_error)",
+            ["device"], registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "vap_stage_seconds", "Time a frame (or, for infer, a batch) spends in each stage", ["stage"],
+            buckets=_STAGE_BUCKETS, registry=registry,
+        )
+
+    def _define_output_metrics(self, registry: CollectorRegistry) -> None:
+        """What goes out: Kafka deliveries, detections and zone events."""
         self.kafka_messages = Counter(
             "vap_kafka_messages_total", "Result messages by delivery outcome", ["result"], registry=registry
         )
@@ -145,11 +188,6 @@ class PipelineMetrics:
             "vap_detections_total", "Detections published, by class label", ["stream", "label"],
             registry=registry,
         )
-        self.inference_errors = Counter(
-            "vap_inference_errors_total",
-            "Batches the model failed on, and results that could not be delivered (neither is published)",
-            ["device"], registry=registry,
-        )
         self.zone_events = Counter(
             "vap_zone_events_total", "Zone and line events of tracked objects", ["stream", "zone", "event", "label"],
             registry=registry,
@@ -158,17 +196,7 @@ class PipelineMetrics:
             "vap_zone_occupancy", "Tracked objects inside each zone now", ["stream", "zone", "label"],
             registry=registry,
         )
-        self.build_info = Gauge(
-            "vap_build_info", "Version, model and device of this process", ["version", "model", "device"],
-            registry=registry,
-        )
-        self.thread_heartbeat = Gauge(
-            "vap_thread_heartbeat_timestamp_seconds", "Last time each pipeline thread's loop turned",
-            ["thread"], registry=registry,
-        )
         self.kafka_outcomes = {result: self.kafka_messages.labels(result=result) for result in KAFKA_RESULTS}
-        ProcessCollector(registry=registry)
-        registry.register(GpuCollector())
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""
@@ -205,22 +233,10 @@ class PipelineMetrics:
             if series is not None:
                 series.retire(self._sink())
             for metric in (self.frames_read, self.frames_processed, self.stream_up, self.stream_reconnects,
-                           self.end_to_end_latency):
+                           self.end_to_end_latency, self.analytics_errors):
                 metric.remove(stream_id)
             for reason in DROP_REASONS:
                 self.frames_dropped.remove(stream_id, reason)
-
-    def frame_totals(self, stream_id: str) -> FrameTotals | None:
-        """None for a stream without series. Read from the stream's own counters: looking a sample up in the
-        registry renders every stream's series, and doing that for each stream made /readyz and the stream list
-        cost grow with the square of the stream count, holding the GIL the model needs."""
-        series = self._streams.get(stream_id)
-        if series is None:
-            return None
-        return FrameTotals(float(series.frames_read._value.get()), float(series.frames_processed._value.get()))
-
-    def drop(self, stream_id: str, reason: str, count: int = 1) -> None:
-        self.stream(stream_id).dropped[reason].inc(count)
 
 
 class GpuCollector(Collector):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -201,7 +202,7 @@ class KafkaProcess:
                 return
             self._outbox.append(("close", generation, timeout))
             self._lock.notify_all()
-            self._wait_reply("closed", generation, timeout + 5.0)
+            self._wait_reply("closed", generation, timeout + 1.5)
 
     def _child_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -408,105 +409,129 @@ def serve(connection: Connection) -> None:
     reach the child too, and the pipeline still has to flush through it. It exits when told, or when the
     pipe closes because the pipeline process is gone.
     """
-    from pipeline.publishing.kafka_client import close_kafka_producer, delivery_error_kind, make_kafka_producer
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ChildServer(connection).run()
 
-    producers: dict[int, Any] = {}
-    condition = threading.Condition()
-    acks: list[tuple[int, tuple[str, str] | None]] = []
-    replies: list[tuple[Any, ...]] = []
-    running = True
 
-    def acknowledge(message_id: int, _metadata: Any) -> None:
-        with condition:
-            acks.append((message_id, None))
-            condition.notify()
+class _ChildServer:
+    """The child's side of the pipe: requests in on the main thread, acknowledgements and replies out on
+    `kafka-acks`, batched so that one pipe write carries many."""
 
-    def fail(message_id: int, error: Exception) -> None:
-        report = (repr(error), delivery_error_kind(error))
-        with condition:
-            acks.append((message_id, report))
-            condition.notify()
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._producers: dict[int, Any] = {}
+        self._condition = threading.Condition()
+        self._acks: list[tuple[int, tuple[str, str] | None]] = []
+        self._replies: list[tuple[Any, ...]] = []
+        self._running = True
 
-    def reply(*message: Any) -> None:
-        with condition:
-            replies.append(message)
-            condition.notify()
-
-    def answer() -> None:
-        while True:
-            with condition:
-                condition.wait_for(lambda: bool(acks or replies) or not running)
-                if not (acks or replies):
+    def run(self) -> None:
+        logging.getLogger().handlers[:] = [_ForwardToParent(self._reply)]
+        answering = threading.Thread(target=self._answer, name="kafka-acks", daemon=True)
+        answering.start()
+        try:
+            while True:
+                try:
+                    requests = self._connection.recv()
+                except (EOFError, OSError):
+                    break
+                if not all(self._handle(request) for request in requests):
                     return
-                outgoing = [("acks", list(acks))] if acks else []
-                outgoing += replies
-                acks.clear()
-                replies.clear()
+        finally:
+            from pipeline.publishing.kafka_client import close_kafka_producer
+
+            for producer in self._producers.values():
+                close_kafka_producer(producer, 2.0)
+            with self._condition:
+                self._running = False
+                self._condition.notify()
+            answering.join(5.0)
+            self._connection.close()
+
+    def _handle(self, request: tuple[Any, ...]) -> bool:
+        """Serves one request; False for `exit`."""
+        from pipeline.publishing.kafka_client import close_kafka_producer, make_kafka_producer
+
+        kind = request[0]
+        if kind == "send":
+            self._send(*request[1:])
+        elif kind == "open":
+            _, generation, config, levels = request
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
             try:
-                connection.send(outgoing)
+                self._producers[generation] = make_kafka_producer(config)
+            except Exception as error:
+                self._reply("opened", generation, f"{type(error).__name__}: {error}")
+            else:
+                self._reply("opened", generation, None)
+        elif kind == "close":
+            _, generation, timeout = request
+            close_kafka_producer(self._producers.pop(generation, None), timeout)
+            self._reply("closed", generation)
+        return bool(kind != "exit")
+
+    def _send(self, generation: int, message_id: int, topic: str, value: bytes, key: bytes,
+              headers: list[tuple[str, bytes]]) -> None:
+        producer = self._producers.get(generation)
+        if producer is None:
+            self._fail(message_id, KafkaProcessError(f"producer {generation} is closed"))
+            return
+        try:
+            future = producer.send(topic, value=value, key=key, headers=headers)
+        except Exception as error:
+            self._fail(message_id, error)
+            return
+        future.add_callback(self._acknowledge, message_id)
+        future.add_errback(self._fail, message_id)
+
+    def _acknowledge(self, message_id: int, _metadata: Any) -> None:
+        with self._condition:
+            self._acks.append((message_id, None))
+            self._condition.notify()
+
+    def _fail(self, message_id: int, error: Exception) -> None:
+        from pipeline.publishing.kafka_client import delivery_error_kind
+
+        report = (repr(error), delivery_error_kind(error))
+        with self._condition:
+            self._acks.append((message_id, report))
+            self._condition.notify()
+
+    def _reply(self, *message: Any) -> None:
+        with self._condition:
+            self._replies.append(message)
+            self._condition.notify()
+
+    def _answer(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: bool(self._acks or self._replies) or not self._running)
+                if not (self._acks or self._replies):
+                    return
+                outgoing: list[tuple[Any, ...]] = [("acks", list(self._acks))] if self._acks else []
+                outgoing += self._replies
+                self._acks.clear()
+                self._replies.clear()
+            try:
+                self._connection.send(outgoing)
             except OSError:
                 return
 
-    class ForwardToParent(logging.Handler):
-        """The child's log records go out through the pipeline's own handlers and format."""
 
-        def emit(self, record: logging.LogRecord) -> None:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
-            reply("log", record.name, record.levelno, text)
+class _ForwardToParent(logging.Handler):
+    """The child's log records go out through the pipeline's own handlers and format."""
 
-    logging.getLogger().handlers[:] = [ForwardToParent()]
-    answering = threading.Thread(target=answer, name="kafka-acks", daemon=True)
-    answering.start()
-    try:
-        while True:
-            try:
-                requests = connection.recv()
-            except (EOFError, OSError):
-                break
-            for request in requests:
-                kind = request[0]
-                if kind == "send":
-                    _, generation, message_id, topic, value, key, headers = request
-                    producer = producers.get(generation)
-                    if producer is None:
-                        fail(message_id, KafkaProcessError(f"producer {generation} is closed"))
-                        continue
-                    try:
-                        future = producer.send(topic, value=value, key=key, headers=headers)
-                    except Exception as error:
-                        fail(message_id, error)
-                        continue
-                    future.add_callback(acknowledge, message_id)
-                    future.add_errback(fail, message_id)
-                elif kind == "open":
-                    _, generation, config, levels = request
-                    for name, level in levels.items():
-                        logging.getLogger(name).setLevel(level)
-                    try:
-                        producers[generation] = make_kafka_producer(config)
-                    except Exception as error:
-                        reply("opened", generation, f"{type(error).__name__}: {error}")
-                    else:
-                        reply("opened", generation, None)
-                elif kind == "close":
-                    _, generation, timeout = request
-                    close_kafka_producer(producers.pop(generation, None), timeout)
-                    reply("closed", generation)
-                elif kind == "exit":
-                    return
-    finally:
-        for producer in producers.values():
-            close_kafka_producer(producer, 2.0)
-        with condition:
-            running = False
-            condition.notify()
-        answering.join(5.0)
-        connection.close()
+    def __init__(self, reply: Callable[..., None]) -> None:
+        super().__init__()
+        self._reply = reply
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self._reply("log", record.name, record.levelno, text)
 
 
 def serve_descriptor(descriptor: int) -> None:

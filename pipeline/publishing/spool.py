@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+from pipeline.ledger import FrameTicket
+
 log = logging.getLogger(__name__)
 
 SPOOL_FILE = "undelivered.spool"
@@ -35,18 +37,22 @@ _LENGTHS = struct.Struct(">?II")
 class OutgoingMessage:
     """An encoded message; `event` ones go to the events topic, the others to the results topic.
 
-    `sequence` orders messages as they were built (see the module's docstring); `unexplained_failures`
-    counts the delivery failures of no known kind, which the publisher bounds; `restored` marks a message
-    read back from the previous run's file. None of the three is saved to disk: the file's order is the
-    sequence.
+    `ticket` names the frame a result message is for, so its fate reaches the ledger (None for events and
+    for messages read back from a previous run). `sequence` orders messages as they reached the publisher
+    (see the module's docstring); `unexplained_failures` counts the delivery failures of no known kind,
+    which the publisher bounds; `restored` marks a message read back from the previous run's file;
+    `built_monotonic` is when it was encoded. Only key, value and the lane are saved to disk: the file's
+    order is the sequence.
     """
 
     key: bytes
     value: bytes
     event: bool = False
+    ticket: FrameTicket | None = field(default=None, compare=False)
     sequence: int = field(default=0, compare=False)
     unexplained_failures: int = field(default=0, compare=False)
     restored: bool = field(default=False, compare=False)
+    built_monotonic: float = field(default=0.0, compare=False)
 
     @property
     def size(self) -> int:
@@ -62,7 +68,7 @@ class Spool:
 
     Events have a lane of their own so that the publisher can hold them back (their topic is not there yet,
     say) while results go on; the bounds still push out the oldest message of either lane first. Every
-    method that adds reports how many messages it pushed out.
+    method that adds returns the messages it pushed out, oldest first, for the caller to count.
     """
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
@@ -85,18 +91,18 @@ class Spool:
     def has_events(self) -> bool:
         return bool(self._lanes[True])
 
-    def append(self, message: OutgoingMessage) -> int:
+    def append(self, message: OutgoingMessage) -> list[OutgoingMessage]:
         """Add the newest message; one larger than the byte bound on its own is the only one dropped."""
         if message.size > self._max_bytes:
-            return 1
+            return [message]
         self._lanes[message.event].append(message)
         self._bytes += message.size
         return self.trim_to(self._max_messages, self._max_bytes)
 
-    def put_back(self, messages: Iterable[OutgoingMessage]) -> int:
+    def put_back(self, messages: Iterable[OutgoingMessage]) -> list[OutgoingMessage]:
         """Return messages whose delivery failed, each to its place in sequence order."""
         returned = sorted(messages, key=_sequence)
-        dropped = sum(1 for message in returned if message.size > self._max_bytes)
+        dropped = [message for message in returned if message.size > self._max_bytes]
         for event, lane in self._lanes.items():
             mine = [message for message in returned if message.event == event and message.size <= self._max_bytes]
             if not mine:
@@ -110,15 +116,16 @@ class Spool:
             lane.extendleft(reversed(list(heapq.merge(mine, older, key=_sequence))))
         return dropped + self.trim_to(self._max_messages, self._max_bytes)
 
-    def trim_to(self, max_messages: int, max_bytes: int) -> int:
-        """Drop the oldest until at most `max_messages` and `max_bytes` are left; returns how many went."""
-        dropped = 0
+    def trim_to(self, max_messages: int, max_bytes: int) -> list[OutgoingMessage]:
+        """Drop the oldest until at most `max_messages` and `max_bytes` are left; returns those that went."""
+        dropped = []
         while len(self) > max(0, max_messages) or self._bytes > max(0, max_bytes):
             lane = self._oldest_lane(events=True)
             if lane is None:
                 break
-            self._bytes -= lane.popleft().size
-            dropped += 1
+            message = lane.popleft()
+            self._bytes -= message.size
+            dropped.append(message)
         return dropped
 
     def popleft(self, events: bool = True) -> OutgoingMessage | None:

@@ -20,16 +20,16 @@ from datetime import datetime, timezone
 from pipeline.batching.hub import FrameHub, OverflowPolicy
 from pipeline.config import StreamConfig
 from pipeline.frames import Frame
+from pipeline.ledger import FrameLedger, FrameTicket
 from pipeline.ops.health import Heartbeats
 from pipeline.ops.metrics import PipelineMetrics
 from pipeline.sources.opencv import OpenCvSource
 from pipeline.sources.source import InvalidFrame, VideoSource
+from pipeline.threads import StageThread
 
 log = logging.getLogger(__name__)
 
 _FILE_ATTEMPTS = 3
-# A realtime file's timestamps may jump (a cut, a recording resumed hours later, a rewind); a step between
-# frames larger than this, and than a few frame periods, restarts the pacing instead of sleeping through it.
 _PACED_STEP_MAX_S = 5.0
 _PACED_STEP_MAX_PERIODS = 4
 
@@ -49,31 +49,75 @@ ALLOWED_TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
 }
 
 
+class _Pacer:
+    """Paces a file read in real time by its media time. Timestamps may jump (a cut, a recording resumed
+    hours later, a rewind); a step larger than `_PACED_STEP_MAX_S`, and than a few frame periods, restarts
+    the pacing there instead of sleeping through it."""
+
+    def __init__(self, file_fps: float) -> None:
+        self._step_max_s = max(_PACED_STEP_MAX_S, _PACED_STEP_MAX_PERIODS / file_fps)
+        self._anchor_media_s: float | None = None
+        self._anchor_monotonic = 0.0
+        self._last_media_s = 0.0
+
+    def due(self, media_s: float, now: float) -> tuple[float, float | None]:
+        """When the frame at `media_s` is due, and the jump (seconds) when the pacing restarted at it."""
+        jump = None
+        if self._anchor_media_s is None or abs(media_s - self._last_media_s) > self._step_max_s:
+            if self._anchor_media_s is not None:
+                jump = media_s - self._last_media_s
+            self._anchor_media_s, self._anchor_monotonic = media_s, now
+        self._last_media_s = media_s
+        return self._anchor_monotonic + (media_s - self._anchor_media_s), jump
+
+
+class _RateCap:
+    """Keeps frames on a schedule of `fps`, not "a period since the last kept frame": that would keep every
+    third frame of a 25 fps camera capped at 10 (8.3 fps). Frames within a tenth of a period are on time."""
+
+    def __init__(self, fps: float) -> None:
+        self._period_s = 1.0 / fps
+        self._next_due: float | None = None
+
+    def keep(self, clock: float) -> bool:
+        period = self._period_s
+        if self._next_due is not None and clock < self._next_due - 0.1 * period:
+            return False
+        behind = self._next_due is None or clock - self._next_due > period
+        self._next_due = (clock if behind or self._next_due is None else self._next_due) + period
+        return True
+
+
 class StreamReader:
-    """Reads one stream on its own thread until stopped or, for a non-looping file, until its end."""
+    """Reads one stream on its own thread until stopped or, for a non-looping file, until its end.
+
+    Every frame read is reported to the ledger under this reader's run, and so is every frame lost here
+    (decode errors, the rate cap, a full buffer, a stop). Once the stream is removed (and perhaps added again
+    under the same id), whatever this reader still does reaches neither the new run's counts nor its frames.
+    """
 
     def __init__(
         self,
         config: StreamConfig,
+        run: int,
         hub: FrameHub,
+        ledger: FrameLedger,
         metrics: PipelineMetrics,
         heartbeats: Heartbeats,
         source_factory: Callable[[StreamConfig], VideoSource] = OpenCvSource,
     ) -> None:
         self.config = config
+        self.run = run
         self._hub = hub
-        self._metrics = metrics
-        self._heartbeats = heartbeats
+        self._ledger = ledger
+        self._decode_seconds = metrics.stage_seconds.labels(stage="decode")
         self._source_factory = source_factory
         self._log = logging.LoggerAdapter(log, {"stream": config.id})
         self._stop = threading.Event()
         self._state = StreamState.CONNECTING
         self._state_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"reader-{config.id}", daemon=True)
-        # This stream's series and hub slot as they are now: once the stream is removed (and perhaps added
-        # again under the same id), whatever this reader still does reaches neither the new stream's
-        # metrics nor its frames.
-        self._series = metrics.stream(config.id)
+        self._thread = StageThread(f"reader-{config.id}", self._run, heartbeats)
+        self._series = ledger.series(config.id, run)
         self._slot = hub.slot(config.id)
         self.finished = threading.Event()
         self.last_frame_monotonic: float | None = None
@@ -86,6 +130,10 @@ class StreamReader:
     @property
     def state(self) -> StreamState:
         return self._state
+
+    @property
+    def thread(self) -> StageThread:
+        return self._thread
 
     @property
     def thread_name(self) -> str:
@@ -103,8 +151,7 @@ class StreamReader:
         self._stop.set()
 
     def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._thread.join(timeout)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -120,7 +167,8 @@ class StreamReader:
             if new_state is StreamState.UP:
                 self._up_since = time.monotonic()
                 self._last_error = None
-        self._series.up.set(1 if new_state is StreamState.UP else 0)
+        if self._series is not None:
+            self._series.up.set(1 if new_state is StreamState.UP else 0)
 
     def _run(self) -> None:
         looping = False
@@ -138,19 +186,15 @@ class StreamReader:
                 if self._stop.is_set() or self._file_unreadable():
                     break
                 self._back_off()
-        except Exception:
-            self._log.exception("stream %s: reader failed", self.config.id)
         finally:
             self._set_state(StreamState.STOPPED)
-            self._heartbeats.forget(self.thread_name)
             self.finished.set()
 
     def _attempt(self) -> bool:
         """One open and read of the stream; whether it reached the end of a file. An unexpected exception (a
         host name that cannot be encoded, an OpenCV error in a read) fails this attempt like a lost stream,
         not the reader: otherwise the stream would never be tried again."""
-        # An open may first wait for other streams' opens (see FfmpegOptionsGate), then time out itself.
-        self._heartbeats.beat(self.thread_name, busy_for_s=2 * self.config.open_timeout_ms / 1000 + 1)
+        self._thread.beat(busy_for_s=self.config.open_timeout_ms / 1000 + 1)
         source: VideoSource | None = None
         try:
             source = self._source_factory(self.config)
@@ -198,7 +242,7 @@ class StreamReader:
         base = self.config.reconnect_backoff_s * (2 ** min(self._failures, 16))
         delay = min(self.config.reconnect_backoff_max_s, base) * random.uniform(0.5, 1.0)
         self._failures += 1
-        if not self._wait_until(time.monotonic() + delay):
+        if not self._wait_until(time.monotonic() + delay) and self._series is not None:
             self._series.reconnects.inc()
 
     def _wait_until(self, deadline: float) -> bool:
@@ -206,8 +250,14 @@ class StreamReader:
         while (left := deadline - time.monotonic()) > 0:
             if self._stop.wait(min(1.0, left)):
                 return True
-            self._heartbeats.beat(self.thread_name)
+            self._thread.beat()
         return self._stop.is_set()
+
+    def _next_ticket(self) -> FrameTicket:
+        """Every frame read gets the next id, even one lost here, so consumers see the gap."""
+        ticket = FrameTicket(self.config.id, self.run, self._frame_id)
+        self._frame_id += 1
+        return ticket
 
     def _read_until_failure(self, source: VideoSource) -> bool:
         """Read frames until stop (False), the end of a file (True) or a failure (False).
@@ -217,35 +267,27 @@ class StreamReader:
         the first step after each frame would hammer it several times a second.
         """
         is_file = self.config.kind == "file"
-        pace = is_file and self.config.realtime
         file_fps = source.frame_rate() or 25.0
-        paced_step_max_s = max(_PACED_STEP_MAX_S, _PACED_STEP_MAX_PERIODS / file_fps)
-        anchor_media_s: float | None = None
-        anchor_monotonic = last_media_s = 0.0
+        pacer = _Pacer(file_fps) if is_file and self.config.realtime else None
+        cap = None if self.config.fps is None else _RateCap(self.config.fps)
         frames_this_session = 0
-        stream_id = self.config.id
-        series = self._series
-        cap_period_s = None if self.config.fps is None else 1.0 / self.config.fps
-        next_due: float | None = None
         read_busy_s = self.config.stall_timeout_s + 1
         last_valid = time.monotonic()
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 image = source.read()
             except InvalidFrame:
-                # Still a frame read: counted so that read = processed + dropped + in flight, and its id skipped
-                # so that consumers see the gap.
-                self._frame_id += 1
-                series.frames_read.inc()
-                series.dropped["decode_error"].inc()
+                self._ledger.read_and_dropped(self._next_ticket(), "decode_error")
                 if time.monotonic() - last_valid > self.config.stall_timeout_s:
                     return False
                 continue
             finally:
-                self._heartbeats.beat(self.thread_name, busy_for_s=read_busy_s)
+                self._thread.beat(busy_for_s=read_busy_s)
             if image is None:
                 return is_file and frames_this_session > 0
             now = last_valid = time.monotonic()
+            self._decode_seconds.observe(now - started)
             if frames_this_session == 0:
                 self._set_state(StreamState.UP)
             if self._failures and now - self._up_since >= self.config.stall_timeout_s:
@@ -254,41 +296,31 @@ class StreamReader:
             media_s = (pts_ms if pts_ms is not None else frames_this_session * 1000 / file_fps) / 1000
             frames_this_session += 1
             self._ever_read = True
-            frame_id = self._frame_id
-            self._frame_id += 1
             self.last_frame_monotonic = now
-            series.frames_read.inc()
-            if pace:
-                if anchor_media_s is None or abs(media_s - last_media_s) > paced_step_max_s:
-                    if anchor_media_s is not None:
-                        self._log.info("stream %s: timestamps jump %.1f s at frame %d; pacing restarts there",
-                                       stream_id, media_s - last_media_s, frame_id)
-                    anchor_media_s, anchor_monotonic = media_s, now
-                last_media_s = media_s
-                if self._wait_until(anchor_monotonic + (media_s - anchor_media_s)):
-                    series.dropped["shutdown"].inc()
-                    return False
-            if cap_period_s is not None:
-                clock = media_s if is_file else now
-                # A schedule, not "a period since the last kept frame": that would keep every third frame of
-                # a 25 fps camera capped at 10 (8.3 fps). Frames within a tenth of a period count as on time.
-                if next_due is not None and clock < next_due - 0.1 * cap_period_s:
-                    series.dropped["fps_cap"].inc()
-                    continue
-                behind = next_due is None or clock - next_due > cap_period_s
-                next_due = (clock if behind or next_due is None else next_due) + cap_period_s
-            frame = Frame(
-                stream_id=stream_id,
-                frame_id=frame_id,
-                pts_ms=pts_ms,
-                captured_at=datetime.now(timezone.utc),
-                captured_monotonic=time.monotonic(),
-                image=image,
-                series=series,
-            )
-            dropped = self._hub.put(frame, self._stop, self._slot)
-            if dropped is not None:
-                series.dropped["shutdown" if dropped is frame and self._stop.is_set() else "queue_full"].inc()
+            ticket = self._next_ticket()
+            self._ledger.read(ticket)
+            if pacer is not None and self._wait_paced(pacer, media_s, now, ticket):
+                return False
+            if cap is not None and not cap.keep(media_s if is_file else now):
+                self._ledger.dropped(ticket, "fps_cap")
+                continue
+            frame = Frame(stream_id=ticket.stream_id, frame_id=ticket.frame_id, pts_ms=pts_ms,
+                          captured_at=datetime.now(timezone.utc), captured_monotonic=time.monotonic(), image=image,
+                          run=self.run)
+            lost = self._hub.put(frame, self._stop, self._slot)
+            if lost is not None:
+                self._ledger.dropped(lost[0].ticket, lost[1])
+        return False
+
+    def _wait_paced(self, pacer: _Pacer, media_s: float, now: float, ticket: FrameTicket) -> bool:
+        """Waits until the frame is due; True (the frame dropped, shutdown) when a stop came first."""
+        due, jump = pacer.due(media_s, now)
+        if jump is not None:
+            self._log.info("stream %s: timestamps jump %.1f s at frame %d; pacing restarts there", self.config.id,
+                           jump, ticket.frame_id)
+        if self._wait_until(due):
+            self._ledger.dropped(ticket, "shutdown")
+            return True
         return False
 
 

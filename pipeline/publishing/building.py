@@ -1,0 +1,68 @@
+"""From a frame's result (and its zone events) to encoded Kafka messages.
+
+This runs on the analytics stage's threads, not the publisher's: the publisher's inbox then holds bytes,
+never pixels, and the frame's image is released as soon as its message and snapshot exist. Encoding
+for many streams also spreads over those threads instead of queueing on one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+from pipeline.analytics.zones import ZoneEvent
+from pipeline.config import SnapshotConfig
+from pipeline.frames import FrameResult
+from pipeline.ledger import FrameTicket
+from pipeline.ops.metrics import StreamMetrics
+from pipeline.ops.repeated_log import RepeatedErrorLog
+from pipeline.publishing.messages import build_event, build_message, encode
+from pipeline.publishing.snapshots import SnapshotWriter
+from pipeline.publishing.spool import OutgoingMessage
+
+log = logging.getLogger(__name__)
+
+
+class MessageBuilder:
+    """Builds the `vap.frame.v1` and `vap.event.v1` messages; safe to call from several threads at once
+    as long as each stream is built by one thread at a time (its snapshots are kept per stream)."""
+
+    def __init__(self, model_name: str, snapshots: SnapshotConfig) -> None:
+        self._model_name = model_name
+        self._snapshots = SnapshotWriter(snapshots) if snapshots.dir is not None else None
+        self._snapshot_errors = RepeatedErrorLog(log)
+
+    def frame_message(self, result: FrameResult, series: StreamMetrics | None) -> OutgoingMessage:
+        """Raises when the result cannot be encoded (the caller drops the frame as a build error)."""
+        frame = result.frame
+        total_s = time.monotonic() - frame.captured_monotonic
+        message = build_message(result, self._model_name, datetime.now(timezone.utc), total_s * 1000)
+        snapshot_uri = self._write_snapshot(result)
+        if snapshot_uri is not None:
+            message["snapshot"] = {"uri": snapshot_uri}
+        outgoing = OutgoingMessage(key=frame.stream_id.encode(), value=encode(message),
+                                   ticket=FrameTicket(frame.stream_id, frame.run, frame.frame_id),
+                                   built_monotonic=time.monotonic())
+        if series is not None:
+            series.end_to_end_latency.observe(total_s)
+            for detection in message.get("detections", ()):
+                series.detections(detection["label"]).inc()
+        return outgoing
+
+    def event_message(self, event: ZoneEvent, series: StreamMetrics | None) -> OutgoingMessage:
+        encoded = encode(build_event(event, datetime.now(timezone.utc)))
+        if series is not None:
+            series.zone_events(event.zone_id, event.event, event.label).inc()
+        return OutgoingMessage(event.stream_id.encode(), encoded, event=True, built_monotonic=time.monotonic())
+
+    def _write_snapshot(self, result: FrameResult) -> str | None:
+        """A thumbnail that cannot be written (a full disk, say) costs the picture, not the frame's message."""
+        if self._snapshots is None:
+            return None
+        try:
+            return self._snapshots.write(result)
+        except Exception:
+            self._snapshot_errors.error("stream %s: cannot write the snapshot of frame %d; publishing without it",
+                                        result.frame.stream_id, result.frame.frame_id, exc_info=True)
+            return None
