@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decoder", default="cpu",
                        help="where vap decodes the clips: cpu, or cuda[:N] for the GPU's video engine (NVDEC)")
     bench.add_argument("--codec", default="mpeg4", choices=["mpeg4", "h264"],
-                       help="codec of the generated clips; h264 (what cameras send) needs pip install 'vap[h264]'")
+                       help="codec of the generated clips; h264 is what cameras send")
     bench.add_argument("--weights", help="model file (default: the bundled model)")
     bench.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a paced run this long")
     bench.add_argument("--json", type=Path, help="also write the numbers to this file")
@@ -330,7 +330,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"vap bench: --size must be WIDTHxHEIGHT, got {args.size!r}", file=sys.stderr)
         return EXIT_USAGE
     if args.codec == "h264" and not h264_available():
-        print("vap bench: --codec h264 needs PyAV with libx264: pip install 'vap[h264]'", file=sys.stderr)
+        print("vap bench: --codec h264 needs PyAV built with libx264, as PyPI's wheels are", file=sys.stderr)
         return EXIT_USAGE
     options = BenchOptions(
         streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,

@@ -37,6 +37,7 @@ from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, PendingBatch, infer
 from pipeline.inference.devices import resolve_device
 from pipeline.inference.runtimes import default_export_dir, resolve_model
+from pipeline.ops.metrics import STAGES
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
@@ -145,7 +146,7 @@ CODECS = ("mpeg4", "h264")
 
 
 def h264_available() -> bool:
-    """H.264 clips are written with PyAV's libx264 (`pip install 'vap[h264]'`); OpenCV's wheels cannot encode it."""
+    """H.264 clips are written with PyAV's libx264 (PyAV is a dependency of vap); OpenCV's wheels cannot encode it."""
     try:
         import av
     except ImportError:
@@ -433,12 +434,24 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     frames_in_batches = registry.get_sample_value("vap_batch_size_sum", {"device": device}) or 0.0
     batch_seconds = registry.get_sample_value("vap_inference_seconds_sum", {"device": device}) or 0.0
     notes = (f"{len(latencies)} messages read back; mean batch {frames_in_batches / max(batches, 1):.1f} frames, "
-             f"{1000 * batch_seconds / max(batches, 1):.1f} ms from submit to results; {dropped} frame(s) dropped")
+             f"{1000 * batch_seconds / max(batches, 1):.1f} ms in the model; {dropped} frame(s) dropped; "
+             f"per stage: {_stage_means(registry)}")
     if len(latencies) < delivered():
         notes += f"; {delivered() - len(latencies)} acknowledged message(s) could not be read back"
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
                        gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped)
+
+
+def _stage_means(registry: CollectorRegistry) -> str:
+    """Mean milliseconds per observation of each stage (`vap_stage_seconds`), where the time went."""
+    means = []
+    for stage in STAGES:
+        count = registry.get_sample_value("vap_stage_seconds_count", {"stage": stage}) or 0.0
+        if count:
+            total = registry.get_sample_value("vap_stage_seconds_sum", {"stage": stage}) or 0.0
+            means.append(f"{stage} {1000 * total / count:.1f} ms")
+    return ", ".join(means) or "none"
 
 
 def _dropped_while_running(registry: CollectorRegistry) -> int:
