@@ -69,7 +69,6 @@ class KafkaPublisher:
     ) -> None:
         self._config = config
         self._events_topic = events_topic
-        self._ledger = ledger
         self._metrics = metrics
         self._condition = threading.Condition()
         self._inbox: deque[OutgoingMessage] = deque()
