@@ -150,3 +150,14 @@ def test_a_stop_takes_everything_unsettled_oldest_first() -> None:
     state.failed(sends[2].token, "transient", now=1)
     assert frame_ids(state.undelivered()) == [0, 1, 2, 3]
     assert state.backlog() == 0
+
+
+def test_the_inbox_is_bounded_in_bytes_and_drops_its_oldest_when_the_loop_falls_behind() -> None:
+    state = DeliveryState(max_messages=100, max_bytes=10_000, stuck_after_s=60, inbox_max_bytes=250)
+    dropped = state.offer([message(index, size=100) for index in range(4)])
+    assert [(outcome.reason, outcome.message.ticket.frame_id if outcome.message.ticket else None)
+            for outcome in dropped] == [("publish_queue_full", 0), ("publish_queue_full", 1)]
+    assert state.backlog() == 2 and state.spooled() == 0
+    assert state.admit(now=0) == []
+    assert state.spooled() == 2 and not state.has_arrivals()
+    assert frame_ids(send_all(state)) == [2, 3]

@@ -7,9 +7,13 @@ bounds and what counts as lost lives here, where a test can drive it one step at
 
 Where a message is:
 
-    accept ──> spool ──next_send──> in flight ──delivered──> sent
-                 ^                      │
-                 └──── failed (kept) <──┘   rejected, or too many unexplained failures ──> dropped
+    offer ──> inbox ──admit──> spool ──next_send──> in flight ──delivered──> sent
+                                 ^                      │
+                                 └──── failed (kept) <──┘   rejected, or too many unexplained failures
+                                                            ──> dropped
+
+The inbox is what other threads hand over between two turns of the loop, bounded in bytes (messages differ a
+hundredfold in size: an empty frame against 300 masks); when it is full its oldest message is dropped.
 
 Bounds: the spool is bounded by count and bytes, and when full the oldest message goes first (a
 dashboard is better served by the newest results than by a backlog it will never catch up on). While
@@ -30,6 +34,7 @@ aborted batches) put the messages back without counting against the new one.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -115,7 +120,11 @@ class _EventsTopic:
 class DeliveryState:
     """Every message between its acceptance and its outcome. Not thread-safe: the loop holds a lock."""
 
-    def __init__(self, max_messages: int, max_bytes: int, stuck_after_s: float, now: float = 0.0) -> None:
+    def __init__(self, max_messages: int, max_bytes: int, stuck_after_s: float, now: float = 0.0,
+                 inbox_max_bytes: int = 16 * 2**20) -> None:
+        self._inbox: deque[OutgoingMessage] = deque()
+        self._inbox_bytes = 0
+        self._inbox_max_bytes = inbox_max_bytes
         self._max_messages = max_messages
         self._max_bytes = max_bytes
         self._spool = Spool(max_messages, max_bytes)
@@ -138,8 +147,14 @@ class DeliveryState:
     # What is there
 
     def backlog(self) -> int:
-        """Messages not yet settled: spooled or in flight."""
-        return len(self._spool) + len(self._in_flight)
+        """Messages not yet settled: in the inbox, spooled or in flight."""
+        return len(self._inbox) + len(self._spool) + len(self._in_flight)
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def has_arrivals(self) -> bool:
+        return bool(self._inbox)
 
     def spooled(self) -> int:
         return len(self._spool)
@@ -169,6 +184,25 @@ class DeliveryState:
         return any(message.restored for message in (*self._spool, *(r.message for r in self._in_flight.values())))
 
     # Messages in
+
+    def offer(self, messages: Iterable[OutgoingMessage]) -> list[Outcome]:
+        """Messages handed over by other threads, waiting for the loop's next turn."""
+        dropped: list[Outcome] = []
+        for message in messages:
+            self._inbox.append(message)
+            self._inbox_bytes += message.size
+        while self._inbox_bytes > self._inbox_max_bytes and len(self._inbox) > 1:
+            oldest = self._inbox.popleft()
+            self._inbox_bytes -= oldest.size
+            dropped.append(Outcome("dropped", oldest, "publish_queue_full", "the publisher's inbox is full"))
+        return dropped
+
+    def admit(self, now: float) -> list[Outcome]:
+        """Everything the inbox holds into the spool."""
+        arrived = list(self._inbox)
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        return self.accept(arrived, now)
 
     def accept(self, messages: Iterable[OutgoingMessage], now: float) -> list[Outcome]:
         """Spool new messages (stamped with their sequence) within the bounds."""
@@ -325,6 +359,9 @@ class DeliveryState:
         """Everything not yet settled, oldest first (as a next start resends them), out of the machine."""
         messages = sorted([*(record.message for record in self._in_flight.values()), *self._spool.drain()],
                           key=lambda message: message.sequence)
+        messages += self._inbox
+        self._inbox.clear()
+        self._inbox_bytes = 0
         self._in_flight.clear()
         self._in_flight_bytes = self._events.in_flight = 0
         return messages

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 
 from pipeline.config import KafkaConfig
@@ -71,14 +70,12 @@ class KafkaPublisher:
         self._events_topic = events_topic
         self._metrics = metrics
         self._condition = threading.Condition()
-        self._inbox: deque[OutgoingMessage] = deque()
-        self._inbox_bytes = 0
-        self._inbox_max_bytes = INBOX_MAX_BYTES if inbox_max_bytes is None else inbox_max_bytes
         # kafka-python fails a message itself after its delivery timeout; a producer that has given no outcome
         # for much longer than that is stuck. Longer than the Kafka child's own watchdog (twice the delivery
         # timeout), which replaces a stuck child first.
         self._state = DeliveryState(config.spool.max_messages, config.spool.max_bytes,
-                                    stuck_after_s=2.5 * delivery_timeout_ms(config) / 1000, now=time.monotonic())
+                                    stuck_after_s=2.5 * delivery_timeout_ms(config) / 1000, now=time.monotonic(),
+                                    inbox_max_bytes=INBOX_MAX_BYTES if inbox_max_bytes is None else inbox_max_bytes)
         self._supervisor = ProducerSupervisor(config, producer_factory, topic_setup, self._wake)
         self._stop = threading.Event()
         self._closed = False
@@ -105,7 +102,7 @@ class KafkaPublisher:
     def backlog(self) -> int:
         """Messages not yet settled: waiting in the inbox, spooled or in flight."""
         with self._condition:
-            return len(self._inbox) + self._state.backlog()
+            return self._state.backlog()
 
     @property
     def thread_name(self) -> str:
@@ -129,18 +126,11 @@ class KafkaPublisher:
 
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
         """Queue messages for Kafka; when the inbox is full the oldest are dropped (and counted)."""
-        lost: list[Outcome] = []
         with self._condition:
-            for message in messages:
-                if self._closed:
-                    lost.append(Outcome("dropped", message, "shutdown", "the publisher has stopped"))
-                    continue
-                self._inbox.append(message)
-                self._inbox_bytes += message.size
-            while self._inbox_bytes > self._inbox_max_bytes and len(self._inbox) > 1:
-                oldest = self._inbox.popleft()
-                self._inbox_bytes -= oldest.size
-                lost.append(Outcome("dropped", oldest, "publish_queue_full", "the publisher's inbox is full"))
+            if self._closed:
+                lost = [Outcome("dropped", message, "shutdown", "the publisher has stopped") for message in messages]
+            else:
+                lost = self._state.offer(messages)
             self._condition.notify_all()
         self._accounting.record(lost)
 
@@ -180,7 +170,7 @@ class KafkaPublisher:
             with self._condition:
                 if self._stop.is_set() and (self._backlog() == 0 or time.monotonic() >= self._flush_deadline):
                     return True
-                if not self._inbox:
+                if not self._state.has_arrivals():
                     self._condition.wait(timeout=0.05 if self._state.backlog() else 0.2)
         except Exception:
             self._loop_errors.error("publisher loop failed; going on", exc_info=True)
@@ -191,16 +181,13 @@ class KafkaPublisher:
         return False
 
     def _backlog(self) -> int:
-        return len(self._inbox) + self._state.backlog()
+        return self._state.backlog()
 
     def _take_inbox_and_events(self) -> list[Outcome]:
         with self._condition:
             now = time.monotonic()
             outcomes = self._supervisor_events(self._supervisor.collect(now), now)
-            arrived = list(self._inbox)
-            self._inbox.clear()
-            self._inbox_bytes = 0
-            outcomes += self._state.accept(arrived, now)
+            outcomes += self._state.admit(now)
             self._metrics.queue_depth.labels(stage="kafka_spool").set(self._state.spooled())
             return outcomes
 
@@ -317,7 +304,7 @@ class KafkaPublisher:
             deadline = self._finish_deadline if self._stop.is_set() else time.monotonic() + _CLOSE_RESERVE_S
             self._supervisor.close(timeout=max(0.0, (deadline - time.monotonic()) / 2))
             with self._condition:
-                while self._state.backlog() > self._state.spooled() and (left := deadline - time.monotonic()) > 0:
+                while self._state.in_flight() and (left := deadline - time.monotonic()) > 0:
                     self._condition.wait(timeout=min(left, 0.05))
         except Exception:
             log.exception("closing the Kafka producer failed")
