@@ -99,7 +99,7 @@ class Pipeline:
         self._kafka_in_process = False
         self._timeouts = timeouts
         self._stop_requested = threading.Event()
-        self._stopping = threading.Event()
+        self._workers_stopping = threading.Event()
         self._ready = threading.Event()
         self._processed_lock = threading.Lock()
         self._processed = 0
@@ -288,7 +288,7 @@ class Pipeline:
         assert self.analytics is not None
         if self._results_abandoned:
             return  # counted as dropped when the stop gave up on its worker
-        self.analytics.submit(result, self._stopping)
+        self.analytics.submit(result, self._workers_stopping)
         with self._processed_lock:
             self._processed += 1
             if self._max_frames is not None and self._processed >= self._max_frames:
@@ -350,7 +350,7 @@ class Pipeline:
         while self.workers and not self.hub.drained() and time.monotonic() < deadline:
             time.sleep(0.02)
         self._drop_at_stop(self.hub.discard_waiting(), "read but not inferred")
-        self._stopping.set()  # a worker waiting for room in the analytics stage gives up from here on
+        self._workers_stopping.set()  # a worker waiting for room in the analytics stage gives up from here on
         for worker in self.workers:
             worker.stop()
         workers_deadline = time.monotonic() + workers_s

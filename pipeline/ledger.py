@@ -97,10 +97,6 @@ class FrameLedger:
                     self._runs.pop(oldest, None)
         self._metrics.remove_stream(stream_id)
 
-    def current_run(self, stream_id: str) -> int | None:
-        with self._lock:
-            return self._current.get(stream_id)
-
     def series(self, stream_id: str, run: int) -> StreamMetrics | None:
         """The run's per-stream series (latency, detections, zones); None for run 0 or a long-forgotten run."""
         with self._lock:

@@ -23,7 +23,6 @@ class StageThread:
         self._loop = loop
         self._heartbeats = heartbeats
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self.failure: BaseException | None = None
 
     @property
     def name(self) -> str:
@@ -49,8 +48,7 @@ class StageThread:
     def _main(self) -> None:
         try:
             self._loop()
-        except BaseException as error:
-            self.failure = error
+        except BaseException:
             log.exception("thread %s died", self.name)
             self._heartbeats.died(self.name)
         finally:

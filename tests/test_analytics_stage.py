@@ -161,6 +161,7 @@ def test_a_live_stream_s_full_lane_drops_its_oldest_while_a_file_s_waits() -> No
     assert wait_until(lambda: len(published.frames("file")) == 6)
     stop(stage)
     assert stages.dropped("file", "analytics_queue_full") == 0
+    assert stages.value("vap_queue_depth", stage="analytics") == 0, "the gauge follows the lanes back to empty"
     stages.assert_settled("live", "file")
 
 

@@ -86,15 +86,13 @@ class AnalyticsStage:
         self._condition = threading.Condition()
         self._lanes: dict[int, _Lane] = {}
         self._ready: deque[_Lane] = deque()
+        self._waiting = 0  # results in every lane, for the queue-depth gauge
+        self._depth = metrics.queue_depth.labels(stage="analytics")
         self._stopping = False
         self._analytics_errors = RepeatedErrorLog(log)
         self._build_errors = RepeatedErrorLog(log)
         self._threads = [StageThread(f"analytics-{index}", functools.partial(self._work, index), heartbeats)
                          for index in range(config.workers)]
-
-    @property
-    def threads(self) -> list[StageThread]:
-        return list(self._threads)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -130,7 +128,7 @@ class AnalyticsStage:
                 if overflow is not result:
                     lane.results.append(result)
                     self._make_ready(lane)
-                self._metrics.queue_depth.labels(stage="analytics").set(self._depth())
+                    self._count_waiting(0 if overflow is not None else 1)
         if overflow is not None:
             reason = "shutdown" if overflow is result else "analytics_queue_full"
             self._ledger.dropped(overflow.frame.ticket, reason)
@@ -161,13 +159,16 @@ class AnalyticsStage:
             for lane in self._lanes.values():
                 lane.results.clear()
             self._ready.clear()
+            self._count_waiting(-len(left))
             self._condition.notify_all()
         for result in left:
             self._ledger.dropped(result.frame.ticket, "shutdown")
         return len(left)
 
-    def _depth(self) -> int:
-        return sum(len(lane.results) for lane in self._lanes.values())
+    def _count_waiting(self, change: int) -> None:
+        """Called holding the lock."""
+        self._waiting += change
+        self._depth.set(self._waiting)
 
     def _make_ready(self, lane: _Lane) -> None:
         """Called holding the lock."""
@@ -193,6 +194,7 @@ class AnalyticsStage:
                 lane = self._ready.popleft()
                 lane.queued, lane.busy = False, True
                 result = lane.results.popleft()
+                self._count_waiting(-1)
                 self._condition.notify_all()
             try:
                 self._process(lane, result)

@@ -64,10 +64,6 @@ class InferenceWorker:
         return self._thread.name
 
     @property
-    def threads(self) -> list[StageThread]:
-        return [self._thread, self._finisher]
-
-    @property
     def device(self) -> str:
         return self._detector.device
 

@@ -32,10 +32,16 @@ from typing import TYPE_CHECKING, Any
 from kafka.future import Future
 
 from pipeline.ops.health import Heartbeats
+from pipeline.publishing.kafka_client import (
+    DeliveryErrorKind,
+    close_kafka_producer,
+    delivery_error_kind,
+    delivery_timeout_ms,
+    make_kafka_producer,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import KafkaConfig
-    from pipeline.publishing.kafka_client import DeliveryErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +146,6 @@ class KafkaProcess:
 
     def _open(self, config: KafkaConfig, generation: int) -> RemoteProducer:
         """Called holding the lock, with a child running."""
-        from pipeline.publishing.kafka_client import delivery_timeout_ms
-
         # kafka-python fails a message itself after its delivery timeout; no answer for twice as long means
         # the child is stuck, and the watchdog in `_read` replaces it (before the publisher's own watchdog).
         self._answer_within_s = 2 * delivery_timeout_ms(config) / 1000
@@ -439,8 +443,6 @@ class _ChildServer:
                 if not all(self._handle(request) for request in requests):
                     return
         finally:
-            from pipeline.publishing.kafka_client import close_kafka_producer
-
             for producer in self._producers.values():
                 close_kafka_producer(producer, 2.0)
             with self._condition:
@@ -451,8 +453,6 @@ class _ChildServer:
 
     def _handle(self, request: tuple[Any, ...]) -> bool:
         """Serves one request; False for `exit`."""
-        from pipeline.publishing.kafka_client import close_kafka_producer, make_kafka_producer
-
         kind = request[0]
         if kind == "send":
             self._send(*request[1:])
@@ -492,8 +492,6 @@ class _ChildServer:
             self._condition.notify()
 
     def _fail(self, message_id: int, error: Exception) -> None:
-        from pipeline.publishing.kafka_client import delivery_error_kind
-
         report = (repr(error), delivery_error_kind(error))
         with self._condition:
             self._acks.append((message_id, report))

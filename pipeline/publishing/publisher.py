@@ -168,7 +168,7 @@ class KafkaPublisher:
             self._send_what_may_go()
             self._forget_restored_file_once_settled()
             with self._condition:
-                if self._stop.is_set() and (self._backlog() == 0 or time.monotonic() >= self._flush_deadline):
+                if self._stop.is_set() and (self._state.backlog() == 0 or time.monotonic() >= self._flush_deadline):
                     return True
                 if not self._state.has_arrivals():
                     self._condition.wait(timeout=0.05 if self._state.backlog() else 0.2)
@@ -179,9 +179,6 @@ class KafkaPublisher:
             with self._condition:
                 self._condition.wait(timeout=0.1)
         return False
-
-    def _backlog(self) -> int:
-        return self._state.backlog()
 
     def _take_inbox_and_events(self) -> list[Outcome]:
         with self._condition:

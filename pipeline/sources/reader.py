@@ -132,10 +132,6 @@ class StreamReader:
         return self._state
 
     @property
-    def thread(self) -> StageThread:
-        return self._thread
-
-    @property
     def thread_name(self) -> str:
         return self._thread.name
 
