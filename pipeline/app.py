@@ -16,8 +16,9 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +29,7 @@ from pipeline.analytics.zones import StreamAnalytics
 from pipeline.batching.hub import FrameHub, OverflowPolicy
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
+from pipeline.fleet.node import FleetNode
 from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, UltralyticsDetector
 from pipeline.inference.devices import resolve_devices, worker_for_decoder
@@ -61,6 +63,7 @@ class StopTimeouts:
     stay within the 10 s a service manager gives before it kills the process, however stuck a stage is."""
 
     readers_s: float = 1.0
+    fleet_leave_s: float = 1.0  # fleet mode: leave the group, so the others take over at once
     drain_s: float = 2.5  # the frames waiting in the hub go through the model
     workers_s: float = 1.5  # the batches the model holds come back
     analytics_s: float = 1.0
@@ -86,8 +89,10 @@ class Pipeline:
         detector_factory: Callable[[PipelineConfig, str], Detector] | None = None,
         producer_factory: Callable[[KafkaConfig], Producer] | None = None,
         timeouts: StopTimeouts = StopTimeouts(),
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self._config_path = config_path
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.heartbeats = Heartbeats(self.metrics)
@@ -111,6 +116,7 @@ class Pipeline:
         self.workers: list[InferenceWorker] = []
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
+        self.fleet: FleetNode | None = None
         self._phase = _Phase.NEW
         self._streams_lock = threading.RLock()
         self._started_monotonic = time.monotonic()
@@ -155,11 +161,15 @@ class Pipeline:
             self.workers.append(worker)
             worker.start()
         with self._streams_lock:
-            for stream in config.streams:
-                self._add_stream(stream)
+            if config.fleet is None:
+                for stream in config.streams:
+                    self._add_stream(stream)
             if self._phase is _Phase.STARTING:
                 self._phase = _Phase.RUNNING
                 self._ready.set()
+        if config.fleet is not None:
+            self.fleet = FleetNode(config.kafka, config.fleet, self, self.registry, self._config_path)
+            self.fleet.start(config.streams)
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
                  ", ".join(devices), self.detector.runtime)
 
@@ -168,8 +178,9 @@ class Pipeline:
         producer_factory = self._producer_factory or make_kafka_producer
         if self._kafka_process is not None:
             producer_factory = self._open_producer_in_child
+        worker = [] if config.fleet is None else [("worker", config.fleet.worker_id.encode())]
         self.publisher = KafkaPublisher(config.kafka, self.ledger, self.metrics, self.heartbeats, producer_factory,
-                                        events_topic=config.tracking.events_topic)
+                                        events_topic=config.tracking.events_topic, extra_headers=worker)
         self.publisher.start()
         builder = MessageBuilder(model_name, config.kafka.snapshots)
         self.analytics = AnalyticsStage(config.analytics, builder, self.publisher.submit, self.ledger, self.metrics,
@@ -188,10 +199,42 @@ class Pipeline:
         return make_kafka_producer(config)
 
     def add_stream(self, stream: StreamConfig) -> None:
-        """Start reading one more stream; the others never pause."""
+        """Start reading one more stream; the others never pause. In fleet mode the stream goes into the
+        registry, and the replica that owns its partition starts it."""
+        if self.fleet is not None:
+            self._check_accepting_changes()
+            self.fleet.add(stream)
+            return
+        self.run_stream(stream)
+
+    def run_stream(self, stream: StreamConfig) -> None:
+        """Start a stream in this process (the fleet's way in: it bypasses the registry)."""
         with self._streams_lock:
             self._check_accepting_changes()
             self._add_stream(stream)
+
+    def sync_file_streams(self, streams: list[StreamConfig]) -> bool:
+        """In fleet mode, a reloaded file's streams go to the registry; says whether it did that."""
+        if self.fleet is None:
+            return False
+        self.fleet.sync_file_streams(streams)
+        return True
+
+    def local_streams(self) -> dict[str, StreamConfig]:
+        with self._streams_lock:
+            return {stream_id: reader.config for stream_id, reader in self.readers.items()}
+
+    def stop_streams(self, stream_ids: Iterable[str], wait_s: float) -> None:
+        """Stop streams in this process and wait, all together, up to `wait_s` for their readers to end."""
+        readers = []
+        for stream_id in stream_ids:
+            try:
+                readers.append(self._remove_local(stream_id))
+            except UnknownStream:
+                continue
+        deadline = time.monotonic() + wait_s
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
 
     def _check_accepting_changes(self) -> None:
         """Stream changes wait for `start` to finish: before the model is loaded a stream's analytics cannot be
@@ -233,7 +276,15 @@ class Pipeline:
         log.info("stream %s: added (%s)", stream.id, stream.redacted_url, extra={"stream": stream.id})
 
     def remove_stream(self, stream_id: str) -> None:
-        """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later."""
+        """Stop one stream without waiting for it: a reader stuck in a blocking open is reaped later. In fleet
+        mode it leaves the registry, and its owner stops it."""
+        if self.fleet is not None:
+            self._check_accepting_changes()
+            self.fleet.remove(stream_id)
+            return
+        self._remove_local(stream_id)
+
+    def _remove_local(self, stream_id: str) -> StreamReader:
         with self._streams_lock:
             self._check_accepting_changes()
             reader = self.readers.pop(stream_id, None)
@@ -244,6 +295,7 @@ class Pipeline:
             self.heartbeats.forget_death(reader.thread_name)
         threading.Thread(target=_reap, args=(reader,), name=f"reap-{stream_id}", daemon=True).start()
         log.info("stream %s: removed", stream_id, extra={"stream": stream_id})
+        return reader
 
     def _forget_stream(self, stream_id: str, run: int) -> None:
         """Frames still waiting for the model are dropped; those already inferred are published, without
@@ -282,6 +334,9 @@ class Pipeline:
 
     def readiness(self) -> Probe:
         return probes.readiness(self)
+
+    def fleet_info(self) -> dict[str, Any] | None:
+        return None if self.fleet is None else self.fleet.info()
 
     def _deliver(self, result: FrameResult) -> None:
         """The inference workers' hand-off to the analytics stage."""
@@ -331,6 +386,8 @@ class Pipeline:
         for reader in readers:
             if not reader.join(max(0.0, readers_deadline - time.monotonic())):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
+        if self.fleet is not None:
+            self.fleet.stop(timeouts.fleet_leave_s)  # the others start these streams while this one drains
         self._stop_inference(time.monotonic() + timeouts.drain_s, timeouts.workers_s)
         if self.analytics is not None:
             self._stop_analytics(time.monotonic() + timeouts.analytics_s)

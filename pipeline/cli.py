@@ -210,7 +210,7 @@ def run_pipeline(
     from pipeline.errors import ModelMismatch
     from pipeline.ops.reload import ConfigReloader
 
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config, config_path=path)
     reloader = ConfigReloader(path, overrides, config, pipeline, watch=watch)
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -407,14 +408,35 @@ class AnalyticsStageConfig(_Section):
     queue_size: int = Field(8, ge=1, le=1024, description="Results waiting per stream (each holds its image)")
 
 
+def _host_name() -> str:
+    return socket.gethostname() or "vap"
+
+
+class FleetConfig(_Section):
+    """Present: this replica shares the cameras with every replica of the same `group` (see docs/deploy.md)."""
+
+    group: str = Field("vap-fleet", pattern=r"^[A-Za-z0-9._-]+$", max_length=249,
+                       description="The Kafka consumer group the replicas join")
+    streams_topic: str = Field("vap.streams", pattern=r"^[A-Za-z0-9._-]+$", max_length=249,
+                               description="Compacted registry: key = stream id, value = its config as JSON")
+    partitions: int = Field(64, ge=1, le=10_000, description="Partitions of the registry, the unit handed out")
+    worker_id: str = Field(default_factory=_host_name, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$",
+                           description="This replica's name (default: the host name)")
+    session_timeout_ms: int = Field(10_000, ge=2000, le=300_000,
+                                    description="How soon a dead replica's cameras move to the others")
+
+
 class PipelineConfig(_Section):
-    streams: list[StreamConfig] = Field(min_length=1)
+    streams: list[StreamConfig] = Field(
+        default_factory=list, description="At least one, unless fleet: is set (the registry then supplies them)"
+    )
     tracking: TrackingConfig = TrackingConfig()
     analytics: AnalyticsStageConfig = AnalyticsStageConfig()
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
     kafka: KafkaConfig = KafkaConfig()
     http: HttpConfig = HttpConfig()
+    fleet: FleetConfig | None = Field(None, description="Share the cameras with other replicas through Kafka")
 
     @field_validator("streams")
     @classmethod
@@ -428,6 +450,13 @@ class PipelineConfig(_Section):
                 )
             first_index[stream.id] = index
         return streams
+
+    @model_validator(mode="after")
+    def _some_streams(self) -> PipelineConfig:
+        if not self.streams and self.fleet is None:
+            raise _error_at(("streams",), "is empty; list at least one stream (or add a fleet: section, whose "
+                            "registry then supplies them)")
+        return self
 
     @model_validator(mode="after")
     def _events_apart_from_frames(self) -> PipelineConfig:

@@ -33,3 +33,7 @@ class UnknownStream(Exception):
 
 class NotAcceptingChanges(Exception):
     """The pipeline is starting or stopping; the message says which. Reads still answer meanwhile."""
+
+
+class RegistryUnavailable(RuntimeError):
+    """Fleet mode: the stream registry could not be written in time (the broker is away)."""

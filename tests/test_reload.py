@@ -92,6 +92,9 @@ class FakeStreams:
     def running(self) -> dict[str, StreamConfig]:
         return {stream_id: reader.config for stream_id, reader in self.readers.items()}
 
+    def sync_file_streams(self, streams: list[StreamConfig]) -> bool:
+        return False  # not in fleet mode
+
 
 def stream(stream_id: str, **fields: Any) -> dict[str, Any]:
     return {"id": stream_id, "url": f"rtsp://192.0.2.1/{stream_id}", **fields}

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from pipeline import __version__
 from pipeline.config import StreamConfig
-from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
+from pipeline.errors import NotAcceptingChanges, RegistryUnavailable, StreamExists, UnknownStream
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class Control(Protocol):
     def add_stream(self, stream: StreamConfig) -> None: ...
 
     def remove_stream(self, stream_id: str) -> None: ...
+
+    def fleet_info(self) -> dict[str, Any] | None: ...
 
 
 def is_loopback(host: str) -> bool:
@@ -113,6 +115,13 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
     def list_streams() -> list[dict[str, Any]]:
         return control.list_streams()
 
+    @app.get("/api/v1/fleet", tags=["control"])
+    def get_fleet() -> dict[str, Any]:
+        info = control.fleet_info()
+        if info is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "fleet mode is off (the config has no fleet: section)")
+        return info
+
     @app.post("/api/v1/streams", status_code=status.HTTP_201_CREATED, tags=["control"],
               dependencies=[Depends(authorise)])
     def add_stream(stream: StreamConfig) -> dict[str, Any]:
@@ -120,7 +129,7 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
             control.add_stream(stream)
         except StreamExists:
             raise HTTPException(status.HTTP_409_CONFLICT, f"stream '{stream.id}' already exists") from None
-        except NotAcceptingChanges as error:
+        except (NotAcceptingChanges, RegistryUnavailable) as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         except ValueError as error:
             raise HTTPException(422, str(error)) from None  # the constant's name differs between Starlette versions
@@ -133,7 +142,7 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
             control.remove_stream(stream_id)
         except UnknownStream:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream '{stream_id}'") from None
-        except NotAcceptingChanges as error:
+        except (NotAcceptingChanges, RegistryUnavailable) as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -38,6 +38,8 @@ class StreamControl(Protocol):
 
     def remove_stream(self, stream_id: str) -> None: ...
 
+    def sync_file_streams(self, streams: list[StreamConfig]) -> bool: ...
+
 
 @dataclass(frozen=True)
 class ReloadPlan:
@@ -138,6 +140,10 @@ class ConfigReloader:
         plan = plan_reload(self._current, new)
         for key in plan.needs_restart:
             log.warning("config reload: %s changed but needs a restart of vap to apply; not applied", key)
+        if self._control.sync_file_streams(list(new.streams)):
+            self._current = self._current.model_copy(update={"streams": list(new.streams)})
+            log.info("config reloaded: the file's streams are in the fleet's registry")
+            return plan
         believed = {stream.id: stream for stream in self._current.streams}
         failed: list[str] = []
         for stream_id in plan.remove:

@@ -65,9 +65,12 @@ class KafkaPublisher:
         events_topic: str = "vap.events",
         topic_setup: Callable[[KafkaConfig, str], bool] = ensure_topic,
         inbox_max_bytes: int | None = None,
+        extra_headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         self._config = config
         self._events_topic = events_topic
+        self._frame_headers = [*HEADERS, *(extra_headers or [])]
+        self._event_headers = [*EVENT_HEADERS, *(extra_headers or [])]
         self._metrics = metrics
         self._condition = threading.Condition()
         # kafka-python fails a message itself after its delivery timeout; a producer that has given no outcome
@@ -224,7 +227,8 @@ class KafkaPublisher:
             if send is None:
                 return
             message = send.message
-            topic, headers = (self._events_topic, EVENT_HEADERS) if message.event else (self._config.topic, HEADERS)
+            topic, headers = ((self._events_topic, self._event_headers) if message.event
+                              else (self._config.topic, self._frame_headers))
             try:
                 future = producer.send(topic, value=message.value, key=message.key, headers=headers)
             except Exception as error:
