@@ -168,7 +168,8 @@ class Pipeline:
                 self._phase = _Phase.RUNNING
                 self._ready.set()
         if config.fleet is not None:
-            self.fleet = FleetNode(config.kafka, config.fleet, self, self.registry, self._config_path)
+            self.fleet = FleetNode(config.kafka, config.fleet, self, self.registry, self.heartbeats,
+                                   self._config_path)
             self.fleet.start(config.streams)
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
                  ", ".join(devices), self.detector.runtime)
@@ -267,7 +268,9 @@ class Pipeline:
                             worker=worker_for_decoder(stream.decoder, [worker.device for worker in self.workers]))
         self.analytics.add_stream(stream.id, run, analytics, wait_when_full=policy is OverflowPolicy.WAIT)
         try:
-            reader = StreamReader(stream, run, self.hub, self.ledger, self.metrics, self.heartbeats, source_factory)
+            lease = None if self.fleet is None else self.fleet.member.lease_valid
+            reader = StreamReader(stream, run, self.hub, self.ledger, self.metrics, self.heartbeats, source_factory,
+                                  lease)
             reader.start()
         except BaseException:
             self._forget_stream(stream.id, run)
@@ -399,7 +402,10 @@ class Pipeline:
             self._kafka_process.close(timeouts.kafka_close_s)
         if self.http is not None:
             self.http.stop(timeouts.http_s)
-        log.info("stopped after %d inferred and %d published frame(s)", self._processed, self.ledger.published_total)
+        totals = self.ledger.overall()
+        log.info("stopped: %d frame(s) read, %d published, %d dropped (see vap_frames_dropped_total), %d unsettled%s",
+                 totals.read, totals.published, totals.dropped, totals.in_flight,
+                 " (kept in the spool for the next run)" if totals.in_flight else "")
 
     def _stop_inference(self, deadline: float, workers_s: float) -> None:
         """The hub drains through the model until `deadline`; what is left there is dropped (shutdown). The

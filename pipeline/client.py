@@ -1,4 +1,5 @@
-"""A small typed reader for dashboard code: parsed `vap.frame.v1` messages, with dropped frames detected.
+"""A small typed reader for dashboard code: parsed `vap.frame.v1` messages, with dropped frames and moved or
+restarted streams told apart.
 
 Example, a live per-label counter::
 
@@ -9,14 +10,19 @@ Example, a live per-label counter::
     with ResultReader("kafka:9092", group="dashboard") as reader:
         for message in reader:
             counts.update(d.label for d in message.detections)
-            if message.gap:
+            if message.moved:  # fleet mode: another replica runs the stream now
+                print(f"{message.stream_id} moved to worker {message.worker}: frame and track ids start again")
+            elif message.restarted:
+                print(f"{message.stream_id} restarted: frame and track ids start again")
+            elif message.gap:
                 print(f"{message.stream_id}: {message.gap} frame(s) dropped before {message.frame_id}")
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
@@ -25,6 +31,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
+
+WORKER_HEADER = "worker"
+"""The Kafka header that names the fleet replica which published a message (absent outside fleet mode)."""
 
 
 class _Message(BaseModel):
@@ -74,8 +83,16 @@ class Latency(_Message):
 
 
 class FrameMessage(_Message):
-    """One `vap.frame.v1` message. `gap` is filled by the reader: frames of this stream never published
-    between the previous message and this one (0 for the first message seen of a stream)."""
+    """One `vap.frame.v1` message, plus what the reader knows about it from outside the body.
+
+    `worker` comes from the record's `worker` header: the fleet replica that published it, None outside fleet
+    mode. The reader compares each message with the previous one of its stream:
+
+    - `moved`: the worker changed; the new owner started the stream afresh (frame and track ids restart).
+    - `restarted`: `frame_id` went backwards on the same worker (or with no worker): vap restarted the stream.
+    - `gap`: frames of this stream read but never published between the previous message and this one; 0 for
+      the first message seen of a stream and whenever the message `moved` or `restarted`.
+    """
 
     schema_id: Literal["vap.frame.v1"] = Field(alias="schema")
     stream_id: str
@@ -89,28 +106,81 @@ class FrameMessage(_Message):
     detections: list[Detection] = []
     classes: list[ClassScore] = []
     gap: int = 0
+    worker: str | None = None
+    moved: bool = False
+    restarted: bool = False
+
+
+@dataclass(frozen=True)
+class Continuity:
+    """How a message follows the previous one of its stream (all zero, False and None for the first one)."""
+
+    gap: int = 0
+    """Frame ids skipped on the same worker: frames dropped. 0 when `moved` or `restarted`."""
+    moved: bool = False
+    """The worker differs from the previous message's: frame ids start again, nothing was dropped."""
+    restarted: bool = False
+    """`frame_id` went backwards on the same worker (or with none): the stream started again there."""
+    previous_worker: str | None = None
+    previous_frame_id: int | None = None
 
 
 class GapTracker:
-    """Counts frame ids skipped per stream; a frame id going backwards means the pipeline restarted."""
+    """Follows each stream's frame ids and worker, to tell a drop (frame ids skipped on one worker) from a move
+    (another worker, whose frame ids start again) and from a restart (frame ids going backwards).
+
+    Sans-I/O: feed it what arrives, in the order it arrives, per stream.
+    """
 
     def __init__(self) -> None:
-        self._last: dict[str, int] = {}
+        self._last: dict[str, tuple[str | None, int]] = {}
 
-    def observe(self, stream_id: str, frame_id: int) -> int:
+    def follow(self, stream_id: str, frame_id: int, worker: str | None = None) -> Continuity:
+        """Takes the stream's next message (`worker` from its header, None without one) and says how it follows
+        the previous one."""
         previous = self._last.get(stream_id)
-        self._last[stream_id] = frame_id
-        if previous is None or frame_id <= previous:
-            return 0
-        return frame_id - previous - 1
+        self._last[stream_id] = (worker, frame_id)
+        if previous is None:
+            return Continuity()
+        previous_worker, previous_frame_id = previous
+        if worker != previous_worker:
+            return Continuity(moved=True, previous_worker=previous_worker, previous_frame_id=previous_frame_id)
+        if frame_id < previous_frame_id:
+            return Continuity(restarted=True, previous_worker=previous_worker, previous_frame_id=previous_frame_id)
+        return Continuity(gap=max(frame_id - previous_frame_id - 1, 0), previous_worker=previous_worker,
+                          previous_frame_id=previous_frame_id)
+
+    def observe(self, stream_id: str, frame_id: int, worker: str | None = None) -> int:
+        """The gap alone (see `follow`): frames dropped between the stream's previous message and this one."""
+        return self.follow(stream_id, frame_id, worker).gap
 
 
-def parse_message(value: bytes) -> FrameMessage:
-    return FrameMessage.model_validate(orjson.loads(value))
+def worker_from_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> str | None:
+    """The `worker` header's value (the last one, if repeated), or None when there is none or it is empty."""
+    worker: str | None = None
+    for name, value in headers or ():
+        if name == WORKER_HEADER:
+            worker = value.decode("utf-8", "replace") if value else None
+    return worker
+
+
+def parse_message(value: bytes, headers: Iterable[tuple[str, bytes | None]] | None = None) -> FrameMessage:
+    """A record's value as a `FrameMessage`, with `worker` from its headers (kafka-python's `record.headers`,
+    confluent-kafka's `message.headers()`). `gap`, `moved` and `restarted` are left for a `GapTracker` to fill.
+
+    Raises:
+        orjson.JSONDecodeError: the value is not JSON.
+        pydantic.ValidationError: it is not a `vap.frame.v1` message.
+    """
+    body = orjson.loads(value)
+    if isinstance(body, dict):  # the reader's own fields never come from the body
+        body = {**body, "gap": 0, "worker": worker_from_headers(headers), "moved": False, "restarted": False}
+    return FrameMessage.model_validate(body)
 
 
 class ResultReader:
-    """Iterates parsed messages from the result topic; stops after `idle_timeout_s` without one, if set.
+    """Iterates parsed messages from the result topic; stops after `idle_timeout_s` without one, if set. Each
+    message's `worker`, `moved`, `restarted` and `gap` are filled (see `FrameMessage`).
 
     A record that is not a `vap.frame.v1` message (another producer on the topic, a zone event) is skipped
     with a warning and counted in `skipped`: one stray record must not end a dashboard's loop.
@@ -136,21 +206,23 @@ class ResultReader:
             consumer_timeout_ms=int(idle_timeout_s * 1000) if idle_timeout_s is not None else float("inf"),
             **consumer_settings,
         )
-        self._gaps = GapTracker()
+        self._streams = GapTracker()
         self.skipped = 0
 
     def __iter__(self) -> Iterator[FrameMessage]:
         for record in self._consumer:
             try:
-                message = parse_message(record.value)
+                message = parse_message(record.value, record.headers)
             except (orjson.JSONDecodeError, ValidationError, TypeError) as error:
                 self.skipped += 1
                 reason = "not JSON" if isinstance(error, orjson.JSONDecodeError) else "not a vap.frame.v1 message"
                 log.warning("skipped the record at %s[%d] offset %d: %s", record.topic, record.partition,
                             record.offset, reason)
                 continue
-            gap = self._gaps.observe(message.stream_id, message.frame_id)
-            yield message.model_copy(update={"gap": gap}) if gap else message
+            step = self._streams.follow(message.stream_id, message.frame_id, message.worker)
+            if step.gap or step.moved or step.restarted:
+                message = message.model_copy(update={"gap": step.gap, "moved": step.moved, "restarted": step.restarted})
+            yield message
 
     def close(self) -> None:
         self._consumer.close()

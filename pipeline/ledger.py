@@ -72,7 +72,9 @@ class FrameLedger:
         self._current: dict[str, int] = {}
         self._runs: dict[int, _Run] = {}
         self._retired: OrderedDict[int, None] = OrderedDict()
+        self._read_total = 0
         self._published_total = 0
+        self._dropped_total = 0
         self._double_outcomes = 0
 
     def add_stream(self, stream_id: str) -> int:
@@ -110,6 +112,7 @@ class FrameLedger:
                 return
             account.open.add(ticket.frame_id)
             account.read += 1
+            self._read_total += 1
         account.series.frames_read.inc()
 
     def published(self, ticket: FrameTicket) -> None:
@@ -142,6 +145,7 @@ class FrameLedger:
                     self._published_total += 1
                 else:
                     account.dropped += 1
+                    self._dropped_total += 1
                 return account
         if reason == "shutdown":  # a stop that gave up on a stage races with that stage finishing after all
             log.debug("frame %d of stream %s already settled when a stop dropped it", ticket.frame_id,
@@ -159,6 +163,12 @@ class FrameLedger:
             if account is None:
                 return None
             return FrameTotals(account.read, account.published, account.dropped, len(account.open))
+
+    def overall(self) -> FrameTotals:
+        """Every stream this process ran, removed ones included: what a stop reports."""
+        with self._lock:
+            return FrameTotals(self._read_total, self._published_total, self._dropped_total,
+                               self._read_total - self._published_total - self._dropped_total)
 
     @property
     def published_total(self) -> int:

@@ -103,7 +103,7 @@ def test_run_with_one_unreadable_file_among_good_ones_processes_the_good_ones_an
     assert "all sources finished" in err and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if " ERROR pipeline: " in line]
     assert len(errors) == 1 and "stream(s) broken ended without giving a single frame" in errors[0], err
-    assert "stopped after 12 inferred" in err, "the good file must still be processed to its end"
+    assert "stopped: 12 frame(s) read" in err, "the good file must still be processed to its end"
 
 
 @pytest.mark.parametrize(("setting", "key_path"), [

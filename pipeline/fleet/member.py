@@ -17,7 +17,9 @@ from typing import Any
 
 from pipeline.config import FleetConfig, KafkaConfig
 from pipeline.fleet.assignor import StreamAssignor
+from pipeline.ops.health import Heartbeats
 from pipeline.publishing.kafka_client import kafka_client_settings
+from pipeline.threads import StageThread
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,21 @@ class GroupClock:
         self._session_s = session_timeout_s
         self._rebalancing_since: float | None = None
 
-    def overdue_s(self) -> float:
-        """How far past its allowance the lease is (> 0: stop the streams now)."""
+    def observe(self) -> None:
+        """Notes when a rejoin began; called often (each turn of the member's loop)."""
         from kafka.structs import MemberState
 
+        if self._coordinator.state != MemberState.REBALANCING:
+            self._rebalancing_since = None
+        elif self._rebalancing_since is None:
+            self._rebalancing_since = time.monotonic()
+
+    def overdue_s(self) -> float:
+        """How far past its allowance the lease is (> 0: stop the streams now). Safe from any thread."""
         now = time.monotonic()
-        if self._coordinator.state == MemberState.REBALANCING:
-            if self._rebalancing_since is None:
-                self._rebalancing_since = now
-            return now - self._rebalancing_since - self._session_s * (REBALANCE_TIMEOUT - 0.3)
-        self._rebalancing_since = None
+        rebalancing_since = self._rebalancing_since
+        if rebalancing_since is not None:
+            return now - rebalancing_since - self._session_s * (REBALANCE_TIMEOUT - 0.3)
         heartbeat = self._coordinator.heartbeat
         return now - float(max(heartbeat.last_receive, heartbeat.last_reset)) - self._session_s * 0.5
 
@@ -73,8 +80,9 @@ class GroupMember:
     They run on kafka-python's I/O thread or this member's thread; keep them short.
     """
 
-    def __init__(self, kafka: KafkaConfig, fleet: FleetConfig, weights: Callable[[], Mapping[int, int]],
-                 on_assigned: Callable[[frozenset[int]], None], on_revoked: Callable[[frozenset[int], str], None],
+    def __init__(self, kafka: KafkaConfig, fleet: FleetConfig, heartbeats: Heartbeats,
+                 weights: Callable[[], Mapping[int, int]], on_assigned: Callable[[frozenset[int]], None],
+                 on_revoked: Callable[[frozenset[int], str], None],
                  on_members: Callable[[list[str], int], None]) -> None:
         self._kafka = kafka
         self._fleet = fleet
@@ -86,9 +94,9 @@ class GroupMember:
         self._owned: frozenset[int] = frozenset()
         self._stop = threading.Event()
         self._rejoin = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-member", daemon=True)
+        self._thread = StageThread("fleet-member", self._run, heartbeats)
         self.lease_overdue_s = 0.0
-        self.last_poll_monotonic = time.monotonic()
+        self._clock: GroupClock | None = None
 
     @property
     def owned(self) -> frozenset[int]:
@@ -136,11 +144,11 @@ class GroupMember:
             heartbeat_interval_ms=max(100, session_ms // 10),
             max_poll_interval_ms=int(session_ms * REBALANCE_TIMEOUT),
         )
-        clock = GroupClock(consumer, session_ms / 1000)
+        clock = self._clock = GroupClock(consumer, session_ms / 1000)
         try:
             consumer.subscribe([self._fleet.streams_topic], listener=Listener())
             while not self._stop.is_set():
-                self.last_poll_monotonic = time.monotonic()
+                self._thread.beat()
                 consumer.poll(timeout_ms=_POLL_MS, max_records=1, update_offsets=False)
                 if self._check_lease(clock):
                     self._rejoin.set()  # the coordinator may still count this member: ask for partitions again
@@ -151,8 +159,16 @@ class GroupMember:
             self._revoke(self.owned, "leaving the group")
             consumer.close(autocommit=False)
 
+    def lease_valid(self) -> bool:
+        """Whether this replica may still hand on frames of its streams: false from the moment the lease runs
+        out, even before the member's loop has stopped them (a process that was frozen wakes up with its
+        readers, and they must not publish new frames of cameras another replica runs by now)."""
+        clock = self._clock
+        return clock is not None and clock.overdue_s() <= 0
+
     def _check_lease(self, clock: GroupClock) -> bool:
         """Whether the lease ran out just now (and this replica's streams were stopped)."""
+        clock.observe()
         self.lease_overdue_s = clock.overdue_s()
         if not self.owned or self.lease_overdue_s <= 0:
             return False

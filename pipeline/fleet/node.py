@@ -21,6 +21,8 @@ from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
 from pipeline.fleet.assignor import balance
 from pipeline.fleet.member import GroupMember
 from pipeline.fleet.registry import RegistryChange, RegistryClient, RegistryEntry
+from pipeline.ops.health import Heartbeats
+from pipeline.threads import StageThread
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +55,18 @@ class FleetMetrics:
 
 class FleetNode:
     def __init__(self, kafka: KafkaConfig, fleet: FleetConfig, local: LocalStreams, registry: CollectorRegistry,
-                 config_path: Path | None = None) -> None:
+                 heartbeats: Heartbeats, config_path: Path | None = None) -> None:
         self.config = fleet
         self._local = local
         self._source = str(config_path) if config_path is not None else ""
         self.metrics = FleetMetrics(registry, fleet.worker_id)
-        self.registry = RegistryClient(kafka, fleet, self._registry_changed, self._invalid_record)
-        self.member = GroupMember(kafka, fleet, self.registry.streams_per_partition, self._assigned, self._revoked,
-                                  self._members)
+        self.registry = RegistryClient(kafka, fleet, heartbeats, self._registry_changed, self._invalid_record)
+        self.member = GroupMember(kafka, fleet, heartbeats, self.registry.streams_per_partition, self._assigned,
+                                  self._revoked, self._members)
         self._apply_lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-node", daemon=True)
+        self._thread = StageThread("fleet-node", self._run, heartbeats)
         self._workers: list[str] = []
         self._generation = -1
         self._failed: dict[str, tuple[RegistryEntry, str]] = {}
@@ -133,9 +135,6 @@ class FleetNode:
             "lease_left_s": round(-self.member.lease_overdue_s, 3),
         }
 
-    def alive(self) -> bool:
-        return self._thread.is_alive() or self._stop.is_set()
-
     def _registry_changed(self, changes: list[RegistryChange]) -> None:
         with self._apply_lock:
             owned = self.member.owned
@@ -182,6 +181,7 @@ class FleetNode:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._thread.beat()
             self._wake.wait(_RETRY_S)
             self._wake.clear()
             if not self._stop.is_set():

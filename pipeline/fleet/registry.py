@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,7 +22,9 @@ from pydantic import ValidationError
 
 from pipeline.config import STREAM_ID_PATTERN, FleetConfig, KafkaConfig, StreamConfig
 from pipeline.errors import RegistryUnavailable
+from pipeline.ops.health import Heartbeats
 from pipeline.publishing.kafka_client import kafka_client_settings
+from pipeline.threads import StageThread
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class RegistryClient:
     `on_change` runs on the reader thread, once per batch of changes, after the view holds them.
     """
 
-    def __init__(self, kafka: KafkaConfig, fleet: FleetConfig,
+    def __init__(self, kafka: KafkaConfig, fleet: FleetConfig, heartbeats: Heartbeats,
                  on_change: Callable[[list[RegistryChange]], None],
                  on_invalid: Callable[[str, str], None]) -> None:
         self._kafka = kafka
@@ -134,9 +135,8 @@ class RegistryClient:
         self._view = RegistryView()
         self._caught_up = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="fleet-registry", daemon=True)
+        self._thread = StageThread("fleet-registry", self._read, heartbeats)
         self._producer: Any = None
-        self.last_poll_monotonic = time.monotonic()
 
     @property
     def topic(self) -> str:
@@ -213,7 +213,7 @@ class RegistryClient:
             consumer.seek_to_beginning()
             end = consumer.end_offsets(partitions)
             while not self._stop.is_set():
-                self.last_poll_monotonic = time.monotonic()
+                self._thread.beat()
                 batches = consumer.poll(timeout_ms=200)
                 changes: list[RegistryChange] = []
                 with self._lock:

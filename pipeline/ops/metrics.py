@@ -28,6 +28,7 @@ DROP_REASONS = (
     "spool_full",  # pushed out of the Kafka spool by newer messages while the broker was away
     "publish_rejected",  # Kafka refused the message, or it failed too often for no known reason
     "stream_removed",  # still waiting in a stage when its stream was removed
+    "lease_lost",  # fleet mode: read after this replica's group lease ran out (another may run the camera)
     "shutdown",  # still in a stage when a stop's deadline passed
 )
 KAFKA_RESULTS = ("sent", "failed", "dropped")

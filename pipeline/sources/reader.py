@@ -89,7 +89,8 @@ class _RateCap:
 
 
 class StreamReader:
-    """Reads one stream on its own thread until stopped or, for a non-looping file, until its end.
+    """Reads one stream on its own thread until stopped or, for a non-looping file, until its end. In fleet
+    mode, a frame read once the replica's group lease has run out goes no further (`lease_lost`).
 
     Every frame read is reported to the ledger under this reader's run, and so is every frame lost here
     (decode errors, the rate cap, a full buffer, a stop). Once the stream is removed (and perhaps added again
@@ -105,8 +106,10 @@ class StreamReader:
         metrics: PipelineMetrics,
         heartbeats: Heartbeats,
         source_factory: Callable[[StreamConfig], VideoSource] = OpenCvSource,
+        lease: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
+        self._lease = lease
         self.run = run
         self._hub = hub
         self._ledger = ledger
@@ -299,6 +302,9 @@ class StreamReader:
                 return False
             if cap is not None and not cap.keep(media_s if is_file else now):
                 self._ledger.dropped(ticket, "fps_cap")
+                continue
+            if self._lease is not None and not self._lease():
+                self._ledger.dropped(ticket, "lease_lost")
                 continue
             frame = Frame(stream_id=ticket.stream_id, frame_id=ticket.frame_id, pts_ms=pts_ms,
                           captured_at=datetime.now(timezone.utc), captured_monotonic=time.monotonic(), image=image,

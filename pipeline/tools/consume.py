@@ -1,4 +1,8 @@
-"""`vap consume`: tail result messages for dashboard developers and operators."""
+"""`vap consume`: tail result messages for dashboard developers and operators.
+
+In fleet mode the table gives each row the worker (replica) that published it, and a line on stderr says when a
+stream moved to another worker or restarted, so the frame ids that start again are not read as drops.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import orjson
+
+from pipeline.client import GapTracker, worker_from_headers
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +38,16 @@ class ConsumeOptions:
 
 _SCHEMAS = ("vap.frame.v1", "vap.event.v1")
 _QUIET_BEFORE_BACK_S = 5.0
-_FRAME_HEADER = f"{'captured_at':<24} {'stream':<16} {'frame':>7} {'dets':>4} {'total_ms':>8}  labels"
-_EVENT_HEADER = f"{'occurred_at':<24} {'stream':<16} {'frame':>7} {'event':>5} zone, track, label, detail"
+_FRAME_COLUMNS = f"{'frame':>7} {'dets':>4} {'total_ms':>8}  labels"
+_EVENT_COLUMNS = f"{'frame':>7} {'event':>5} zone, track, label, detail"
+
+
+def table_header(schema: str, worker: bool = False) -> str:
+    """The header of `format_table_row`'s rows for messages of `schema`, with a worker column for fleet mode."""
+    event = schema == "vap.event.v1"
+    worker_column = f" {'worker':<16}" if worker else ""
+    return (f"{'occurred_at' if event else 'captured_at':<24} {'stream':<16}{worker_column} "
+            f"{_EVENT_COLUMNS if event else _FRAME_COLUMNS}")
 
 
 def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -48,20 +62,22 @@ def _labels_of(message: dict[str, Any]) -> set[str]:
     return {str(item["label"]) for item in _items(message)}
 
 
-def format_table_row(message: dict[str, Any]) -> str:
+def format_table_row(message: dict[str, Any], worker: str | None = None) -> str:
+    """One row under `table_header(message's schema, worker is not None)`; `worker` from the record's header."""
+    worker_column = f" {worker:<16}" if worker is not None else ""
     if message.get("schema") == "vap.event.v1":
         detail = message.get("direction") or (f"{message['dwell_s']} s" if message.get("dwell_s") else "")
         return (
-            f"{message.get('occurred_at', ''):<24} {message.get('stream_id', ''):<16} {message.get('frame_id', ''):>7} "
-            f"{message['event']:>5} {message['zone_kind']} {message['zone_id']} track {message['track_id']} "
-            f"{message['label']} {detail}".rstrip()
+            f"{message.get('occurred_at', ''):<24} {message.get('stream_id', ''):<16}{worker_column} "
+            f"{message.get('frame_id', ''):>7} {message['event']:>5} {message['zone_kind']} {message['zone_id']} "
+            f"track {message['track_id']} {message['label']} {detail}".rstrip()
         )
     items = _items(message)
     labels = Counter(str(item["label"]) for item in items)
     summary = ", ".join(f"{label} x{count}" for label, count in labels.most_common())
     total_ms = message.get("latency_ms", {}).get("total", 0.0)
     return (
-        f"{message.get('captured_at', ''):<24} {message.get('stream_id', ''):<16} "
+        f"{message.get('captured_at', ''):<24} {message.get('stream_id', ''):<16}{worker_column} "
         f"{message.get('frame_id', ''):>7} {len(items):>4} {total_ms:>8.1f}  {summary}"
     )
 
@@ -162,9 +178,8 @@ def _watching_broker(bootstrap: str) -> Iterator[_BrokerWatch]:
         kafka_log.propagate, kafka_log.level = propagate, level
 
 
-def _render(value: bytes | None, options: ConsumeOptions, labels: set[str]) -> tuple[str | None, str] | None:
-    """The table header the message's line goes under (None for JSON) and the line; None when the label filter
-    drops it; ValueError for a foreign message."""
+def _decode(value: bytes | None) -> dict[str, Any]:
+    """The message as a dict; ValueError for a record that is not a vap message."""
     try:
         message = orjson.loads(value) if value is not None else None
     except orjson.JSONDecodeError:
@@ -175,22 +190,62 @@ def _render(value: bytes | None, options: ConsumeOptions, labels: set[str]) -> t
         raise ValueError("no schema field; not a vap message")
     if message["schema"] not in _SCHEMAS:
         raise ValueError(f"schema {message['schema']!r} is not one of {', '.join(_SCHEMAS)}")
+    return message
+
+
+def _render(message: dict[str, Any], value: bytes | None, worker: str | None, options: ConsumeOptions,
+            labels: set[str]) -> tuple[str | None, str] | None:
+    """The table header the message's line goes under (None for JSON, which passes the value through as is) and
+    the line, with a worker column unless `worker` is None; None when the label filter drops it; ValueError for
+    a malformed message."""
     try:
         if labels and not labels & _labels_of(message):
             return None
         if options.output_format == "json":
             return None, bytes(value or b"").decode("utf-8", "replace")
-        header = _EVENT_HEADER if message.get("schema") == "vap.event.v1" else _FRAME_HEADER
-        return header, format_table_row(message)
+        return table_header(message["schema"], worker is not None), format_table_row(message, worker)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ValueError("not a vap.frame.v1 or vap.event.v1 message") from None
+
+
+def _worker_name(worker: str | None) -> str:
+    return f"worker {worker}" if worker is not None else "a vap outside fleet mode"
+
+
+class _StreamWatch:
+    """Follows each stream's worker and frame ids and says when a stream moved to another worker or restarted,
+    so the frame ids that start again are not taken for drops. Results and events are followed apart: an event
+    carries the id of the frame it was seen on, which may be behind the newest result's."""
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self._out = out
+        self._err = err
+        self._trackers: dict[str, GapTracker] = {}
+
+    def follow(self, message: dict[str, Any], worker: str | None) -> None:
+        stream_id, frame_id = message.get("stream_id"), message.get("frame_id")
+        if not isinstance(stream_id, str) or not isinstance(frame_id, int) or isinstance(frame_id, bool):
+            return
+        step = self._trackers.setdefault(message["schema"], GapTracker()).follow(stream_id, frame_id, worker)
+        if step.moved:
+            self._say(f"{stream_id} moved from {_worker_name(step.previous_worker)} to {_worker_name(worker)} "
+                      "(frame ids restart)")
+        elif step.restarted:
+            where = f" on worker {worker}" if worker is not None else ""
+            self._say(f"{stream_id} restarted{where} (frame id {frame_id} after {step.previous_frame_id})")
+
+    def _say(self, line: str) -> None:
+        self._out.flush()  # the rows before it first, where both go to one terminal
+        self._err.write(f"vap consume: {line}\n")
+        self._err.flush()
 
 
 def consume(options: ConsumeOptions, out: TextIO) -> int:
     """Print messages until interrupted, `max_messages`, or `idle_timeout_s` without one.
 
     A message that is not a vap result (another producer on the topic) is skipped with a warning, so one
-    stray record never ends a tail that dashboards rely on.
+    stray record never ends a tail that dashboards rely on. Moves and restarts of a stream are told on stderr,
+    whatever the format, so JSON on stdout stays one message per line.
     """
     try:
         consumer = _open_consumer(options)
@@ -213,9 +268,11 @@ def _tail(consumer: Any, options: ConsumeOptions, out: TextIO, broker: _BrokerWa
     """Print until `max_messages` or `idle_timeout_s` without a message; returns how many were printed."""
     wanted = set(options.streams)
     labels = set(options.labels)
+    streams = _StreamWatch(out, sys.stderr)
     printed = 0
     last_message = time.monotonic()
     header_shown: str | None = None  # again whenever the kind of row changes: frames and events differ
+    fleet = False  # once a record names its worker, every row has a worker column ("-" where none is named)
     while options.max_messages is None or printed < options.max_messages:
         batches = consumer.poll(timeout_ms=200)
         records = [record for batch in batches.values() for record in batch]
@@ -229,12 +286,16 @@ def _tail(consumer: Any, options: ConsumeOptions, out: TextIO, broker: _BrokerWa
             key = record.key.decode("utf-8", "replace") if record.key else ""
             if wanted and key not in wanted:
                 continue
+            worker = worker_from_headers(record.headers)
+            fleet = fleet or worker is not None
             try:
-                rendered = _render(record.value, options, labels)
+                message = _decode(record.value)
+                rendered = _render(message, record.value, (worker or "-") if fleet else None, options, labels)
             except ValueError as error:
                 log.warning("skipped the message at %s[%d] offset %d: %s", record.topic, record.partition,
                             record.offset, error)
                 continue
+            streams.follow(message, worker)
             if rendered is None:
                 continue
             header, line = rendered

@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,8 @@ class Publication:
     stream_id: str
     worker: str
     frame_id: int
-    received: float
+    captured_at: float  # wall clock, seconds
+    received: float  # monotonic
 
 
 @dataclass
@@ -86,8 +89,9 @@ class ResultWatcher:
                         for record in records:
                             headers = dict(record.headers or [])
                             message = orjson.loads(record.value)
+                            captured = datetime.fromisoformat(message["captured_at"]).timestamp()
                             self.seen.append(Publication(message["stream_id"], headers.get("worker", b"").decode(),
-                                                         int(message["frame_id"]), now))
+                                                         int(message["frame_id"]), captured, now))
         finally:
             consumer.close()
 
@@ -109,12 +113,31 @@ class ResultWatcher:
                 first[item.stream_id] = item.received
         return first
 
+    def by(self, worker: str) -> list[Publication]:
+        with self._lock:
+            return [item for item in self.seen if item.worker == worker]
+
+    def settled(self, stream_ids: set[str], workers: set[str], window_s: float = 2.0) -> bool:
+        """Over the last `window_s`, every stream came from exactly one replica, and every replica ran one."""
+        owners = self.owners_since(time.monotonic() - window_s)
+        return (set(owners) == stream_ids and all(len(found) == 1 for found in owners.values())
+                and set().union(*owners.values()) == workers)
+
+    def wait(self, condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+        """Seconds until `condition` held; raises TimeoutError naming `what`."""
+        started = time.monotonic()
+        while not condition():
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"{what} within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
 
 class FleetLab:
     """Replicas of one config, each `vap run` with its own worker id and HTTP port."""
 
     def __init__(self, workdir: Path, bootstrap: str, clip: Path, weights: str, streams: int = 6,
-                 session_timeout_ms: int = 6000, partitions: int = 16, fps: float = 5.0) -> None:
+                 session_timeout_ms: int = 6000, partitions: int = 16, fps: float | None = None) -> None:
         self.workdir = workdir
         self.bootstrap = bootstrap
         suffix = str(time.monotonic_ns())
@@ -125,8 +148,8 @@ class FleetLab:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
         tree: dict[str, Any] = {
-            "streams": [{"id": stream_id, "url": str(clip), "loop": True, "realtime": True, "fps": fps}
-                        for stream_id in self.stream_ids],
+            "streams": [{"id": stream_id, "url": str(clip), "loop": True, "realtime": True,
+                         **({} if fps is None else {"fps": fps})} for stream_id in self.stream_ids],
             "model": {"weights": weights, "imgsz": 160, "warmup": False},
             "batching": {"max_batch": 4, "max_wait_ms": 10},
             "kafka": {"bootstrap_servers": bootstrap, "topic": self.topic, "linger_ms": 0, "client_process": False},
@@ -171,6 +194,11 @@ class FleetLab:
 
     def log(self, worker: str) -> str:
         return (self.workdir / f"{worker}.log").read_text(errors="replace")
+
+    def owner_of(self, worker: str) -> list[str]:
+        """The streams `worker` says it runs (empty when it does not answer)."""
+        info = self.fleet(worker)
+        return [] if info is None else list(info["streams"])
 
     def stop_all(self) -> None:
         for process in self.processes.values():
