@@ -88,6 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("schema", help="print the JSON Schema of the result message")
 
+    streams = commands.add_parser("streams", help="list, add or remove the fleet's streams (fleet mode)")
+    streams_commands = streams.add_subparsers(dest="streams_command", required=True, parser_class=_Parser)
+    for name, text in (("list", "every stream in the registry"), ("add", "add (or --replace) a stream"),
+                       ("remove", "remove a stream")):
+        sub = streams_commands.add_parser(name, help=text)
+        sub.add_argument("-c", "--config", type=Path, help="take Kafka's settings and fleet.streams_topic from here")
+        sub.add_argument("--bootstrap", help="HOST:PORT[,HOST:PORT] (default: the config's, else localhost:9092)")
+        sub.add_argument("--topic", help="the registry topic (default: the config's fleet.streams_topic, "
+                                         "else vap.streams)")
+        if name == "list":
+            sub.add_argument("--format", choices=["table", "json"], default="table")
+        elif name == "add":
+            sub.add_argument("--id", help="stream id")
+            sub.add_argument("--url", help="rtsp://, http(s)://, a file path or /dev/videoN")
+            sub.add_argument("-f", "--file", type=Path, help="a YAML file holding one stream (as a streams: item)")
+            sub.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                             help="any stream key, e.g. fps=5 or analytics.tracking=true (repeatable)")
+            sub.add_argument("--replace", action="store_true", help="change a stream already in the registry")
+        else:
+            sub.add_argument("id", help="stream id")
+
     bench = commands.add_parser("bench", help="benchmark vap against the model limit and Ultralytics' streaming")
     bench.add_argument("--quick", action="store_true", help="short clips and timings (about 2 minutes on CPU)")
     bench.add_argument("--streams", type=int, default=4)
@@ -144,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": _validate,
         "consume": _consume,
         "schema": _schema,
+        "streams": _streams,
         "bench": _bench,
         "train-demo-model": _train_demo_model,
     }
@@ -312,6 +334,38 @@ def _consume(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
     )
     return consume(options, sys.stdout)
+
+
+def _streams(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.tools import streams
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # an unreachable broker is said once, below
+    kafka = fleet = None
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as error:
+            for line in error.lines():
+                print(f"invalid config {args.config}: {line}", file=sys.stderr)
+            return EXIT_USAGE
+        kafka, fleet = config.kafka, config.fleet
+    registry = streams.registry_from(kafka, fleet, args.bootstrap, args.topic)
+    try:
+        if args.streams_command == "list":
+            return streams.list_streams(registry, args.format, sys.stdout)
+        if args.streams_command == "remove":
+            return streams.remove_stream(registry, args.id)
+        try:
+            stream = streams.stream_from(args.id, args.url, args.settings, args.file)
+        except (ValueError, OSError) as error:
+            print(f"vap streams add: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        return streams.add_stream(registry, stream, args.replace)
+    except streams.RegistryError as error:
+        print(f"vap streams: {error}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _schema(_args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import astuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -34,8 +35,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from pipeline.app import StopTimeouts
 from pipeline.cli import EXIT_USAGE
-from pipeline.config import load_config
+from pipeline.config import PipelineConfig, load_config
+from pipeline.fleet.node import FleetMetrics
 from pipeline.ops.metrics import PipelineMetrics
 from pipeline.tools.broker import free_port
 from pipeline.tools.demo import DEMO_CLIPS, SHIPPED_WEIGHTS
@@ -50,7 +53,8 @@ NOTIFY_BRIDGE = DEPLOY / "systemd" / "vap-notify.py"
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 IMAGE_ROOT = "/opt/vap"  # where the Dockerfiles and the systemd unit put the project
 HTTP_PORT = 9108  # DESIGN.md: one HTTP port, default 9108
-PIPELINE_SERVICES = ("vap", "vap-gpu")
+PIPELINE_SERVICES = ("vap", "vap-gpu", "vap-fleet")
+FLEET_SERVICE = "vap-fleet"  # fleet mode: identical replicas of one config, scaled with --scale
 KUBERNETES_VERSIONS = ("1.28",)  # the oldest version the manifests support; the newest bundled is added below
 
 
@@ -73,7 +77,9 @@ def compose_value(text: str) -> str:
 def exported_metric_names() -> set[str]:
     """Every series name the pipeline can expose, from the metrics module itself (histograms by name too)."""
     names: set[str] = set()
-    for family in PipelineMetrics(CollectorRegistry()).registry.collect():
+    registry = PipelineMetrics(CollectorRegistry()).registry
+    FleetMetrics(registry, "worker")  # fleet mode registers its metrics beside the pipeline's
+    for family in registry.collect():
         if family.type == "counter":
             names |= {family.name + "_total", family.name + "_created"}
         elif family.type == "histogram":
@@ -133,22 +139,42 @@ def has_health_check(service: dict[str, Any]) -> bool:
     return not check.get("disable") and bool(check.get("test"))
 
 
-def host_ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """(host ip, host port, container port) for each published port."""
-    published = []
+def host_ports(service: dict[str, Any]) -> list[tuple[str, int | None, int]]:
+    """(host ip, host port, container port) for each published port; host port None: Docker picks a free one."""
+    published: list[tuple[str, int | None, int]] = []
     for entry in service.get("ports", []):
         if isinstance(entry, dict):
-            published.append((entry.get("host_ip", ""), int(compose_value(str(entry["published"]))),
-                               int(entry["target"])))
+            host = compose_value(str(entry.get("published", "")))
+            published.append((entry.get("host_ip", ""), int(host) if host else None, int(entry["target"])))
             continue
         parts = compose_value(str(entry)).split("/")[0].split(":")
         ip = parts[0] if len(parts) == 3 else ""
-        published.append((ip, int(parts[-2]), int(parts[-1])))
+        host = parts[-2] if len(parts) > 1 else ""
+        published.append((ip, int(host) if host else None, int(parts[-1])))
     return published
+
+
+def volume_mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) for each volume; source "" for an anonymous volume, one per container."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts.append((compose_value(volume.get("source", "")), volume["target"], bool(volume.get("read_only"))))
+            continue
+        parts = compose_value(volume).split(":")
+        source, target, *mode = parts if len(parts) > 1 else ["", *parts]
+        mounts.append((source, target, bool(mode) and "ro" in mode[0].split(",")))
+    return mounts
 
 
 def compose_pipeline_config() -> Any:
     return load_config(DEPLOY / "compose" / "vap.yaml", environ={})
+
+
+def service_config(service: dict[str, Any]) -> PipelineConfig:
+    """The pipeline config a compose service runs: the file mounted at /etc/vap/config.yaml."""
+    (source,) = [source for source, target, _ in volume_mounts(service) if target == "/etc/vap/config.yaml"]
+    return load_config(REPO / source, environ={})
 
 
 def written_dirs(config: Any) -> list[Path]:
@@ -179,10 +205,11 @@ def test_compose_references_only_files_that_exist(compose: dict[str, Any]) -> No
             context = REPO / build["context"]
             if not (context / build.get("dockerfile", "Dockerfile")).is_file():
                 missing.append(f"{name}: build {build}")
-        for volume in service.get("volumes", []):
-            source = compose_value(volume if isinstance(volume, str) else volume["source"]).split(":")[0]
+        for source, target, _ in volume_mounts(service):
+            if not source:
+                continue  # an anonymous volume: each container gets its own
             if source.startswith((".", "/")) and not (REPO / source).exists():
-                missing.append(f"{name}: volume {volume}")
+                missing.append(f"{name}: volume {source}:{target}")
             elif not source.startswith((".", "/")) and source not in (compose.get("volumes") or {}):
                 missing.append(f"{name}: named volume {source} is not declared")
         for env_file in service.get("env_file", []):
@@ -211,10 +238,10 @@ def test_every_compose_service_has_a_health_check_or_waits_for_one(compose: dict
 
 
 def test_compose_pipeline_health_check_probes_healthz_on_the_configured_port(compose: dict[str, Any]) -> None:
-    port = compose_pipeline_config().http.port
-    assert port == HTTP_PORT
     for name in PIPELINE_SERVICES:
         service = services(compose)[name]
+        port = service_config(service).http.port
+        assert port == HTTP_PORT, name
         probe = " ".join(service["healthcheck"]["test"])
         assert f"http://127.0.0.1:{port}/healthz" in probe, probe
         assert [container for _, _, container in host_ports(service)] == [port]
@@ -224,6 +251,8 @@ def test_compose_host_ports_do_not_collide(compose: dict[str, Any]) -> None:
     seen: dict[int, str] = {}
     for name, service in services(compose).items():
         for _, host, _ in host_ports(service):
+            if host is None:
+                continue  # Docker picks a free port
             assert host not in seen, f"host port {host} is published by both {seen[host]} and {name}"
             seen[host] = name
     assert seen, "the stack publishes no ports at all"
@@ -231,7 +260,7 @@ def test_compose_host_ports_do_not_collide(compose: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "profiles",
-    [{"demo"}, {"cpu"}, {"gpu"}, {"gpu", "camera"}],
+    [{"demo"}, {"cpu"}, {"gpu"}, {"gpu", "camera"}, {"fleet"}, {"fleet", "camera"}],
     ids=lambda profiles: "+".join(sorted(profiles)),
 )
 def test_each_documented_profile_runs_exactly_one_pipeline_with_all_it_depends_on(
@@ -292,13 +321,34 @@ def test_compose_pipeline_config_reads_the_demo_cameras_with_the_bundled_model(c
 
 
 def test_compose_pipeline_writes_only_to_a_writable_volume(compose: dict[str, Any]) -> None:
-    config = compose_pipeline_config()
-    assert written_dirs(config), "the compose config keeps the Kafka spool across restarts"
     for name in PIPELINE_SERVICES:
-        mounts = [compose_value(volume).split(":") for volume in services(compose)[name]["volumes"]]
-        writable = [target for source, target, *mode in mounts if "ro" not in mode and not source.startswith(".")]
+        config = service_config(services(compose)[name])
+        assert written_dirs(config), f"{name}: the compose config keeps the Kafka spool across restarts"
+        writable = [target for source, target, read_only in volume_mounts(services(compose)[name])
+                    if not read_only and not source.startswith((".", "/"))]
         for path in written_dirs(config):
             assert any(is_under(path, mount) for mount in writable), f"{name}: {path} is not on a writable volume"
+
+
+def test_compose_fleet_scales_to_identical_replicas_that_share_nothing_but_the_config(compose: dict[str, Any]) -> None:
+    fleet = services(compose)[FLEET_SERVICE]
+    assert fleet["profiles"] == ["fleet"]
+    assert fleet["deploy"]["replicas"] >= 2
+    assert fleet["healthcheck"] == services(compose)["vap"]["healthcheck"]
+    ports = host_ports(fleet)
+    assert ports and all(host is None for _, host, _ in ports), "a fixed host port lets only one replica start"
+    assert not {"container_name", "hostname"} & set(fleet), "every replica needs a name of its own"
+
+    config = service_config(fleet)
+    assert config.fleet is not None, "the fleet service's config has no fleet: section"
+    # Left to its default, each replica's worker id is its own container's host name.
+    assert config.fleet.worker_id == socket.gethostname()
+    # As shipped it runs the test cameras (`--profile fleet --profile camera`), like the single pipeline.
+    assert config.streams == compose_pipeline_config().streams
+    mounts = volume_mounts(fleet)
+    for path in written_dirs(config):
+        source = next(source for source, target, read_only in mounts if not read_only and is_under(path, target))
+        assert source == "", f"{path} is on volume {source}, which every replica would share, spool file and all"
 
 
 def test_compose_secrets_come_from_the_environment_not_the_file() -> None:
@@ -409,6 +459,12 @@ tests:
         values: '0+300x20'
       - series: 'up{{job="vap", instance="box:9108"}}'
         values: '1x20'
+      - series: 'vap_fleet_fenced_total{{job="vap", instance="box:9108"}}'
+        values: '0 0 1 1x20'
+      - series: 'vap_fleet_registry_invalid_total{{job="vap", instance="a:9108"}}'
+        values: '0 0 2 2 2 2 2'
+      - series: 'vap_fleet_registry_invalid_total{{job="vap", instance="b:9108"}}'
+        values: '0 0 0 2 2 2 2'
     alert_rule_test:
       - eval_time: 6m
         alertname: VapStreamDown
@@ -425,10 +481,23 @@ tests:
       - eval_time: 20m
         alertname: VapDown
         exp_alerts: []
+      - eval_time: 6m
+        alertname: VapFleetLeaseLost
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: vap, instance: "box:9108"}}
+      - eval_time: 20m
+        alertname: VapFleetLeaseLost
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: VapFleetRegistryInvalid
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: vap}}
 """
 
 
-def test_alerts_fire_for_a_dead_camera_lost_messages_and_overload(promtool: str, tmp_path: Path) -> None:
+def test_alerts_fire_for_a_dead_camera_lost_messages_overload_and_a_lost_fleet_lease(
+    promtool: str, tmp_path: Path
+) -> None:
     # promtool compares annotations verbatim; their templates are checked by `promtool check rules` above.
     rules = load_yaml(DEPLOY / "prometheus" / "alerts.yml")
     for group in rules["groups"]:
@@ -452,9 +521,21 @@ def kubernetes_validate() -> ModuleType:
     return module
 
 
+def generator_inputs() -> dict[Path, Path]:
+    """The files kustomizations turn into ConfigMap data (a vap config), each with its kustomization."""
+    inputs: dict[Path, Path] = {}
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for generator in load_yaml(kustomization).get("configMapGenerator", []):
+            for entry in generator.get("files", []):
+                inputs[(kustomization.parent / entry.rpartition("=")[2]).resolve()] = kustomization
+    return inputs
+
+
 def manifests() -> list[Path]:
-    """Every Kubernetes object file under deploy/k8s (kustomizations are build input, not objects)."""
-    return sorted(path for path in K8S.rglob("*.yaml") if path.name != "kustomization.yaml")
+    """Every Kubernetes object file under deploy/k8s (kustomizations and their generators' files are build
+    input, not objects)."""
+    return sorted(path for path in K8S.rglob("*.yaml")
+                  if path.name != "kustomization.yaml" and path.resolve() not in generator_inputs())
 
 
 def k8s_objects(kind: str) -> list[dict[str, Any]]:
@@ -502,17 +583,30 @@ def test_kubernetes_manifests_pass_the_schema_check(kubernetes_validate: ModuleT
     assert check_against_schema(kubernetes_validate, [typo]), "the schema check must catch a misspelt field"
 
 
-@pytest.mark.parametrize("overlay", ["", "cpu"], ids=["gpu", "cpu"])
-def test_kustomize_builds_valid_manifests(kubernetes_validate: ModuleType, overlay: str) -> None:
+FLEET_OVERLAYS = ("fleet", "fleet-cpu")
+
+
+def kustomize_build(overlay: str) -> list[dict[str, Any]]:
     result = subprocess.run([tool("kubectl"), "kustomize", str(K8S / overlay)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def built(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (document,) = [doc for doc in documents if doc["kind"] == kind]
+    return document
+
+
+@pytest.mark.parametrize("overlay", ["", "cpu", *FLEET_OVERLAYS], ids=["gpu", "cpu", *FLEET_OVERLAYS])
+def test_kustomize_builds_valid_manifests(kubernetes_validate: ModuleType, overlay: str) -> None:
+    documents = kustomize_build(overlay)
     assert check_against_schema(kubernetes_validate, documents) == []
-    assert all(doc["metadata"].get("namespace", "vap") == "vap" for doc in documents)
-    (statefulset,) = [doc for doc in documents if doc["kind"] == "StatefulSet"]
+    assert all(doc["metadata"].get("namespace") == "vap" for doc in documents if doc["kind"] != "Namespace")
+    statefulset = built(documents, "StatefulSet")
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
-    assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (overlay != "cpu")
-    assert container["image"].endswith("-cuda") == (overlay != "cpu")
+    gpu = not overlay.endswith("cpu")
+    assert ("nvidia.com/gpu" in container["resources"]["limits"]) == gpu
+    assert container["image"].endswith("-cuda") == gpu
 
 
 def test_kustomizations_list_only_files_that_exist() -> None:
@@ -521,6 +615,8 @@ def test_kustomizations_list_only_files_that_exist() -> None:
         for resource in load_yaml(kustomization)["resources"]:
             assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
             listed.add((kustomization.parent / resource).resolve())
+    for path, kustomization in generator_inputs().items():
+        assert path.is_file(), f"{kustomization}: configMapGenerator reads {path}, which does not exist"
     base = {(K8S / "base" / name).resolve() for name in load_yaml(K8S / "base" / "kustomization.yaml")["resources"]}
     assert base == {path.resolve() for path in (K8S / "base").glob("*.yaml")} - {K8S / "base" / "kustomization.yaml"}
     # Placeholders must never be applied over a real Secret, nor a CRD object where the CRD may be missing.
@@ -584,6 +680,88 @@ def test_each_replica_reads_its_own_valid_config_and_no_camera_is_shared() -> No
         for stream in config.streams:
             assert stream.id not in owner, f"{stream.id} is in both {owner[stream.id]} and {key}"
             owner[stream.id] = key
+
+
+# Fleet mode (deploy/k8s/fleet, deploy/k8s/fleet-cpu): identical replicas of one config share the cameras.
+
+
+def fleet_config_file() -> Path:
+    """The vap config of deploy/k8s/fleet: the file its kustomization puts into the vap-config ConfigMap."""
+    (path,) = [path for path, kustomization in generator_inputs().items() if kustomization.parent == K8S / "fleet"]
+    return path
+
+
+def test_fleet_replicas_share_one_config_that_names_each_replica_by_its_pod() -> None:
+    (secret,) = k8s_objects("Secret")
+    credentials = secret["stringData"]
+    required = {key: credentials[key] for key in ("KAFKA_BOOTSTRAP", "CAM_USER", "CAM_PASSWORD")}
+    text = fleet_config_file().read_text(encoding="utf-8")
+    configs = []
+    for pod in ("vap-0", "vap-1", "vap-2"):
+        plain = load_config(None, text=text, environ=dict(required, POD_NAME=pod))
+        assert plain.kafka.security_protocol == "PLAINTEXT" and plain.http.auth_token is None
+        config = load_config(None, text=text, environ=dict(credentials, POD_NAME=pod))
+        assert config.fleet is not None, "the fleet config has no fleet: section"
+        assert config.fleet.worker_id == pod
+        assert config.kafka.sasl_password is not None and config.http.auth_token is not None
+        assert config.kafka.sasl_password.get_secret_value() == credentials["KAFKA_SASL_PASSWORD"]
+        configs.append(config)
+    # Names aside, every replica runs the same config: that is what lets any of them take over any camera.
+    names = {"fleet": {"worker_id"}, "kafka": {"client_id"}}
+    assert len({json.dumps(config.model_dump(mode="json", exclude=names)) for config in configs}) == 1
+    config = configs[0]
+    assert config.fleet is not None and config.streams, "the example lists the cameras the fleet shares"
+    assert config.http.port == HTTP_PORT and config.model.weights.startswith("/models/")
+    # Streams that share a registry partition move together: far more partitions than cameras.
+    assert config.fleet.partitions >= 8 * len(config.streams)
+
+
+@pytest.mark.parametrize("overlay", FLEET_OVERLAYS)
+def test_fleet_statefulset_runs_identical_replicas_each_with_its_own_state(overlay: str) -> None:
+    documents = kustomize_build(overlay)
+    statefulset, configmap = built(documents, "StatefulSet"), built(documents, "ConfigMap")
+    spec = statefulset["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert spec["replicas"] >= 2
+    args = container["args"]
+    assert args[0] == "run" and "--watch" in args, "replicas pick up a changed ConfigMap without a restart"
+    config_path = Path(args[args.index("-c") + 1])
+    mount = next(mount for mount in container["volumeMounts"] if is_under(config_path, mount["mountPath"]))
+    volume = next(volume for volume in pod["volumes"] if volume["name"] == mount["name"])
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert set(configmap["data"]) == {config_path.name}, "one config, the same for every replica"
+    text = configmap["data"][config_path.name]
+    assert text == fleet_config_file().read_text(encoding="utf-8")
+    (secret,) = k8s_objects("Secret")
+    config = load_config(None, text=text, environ=dict(secret["stringData"], POD_NAME="vap-0"))
+    assert config.fleet is not None
+
+    env = {item["name"]: item for item in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    claims = {claim["metadata"]["name"] for claim in spec["volumeClaimTemplates"]}
+    assert written_dirs(config)
+    for path in written_dirs(config):
+        state = next(mount for mount in container["volumeMounts"]
+                     if not mount.get("readOnly") and is_under(path, mount["mountPath"]))
+        assert state["name"] in claims, f"{path} must be on the replica's own volume, kept when its pod is replaced"
+    for probe, route in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == route, probe
+    # On SIGTERM vap hands its cameras over and stops within its stop timeouts: Kubernetes must not kill it sooner.
+    assert pod["terminationGracePeriodSeconds"] >= sum(astuple(StopTimeouts())) + 5
+    # A rolling update waits for the group to hand each new pod its cameras before it replaces the next one.
+    assert spec["minReadySeconds"] >= 10
+
+
+@pytest.mark.parametrize("overlay", FLEET_OVERLAYS)
+def test_fleet_disruption_budget_lets_one_replica_go_at_a_time(overlay: str) -> None:
+    documents = kustomize_build(overlay)
+    budget, statefulset = built(documents, "PodDisruptionBudget"), built(documents, "StatefulSet")
+    assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+    selector = budget["spec"]["selector"]["matchLabels"]
+    assert selector and selector.items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    assert budget["metadata"]["namespace"] == statefulset["metadata"]["namespace"]
+    assert statefulset["spec"]["replicas"] > budget["spec"]["maxUnavailable"], "someone must be left to take over"
 
 
 def test_pipeline_requests_a_gpu_and_runs_locked_down() -> None:
@@ -1051,7 +1229,7 @@ def test_notify_bridge_exits_with_the_pipeline_exit_status(tmp_path: Path, notif
 def test_deploy_guide_covers_every_target_and_names_only_files_that_exist() -> None:
     guide = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
     headings = [line.lower() for line in guide.splitlines() if line.startswith("#")]
-    for topic in ("compose", "kubernetes", "systemd", "sizing", "offline"):
+    for topic in ("compose", "kubernetes", "fleet", "systemd", "sizing", "offline"):
         assert any(topic in heading for heading in headings), f"docs/deploy.md has no section on {topic}"
     named = set(re.findall(r"\b((?:deploy|configs|docs)/[\w./-]*\w|docker-compose\.yml|Makefile)\b", guide))
     assert named

@@ -19,6 +19,7 @@ import pytest
 from kafka import KafkaProducer
 
 from pipeline.app import Pipeline
+from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.errors import StreamExists
 from pipeline.inference.detector import Detector
@@ -52,7 +53,7 @@ class Fleet:
     def __init__(self, broker: EmbeddedBroker, clip: Path, make_config: ConfigFactory, stream_ids: list[str]) -> None:
         self.broker = broker
         self.topic = unused_topic("fleet")
-        self.fleet = {"group": unused_topic("group"), "streams_topic": unused_topic("registry"),
+        self.fleet: dict[str, Any] = {"group": unused_topic("group"), "streams_topic": unused_topic("registry"),
                       "partitions": PARTITIONS, "session_timeout_ms": 6000}
         self.streams = [{"id": stream_id, "url": str(clip), "loop": True} for stream_id in stream_ids]
         self.make_config = make_config
@@ -232,3 +233,39 @@ def test_without_a_fleet_section_the_fleet_api_says_it_is_off(
         assert "vap_fleet_streams" not in pipeline.registry._names_to_collectors
     finally:
         pipeline.stop()
+
+
+def test_the_streams_command_and_a_reloaded_file_change_a_running_fleet(
+        fleet_of: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = spread_ids(2, PARTITIONS)
+    fleet: Fleet = fleet_of([first, second])
+    a = fleet.start("a")
+    wait_for(lambda: set(a.local_streams()) == {first, second}, 30, "a did not run its streams")
+    where = ["--bootstrap", fleet.broker.bootstrap_servers, "--topic", fleet.fleet["streams_topic"]]
+    assert main(["streams", "add", *where, "--id", "from-cli", "--url", str(fleet.streams[0]["url"]),
+                 "--set", "loop=true"]) == 0
+    wait_for(lambda: "from-cli" in a.local_streams(), 10, "a stream added by `vap streams add` did not start")
+    assert main(["streams", "remove", *where, "from-cli"]) == 0
+    wait_for(lambda: "from-cli" not in a.local_streams(), 10, "a stream removed by `vap streams remove` kept running")
+    capsys.readouterr()
+    assert a.sync_file_streams([a.local_streams()[first]])  # what a reload of a file without `second` does
+    wait_for(lambda: set(a.local_streams()) == {first}, 10, "a stream deleted from the file kept running")
+
+
+def test_the_leader_rebalances_when_new_streams_pile_up_on_one_replica(fleet_of: Any) -> None:
+    stream_ids = spread_ids(2, PARTITIONS)
+    fleet: Fleet = fleet_of(stream_ids)
+    a = fleet.start("a")
+    b = fleet.start("b")
+    wait_for(lambda: fleet.settled(set(stream_ids), {"a", "b"}), 40, f"not shared out: {fleet.running()}")
+    assert a.http is not None
+    _, info = call(a.http.port, "GET", "/api/v1/fleet")
+    piled = [candidate for candidate in spread_ids(PARTITIONS, PARTITIONS, prefix="pile")
+             if partition_of(candidate, PARTITIONS) in info["partitions"]][:2]
+    for stream_id in piled:
+        assert call(a.http.port, "POST", "/api/v1/streams",
+                    {"id": stream_id, "url": fleet.streams[0]["url"], "loop": True})[0] == 201
+    everything = {*stream_ids, *piled}
+    wait_for(lambda: set(fleet.running()) == everything and sorted(
+        len(p.local_streams()) for p in (a, b)) == [2, 2], 30,
+        f"four streams were not spread two and two: {fleet.running()}")

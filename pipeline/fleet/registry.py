@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -132,6 +133,8 @@ class RegistryClient:
         self._on_change = on_change
         self._on_invalid = on_invalid
         self._lock = threading.Lock()
+        self._read_up_to = threading.Condition(self._lock)
+        self._next_offsets: dict[int, int] = {}
         self._view = RegistryView()
         self._caught_up = threading.Event()
         self._stop = threading.Event()
@@ -163,18 +166,23 @@ class RegistryClient:
         return self._caught_up.wait(timeout_s)
 
     def ensure_topic(self) -> None:
+        self.create_topic(self._kafka, self._fleet)
+
+    @staticmethod
+    def create_topic(kafka: KafkaConfig, fleet: FleetConfig) -> None:
+        """The registry, compacted, when it is missing (its partitions are the fleet's unit of work)."""
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(**kafka_client_settings(self._kafka), bootstrap_timeout_ms=5000)
+        admin = KafkaAdminClient(**kafka_client_settings(kafka), bootstrap_timeout_ms=5000)
         try:
-            if self.topic in admin.list_topics():
+            if fleet.streams_topic in admin.list_topics():
                 return
             try:
-                admin.create_topics([NewTopic(self.topic, self._fleet.partitions, self._kafka.replication,
+                admin.create_topics([NewTopic(fleet.streams_topic, fleet.partitions, kafka.replication,
                                               topic_configs={"cleanup.policy": "compact"})])
-                log.info("created the stream registry '%s' (%d partitions, compacted)", self.topic,
-                         self._fleet.partitions)
+                log.info("created the stream registry '%s' (%d partitions, compacted)", fleet.streams_topic,
+                         fleet.partitions)
             except TopicAlreadyExistsError:
                 pass
         finally:
@@ -190,10 +198,15 @@ class RegistryClient:
     def _send(self, stream_id: str, value: bytes | None, headers: list[tuple[str, bytes]], timeout_s: float) -> None:
         from kafka.errors import KafkaError
 
+        deadline = time.monotonic() + timeout_s
         try:
-            self._producer.send(self.topic, key=stream_id.encode(), value=value, headers=headers).get(timeout_s)
+            written = self._producer.send(self.topic, key=stream_id.encode(), value=value,
+                                          headers=headers).get(timeout_s)
         except KafkaError as error:
             raise RegistryUnavailable(f"cannot write the stream registry '{self.topic}': {error}") from error
+        with self._read_up_to:  # read your writes: what the API just wrote, this replica's view holds
+            self._read_up_to.wait_for(lambda: self._next_offsets.get(written.partition, 0) > written.offset,
+                                      max(0.0, deadline - time.monotonic()))
 
     def stop(self, timeout_s: float = 1.0) -> None:
         self._stop.set()
@@ -224,6 +237,10 @@ class RegistryClient:
                                 changes.append(change)
                 if changes:
                     self._on_change(changes)
+                with self._read_up_to:
+                    for tp, records in batches.items():
+                        self._next_offsets[tp.partition] = records[-1].offset + 1
+                    self._read_up_to.notify_all()
                 if not self._caught_up.is_set() and all(consumer.position(tp) >= end[tp] for tp in partitions):
                     self._caught_up.set()
         finally:
