@@ -63,12 +63,12 @@ class StopTimeouts:
     stay within the 10 s a service manager gives before it kills the process, however stuck a stage is."""
 
     readers_s: float = 1.0
-    fleet_leave_s: float = 1.0  # fleet mode: leave the group, so the others take over at once
     drain_s: float = 2.5  # the frames waiting in the hub go through the model
     workers_s: float = 1.5  # the batches the model holds come back
     analytics_s: float = 1.0
     kafka_flush_s: float = 2.5
     kafka_close_s: float = 0.5
+    fleet_leave_s: float = 0.5  # fleet mode: leaving the group began with the stop; what is left of it
     http_s: float = 0.5
 
 
@@ -339,7 +339,12 @@ class Pipeline:
         return probes.readiness(self)
 
     def fleet_info(self) -> dict[str, Any] | None:
-        return None if self.fleet is None else self.fleet.info()
+        """None outside fleet mode; while the model loads, this replica's name and that it is starting."""
+        if self.config.fleet is None:
+            return None
+        if self.fleet is None:
+            return {"worker_id": self.config.fleet.worker_id, "group": self.config.fleet.group, "state": "starting"}
+        return self.fleet.info()
 
     def _deliver(self, result: FrameResult) -> None:
         """The inference workers' hand-off to the analytics stage."""
@@ -390,7 +395,7 @@ class Pipeline:
             if not reader.join(max(0.0, readers_deadline - time.monotonic())):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
         if self.fleet is not None:
-            self.fleet.stop(timeouts.fleet_leave_s)  # the others start these streams while this one drains
+            self.fleet.leave()  # the others start these streams while this one drains what it read
         self._stop_inference(time.monotonic() + timeouts.drain_s, timeouts.workers_s)
         if self.analytics is not None:
             self._stop_analytics(time.monotonic() + timeouts.analytics_s)
@@ -400,6 +405,8 @@ class Pipeline:
                 log.warning("the publisher did not finish in time")
         if self._kafka_process is not None:
             self._kafka_process.close(timeouts.kafka_close_s)
+        if self.fleet is not None:
+            self.fleet.stop(timeouts.fleet_leave_s)
         if self.http is not None:
             self.http.stop(timeouts.http_s)
         totals = self.ledger.overall()

@@ -134,8 +134,11 @@ class StreamAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         self.last_target, self._assigned_this_round = target, True
         workers = orjson.dumps(sorted(info.worker for info in infos.values()))
         held_back = sum(len(target[m]) - len(now[m]) for m in target)
-        log.info("fleet: assigned %d partition(s) to %d worker(s)%s", len(partitions), len(infos),
-                 f", {held_back} held back until their owners let go" if held_back else "")
+        weights = self._weights()
+        streams = ", ".join(f"{infos[m].worker or m}: {sum(weights.get(p, 0) for p in target[m])}"
+                            for m in sorted(target))
+        log.info("fleet: assigned %d partition(s) to %d worker(s), streams %s%s", len(partitions), len(infos), streams,
+                 f"; {held_back} partition(s) held back until their owners let go" if held_back else "")
         return {
             member_id: ConsumerProtocolAssignment(self.version, [(self._topic, sorted(now[member_id]))], workers)
             for member_id in infos

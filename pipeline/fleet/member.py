@@ -3,8 +3,14 @@ that ends its ownership on its own when it can no longer show the group it is al
 
 The group coordinator gives a dead member's partitions away once `session_timeout_ms` passes without its
 heartbeat. A replica that is cut off (a partition of the network, a frozen process, a broker that lost it)
-does not hear that it has lost them, so it stops its streams itself once half of that timeout passes
-without a heartbeat answered: well before another replica can be given them.
+does not hear that it has lost them, so it ends its lease itself, well before another replica can be given
+them:
+- half a session without a heartbeat answered, while it is a stable member;
+- the rebalance timeout (less a margin) while it rejoins, since the coordinator keeps a joining member that
+  long and joins can take seconds;
+- 0.4 of a session without its own loop turning: a process that was frozen (SIGSTOP, a paused VM) cannot
+  trust anything it heard before, and its readers wake up with it.
+From then on its readers pass no frame on (`lease_lost`) and its streams stop.
 """
 
 from __future__ import annotations
@@ -97,6 +103,9 @@ class GroupMember:
         self._thread = StageThread("fleet-member", self._run, heartbeats)
         self.lease_overdue_s = 0.0
         self._clock: GroupClock | None = None
+        self._stall_limit_s = fleet.session_timeout_ms / 1000 * 0.4
+        self._last_turn = time.monotonic()
+        self._fenced = False  # the lease ran out; only a new assignment gives this replica streams again
 
     @property
     def owned(self) -> frozenset[int]:
@@ -110,10 +119,13 @@ class GroupMember:
         """Ask for a new assignment (the leader does, when the registry changed the balance)."""
         self._rejoin.set()
 
-    def stop(self, timeout_s: float = 2.0) -> None:
-        """Leaves the group, so the others take this replica's partitions at once, not after its session."""
+    def leave(self) -> None:
+        """Leaves the group (on the member's thread), so the others take this replica's partitions at once,
+        not after its session."""
         self._stop.set()
-        self._thread.join(timeout_s)
+
+    def join(self, timeout_s: float) -> bool:
+        return self._thread.join(timeout_s)
 
     def _run(self) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
@@ -149,8 +161,13 @@ class GroupMember:
             consumer.subscribe([self._fleet.streams_topic], listener=Listener())
             while not self._stop.is_set():
                 self._thread.beat()
+                stalled_s = time.monotonic() - self._last_turn
+                if stalled_s > self._stall_limit_s:
+                    self._fenced = True  # before the turn is noted: readers must not see a fresh lease
+                    self._rejoin.set()  # and what the group says from here on comes from a new join
+                self._last_turn = time.monotonic()
                 consumer.poll(timeout_ms=_POLL_MS, max_records=1, update_offsets=False)
-                if self._check_lease(clock):
+                if self._check_lease(clock, stalled_s):
                     self._rejoin.set()  # the coordinator may still count this member: ask for partitions again
                 if self._rejoin.is_set():
                     self._rejoin.clear()
@@ -164,21 +181,32 @@ class GroupMember:
         out, even before the member's loop has stopped them (a process that was frozen wakes up with its
         readers, and they must not publish new frames of cameras another replica runs by now)."""
         clock = self._clock
-        return clock is not None and clock.overdue_s() <= 0
+        stalled = time.monotonic() - self._last_turn > self._stall_limit_s
+        return clock is not None and not stalled and not self._fenced and clock.overdue_s() <= 0
 
-    def _check_lease(self, clock: GroupClock) -> bool:
-        """Whether the lease ran out just now (and this replica's streams were stopped)."""
+    def _check_lease(self, clock: GroupClock, stalled_s: float) -> bool:
+        """Whether the lease ran out just now (and this replica's streams were stopped).
+
+        A loop that did not turn for a good part of a session means the process was frozen (a stopped
+        process, a paused VM) or starved: what kafka-python last heard from the group says nothing about
+        now, and another replica may run these cameras already."""
         clock.observe()
         self.lease_overdue_s = clock.overdue_s()
-        if not self.owned or self.lease_overdue_s <= 0:
+        stalled = stalled_s > self._stall_limit_s
+        if not self.owned or (self.lease_overdue_s <= 0 and not stalled):
             return False
+        self._fenced = True
+        why = f"this process stalled for {stalled_s:.1f} s" if stalled else clock.describe()
         log.warning("fleet: this replica's group lease ran out (%s); stopping its streams before the group can "
-                    "give them to another", clock.describe())
+                    "give them to another", why)
         self._revoke(self.owned, "fenced")
         return True
 
     def _assignment(self, partitions: frozenset[int], workers: list[str], generation: int) -> None:
         """The whole assignment of a generation: what left it stops first, then what joined it starts."""
+        if time.monotonic() - self._last_turn > self._stall_limit_s:
+            return  # heard on waking from a freeze, before this member's loop has seen it: stale by now
+        self._fenced = False
         with self._lock:
             added, revoked = partitions - self._owned, self._owned - partitions
         if revoked:

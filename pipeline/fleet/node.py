@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from pipeline.threads import StageThread
 log = logging.getLogger(__name__)
 
 _RETRY_S = 5.0
+_REBALANCE_AFTER_S = 2.0
 
 
 class LocalStreams(Protocol):
@@ -111,13 +113,21 @@ class FleetNode:
             raise UnknownStream(stream_id)
         self.registry.remove(stream_id)
 
-    def stop(self, timeout_s: float = 2.0) -> None:
-        """Leaves the group (the others take this replica's streams at once) and stops reading the registry."""
+    def leave(self) -> None:
+        """Starts leaving the group, without waiting: the others take this replica's streams over while its
+        pipeline drains what it has read."""
         self._stop.set()
         self._wake.set()
-        self.member.stop(timeout_s)
-        self._thread.join(0.5)
-        self.registry.stop(0.5)
+        self.member.leave()
+        self.registry.leave()
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Leaves (if `leave` was not called) and waits, within `timeout_s` for all of it."""
+        self.leave()
+        deadline = time.monotonic() + timeout_s
+        self.member.join(timeout_s)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.registry.join(max(0.0, deadline - time.monotonic()))
 
     def info(self) -> dict[str, Any]:
         entries = self.registry.entries()
@@ -125,6 +135,7 @@ class FleetNode:
         return {
             "worker_id": self.config.worker_id,
             "group": self.config.group,
+            "state": "joining" if self._generation < 0 else "cut off" if self.member.lease_overdue_s > 0 else "member",
             "registry_topic": self.config.streams_topic,
             "generation": self._generation,
             "members": list(self._workers),
@@ -141,8 +152,6 @@ class FleetNode:
             moved_away = [change.stream_id for change in changes if change.stream_id in self._running and (
                 change.entry is None or change.entry.partition not in owned)]
             self._stop_local(moved_away, "it left the registry")
-        if self.member.assignor.leading and self._unbalanced():
-            self.member.request_rebalance()
         self._wake.set()
 
     def _unbalanced(self) -> bool:
@@ -180,12 +189,29 @@ class FleetNode:
         self.metrics.streams.set(len(self._running))
 
     def _run(self) -> None:
+        unbalanced_since: float | None = None
         while not self._stop.is_set():
             self._thread.beat()
-            self._wake.wait(_RETRY_S)
+            self._wake.wait(_RETRY_S if unbalanced_since is None else _REBALANCE_AFTER_S / 4)
             self._wake.clear()
-            if not self._stop.is_set():
-                self._reconcile()
+            if self._stop.is_set():
+                return
+            self._reconcile()
+            unbalanced_since = self._rebalance_if_still_unbalanced(unbalanced_since)
+
+    def _rebalance_if_still_unbalanced(self, since: float | None) -> float | None:
+        """The leader asks for a rebalance when registry changes have left the streams unevenly spread for a
+        while: a stream added and removed again at once is not worth moving cameras for."""
+        if not (self.member.assignor.leading and self._unbalanced()):
+            return None
+        now = time.monotonic()
+        if since is None:
+            return now
+        if now - since < _REBALANCE_AFTER_S:
+            return since
+        log.info("fleet: the registry's changes left the streams unevenly spread; asking for a rebalance")
+        self.member.request_rebalance()
+        return None
 
     def _reconcile(self) -> None:
         """Runs what this replica owns and nothing else; a stream whose config changed is restarted."""

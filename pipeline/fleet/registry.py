@@ -208,11 +208,14 @@ class RegistryClient:
             self._read_up_to.wait_for(lambda: self._next_offsets.get(written.partition, 0) > written.offset,
                                       max(0.0, deadline - time.monotonic()))
 
-    def stop(self, timeout_s: float = 1.0) -> None:
+    def leave(self) -> None:
         self._stop.set()
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         self._thread.join(timeout_s)
         if self._producer is not None:
-            self._producer.close(timeout=timeout_s)
+            self._producer.close(timeout=max(0.0, deadline - time.monotonic()))
 
     def _read(self) -> None:
         from kafka import KafkaConsumer, TopicPartition

@@ -303,12 +303,12 @@ class StreamReader:
             if cap is not None and not cap.keep(media_s if is_file else now):
                 self._ledger.dropped(ticket, "fps_cap")
                 continue
-            if self._lease is not None and not self._lease():
-                self._ledger.dropped(ticket, "lease_lost")
-                continue
             frame = Frame(stream_id=ticket.stream_id, frame_id=ticket.frame_id, pts_ms=pts_ms,
                           captured_at=datetime.now(timezone.utc), captured_monotonic=time.monotonic(), image=image,
                           run=self.run)
+            if self._lease is not None and not self._lease():  # after the timestamp: a freeze between the two
+                self._ledger.dropped(ticket, "lease_lost")   # must not pass a frame stamped after it
+                continue
             lost = self._hub.put(frame, self._stop, self._slot)
             if lost is not None:
                 self._ledger.dropped(lost[0].ticket, lost[1])
