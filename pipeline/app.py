@@ -33,7 +33,7 @@ from pipeline.fleet.node import FleetNode
 from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, UltralyticsDetector
 from pipeline.inference.devices import resolve_devices, worker_for_decoder
-from pipeline.inference.worker import InferenceWorker
+from pipeline.inference.worker import InferenceWorker, drain_and_stop
 from pipeline.ledger import FrameLedger
 from pipeline.ops import probes
 from pipeline.ops.health import Heartbeats
@@ -41,7 +41,7 @@ from pipeline.ops.http import HttpServer, Probe, build_app
 from pipeline.ops.metrics import PipelineMetrics
 from pipeline.publishing.building import MessageBuilder
 from pipeline.publishing.kafka_client import Producer, make_kafka_producer
-from pipeline.publishing.kafka_process import KafkaChildUnusable, KafkaProcess
+from pipeline.publishing.kafka_process import KafkaProcess
 from pipeline.publishing.publisher import KafkaPublisher
 from pipeline.sources.nvdec import NvdecSource, nvdec_available
 from pipeline.sources.opencv import OpenCvSource, decoder_threads
@@ -92,7 +92,6 @@ class Pipeline:
         config_path: Path | None = None,
     ) -> None:
         self.config = config
-        self._config_path = config_path
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.heartbeats = Heartbeats(self.metrics)
@@ -101,7 +100,6 @@ class Pipeline:
         self._detector_factory = detector_factory or _ultralytics_detector
         self._producer_factory = producer_factory
         self._kafka_process: KafkaProcess | None = None
-        self._kafka_in_process = False
         self._timeouts = timeouts
         self._stop_requested = threading.Event()
         self._workers_stopping = threading.Event()
@@ -116,10 +114,11 @@ class Pipeline:
         self.workers: list[InferenceWorker] = []
         self.readers: dict[str, StreamReader] = {}
         self.http: HttpServer | None = None
-        self.fleet: FleetNode | None = None
+        self.fleet = None if config.fleet is None else FleetNode(
+            config.kafka, config.fleet, _FleetHands(self), self.registry, self.heartbeats, config_path)
         self._phase = _Phase.NEW
         self._streams_lock = threading.RLock()
-        self._started_monotonic = time.monotonic()
+        self.started_monotonic = time.monotonic()
 
     @property
     def processed(self) -> int:
@@ -140,7 +139,7 @@ class Pipeline:
         token = config.http.auth_token.get_secret_value() if config.http.auth_token is not None else None
         self.http = HttpServer(config.http.host, config.http.port, build_app(self, config.http.host, token))
         self.http.start()
-        self._started_monotonic = time.monotonic()
+        self.started_monotonic = time.monotonic()
         log.info("metrics and health on http://%s:%d", config.http.host, self.http.port)
         if self._producer_factory is None and config.kafka.client_process:
             self._kafka_process = KafkaProcess(self.heartbeats)
@@ -167,9 +166,7 @@ class Pipeline:
             if self._phase is _Phase.STARTING:
                 self._phase = _Phase.RUNNING
                 self._ready.set()
-        if config.fleet is not None:
-            self.fleet = FleetNode(config.kafka, config.fleet, self, self.registry, self.heartbeats,
-                                   self._config_path)
+        if self.fleet is not None:
             self.fleet.start(config.streams)
         log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
                  ", ".join(devices), self.detector.runtime)
@@ -178,7 +175,7 @@ class Pipeline:
         config = self.config
         producer_factory = self._producer_factory or make_kafka_producer
         if self._kafka_process is not None:
-            producer_factory = self._open_producer_in_child
+            producer_factory = self._kafka_process.open_producer_or_local
         worker = [] if config.fleet is None else [("worker", config.fleet.worker_id.encode())]
         self.publisher = KafkaPublisher(config.kafka, self.ledger, self.metrics, self.heartbeats, producer_factory,
                                         events_topic=config.tracking.events_topic, extra_headers=worker)
@@ -187,17 +184,6 @@ class Pipeline:
         self.analytics = AnalyticsStage(config.analytics, builder, self.publisher.submit, self.ledger, self.metrics,
                                         self.heartbeats)
         self.analytics.start()
-
-    def _open_producer_in_child(self, config: KafkaConfig) -> Producer:
-        """The child's producer, or this process's own once the child has shown it cannot start here: results
-        must reach Kafka either way."""
-        if self._kafka_process is not None and not self._kafka_in_process:
-            try:
-                return self._kafka_process.open_producer(config)
-            except KafkaChildUnusable as error:
-                log.error("%s; running the Kafka client in this process from now on", error)
-                self._kafka_in_process = True
-        return make_kafka_producer(config)
 
     def add_stream(self, stream: StreamConfig) -> None:
         """Start reading one more stream; the others never pause. In fleet mode the stream goes into the
@@ -216,26 +202,13 @@ class Pipeline:
 
     def sync_file_streams(self, streams: list[StreamConfig]) -> bool:
         """In fleet mode, a reloaded file's streams go to the registry; says whether it did that."""
-        if self.fleet is None:
-            return False
-        self.fleet.sync_file_streams(streams)
-        return True
+        if self.fleet is not None:
+            self.fleet.sync_file_streams(streams)
+        return self.fleet is not None
 
     def local_streams(self) -> dict[str, StreamConfig]:
         with self._streams_lock:
             return {stream_id: reader.config for stream_id, reader in self.readers.items()}
-
-    def stop_streams(self, stream_ids: Iterable[str], wait_s: float) -> None:
-        """Stop streams in this process and wait, all together, up to `wait_s` for their readers to end."""
-        readers = []
-        for stream_id in stream_ids:
-            try:
-                readers.append(self._remove_local(stream_id))
-            except UnknownStream:
-                continue
-        deadline = time.monotonic() + wait_s
-        for reader in readers:
-            reader.join(max(0.0, deadline - time.monotonic()))
 
     def _check_accepting_changes(self) -> None:
         """Stream changes wait for `start` to finish: before the model is loaded a stream's analytics cannot be
@@ -252,11 +225,7 @@ class Pipeline:
         alert for a stream that never ran)."""
         if stream.id in self.readers:
             raise StreamExists(stream.id)
-        if stream.kind == "file" and not stream.file_path.is_file():
-            raise ValueError(f"url: file not found: {stream.redacted_url}")
-        if stream.decoder != "cpu" and not nvdec_available():
-            raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
-                             "(pip install 'vap[nvdec]'), or use decoder: cpu")
+        _check_runnable_here(stream)
         assert self.detector is not None and self.analytics is not None
         analytics = None
         if stream.analytics.tracks:
@@ -318,10 +287,6 @@ class Pipeline:
         """The model is loaded and warm, and the configured streams are started."""
         return self._ready.is_set()
 
-    @property
-    def started_monotonic(self) -> float:
-        return self._started_monotonic
-
     def running_readers(self) -> list[StreamReader]:
         with self._streams_lock:
             return list(self.readers.values())
@@ -339,12 +304,7 @@ class Pipeline:
         return probes.readiness(self)
 
     def fleet_info(self) -> dict[str, Any] | None:
-        """None outside fleet mode; while the model loads, this replica's name and that it is starting."""
-        if self.config.fleet is None:
-            return None
-        if self.fleet is None:
-            return {"worker_id": self.config.fleet.worker_id, "group": self.config.fleet.group, "state": "starting"}
-        return self.fleet.info()
+        return None if self.fleet is None else self.fleet.info()
 
     def _deliver(self, result: FrameResult) -> None:
         """The inference workers' hand-off to the analytics stage."""
@@ -396,9 +356,11 @@ class Pipeline:
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
         if self.fleet is not None:
             self.fleet.leave()  # the others start these streams while this one drains what it read
-        self._stop_inference(time.monotonic() + timeouts.drain_s, timeouts.workers_s)
+        if drain_and_stop(self.workers, self.hub, time.monotonic() + timeouts.drain_s, timeouts.workers_s,
+                          self._workers_stopping, self._drop_at_stop):
+            self._results_abandoned = True
         if self.analytics is not None:
-            self._stop_analytics(time.monotonic() + timeouts.analytics_s)
+            self.analytics.stop_within(time.monotonic() + timeouts.analytics_s)
         if self.publisher is not None:
             self.publisher.stop(timeouts.kafka_flush_s)
             if not self.publisher.join(timeouts.kafka_flush_s + 0.2):
@@ -409,36 +371,7 @@ class Pipeline:
             self.fleet.stop(timeouts.fleet_leave_s)
         if self.http is not None:
             self.http.stop(timeouts.http_s)
-        totals = self.ledger.overall()
-        log.info("stopped: %d frame(s) read, %d published, %d dropped (see vap_frames_dropped_total), %d unsettled%s",
-                 totals.read, totals.published, totals.dropped, totals.in_flight,
-                 " (kept in the spool for the next run)" if totals.in_flight else "")
-
-    def _stop_inference(self, deadline: float, workers_s: float) -> None:
-        """The hub drains through the model until `deadline`; what is left there is dropped (shutdown). The
-        workers then have `workers_s` to finish their batches; the batches of one still stuck are dropped."""
-        while self.workers and not self.hub.drained() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._drop_at_stop(self.hub.discard_waiting(), "read but not inferred")
-        self._workers_stopping.set()  # a worker waiting for room in the analytics stage gives up from here on
-        for worker in self.workers:
-            worker.stop()
-        workers_deadline = time.monotonic() + workers_s
-        for worker in self.workers:
-            worker.join(max(0.0, workers_deadline - time.monotonic()))
-        stuck = [worker.thread_name for worker in self.workers if worker.is_alive()]
-        if stuck:
-            self._results_abandoned = True
-            self._drop_at_stop(self.hub.abandon_in_flight(), f"in the batches of {', '.join(stuck)}")
-
-    def _stop_analytics(self, deadline: float) -> None:
-        assert self.analytics is not None
-        self.analytics.stop()
-        if not self.analytics.join(max(0.0, deadline - time.monotonic())):
-            log.warning("the analytics stage did not empty in time")
-        left = self.analytics.discard_waiting()
-        if left:
-            log.warning("stopping with %d frame(s) inferred but not analysed; counted as dropped (shutdown)", left)
+        log.info("stopped: %s", self.ledger.overall())
 
     def _drop_at_stop(self, frames: list[Frame], where: str) -> None:
         for frame in frames:
@@ -446,6 +379,40 @@ class Pipeline:
         if frames:
             log.warning("stopping with %d frame(s) %s; counted as dropped (shutdown)", len(frames), where)
 
+
+
+class _FleetHands:
+    """What the fleet node does to this process's streams: start one, stop some (and wait for them)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def run_stream(self, stream: StreamConfig) -> None:
+        self._pipeline.run_stream(stream)
+
+    def local_streams(self) -> dict[str, StreamConfig]:
+        return self._pipeline.local_streams()
+
+    def stop_streams(self, stream_ids: Iterable[str], wait_s: float) -> None:
+        """Stop them all, then wait up to `wait_s` for their readers to end, all together."""
+        readers = []
+        for stream_id in stream_ids:
+            try:
+                readers.append(self._pipeline._remove_local(stream_id))
+            except UnknownStream:
+                continue
+        deadline = time.monotonic() + wait_s
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+
+
+def _check_runnable_here(stream: StreamConfig) -> None:
+    """Raises ValueError, naming the key, for a stream this machine cannot run."""
+    if stream.kind == "file" and not stream.file_path.is_file():
+        raise ValueError(f"url: file not found: {stream.redacted_url}")
+    if stream.decoder != "cpu" and not nvdec_available():
+        raise ValueError(f"decoder: {stream.decoder} needs PyNvVideoCodec and an NVIDIA driver "
+                         "(pip install 'vap[nvdec]'), or use decoder: cpu")
 
 
 def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:

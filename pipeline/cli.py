@@ -88,26 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("schema", help="print the JSON Schema of the result message")
 
-    streams = commands.add_parser("streams", help="list, add or remove the fleet's streams (fleet mode)")
-    streams_commands = streams.add_subparsers(dest="streams_command", required=True, parser_class=_Parser)
-    for name, text in (("list", "every stream in the registry"), ("add", "add (or --replace) a stream"),
-                       ("remove", "remove a stream")):
-        sub = streams_commands.add_parser(name, help=text)
-        sub.add_argument("-c", "--config", type=Path, help="take Kafka's settings and fleet.streams_topic from here")
-        sub.add_argument("--bootstrap", help="HOST:PORT[,HOST:PORT] (default: the config's, else localhost:9092)")
-        sub.add_argument("--topic", help="the registry topic (default: the config's fleet.streams_topic, "
-                                         "else vap.streams)")
-        if name == "list":
-            sub.add_argument("--format", choices=["table", "json"], default="table")
-        elif name == "add":
-            sub.add_argument("--id", help="stream id")
-            sub.add_argument("--url", help="rtsp://, http(s)://, a file path or /dev/videoN")
-            sub.add_argument("-f", "--file", type=Path, help="a YAML file holding one stream (as a streams: item)")
-            sub.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                             help="any stream key, e.g. fps=5 or analytics.tracking=true (repeatable)")
-            sub.add_argument("--replace", action="store_true", help="change a stream already in the registry")
-        else:
-            sub.add_argument("id", help="stream id")
+    _add_streams_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmark vap against the model limit and Ultralytics' streaming")
     bench.add_argument("--quick", action="store_true", help="short clips and timings (about 2 minutes on CPU)")
@@ -132,6 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     train.add_argument("train_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_streams_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    streams = commands.add_parser("streams", help="list, add or remove the fleet's streams (fleet mode)")
+    streams_commands = streams.add_subparsers(dest="streams_command", required=True, parser_class=_Parser)
+    for name, text in (("list", "every stream in the registry"), ("add", "add (or --replace) a stream"),
+                       ("remove", "remove a stream")):
+        sub = streams_commands.add_parser(name, help=text)
+        sub.add_argument("-c", "--config", type=Path, help="take Kafka's settings and fleet.streams_topic from here")
+        sub.add_argument("--bootstrap", help="HOST:PORT[,HOST:PORT] (default: the config's, else localhost:9092)")
+        sub.add_argument("--topic", help="the registry topic (default: the config's fleet.streams_topic, "
+                                         "else vap.streams)")
+        if name == "list":
+            sub.add_argument("--format", choices=["table", "json"], default="table")
+        elif name == "add":
+            sub.add_argument("--id", help="stream id")
+            sub.add_argument("--url", help="rtsp://, http(s)://, a file path or /dev/videoN")
+            sub.add_argument("-f", "--file", type=Path, help="a YAML file holding one stream (as a streams: item)")
+            sub.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                             help="any stream key, e.g. fps=5 or analytics.tracking=true (repeatable)")
+            sub.add_argument("--replace", action="store_true", help="change a stream already in the registry")
+        else:
+            sub.add_argument("id", help="stream id")
 
 
 def entry() -> None:

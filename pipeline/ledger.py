@@ -45,6 +45,11 @@ class FrameTotals:
     dropped: int
     in_flight: int
 
+    def __str__(self) -> str:
+        kept = " (kept in the spool for the next run)" if self.in_flight else ""
+        return (f"{self.read} frame(s) read, {self.published} published, {self.dropped} dropped (see "
+                f"vap_frames_dropped_total), {self.in_flight} unsettled{kept}")
+
 
 class _Run:
     """One run's open frames and counts; the counters are its exported series (or unexported once retired)."""

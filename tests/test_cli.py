@@ -132,7 +132,7 @@ class FailingPipeline:
 
     instances: list[FailingPipeline] = []
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, config_path: Path | None = None) -> None:
         self.stopped = False
         self.readers: dict[str, Any] = {}
         FailingPipeline.instances.append(self)

@@ -45,7 +45,7 @@ BAD_CONFIGS = [
                  "greater than or equal to 1", id="negative-max-batch"),
     pytest.param("streams:\n  - {id: 'cam 1', url: CLIP}\n", "streams[0].id", "pattern", id="bad-stream-id"),
     pytest.param("streams:\n  - {id: '..', url: CLIP}\n", "streams[0].id", "names a folder", id="dot-dot-id"),
-    pytest.param("streams: []\n", "streams", "at least 1", id="no-streams"),
+    pytest.param("streams: []\n", "streams", "is empty; list at least one stream", id="no-streams"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nmodel: {imgsz: 300}\n", "model.imgsz", "multiple of 32",
                  id="imgsz-not-stride-multiple"),
     pytest.param("streams:\n  - {id: a, url: CLIP}\nkafka: {compression: brotli}\n", "kafka.compression",

@@ -3,6 +3,7 @@ count."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -160,3 +161,104 @@ def test_streams_per_partition_weighs_each_partition() -> None:
     for partition, stream_id in [(1, "a"), (1, "b"), (4, "c")]:
         view.apply(partition, stream_id.encode(), stream_record(stream_id), [])
     assert view.streams_per_partition() == {1: 2, 4: 1}
+
+
+class _Heartbeat:
+    def __init__(self, now: float) -> None:
+        self.last_receive = now
+        self.last_reset = now
+
+
+class _Coordinator:
+    def __init__(self, now: float) -> None:
+        from kafka.structs import MemberState
+
+        self.state = MemberState.STABLE
+        self.heartbeat = _Heartbeat(now)
+        self.rejoins = 0
+
+    def request_rejoin(self) -> None:
+        self.rejoins += 1
+
+
+class _Consumer:
+    def __init__(self, now: float) -> None:
+        self._coordinator = _Coordinator(now)
+
+
+def test_the_lease_lasts_half_a_session_after_the_last_heartbeat_and_longer_while_rejoining() -> None:
+    from kafka.structs import MemberState
+
+    from pipeline.fleet.member import REBALANCE_TIMEOUT, GroupClock
+
+    now = time.monotonic()
+    consumer = _Consumer(now - 2.0)
+    clock = GroupClock(consumer, session_timeout_s=6.0)
+    clock.observe()
+    assert clock.overdue_s() == pytest.approx(-1.0, abs=0.1), "3 s allowed, 2 s used"
+    consumer._coordinator.heartbeat.last_receive = now - 4.0
+    consumer._coordinator.heartbeat.last_reset = now - 4.0
+    assert clock.overdue_s() == pytest.approx(1.0, abs=0.1)
+    consumer._coordinator.state = MemberState.REBALANCING
+    clock.observe()
+    assert clock.overdue_s() == pytest.approx(-6.0 * (REBALANCE_TIMEOUT - 0.3), abs=0.1), "a join counts from its start"
+
+
+def member_with(events: list[str], session_ms: int = 6000) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.config import FleetConfig, KafkaConfig
+    from pipeline.fleet.member import GroupMember
+    from pipeline.ops.health import Heartbeats
+    from pipeline.ops.metrics import PipelineMetrics
+
+    return GroupMember(
+        KafkaConfig(), FleetConfig(worker_id="w", session_timeout_ms=session_ms),
+        Heartbeats(PipelineMetrics(CollectorRegistry())), lambda: {},
+        on_assigned=lambda partitions: events.append(f"assigned {sorted(partitions)}"),
+        on_revoked=lambda partitions, why: events.append(f"revoked {sorted(partitions)} ({why})"),
+        on_members=lambda workers, generation: events.append(f"generation {generation}"))
+
+
+def test_an_assignment_stops_what_left_it_before_it_starts_what_joined_it() -> None:
+    events: list[str] = []
+    member = member_with(events)
+    member._assignment(frozenset({1, 2}), ["w"], 1)
+    member._assignment(frozenset({2, 3}), ["w", "v"], 2)
+    assert events == ["generation 1", "assigned [1, 2]", "revoked [1] (rebalance)", "generation 2", "assigned [3]"]
+    assert member.owned == {2, 3}
+
+
+def test_a_lease_that_runs_out_stops_every_stream_and_only_a_new_assignment_ends_the_fence() -> None:
+    events: list[str] = []
+    member = member_with(events)
+    consumer = _Consumer(time.monotonic())
+    from pipeline.fleet.member import GroupClock
+
+    clock = member._clock = GroupClock(consumer, 6.0)
+    member._assignment(frozenset({4, 5}), ["w"], 1)
+    assert member.lease_valid()
+    assert not member._check_lease(clock, stalled_s=0.1)
+    consumer._coordinator.heartbeat.last_receive = consumer._coordinator.heartbeat.last_reset = time.monotonic() - 3.5
+    assert member._check_lease(clock, stalled_s=0.1)
+    assert events[-1] == "revoked [4, 5] (fenced)" and member.owned == set()
+    consumer._coordinator.heartbeat.last_receive = time.monotonic()  # the heartbeat comes back
+    assert not member.lease_valid(), "fenced until the group hands out partitions again"
+    member._assignment(frozenset({4}), ["w"], 2)
+    assert member.lease_valid() and events[-1] == "assigned [4]"
+
+
+def test_a_process_that_was_frozen_trusts_nothing_it_heard_before_or_on_waking() -> None:
+    events: list[str] = []
+    member = member_with(events)
+    consumer = _Consumer(time.monotonic())
+    from pipeline.fleet.member import GroupClock
+
+    clock = member._clock = GroupClock(consumer, 6.0)
+    member._assignment(frozenset({7}), ["w"], 1)
+    member._last_turn = time.monotonic() - 10  # frozen for 10 s; its loop has not turned since
+    assert not member.lease_valid(), "readers waking up first already see the lease gone"
+    member._assignment(frozenset({7, 8}), ["w"], 2)  # an answer that arrived while it slept
+    assert member.owned == {7}, "ignored: stale by the time it is heard"
+    assert member._check_lease(clock, stalled_s=10.0)
+    assert events[-1] == "revoked [7] (fenced)"

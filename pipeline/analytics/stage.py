@@ -148,6 +148,15 @@ class AnalyticsStage:
     def is_alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
 
+    def stop_within(self, deadline: float) -> None:
+        """A pipeline's stop: the lanes empty until `deadline`; what is still waiting then is dropped."""
+        self.stop()
+        if not self.join(max(0.0, deadline - time.monotonic())):
+            log.warning("the analytics stage did not empty in time")
+        left = self.discard_waiting()
+        if left:
+            log.warning("stopping with %d frame(s) inferred but not analysed; counted as dropped (shutdown)", left)
+
     def drained(self) -> bool:
         with self._condition:
             return not any(lane.results or lane.busy for lane in self._lanes.values())

@@ -130,6 +130,8 @@ class FleetNode:
         self.registry.join(max(0.0, deadline - time.monotonic()))
 
     def info(self) -> dict[str, Any]:
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return {"worker_id": self.config.worker_id, "group": self.config.group, "state": "starting"}
         entries = self.registry.entries()
         owned = self.member.owned
         return {

@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.batching.hub import FrameHub
 from pipeline.config import BatchingConfig
-from pipeline.frames import Batch, FrameResult
+from pipeline.frames import Batch, Frame, FrameResult
 from pipeline.inference.detector import Detector
 from pipeline.inference.devices import use_device_in_this_thread
 from pipeline.ledger import FrameLedger
@@ -201,3 +201,23 @@ class InferenceWorker:
             self._stage["postprocess"].observe(timings.postprocess_s)
         for frame in batch.frames:
             self._stage["queue"].observe(max(0.0, batch.formed_monotonic - frame.captured_monotonic))
+
+
+def drain_and_stop(workers: list[InferenceWorker], hub: FrameHub, deadline: float, workers_s: float,
+                   results_refused: threading.Event, drop: Callable[[list[Frame], str], None]) -> bool:
+    """A pipeline's stop: the hub drains through the model until `deadline`, and what is left there is
+    dropped; the workers then have `workers_s` to finish their batches. Returns whether a worker is still
+    stuck, in which case the frames of its batches were dropped and its results must be refused."""
+    while workers and not hub.drained() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    drop(hub.discard_waiting(), "read but not inferred")
+    results_refused.set()  # a worker waiting for room in the analytics stage gives up from here on
+    for worker in workers:
+        worker.stop()
+    workers_deadline = time.monotonic() + workers_s
+    for worker in workers:
+        worker.join(max(0.0, workers_deadline - time.monotonic()))
+    stuck = [worker.thread_name for worker in workers if worker.is_alive()]
+    if stuck:
+        drop(hub.abandon_in_flight(), f"in the batches of {', '.join(stuck)}")
+    return bool(stuck)

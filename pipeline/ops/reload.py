@@ -58,7 +58,11 @@ def plan_reload(current: PipelineConfig, new: PipelineConfig) -> ReloadPlan:
     new_streams = {stream.id: stream for stream in new.streams}
     changed_keys: list[str] = []
     for section in _RESTART_SECTIONS:
-        before, after = getattr(current, section).model_dump(), getattr(new, section).model_dump()
+        before, after = getattr(current, section), getattr(new, section)
+        if before is None or after is None:  # an optional section (fleet) added or taken away
+            changed_keys.extend([section] if before != after else [])
+            continue
+        before, after = before.model_dump(), after.model_dump()
         changed_keys.extend(f"{section}.{key}" for key in after if before.get(key) != after[key])
     return ReloadPlan(
         add=tuple(stream for stream_id, stream in new_streams.items() if stream_id not in old_streams),

@@ -34,6 +34,7 @@ from kafka.future import Future
 from pipeline.ops.health import Heartbeats
 from pipeline.publishing.kafka_client import (
     DeliveryErrorKind,
+    Producer,
     close_kafka_producer,
     delivery_error_kind,
     delivery_timeout_ms,
@@ -113,6 +114,7 @@ class KafkaProcess:
         self._closed = False
         self._last_heard = 0.0
         self._starts_unanswered = 0
+        self._local = False  # the child cannot run here: producers are this process's own
 
     @property
     def pid(self) -> int | None:
@@ -127,6 +129,17 @@ class KafkaProcess:
                 replaced = self._start()
         if replaced is not None:
             replaced.fail_back()
+
+    def open_producer_or_local(self, config: KafkaConfig) -> Producer:
+        """The child's producer, or this process's own once the child has shown it cannot start here: results
+        must reach Kafka either way."""
+        if not self._local:
+            try:
+                return self.open_producer(config)
+            except KafkaChildUnusable as error:
+                log.error("%s; running the Kafka client in this process from now on", error)
+                self._local = True
+        return make_kafka_producer(config)
 
     def open_producer(self, config: KafkaConfig) -> RemoteProducer:
         """A producer in the child (started if needed); raises what the child's constructor raised."""
