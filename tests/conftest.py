@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,6 +115,21 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
 def decode(record: Any) -> dict[str, Any]:
     message: dict[str, Any] = orjson.loads(record.value)
     return message
+
+
+def http_call(port: int, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    """A JSON request to the pipeline's HTTP port: the status and the decoded body (None when empty)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     data=None if body is None else orjson.dumps(body))
+    request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, orjson.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        return error.code, orjson.loads(error.read() or b"null")
 
 
 def scrape(port: int) -> str:

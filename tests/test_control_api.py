@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,24 +14,14 @@ from typing import Any
 from pipeline.app import Pipeline
 from pipeline.config import StreamConfig
 from pipeline.tools.broker import EmbeddedBroker
-from tests.conftest import ConfigFactory, decode, read_topic, sample, unused_topic, wait_for
+from tests.conftest import ConfigFactory, decode, http_call, read_topic, sample, unused_topic, wait_for
 
 TOKEN = "s3cret-token"
 PROCESSED = "vap_frames_processed_total"
 
 
 def call(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode())
-    request.add_header("Content-Type", "application/json")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+    return http_call(port, method, path, body, token)
 
 
 def test_streams_added_and_removed_at_run_time_while_another_never_pauses(

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from pipeline.inference.detector import Detector
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.fleet_lab import partition_of, spread_ids
 from tests.conftest import ConfigFactory, read_topic, sample, unused_topic, wait_for
+from tests.conftest import http_call as call
 from tests.fakes import InstantDetector
 
 PARTITIONS = 8
@@ -33,18 +32,6 @@ PARTITIONS = 8
 
 def instant(_config: PipelineConfig, _device: str) -> Detector:
     return InstantDetector()
-
-
-def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
 
 
 class Fleet:
@@ -86,6 +73,13 @@ class Fleet:
         for pipeline in self.replicas.values():
             pipeline.stop()
 
+    def first_replica(self) -> Pipeline:
+        """Replica a, once it runs every stream of the file."""
+        a = self.start("a")
+        wanted = {str(stream["id"]) for stream in self.streams}
+        wait_for(lambda: set(a.local_streams()) == wanted, 30, f"a did not run {sorted(wanted)}")
+        return a
+
 
 @pytest.fixture
 def fleet_of(broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> Any:
@@ -104,8 +98,7 @@ def fleet_of(broker: EmbeddedBroker, clips: dict[str, Path], make_config: Config
 def test_two_replicas_share_the_streams_and_the_api_of_either_changes_the_fleet(fleet_of: Any) -> None:
     stream_ids = spread_ids(4, PARTITIONS)
     fleet: Fleet = fleet_of(stream_ids)
-    a = fleet.start("a")
-    wait_for(lambda: set(a.local_streams()) == set(stream_ids), 30, "a alone did not run every stream")
+    a = fleet.first_replica()
     b = fleet.start("b")
     wait_for(lambda: fleet.settled(set(stream_ids), {"a", "b"}), 30,
              f"the streams were not shared out: {fleet.running()}")
@@ -159,8 +152,7 @@ def test_bad_registry_records_are_skipped_counted_and_never_stop_a_replica(
         fleet_of: Any, caplog: pytest.LogCaptureFixture) -> None:
     stream_ids = spread_ids(2, PARTITIONS)
     fleet: Fleet = fleet_of(stream_ids)
-    a = fleet.start("a")
-    wait_for(lambda: set(a.local_streams()) == set(stream_ids), 30, "a did not run its streams")
+    a = fleet.first_replica()
     producer = KafkaProducer(bootstrap_servers=fleet.broker.bootstrap_servers)
     registry = fleet.fleet["streams_topic"]
     good = {"id": "late", "url": fleet.streams[0]["url"], "loop": True}
@@ -185,8 +177,7 @@ def test_two_files_that_disagree_about_a_stream_warn_naming_both_and_the_last_wr
         fleet_of: Any, caplog: pytest.LogCaptureFixture) -> None:
     stream_ids = spread_ids(1, PARTITIONS)
     fleet: Fleet = fleet_of(stream_ids)
-    a = fleet.start("a")
-    wait_for(lambda: set(a.local_streams()) == set(stream_ids), 30, "a did not run its stream")
+    fleet.first_replica()
     changed = [{**fleet.streams[0], "fps": 2}]
     with caplog.at_level(logging.WARNING):
         fleet.start("b", streams=changed)
@@ -199,8 +190,7 @@ def test_two_files_that_disagree_about_a_stream_warn_naming_both_and_the_last_wr
 def test_a_stream_the_file_no_longer_has_leaves_the_registry_but_api_streams_stay(fleet_of: Any) -> None:
     first, second = spread_ids(2, PARTITIONS)
     fleet: Fleet = fleet_of([first, second])
-    a = fleet.start("a")
-    wait_for(lambda: set(a.local_streams()) == {first, second}, 30, "a did not run its streams")
+    a = fleet.first_replica()
     assert a.http is not None
     api_stream = {"id": "from-api", "url": fleet.streams[0]["url"], "loop": True}
     assert call(a.http.port, "POST", "/api/v1/streams", api_stream)[0] == 201
@@ -214,8 +204,7 @@ def test_a_stream_the_file_no_longer_has_leaves_the_registry_but_api_streams_sta
 def test_in_fleet_mode_the_registry_is_the_way_in(fleet_of: Any) -> None:
     stream_ids = spread_ids(1, PARTITIONS)
     fleet: Fleet = fleet_of(stream_ids)
-    a = fleet.start("a")
-    wait_for(lambda: set(a.local_streams()) == set(stream_ids), 30, "a did not run its stream")
+    a = fleet.first_replica()
     with pytest.raises(StreamExists):
         a.add_stream(a.local_streams()[stream_ids[0]])
 
@@ -239,8 +228,7 @@ def test_the_streams_command_and_a_reloaded_file_change_a_running_fleet(
         fleet_of: Any, capsys: pytest.CaptureFixture[str]) -> None:
     first, second = spread_ids(2, PARTITIONS)
     fleet: Fleet = fleet_of([first, second])
-    a = fleet.start("a")
-    wait_for(lambda: set(a.local_streams()) == {first, second}, 30, "a did not run its streams")
+    a = fleet.first_replica()
     where = ["--bootstrap", fleet.broker.bootstrap_servers, "--topic", fleet.fleet["streams_topic"]]
     assert main(["streams", "add", *where, "--id", "from-cli", "--url", str(fleet.streams[0]["url"]),
                  "--set", "loop=true"]) == 0
