@@ -17,10 +17,10 @@ import pytest
 from kafka import KafkaProducer
 
 from pipeline.app import Pipeline
-from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.errors import StreamExists
 from pipeline.inference.detector import Detector
+from pipeline.tools import streams as streams_command
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.fleet_lab import partition_of, spread_ids
 from tests.conftest import ConfigFactory, read_topic, sample, unused_topic, wait_for
@@ -229,11 +229,11 @@ def test_the_streams_command_and_a_reloaded_file_change_a_running_fleet(
     first, second = spread_ids(2, PARTITIONS)
     fleet: Fleet = fleet_of([first, second])
     a = fleet.first_replica()
-    where = ["--bootstrap", fleet.broker.bootstrap_servers, "--topic", fleet.fleet["streams_topic"]]
-    assert main(["streams", "add", *where, "--id", "from-cli", "--url", str(fleet.streams[0]["url"]),
-                 "--set", "loop=true"]) == 0
+    registry = streams_command.registry_from(None, None, fleet.broker.bootstrap_servers, fleet.fleet["streams_topic"])
+    added = streams_command.stream_from("from-cli", str(fleet.streams[0]["url"]), ["loop=true"], None)
+    assert streams_command.add_stream(registry, added, replace=False) == 0  # what `vap streams add` runs
     wait_for(lambda: "from-cli" in a.local_streams(), 10, "a stream added by `vap streams add` did not start")
-    assert main(["streams", "remove", *where, "from-cli"]) == 0
+    assert streams_command.remove_stream(registry, "from-cli") == 0
     wait_for(lambda: "from-cli" not in a.local_streams(), 10, "a stream removed by `vap streams remove` kept running")
     capsys.readouterr()
     assert a.sync_file_streams([a.local_streams()[first]])  # what a reload of a file without `second` does
