@@ -20,7 +20,7 @@ from pipeline.tools.fleet_lab import FleetLab, ResultWatcher, partition_of, spre
 from tests.conftest import write_moving_box_clip
 
 WORKERS = ("a", "b", "c")
-TAKEOVER_BOUND_S = 20.0  # 6 s session + rebalance (about 3-5 s on this broker) + a stream's start, with room
+TAKEOVER_BOUND_S = 30.0  # 6 s session + a rebalance (3-4 s here, some rounds up to 12 s) + a stream's start
 START_BOUND_S = 120.0  # three model loads at once on two cores
 
 
