@@ -21,7 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import StreamExists
 from pipeline.inference.detector import Detector
 from pipeline.tools import streams as streams_command
-from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from pipeline.tools.fleet_lab import partition_of, spread_ids
 from tests.conftest import ConfigFactory, read_topic, sample, unused_topic, wait_for
 from tests.conftest import http_call as call
@@ -257,3 +257,23 @@ def test_the_leader_rebalances_when_new_streams_pile_up_on_one_replica(fleet_of:
     wait_for(lambda: set(fleet.running()) == everything and sorted(
         len(p.local_streams()) for p in (a, b)) == [2, 2], 30,
         f"four streams were not spread two and two: {fleet.running()}")
+
+
+def test_a_replica_that_starts_before_its_broker_joins_once_the_broker_is_there(
+        clips: dict[str, Path], make_config: ConfigFactory, pipelines: list[Pipeline]) -> None:
+    late = EmbeddedBroker(port=free_port())
+    [stream_id] = spread_ids(1, PARTITIONS)
+    config = make_config([{"id": stream_id, "url": str(clips["landscape"]), "loop": True}], late.bootstrap_servers,
+                         unused_topic("late"), fleet={"worker_id": "early", "partitions": PARTITIONS,
+                                                      "session_timeout_ms": 6000},
+                         kafka={"client_process": False})
+    pipeline = Pipeline(config, detector_factory=instant)
+    pipelines.append(pipeline)
+    pipeline.start()
+    info = pipeline.fleet_info()
+    assert info is not None and info["state"] == "waiting for Kafka" and pipeline.ready
+    with late:
+        wait_for(lambda: stream_id in pipeline.local_streams(), 60, "the replica did not join once Kafka was there")
+        fleet = pipeline.fleet_info()
+        assert fleet is not None and fleet["state"] == "member"
+        pipeline.stop()

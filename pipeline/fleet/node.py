@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pipeline.config import FleetConfig, KafkaConfig, StreamConfig
-from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
+from pipeline.errors import NotAcceptingChanges, RegistryUnavailable, StreamExists, UnknownStream
 from pipeline.fleet.assignor import balance
 from pipeline.fleet.member import GroupMember
 from pipeline.fleet.registry import RegistryChange, RegistryClient, RegistryEntry
@@ -28,6 +28,7 @@ from pipeline.threads import StageThread
 log = logging.getLogger(__name__)
 
 _RETRY_S = 5.0
+_CATCH_UP_S = 10.0
 _REBALANCE_AFTER_S = 2.0
 
 
@@ -61,6 +62,9 @@ class FleetNode:
         self.config = fleet
         self._local = local
         self._source = str(config_path) if config_path is not None else ""
+        self._kafka = kafka
+        self._file_streams: list[StreamConfig] = []
+        self._connected = threading.Event()
         self.metrics = FleetMetrics(registry, fleet.worker_id)
         self.registry = RegistryClient(kafka, fleet, heartbeats, self._registry_changed, self._invalid_record)
         self.member = GroupMember(kafka, fleet, heartbeats, self.registry.streams_per_partition, self._assigned,
@@ -74,15 +78,32 @@ class FleetNode:
         self._failed: dict[str, tuple[RegistryEntry, str]] = {}
         self._running: set[str] = set()
 
-    def start(self, file_streams: list[StreamConfig], catch_up_s: float = 10.0) -> None:
-        self.registry.start()
-        if not self.registry.wait_caught_up(catch_up_s):
-            log.warning("fleet: the stream registry was not read to its end in %.0f s; going on", catch_up_s)
-        self.sync_file_streams(file_streams)
+    def start(self, file_streams: list[StreamConfig]) -> None:
+        """Joins the fleet, or, while Kafka cannot be reached, keeps trying on the node's thread: a replica
+        that starts before its broker (a site powering up) joins once the broker is there."""
+        self._file_streams = file_streams
+        self._connect()
         self._thread.start()
+
+    def _connect(self) -> bool:
+        try:
+            self.registry.start()
+        except Exception as error:
+            log.warning("fleet: cannot reach Kafka at %s for the stream registry (%s); trying again",
+                        self._kafka.bootstrap_servers, error)
+            return False
+        if not self.registry.wait_caught_up(_CATCH_UP_S):
+            log.warning("fleet: the stream registry was not read to its end in %.0f s; going on", _CATCH_UP_S)
+        try:
+            self.sync_file_streams(self._file_streams)
+        except RegistryUnavailable as error:
+            log.warning("fleet: %s; trying again", error)
+            return False
         self.member.start()
+        self._connected.set()
         log.info("fleet: worker %s joining group %s (registry %s)", self.config.worker_id, self.config.group,
                  self.config.streams_topic)
+        return True
 
     def sync_file_streams(self, streams: list[StreamConfig]) -> None:
         """The file's streams into the registry; file streams no longer in the file out of it. The last write
@@ -130,8 +151,9 @@ class FleetNode:
         self.registry.join(max(0.0, deadline - time.monotonic()))
 
     def info(self) -> dict[str, Any]:
-        if not self._thread.is_alive() and not self._stop.is_set():
-            return {"worker_id": self.config.worker_id, "group": self.config.group, "state": "starting"}
+        if not self._connected.is_set():
+            state = "starting" if not self._thread.is_alive() else "waiting for Kafka"
+            return {"worker_id": self.config.worker_id, "group": self.config.group, "state": state}
         entries = self.registry.entries()
         owned = self.member.owned
         return {
@@ -191,6 +213,12 @@ class FleetNode:
         self.metrics.streams.set(len(self._running))
 
     def _run(self) -> None:
+        backoff_s = 1.0
+        while not self._connected.is_set():
+            self._thread.beat(busy_for_s=backoff_s + 15)  # a try waits on Kafka's own timeouts
+            if self._stop.wait(backoff_s) or self._connect():
+                break
+            backoff_s = min(backoff_s * 2, 30.0)
         unbalanced_since: float | None = None
         while not self._stop.is_set():
             self._thread.beat()

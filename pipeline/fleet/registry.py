@@ -140,6 +140,7 @@ class RegistryClient:
         self._stop = threading.Event()
         self._thread = StageThread("fleet-registry", self._read, heartbeats)
         self._producer: Any = None
+        self._reading = False
 
     @property
     def topic(self) -> str:
@@ -154,12 +155,16 @@ class RegistryClient:
             return self._view.streams_per_partition()
 
     def start(self) -> None:
-        self.ensure_topic()
+        """Raises when Kafka cannot be reached; safe to call again until it succeeds."""
         from kafka import KafkaProducer
 
-        self._producer = KafkaProducer(**kafka_client_settings(self._kafka), acks="all", linger_ms=0,
-                                       max_block_ms=5000)
-        self._thread.start()
+        self.ensure_topic()
+        if self._producer is None:
+            self._producer = KafkaProducer(**kafka_client_settings(self._kafka), acks="all", linger_ms=0,
+                                           max_block_ms=5000)
+        if not self._reading:
+            self._reading = True
+            self._thread.start()
 
     def wait_caught_up(self, timeout_s: float) -> bool:
         """Whether every record that was in the registry at start has been read."""
