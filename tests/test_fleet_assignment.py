@@ -262,3 +262,18 @@ def test_a_process_that_was_frozen_trusts_nothing_it_heard_before_or_on_waking()
     assert member.owned == {7}, "ignored: stale by the time it is heard"
     assert member._check_lease(clock, stalled_s=10.0)
     assert events[-1] == "revoked [7] (fenced)"
+
+
+def test_back_to_back_rejoins_count_from_the_last_completed_join() -> None:
+    from kafka.structs import MemberState
+
+    from pipeline.fleet.member import REBALANCE_TIMEOUT, GroupClock
+
+    now = time.monotonic()
+    consumer = _Consumer(now - 20.0)
+    consumer._coordinator.state = MemberState.REBALANCING
+    clock = GroupClock(consumer, session_timeout_s=6.0)
+    clock.observe()
+    clock._rebalancing_since = now - 20.0  # a round seen long ago, and the loop missed the stable moment after it
+    consumer._coordinator.heartbeat.last_reset = now - 0.1  # the join that just completed
+    assert clock.overdue_s() == pytest.approx(0.1 - 6.0 * (REBALANCE_TIMEOUT - 0.3), abs=0.1)

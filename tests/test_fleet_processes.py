@@ -42,11 +42,28 @@ def streams_of(watcher: ResultWatcher, worker: str) -> set[str]:
     return {stream for stream, owners in watcher.owners_since(time.monotonic() - 2).items() if owners == {worker}}
 
 
+def wait_for_stable_fleet(fleet: FleetLab, timeout_s: float = 60.0) -> dict[str, list[int]]:
+    """Each replica's partitions, once every replica is a member of one generation that holds for 2 s (a
+    rebalance after a join takes two rounds, and the assignment moves between them)."""
+    deadline = time.monotonic() + timeout_s
+    previous: tuple[int, ...] | None = None
+    while time.monotonic() < deadline:
+        infos = {worker: fleet.fleet(worker) for worker in WORKERS}
+        if all(info is not None and info.get("state") == "member" for info in infos.values()):
+            generations = tuple(int(info["generation"]) for info in infos.values() if info is not None)
+            if len(set(generations)) == 1 and generations == previous:
+                return {worker: list(info["partitions"]) for worker, info in infos.items() if info is not None}
+            previous = generations
+        time.sleep(2)
+    raise TimeoutError(f"the fleet did not hold one generation for 2 s within {timeout_s:.0f} s")
+
+
 def take_over(watcher: ResultWatcher, lost: set[str], gone: str, since: float) -> float:
     return watcher.wait(lambda: set(watcher.first_from(gone, lost, since)) == lost, TAKEOVER_BOUND_S,
                         f"the others did not publish {sorted(lost)} after {gone} went")
 
 
+@pytest.mark.timeout(600)  # three model loads, two restarts, and every takeover waits out a session
 def test_replicas_share_the_cameras_take_over_from_dead_and_hung_ones_and_hand_over_on_sigterm(
         lab: tuple[FleetLab, ResultWatcher]) -> None:
     fleet, watcher = lab
@@ -86,10 +103,9 @@ def test_replicas_share_the_cameras_take_over_from_dead_and_hung_ones_and_hand_o
     watcher.wait(lambda: watcher.settled(cameras, set(WORKERS)), 60, "the resumed replica did not get its share back")
 
     owner, other = "c", "a"
-    info = fleet.fleet(owner)
-    assert info is not None
-    added = next(candidate for candidate in spread_ids(16, fleet.partitions, prefix="added")
-                 if partition_of(candidate, fleet.partitions) in info["partitions"])
+    partitions = wait_for_stable_fleet(fleet)[owner]
+    added = next(candidate for candidate in spread_ids(fleet.partitions, fleet.partitions, prefix="added")
+                 if partition_of(candidate, fleet.partitions) in partitions)
     asked = time.monotonic()
     assert fleet.request(other, "POST", "/api/v1/streams",
                          {"id": added, "url": str(fleet.workdir / "camera.mp4"), "loop": True}) == 201
@@ -104,6 +120,7 @@ def test_replicas_share_the_cameras_take_over_from_dead_and_hung_ones_and_hand_o
     assert not after, f"{added} was still published 3 s after its removal"
 
     drained = "c"
+    watcher.wait(lambda: watcher.settled(cameras, set(WORKERS)), 60, "the fleet did not settle before the drain")
     lost = streams_of(watcher, drained)
     drained_at = time.monotonic()
     fleet.signal(drained, signal.SIGTERM)

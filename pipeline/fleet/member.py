@@ -60,10 +60,11 @@ class GroupClock:
     def overdue_s(self) -> float:
         """How far past its allowance the lease is (> 0: stop the streams now). Safe from any thread."""
         now = time.monotonic()
-        rebalancing_since = self._rebalancing_since
-        if rebalancing_since is not None:
-            return now - rebalancing_since - self._session_s * (REBALANCE_TIMEOUT - 0.3)
         heartbeat = self._coordinator.heartbeat
+        rebalancing_since = self._rebalancing_since
+        if rebalancing_since is not None:  # a join that completed since counts too (rounds come back to back)
+            since = max(rebalancing_since, float(heartbeat.last_reset))
+            return now - since - self._session_s * (REBALANCE_TIMEOUT - 0.3)
         return now - float(max(heartbeat.last_receive, heartbeat.last_reset)) - self._session_s * 0.5
 
     def describe(self) -> str:

@@ -33,6 +33,8 @@ def partition_of(key: str, partitions: int) -> int:
 
 def spread_ids(count: int, partitions: int, prefix: str = "cam") -> list[str]:
     """Stream ids that land in distinct registry partitions, so each is a unit of its own."""
+    if count > partitions:
+        raise ValueError(f"{count} ids cannot land in {partitions} distinct partitions")
     ids: list[str] = []
     used: set[int] = set()
     number = 0
