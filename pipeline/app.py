@@ -43,6 +43,7 @@ from pipeline.publishing.building import MessageBuilder
 from pipeline.publishing.kafka_client import Producer, make_kafka_producer
 from pipeline.publishing.kafka_process import KafkaProcess
 from pipeline.publishing.publisher import KafkaPublisher
+from pipeline.publishing.snapshot_topic import SnapshotPublisher
 from pipeline.sources.nvdec import NvdecSource, nvdec_available
 from pipeline.sources.opencv import OpenCvSource, decoder_threads
 from pipeline.sources.pyav import PyAvSource
@@ -110,6 +111,7 @@ class Pipeline:
         self._results_abandoned = False
         self.detector: Detector | None = None
         self.publisher: KafkaPublisher | None = None
+        self.snapshots: SnapshotPublisher | None = None
         self.analytics: AnalyticsStage | None = None
         self.workers: list[InferenceWorker] = []
         self.readers: dict[str, StreamReader] = {}
@@ -180,7 +182,11 @@ class Pipeline:
         self.publisher = KafkaPublisher(config.kafka, self.ledger, self.metrics, self.heartbeats, producer_factory,
                                         events_topic=config.tracking.events_topic, extra_headers=worker)
         self.publisher.start()
-        builder = MessageBuilder(model_name, config.kafka.snapshots)
+        if config.kafka.snapshots.topic is not None:
+            self.snapshots = SnapshotPublisher(config.kafka, self.metrics, self.heartbeats, worker)
+            self.snapshots.start()
+        builder = MessageBuilder(model_name, config.kafka.snapshots,
+                                 None if self.snapshots is None else self.snapshots.offer)
         self.analytics = AnalyticsStage(config.analytics, builder, self.publisher.submit, self.ledger, self.metrics,
                                         self.heartbeats)
         self.analytics.start()
@@ -361,12 +367,7 @@ class Pipeline:
             self._results_abandoned = True
         if self.analytics is not None:
             self.analytics.stop_within(time.monotonic() + timeouts.analytics_s)
-        if self.publisher is not None:
-            self.publisher.stop(timeouts.kafka_flush_s)
-            if not self.publisher.join(timeouts.kafka_flush_s + 0.2):
-                log.warning("the publisher did not finish in time")
-        if self._kafka_process is not None:
-            self._kafka_process.close(timeouts.kafka_close_s)
+        _stop_publishing(self.publisher, self.snapshots, self._kafka_process, timeouts)
         if self.fleet is not None:
             self.fleet.stop(timeouts.fleet_leave_s)
         if self.http is not None:
@@ -379,6 +380,21 @@ class Pipeline:
         if frames:
             log.warning("stopping with %d frame(s) %s; counted as dropped (shutdown)", len(frames), where)
 
+
+
+def _stop_publishing(publisher: KafkaPublisher | None, snapshots: SnapshotPublisher | None,
+                     kafka_process: KafkaProcess | None, timeouts: StopTimeouts) -> None:
+    """Results flush within their budget; pictures stop at the same time, never worth waiting for."""
+    if snapshots is not None:
+        snapshots.stop()
+    if publisher is not None:
+        publisher.stop(timeouts.kafka_flush_s)
+        if not publisher.join(timeouts.kafka_flush_s + 0.2):
+            log.warning("the publisher did not finish in time")
+    if snapshots is not None:
+        snapshots.join(timeouts.kafka_close_s)
+    if kafka_process is not None:
+        kafka_process.close(timeouts.kafka_close_s)
 
 
 class _FleetHands:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("schema", help="print the JSON Schema of the result message")
 
+    _add_dashboard_parser(commands)
+
     _add_streams_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmark vap against the model limit and Ultralytics' streaming")
@@ -113,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     train.add_argument("train_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_dashboard_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    dashboard = commands.add_parser("dashboard", help="a web page with every camera live, read from Kafka alone")
+    dashboard.add_argument("-c", "--config", type=Path,
+                           help="take Kafka's settings and the topics from this vap config")
+    dashboard.add_argument("--bootstrap", help="HOST:PORT[,HOST:PORT] (default: the config's, else localhost:9092)")
+    dashboard.add_argument("--topic", help="results topic (default: the config's kafka.topic, else vap.frames)")
+    dashboard.add_argument("--events-topic", help="zone events (default: tracking.events_topic, else vap.events)")
+    dashboard.add_argument("--snapshots-topic",
+                           help="pictures (default: kafka.snapshots.topic, else vap.snapshots)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks one)")
+    dashboard.add_argument("--auth-token", default=os.environ.get("VAP_DASHBOARD_TOKEN") or None,
+                           help="require this token (default: $VAP_DASHBOARD_TOKEN); open the page once as "
+                                "/?token=TOKEN")
+    dashboard.add_argument("--stale-after", type=_positive(float), default=5.0,
+                           help="seconds without a message before a camera's tile turns grey (default 5)")
 
 
 def _add_streams_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -170,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "consume": _consume,
         "schema": _schema,
         "streams": _streams,
+        "dashboard": _dashboard,
         "bench": _bench,
         "train-demo-model": _train_demo_model,
     }
@@ -338,6 +359,26 @@ def _consume(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
     )
     return consume(options, sys.stdout)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.dashboard.service import serve, settings_from
+    from pipeline.errors import ConfigError
+
+    config = None
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as error:
+            for line in error.lines():
+                print(f"invalid config {args.config}: {line}", file=sys.stderr)
+            return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        print(f"vap dashboard: --port {args.port} is not a port (0-65535)", file=sys.stderr)
+        return EXIT_USAGE
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the page and one log line say when Kafka is away
+    return serve(settings_from(config, args))
 
 
 def _streams(args: argparse.Namespace) -> int:

@@ -331,10 +331,14 @@ class SpoolConfig(_Section):
 
 
 class SnapshotConfig(_Section):
-    """Annotated JPEG thumbnails referenced from the messages; off unless `dir` is set."""
+    """Pictures of the frames: annotated thumbnails in a directory (`dir`), referenced from the messages, and
+    unannotated JPEGs on a Kafka topic (`topic`) for `vap dashboard`, which draws the detections itself.
+    Each is off until set."""
 
     dir: Path | None = Field(None, description="Write thumbnails under DIR/<stream id>/")
-    every_n_frames: int = Field(10, ge=1, description="One thumbnail per this many frames of a stream")
+    topic: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", max_length=249,
+                              description="Publish a JPEG of every every_n_frames-th frame to this topic")
+    every_n_frames: int = Field(10, ge=1, description="One picture per this many frames of a stream")
     max_width: int = Field(640, ge=32, le=8192)
     jpeg_quality: int = Field(80, ge=10, le=100)
     keep_last: int = Field(100, ge=1, description="Older thumbnails of a stream are deleted")

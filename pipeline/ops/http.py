@@ -150,9 +150,10 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
 
 
 class HttpServer:
-    """Uvicorn on its own named thread; `port` is the bound port (useful when 0 was asked for)."""
+    """Uvicorn on its own named thread; `port` is the bound port (useful when 0 was asked for). `option` is how
+    errors name the host and port settings (`http.` in a config, `--` on a command line)."""
 
-    def __init__(self, host: str, port: int, app: FastAPI) -> None:
+    def __init__(self, host: str, port: int, app: FastAPI, option: str = "http.") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -160,16 +161,17 @@ class HttpServer:
             self._socket.bind((host, port))
         except OSError as error:
             self._socket.close()
-            key = "http.port"
+            key = f"{option}port"
             if isinstance(error, socket.gaierror):
-                key = "http.host: not a host name this machine can resolve"
+                key = f"{option}host: not a host name this machine can resolve"
             elif error.errno == errno.EADDRNOTAVAIL:
-                key = "http.host: no interface of this machine has that address"
+                key = f"{option}host: no interface of this machine has that address"
             raise RuntimeError(f"cannot listen on {host}:{port} ({key}): {error.strerror}") from None
         self.port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="http" if option == "http." else "dashboard-http",
+                                        daemon=True)
 
     def _serve(self) -> None:
         self._server.run(sockets=[self._socket])
@@ -187,5 +189,6 @@ class HttpServer:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=timeout_s)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=timeout_s)
         self._socket.close()

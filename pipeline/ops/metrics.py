@@ -198,6 +198,11 @@ class PipelineMetrics:
             registry=registry,
         )
         self.kafka_outcomes = {result: self.kafka_messages.labels(result=result) for result in KAFKA_RESULTS}
+        self.snapshot_messages = Counter(
+            "vap_snapshot_messages_total", "Pictures for the snapshots topic by outcome (dropped: replaced by a "
+            "newer picture of the stream, or the broker was away)", ["result"], registry=registry,
+        )
+        self.snapshot_outcomes = {result: self.snapshot_messages.labels(result=result) for result in KAFKA_RESULTS}
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""

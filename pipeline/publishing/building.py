@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from pipeline.analytics.zones import ZoneEvent
@@ -18,6 +19,7 @@ from pipeline.ledger import FrameTicket
 from pipeline.ops.metrics import StreamMetrics
 from pipeline.ops.repeated_log import RepeatedErrorLog
 from pipeline.publishing.messages import build_event, build_message, encode
+from pipeline.publishing.snapshot_topic import Picture, PictureEncoder
 from pipeline.publishing.snapshots import SnapshotWriter
 from pipeline.publishing.spool import OutgoingMessage
 
@@ -28,10 +30,13 @@ class MessageBuilder:
     """Builds the `vap.frame.v1` and `vap.event.v1` messages; safe to call from several threads at once
     as long as each stream is built by one thread at a time (its snapshots are kept per stream)."""
 
-    def __init__(self, model_name: str, snapshots: SnapshotConfig) -> None:
+    def __init__(self, model_name: str, snapshots: SnapshotConfig,
+                 pictures: Callable[[Picture], None] | None = None) -> None:
         self._model_name = model_name
         self._snapshots = SnapshotWriter(snapshots) if snapshots.dir is not None else None
         self._snapshot_errors = RepeatedErrorLog(log)
+        self._pictures = pictures
+        self._encoder = PictureEncoder(snapshots) if pictures is not None else None
 
     def frame_message(self, result: FrameResult, series: StreamMetrics | None) -> OutgoingMessage:
         """Raises when the result cannot be encoded (the caller drops the frame as a build error)."""
@@ -39,6 +44,7 @@ class MessageBuilder:
         total_s = time.monotonic() - frame.captured_monotonic
         message = build_message(result, self._model_name, datetime.now(timezone.utc), total_s * 1000)
         snapshot_uri = self._write_snapshot(result)
+        self._offer_picture(result)
         if snapshot_uri is not None:
             message["snapshot"] = {"uri": snapshot_uri}
         outgoing = OutgoingMessage(key=frame.stream_id.encode(), value=encode(message),
@@ -66,3 +72,16 @@ class MessageBuilder:
             self._snapshot_errors.error("stream %s: cannot write the snapshot of frame %d; publishing without it",
                                         result.frame.stream_id, result.frame.frame_id, exc_info=True)
             return None
+
+    def _offer_picture(self, result: FrameResult) -> None:
+        """A picture for the snapshots topic; one that cannot be made costs the picture, not the message."""
+        if self._encoder is None or self._pictures is None:
+            return
+        try:
+            picture = self._encoder.picture(result)
+        except Exception:
+            self._snapshot_errors.error("stream %s: cannot encode the picture of frame %d for the snapshots topic",
+                                        result.frame.stream_id, result.frame.frame_id, exc_info=True)
+            return
+        if picture is not None:
+            self._pictures(picture)

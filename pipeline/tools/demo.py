@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.app import Pipeline
 from pipeline.config import PipelineConfig, load_config
+from pipeline.dashboard.service import Dashboard, DashboardSettings
 from pipeline.errors import ConfigError
-from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.broker import EmbeddedBroker, free_port
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,38 @@ def run_demo(duration_s: float, overrides: list[str]) -> int:
             signal.signal(sig, handler)
 
 
+def open_dashboard(bootstrap: str) -> Dashboard | None:
+    """The demo's dashboard on port 8080 (VAP_DEMO_DASHBOARD_PORT), or any free port when that one is taken:
+    a second demo, or a dashboard already running, must not stop the demo."""
+    from pipeline.config import KafkaConfig
+
+    wanted = int(os.environ.get("VAP_DEMO_DASHBOARD_PORT", "8080"))
+    settings = DashboardSettings(kafka=KafkaConfig(bootstrap_servers=bootstrap), port=wanted)
+    try:
+        dashboard = Dashboard(settings)
+    except RuntimeError:
+        try:
+            dashboard = Dashboard(replace(settings, port=0))
+        except RuntimeError as error:
+            print(f"  (no dashboard: {error})", flush=True)
+            return None
+    return dashboard
+
+
 def _run_demo(duration_s: float, overrides: list[str]) -> int:
+    """The dashboard's URL comes first: it is what a new user opens. Its server starts once the broker is up."""
+    broker_port = free_port()
+    dashboard = open_dashboard(f"127.0.0.1:{broker_port}")
+    if dashboard is not None:
+        print(f"vap demo: open the dashboard: {dashboard.url}", flush=True)
+    try:
+        return _run_pipeline_demo(duration_s, overrides, broker_port, dashboard)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+
+
+def _run_pipeline_demo(duration_s: float, overrides: list[str], broker_port: int, dashboard: Dashboard | None) -> int:
     print("vap demo: sample clips -> bundled model -> embedded Kafka broker", flush=True)
     clips = cache_dir()
     clips.mkdir(parents=True, exist_ok=True)
@@ -173,8 +205,10 @@ def _run_demo(duration_s: float, overrides: list[str]) -> int:
         weights = UNTRAINED_FALLBACK
         print(f"  model: {UNTRAINED_FALLBACK}, RANDOMLY INITIALISED (no trained model is bundled yet): "
               "expect no real detections")
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(port=broker_port) as broker:
         print(f"  embedded broker on {broker.bootstrap_servers}", flush=True)
+        if dashboard is not None:
+            dashboard.start()
         try:
             config = demo_config(clips, broker.bootstrap_servers, weights, overrides)
         except ConfigError as error:
@@ -210,6 +244,8 @@ def _run_demo(duration_s: float, overrides: list[str]) -> int:
         finally:
             summary.stop()
             pipeline.stop()
+            if dashboard is not None:
+                dashboard.stop()  # before its broker goes
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         published = count_published(broker.bootstrap_servers, config.kafka.topic)
