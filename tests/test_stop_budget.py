@@ -89,7 +89,7 @@ def test_sigterm_stops_within_10_s_while_a_camera_holds_its_connection_open_with
     tree["streams"].append({"id": "mute", "url": f"rtsp://127.0.0.1:{silent_server.port}/live",
                             "open_timeout_ms": 60_000, "stall_timeout_s": 60})
     with vap_process(["run", "-c", str(write_config(tmp_path, tree))]) as process:
-        wait_for(lambda: inferring(port) and silent_server.connections >= 2, 90,
+        wait_for(lambda: inferring(port) and silent_server.connections >= 1, 90,
                  "vap never ran, or never reached the silent camera's RTSP open")
         stop_with_sigterm(process)
 

@@ -45,8 +45,11 @@ class FeedTopics:
 def make_consumer(kafka: KafkaConfig) -> Any:
     from kafka import KafkaConsumer
 
+    # A short reconnect backoff: after an outage the page should recover within seconds, not kafka-python's
+    # default of up to 30 s.
     return KafkaConsumer(**kafka_client_settings(kafka), group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="latest", max_partition_fetch_bytes=8 * 2**20)
+                         auto_offset_reset="latest", max_partition_fetch_bytes=8 * 2**20,
+                         reconnect_backoff_max_ms=2000, bootstrap_timeout_ms=2000)
 
 
 class KafkaFeed:

@@ -83,6 +83,7 @@ def snapshot_producer_settings(config: KafkaConfig) -> dict[str, object]:
         **kafka_client_settings(config),
         "client_id": f"{config.client_id}-snapshots",
         "acks": 1,
+        "enable_idempotence": False,
         "linger_ms": 5,
         "delivery_timeout_ms": delivery_timeout_ms(config),
         "max_block_ms": 1000,

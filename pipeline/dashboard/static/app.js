@@ -206,7 +206,7 @@
     let text = "";
     if (!api.connected) text = "Lost the connection to this dashboard's server; reconnecting…";
     else if (broker && broker.state === "unreachable") {
-      text = "Kafka is unreachable" + (broker.for_s ? " for " + Math.round(broker.for_s) + " s" : "") +
+      text = "Kafka is unreachable" + (broker.for_s >= 1 ? " for " + Math.round(broker.for_s) + " s" : "") +
         " (" + broker.detail + "). Showing the last known state; reconnecting by itself.";
     } else if (broker && broker.state === "connecting") text = "Connecting to Kafka…";
     else if (broker && broker.detail) text = "Connected to Kafka, " + broker.detail + ".";
