@@ -25,7 +25,7 @@ from pipeline.cli import main, run_pipeline
 from pipeline.config import PipelineConfig, load_config
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.consume import ConsumeOptions, consume
-from tests.conftest import closed_port_address, unused_topic, vap_process
+from tests.conftest import closed_port_address, http_call, unused_topic, vap_process, wait_for
 
 
 @pytest.fixture
@@ -190,16 +190,20 @@ def test_a_closed_terminal_stops_the_demo_gracefully_and_its_broker_with_it(tmp_
     clips.mkdir(parents=True)
     for name in ("demo-street", "demo-portrait", "demo-yard"):
         (clips / f"{name}.mp4").write_bytes(b"not a video: its reader backs off, the demo runs on")
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), VAP_DEMO_HTTP_PORT="0")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), VAP_DEMO_HTTP_PORT="0",
+               VAP_DEMO_DASHBOARD_PORT="0")
     args = ["demo", "--duration", "120", "--set", "model.runtime=torch", "--set", "model.warmup=false"]
     with vap_process(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as demo:
         assert demo.stdout is not None
         lines = [demo.stdout.readline().decode() for _ in range(4)]
+        dashboard = re.fullmatch(r"vap demo: open the dashboard: http://127\.0\.0\.1:(\d+)/\n", lines[0])
+        assert dashboard is not None, lines  # the first thing a new user sees
         broker_port = next((m for line in lines if (m := re.search(r"embedded broker on [\d.]+:(\d+)", line))), None)
         assert broker_port is not None, lines
         while "warm in" not in lines[-1]:
             lines.append(demo.stdout.readline().decode())
             assert lines[-1], lines
+        assert http_call(int(dashboard[1]), "GET", "/healthz")[0] == 200
         demo.send_signal(signal.SIGHUP)
         out, _ = demo.communicate(timeout=60)
     assert "broker stopped" in out.decode(), out
@@ -308,3 +312,29 @@ def test_consume_says_once_that_the_broker_is_lost_and_once_that_it_is_back(
     assert lines[0].startswith(f"vap consume: lost the broker at {broker.bootstrap_servers} ("), lines
     assert lines[1] == f"vap consume: the broker at {broker.bootstrap_servers} answers again", lines
     assert not [record for record in caplog.records if record.name.startswith("kafka")]
+
+
+def test_dashboard_prints_its_url_says_kafka_is_away_and_stops_on_sigterm(tmp_path: Path) -> None:
+    args = ["dashboard", "--bootstrap", closed_port_address(), "--port", "0"]
+    with vap_process(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        found = re.match(r"vap dashboard: http://127\.0\.0\.1:(\d+)/ ", line)
+        assert found is not None, line
+        port = int(found[1])
+        assert http_call(port, "GET", "/healthz")[0] == 200
+        wait_for(lambda: http_call(port, "GET", "/api/streams")[1]["broker"]["state"] == "unreachable", 10,
+                 "the dashboard did not report the unreachable broker")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
+def test_dashboard_bad_config_exits_2_and_a_taken_port_exits_1_each_with_one_line(tmp_path: Path,
+                                                                                   taken_port: int) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka: {topic: 'no spaces allowed'}\n", encoding="utf-8")
+    code, _, err = run_cli(["dashboard", "-c", str(bad)])
+    assert code == 2 and "kafka.topic" in err and "Traceback" not in err, err
+    code, _, err = run_cli(["dashboard", "--port", str(taken_port)])
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip() == f"vap dashboard: cannot listen on 127.0.0.1:{taken_port} (--port): Address already in use"

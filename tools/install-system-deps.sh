@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the integration tests need: GStreamer's RTSP server and codecs for the
-# system Python (the stream-server fixtures), and Prometheus with promtool (the scrape test and the
-# alert-rule check). Idempotent: when everything is present it only runs one dpkg-query.
+# system Python (the stream-server fixtures), Prometheus with promtool (the scrape test and the
+# alert-rule check), and Chromium with its WebDriver (the dashboard's browser tests). Idempotent: when everything is present it only runs one dpkg-query.
 # Never fails the build: without apt (or without the rights to use it) it warns and exits 0, and
 # the RTSP tests then skip with a reason that names this script.
 set -u
@@ -16,11 +16,13 @@ PACKAGES=(
   gstreamer1.0-libav
   gstreamer1.0-tools
   prometheus
+  chromium
+  chromium-driver
 )
 
 warn() {
   echo "install-system-deps: WARNING: $*" >&2
-  echo "install-system-deps: the RTSP stream and Prometheus tests will be skipped." >&2
+  echo "install-system-deps: the RTSP stream, Prometheus and dashboard browser tests will be skipped." >&2
 }
 
 missing_packages() {
