@@ -362,14 +362,14 @@ def _consume(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import load_kafka_section
     from pipeline.dashboard.service import serve, settings_from
     from pipeline.errors import ConfigError
 
     config = None
     if args.config is not None:
         try:
-            config = load_config(args.config)
+            config = load_kafka_section(args.config)
         except ConfigError as error:
             for line in error.lines():
                 print(f"invalid config {args.config}: {line}", file=sys.stderr)

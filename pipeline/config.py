@@ -632,14 +632,35 @@ def parse_config(tree: Any) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            message = item["msg"].removeprefix("Value error, ")
-            if item["type"] == "extra_forbidden":
-                message = "unknown key (check its spelling)"
-            below = item.get("ctx", {}).get("at", ()) if item["type"] == "config_item" else ()
-            problems.append((_key_path((*item["loc"], *below)), message))
-        raise ConfigError(problems) from None
+        raise ConfigError(_problems(error)) from None
+
+
+def _problems(error: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling)"
+        below = item.get("ctx", {}).get("at", ()) if item["type"] == "config_item" else ()
+        problems.append((_key_path((*prefix, *item["loc"], *below)), message))
+    return problems
+
+
+def load_kafka_section(path: Path) -> tuple[KafkaConfig, str]:
+    """A vap config's `kafka:` section and its events topic, for tools that only read Kafka (the dashboard).
+    The rest of the file (streams, model) is not theirs to check: a file holding only `kafka:` will do."""
+    tree = _parse_yaml(_read_text(path), os.environ) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError([("", "the config must be a YAML mapping")])
+    try:
+        kafka = KafkaConfig.model_validate(tree.get("kafka") or {})
+    except ValidationError as error:
+        raise ConfigError(_problems(error, ("kafka",))) from None
+    try:
+        tracking = TrackingConfig.model_validate(tree.get("tracking") or {})
+    except ValidationError as error:
+        raise ConfigError(_problems(error, ("tracking",))) from None
+    return kafka, tracking.events_topic
 
 
 def load_config(
@@ -652,17 +673,21 @@ def load_config(
     if text is None:
         if path is None:
             raise ConfigError([("", "no config given")])
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError([("", f"cannot read config file {path}: {error.strerror}")]) from None
-        except UnicodeDecodeError as error:
-            raise ConfigError([("", f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); save it as "
-                                    "UTF-8")]) from None
+        text = _read_text(path)
     tree = _parse_yaml(text, os.environ if environ is None else environ) or {}
     for assignment in overrides or []:
         apply_override(tree, assignment)
     return parse_config(tree)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([("", f"cannot read config file {path}: {error.strerror}")]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([("", f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); save it as "
+                                "UTF-8")]) from None
 
 
 def check_files_exist(config: PipelineConfig) -> None:

@@ -275,7 +275,8 @@ def test_each_documented_profile_runs_exactly_one_pipeline_with_all_it_depends_o
 
 
 def test_demo_profile_runs_the_whole_system_with_test_cameras(compose: dict[str, Any]) -> None:
-    assert active_services(compose, {"demo"}) == {"kafka", "vap", "demo-clips", "camera", "prometheus", "grafana"}
+    assert active_services(compose, {"demo"}) == {"kafka", "vap", "demo-clips", "camera", "prometheus", "grafana",
+                                                  "dashboard"}
     assert "--profile demo up" in COMPOSE_FILE.read_text(encoding="utf-8")
 
 
@@ -775,7 +776,7 @@ def test_pipeline_requests_a_gpu_and_runs_locked_down() -> None:
 
 def test_servicemonitor_selects_the_pipeline_service() -> None:
     (monitor,) = k8s_objects("ServiceMonitor")
-    (service,) = k8s_objects("Service")
+    (service,) = [service for service in k8s_objects("Service") if service["metadata"]["name"] == "vap"]
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
     assert service["spec"]["selector"].items() <= the_statefulset()["spec"]["template"]["metadata"]["labels"].items()
@@ -1235,3 +1236,34 @@ def test_deploy_guide_covers_every_target_and_names_only_files_that_exist() -> N
     assert named
     missing = sorted(path for path in named if not (REPO / path).exists() and not fnmatch.fnmatch(path, "*NAME*"))
     assert not missing, f"docs/deploy.md names files that do not exist: {missing}"
+
+
+def test_the_dashboard_runs_on_kubernetes_from_the_pipelines_credentials_and_reads_only_kafka(
+        kubernetes_validate: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    documents = kustomize_build("dashboard")
+    assert check_against_schema(kubernetes_validate, documents) == []
+    assert {doc["kind"] for doc in documents} == {"Deployment", "Service", "ConfigMap"}
+    assert all(doc["metadata"]["namespace"] == "vap" for doc in documents)
+    deployment, service = built(documents, "Deployment"), built(documents, "Service")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:3] == ["dashboard", "-c", "/etc/vap-dashboard/dashboard.yaml"]
+    assert container["envFrom"] == [{"secretRef": {"name": "vap-credentials"}}]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert not container["image"].endswith("-cuda")  # no GPU needed
+
+    from pipeline.config import load_kafka_section
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", "kafka-0.kafka:9093")
+    kafka, _ = load_kafka_section(K8S / "dashboard" / "dashboard.yaml")
+    assert kafka.bootstrap_servers == "kafka-0.kafka:9093" and kafka.snapshots.topic == "vap.snapshots"
+
+
+def test_compose_dashboard_reads_kafka_and_is_published_on_loopback_only(compose: dict[str, Any]) -> None:
+    dashboard = services(compose)["dashboard"]
+    assert dashboard["command"][:3] == ["dashboard", "--bootstrap", "kafka:9092"]
+    assert [(ip, container) for ip, _, container in host_ports(dashboard)] == [("127.0.0.1", 8080)]
+    assert "http://127.0.0.1:8080/healthz" in " ".join(dashboard["healthcheck"]["test"])
+    for name in PIPELINE_SERVICES:
+        assert service_config(services(compose)[name]).kafka.snapshots.topic == "vap.snapshots", name

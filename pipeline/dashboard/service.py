@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from pipeline.config import KafkaConfig, PipelineConfig
+from pipeline.config import KafkaConfig
 from pipeline.dashboard.feed import FeedTopics, KafkaFeed
 from pipeline.dashboard.state import DashboardState
 from pipeline.dashboard.web import build_dashboard_app
@@ -64,7 +64,7 @@ class Dashboard:
     def start(self) -> None:
         self.feed.start()
         self._server.start()
-        log.info("dashboard on %s, reading Kafka at %s", self.url, self.settings.kafka.bootstrap_servers)
+        log.debug("dashboard on %s, reading Kafka at %s", self.url, self.settings.kafka.bootstrap_servers)
 
     def stop(self, timeout_s: float = 3.0) -> None:
         self._closing.set()
@@ -73,14 +73,15 @@ class Dashboard:
         self.feed.join(timeout_s)
 
 
-def settings_from(config: PipelineConfig | None, args: argparse.Namespace) -> DashboardSettings:
-    """The command line's settings: flags first, then the vap config's (`-c`), then the defaults."""
-    kafka = config.kafka if config is not None else KafkaConfig()
+def settings_from(config: tuple[KafkaConfig, str] | None, args: argparse.Namespace) -> DashboardSettings:
+    """The command line's settings: flags first, then the vap config's (`-c`: its `kafka:` section and events
+    topic), then the defaults."""
+    kafka, events_topic = config if config is not None else (KafkaConfig(), "vap.events")
     if args.bootstrap:
         kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap})
     topics = FeedTopics(
         frames=args.topic or kafka.topic,
-        events=args.events_topic or (config.tracking.events_topic if config is not None else "vap.events"),
+        events=args.events_topic or events_topic,
         snapshots=args.snapshots_topic or kafka.snapshots.topic or "vap.snapshots",
     )
     return DashboardSettings(kafka=kafka, topics=topics, host=args.host, port=args.port,
