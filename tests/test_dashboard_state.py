@@ -145,3 +145,32 @@ def test_only_changed_streams_have_new_versions() -> None:
     state.frame(frame_message("b", 1, []), None, now=1.1)
     after = state.versions()
     assert after["a"] == before["a"] and after["b"] > before["b"]
+
+
+def test_a_pictures_overlay_is_pushed_to_a_page_once() -> None:
+    from pipeline.dashboard.web import without_repeated_overlays
+
+    state = DashboardState()
+    state.frame(frame_message("cam", 0, [(1, 2, 3, 4)]), None, now=1.0)
+    state.picture(b"cam", b"jpeg", picture_headers(0), now=1.0)
+    sent: dict[str, str] = {}
+    (first,) = without_repeated_overlays(state.views(), sent)
+    state.frame(frame_message("cam", 1, []), None, now=1.1)
+    (second,) = without_repeated_overlays(state.views(), sent)
+    assert first["picture"]["overlay"]["detections"] and "overlay" not in second["picture"]
+    assert second["picture"]["url"] == first["picture"]["url"]
+    assert state.views()[0]["picture"]["overlay"] is not None  # the state itself keeps it
+    (other_page,) = without_repeated_overlays(state.views(), {})
+    assert other_page["picture"]["overlay"] is not None
+
+
+def test_when_results_lag_behind_the_pictures_each_picture_still_meets_its_own_frame() -> None:
+    state = DashboardState()
+    for frame_id in (10, 20, 30):
+        state.picture(b"cam", f"jpeg-{frame_id}".encode(), picture_headers(frame_id), now=1.0)
+    shown = []
+    for frame_id in range(31):
+        state.frame(frame_message("cam", frame_id, [(frame_id, 0, frame_id + 5, 5)]), None, now=1.5)
+        picture = only_view(state, 1.5)["picture"]
+        shown.append(None if picture is None else (picture["frame_id"], picture["overlay"]["detections"][0]["box"][0]))
+    assert shown[9] is None and shown[10] == (10, 10) and shown[25] == (20, 20) and shown[30] == (30, 30)

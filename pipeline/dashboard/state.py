@@ -4,7 +4,8 @@ Each stream has a `StreamView`. A picture from the snapshots topic is shown with
 frame, found by the `frame_id` header among the stream's recent frame messages. Pictures usually arrive
 before their frame's message (their lane has no spool), so a picture waits for its frame for a moment; one
 whose frame never comes (the frame was dropped) is shown after `_PICTURE_WAIT_S` without an overlay,
-rather than with another frame's boxes.
+rather than with another frame's boxes. When the results lag behind the pictures (a busy consumer), a few
+pictures wait at once, so the newest one to meet its frame is shown rather than none at all.
 
 Views are versioned: the page is sent only the streams whose version changed since it last heard, and a
 stream's JSON is built once per version however many pages watch.
@@ -105,7 +106,7 @@ class StreamView:
     frames: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
     latest: dict[str, Any] | None = None
     shown: _Picture | None = None
-    waiting: _Picture | None = None
+    waiting: OrderedDict[int, _Picture] = field(default_factory=OrderedDict)
     pictures: deque[_Picture] = field(default_factory=lambda: deque(maxlen=PICTURES_KEPT))
     zones: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
@@ -159,6 +160,7 @@ class DashboardState:
             worker = header(headers, "worker")
             if view.frame_id is not None and (frame_id < view.frame_id or worker != view.worker):
                 view.frames.clear()  # restarted or moved: frame ids start again
+                view.waiting.clear()
                 view.captured.clear()
             view.worker, view.frame_id, view.received_at = worker, frame_id, now
             view.image = message.get("image") or {}
@@ -175,9 +177,11 @@ class DashboardState:
             while len(view.frames) > RECENT_FRAMES:
                 view.frames.popitem(last=False)
             view.latest = message
-            waiting = view.waiting
-            if waiting is not None and waiting.frame_id == frame_id:
-                self._show(view, waiting, message)
+            picture = view.waiting.pop(frame_id, None)
+            if picture is not None:
+                self._show(view, picture, message)
+            for passed in [waiting for waiting in view.waiting if waiting < frame_id]:
+                del view.waiting[passed]  # frames come in order: that frame was never published
             view.version += 1
 
     def picture(self, key: bytes | None, value: bytes, headers: Headers, now: float) -> None:
@@ -197,7 +201,9 @@ class DashboardState:
             if frame is not None:
                 self._show(view, picture, frame)
             else:
-                view.waiting = picture
+                view.waiting[picture.frame_id] = picture
+                while len(view.waiting) > PICTURES_KEPT:
+                    view.waiting.popitem(last=False)
             view.version += 1
 
     def event(self, value: bytes, now: float) -> None:
@@ -227,9 +233,11 @@ class DashboardState:
         """Shows pictures that waited too long for their frame's message; call a few times a second."""
         with self._lock:
             for view in self._streams.values():
-                waiting = view.waiting
-                if waiting is not None and now - waiting.received_at >= _PICTURE_WAIT_S:
-                    self._show(view, waiting, None)
+                overdue = [picture for picture in view.waiting.values() if now - picture.received_at >= _PICTURE_WAIT_S]
+                if overdue:
+                    for picture in overdue:
+                        del view.waiting[picture.frame_id]
+                    self._show(view, overdue[-1], None)
                     view.version += 1
 
     def _view(self, stream_id: str) -> StreamView:
@@ -248,10 +256,11 @@ class DashboardState:
 
     @staticmethod
     def _show(view: StreamView, picture: _Picture, frame: dict[str, Any] | None) -> None:
+        """Never goes back to an older picture: one can match its frame after a newer one was shown."""
+        if view.shown is not None and view.shown.seq > picture.seq:
+            return
         picture.overlay = None if frame is None else overlay(frame)
         view.shown = picture
-        if view.waiting is picture:
-            view.waiting = None
 
     # Reads (the web server)
 
@@ -293,7 +302,8 @@ class DashboardState:
             "image": view.image, "received_at": view.received_at, "fps": view.fps(),
             "latency_ms": view.latency_ms, "latency_history": list(view.latencies), "labels": view.labels,
             "picture": None if shown is None else {
-                "url": f"api/pictures/{shown.seq}.jpg", "frame_id": shown.frame_id, "overlay": shown.overlay},
+                "url": f"api/pictures/{shown.seq}.jpg", "seq": shown.seq, "frame_id": shown.frame_id,
+                "overlay": shown.overlay},
             # Without pictures (no snapshots topic) the page draws the newest frame's detections alone.
             "overlay": overlay(view.latest) if shown is None and view.latest is not None else None,
             "zones": [dict(zone) for zone in sorted(view.zones.values(), key=lambda zone: zone["id"])],

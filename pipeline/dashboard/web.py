@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, HTTPException, Request, Response, status
@@ -88,7 +89,7 @@ def build_dashboard_app(state: DashboardState, token: str | None, tick_s: float 
         return Response(orjson.dumps(state.summary(time.time())), media_type="application/json")
 
     @app.get("/api/pictures/{seq}.jpg")
-    def picture(seq: int, request: Request) -> Response:
+    async def picture(seq: int, request: Request) -> Response:  # bytes at hand: no worker thread needed
         require(request)
         jpeg = state.picture_bytes(seq)
         if jpeg is None:
@@ -109,6 +110,7 @@ async def _updates(state: DashboardState, request: Request, tick_s: float,
     """The first update has every stream (`full`), the next ones what changed; one at least every tick, so a
     page knows its connection lives and ages its tiles against the server's clock."""
     seen: dict[str, int] = {}
+    pictures_sent: dict[str, str] = {}
     full = True
     while not closing.is_set() and not await request.is_disconnected():
         versions = state.versions()
@@ -116,8 +118,23 @@ async def _updates(state: DashboardState, request: Request, tick_s: float,
         removed = [stream_id for stream_id in seen if stream_id not in versions]
         seen = versions
         now = time.time()
+        views = without_repeated_overlays(state.views(changed), pictures_sent)
         update = {"server_time": now, "stale_after_s": state.stale_after_s, "broker": state.broker_json(now),
-                  "full": full, "streams": state.views(changed), "removed": removed}
+                  "full": full, "streams": views, "removed": removed}
         full = False
         yield b"event: update\ndata: " + orjson.dumps(update) + b"\n\n"
         await asyncio.sleep(tick_s)
+
+
+def without_repeated_overlays(views: list[dict[str, Any]], pictures_sent: dict[str, str]) -> list[dict[str, Any]]:
+    """A picture's overlay (its outlines are most of an update's bytes) goes to a page once: later updates of
+    the stream that show the same picture leave it out, and the page keeps the one it has."""
+    for view in views:
+        picture = view.get("picture")
+        if picture is None:
+            continue
+        if pictures_sent.get(view["id"]) == picture["url"]:
+            view["picture"] = {key: value for key, value in picture.items() if key != "overlay"}
+        else:
+            pictures_sent[view["id"]] = picture["url"]
+    return views

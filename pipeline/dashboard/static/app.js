@@ -12,7 +12,17 @@
   const empty = document.getElementById("empty");
   const detail = document.getElementById("detail");
   const tiles = new Map();
-  const api = { drawn: {}, updates: 0, streams: {}, connected: false };
+  const api = { drawn: {}, updates: 0, streams: {}, connected: false, visible: new Set() };
+  // Tiles off screen load no pictures: with 64 cameras a screen shows a handful, and a page that fetched
+  // every picture of every camera would fall behind (and load the server) for nothing.
+  const onScreen = new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      const id = entry.target.dataset.stream;
+      if (entry.isIntersecting) api.visible.add(id); else api.visible.delete(id);
+      const parts = tiles.get(id);
+      if (entry.isIntersecting && parts && parts.view) render(parts, true);
+    }
+  }, { rootMargin: "100px" });
   window.vapDashboard = api;
   let clockOffset = 0;
   let staleAfter = 5;
@@ -64,10 +74,11 @@
       age: stat(stats, "age", "last message"),
       objects: stat(stats, "objects", "objects"),
       zones: element("ul", "zones"),
-      view: null, shownKey: null, image: null,
+      view: null, shownKey: null, image: null, drawnSeq: 0,
     };
     tile.append(title, frame, stats, parts.zones);
     tiles.set(id, parts);
+    onScreen.observe(tile);
     const ids = Array.from(tiles.keys()).sort();
     const next = ids[ids.indexOf(id) + 1];
     grid.insertBefore(tile, next ? tiles.get(next).tile : null);
@@ -133,10 +144,14 @@
     const picture = view.picture;
     const overlay = picture ? picture.overlay : view.overlay;
     const key = picture ? picture.url : (overlay ? "frame:" + overlay.frame_id + ":" + view.version : null);
+    if (!api.visible.has(view.id) && !force) return;
     if (!force && key === parts.shownKey) return;
     parts.shownKey = key;
     const finish = (image) => {
-      if (parts.shownKey !== key) return; // a newer picture came while this one loaded
+      // A picture that loads after a newer one was asked for is still drawn if it is newer than the one on
+      // screen: when loading takes longer than pictures come, the tile moves on rather than waiting forever.
+      if (picture ? picture.seq <= parts.drawnSeq : parts.shownKey !== key) return;
+      if (picture) parts.drawnSeq = picture.seq;
       parts.image = image;
       const result = draw(parts.canvas, image, overlay, MAX_CANVAS_WIDTH);
       const frameId = picture ? picture.frame_id : overlay ? overlay.frame_id : null;
@@ -152,7 +167,7 @@
     if (picture) {
       const image = new Image();
       image.onload = () => finish(image);
-      image.onerror = () => { if (parts.shownKey === key) parts.shownKey = null; };
+      image.onerror = () => { if (parts.shownKey === key) parts.shownKey = null; }; // tried again next update
       image.src = picture.url;
     } else {
       finish(null);
@@ -186,6 +201,10 @@
 
   function updateTile(view) {
     const parts = tiles.get(view.id) || makeTile(view.id);
+    const previous = parts.view && parts.view.picture;
+    if (view.picture && !("overlay" in view.picture) && previous && previous.url === view.picture.url) {
+      view.picture.overlay = previous.overlay; // sent once per picture
+    }
     parts.view = view;
     api.streams[view.id] = view;
     parts.worker.textContent = view.worker ? "on " + view.worker : "";
