@@ -82,6 +82,15 @@ class Latency(_Message):
     total: float
 
 
+class ZoneCount(_Message):
+    """A zone's objects inside now, or a line's crossings since the stream started, at this frame."""
+
+    id: str
+    kind: Literal["zone", "line"]
+    points: list[tuple[float, float]]
+    count: int
+
+
 class FrameMessage(_Message):
     """One `vap.frame.v1` message, plus what the reader knows about it from outside the body.
 
@@ -105,6 +114,7 @@ class FrameMessage(_Message):
     latency_ms: Latency
     detections: list[Detection] = []
     classes: list[ClassScore] = []
+    zones: list[ZoneCount] = []
     gap: int = 0
     worker: str | None = None
     moved: bool = False

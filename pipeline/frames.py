@@ -109,6 +109,17 @@ class BatchTimings:
 
 
 @dataclass(frozen=True)
+class ZoneState:
+    """A zone or line as a frame's message reports it: where it is, in source pixels, and its count now
+    (tracked objects inside a zone; crossings of a line since the stream started)."""
+
+    zone_id: str
+    kind: str
+    points: tuple[tuple[float, float], ...]
+    count: int
+
+
+@dataclass(frozen=True)
 class FrameResult:
     """What the model said about one frame, with the timings the message reports (`inference_ms` is the
     model's own time on the frame's batch, without waiting for earlier batches)."""
@@ -122,3 +133,4 @@ class FrameResult:
     inference_ms: float = 0.0
     inferred_monotonic: float = 0.0
     timings: BatchTimings | None = field(default=None, compare=False, repr=False)
+    zones: tuple[ZoneState, ...] = ()

@@ -217,3 +217,22 @@ def test_a_long_stay_in_a_lines_band_still_decides_the_crossing_by_where_it_met_
     back = [(150.0 - 0.5 * i, 1.0) for i in range(1, 201)]
     outside_then_back = [(150.0, -10.0), (150.0, 1.0), *back, (30.0, 10.0)]
     assert walk(outside_then_back) == [], "it met the line's extension, not the segment"
+
+
+def test_each_result_carries_its_zones_where_they_are_and_their_counts_now() -> None:
+    config = {"normalized": True,
+              "zones": [{"id": "middle", "polygon": [[0.3125, 0], [0.625, 0], [0.625, 1], [0.3125, 1]]}],
+              "lines": [{"id": "gate", "start": [0.46875, 1], "end": [0.46875, 0]}]}
+    analytics = analytics_for(config)
+    counts = []
+    for frame_id, box in enumerate(moving_right(0, 100, frames=36)):
+        frame = replace(make_frame("cam", frame_id, 320, 240), pts_ms=frame_id * 100.0,
+                        captured_monotonic=1000 + frame_id / 10)
+        detections = Detections(boxes_xyxy=np.array([box[:4]], np.float32), confidences=np.full(1, 0.9, np.float32),
+                                class_ids=np.array([0], np.int64))
+        result, _ = analytics.process(FrameResult(frame=frame, task="detect", detections=detections, labels=LABELS))
+        zone, line = result.zones
+        counts.append((zone.count, line.count))
+    assert (zone.zone_id, zone.kind, zone.points) == ("middle", "zone", ((100, 0), (200, 0), (200, 240), (100, 240)))
+    assert (line.zone_id, line.kind, line.points) == ("gate", "line", ((150, 240), (150, 0)))
+    assert counts[0] == (0, 0) and (1, 0) in counts and (1, 1) in counts and counts[-1] == (0, 1)

@@ -38,6 +38,7 @@ SIZE = (480, 272)
 LONG_FRAMES, SHORT_FRAMES = 90, 25
 PICTURE_EVERY = 2
 BOX_TOLERANCE_PX = 6.0
+ZONE = [[150, 20], [330, 20], [330, 250], [150, 250]]  # the circle's bottom centre is inside for frames 27-86
 
 
 def track(object_id: int, class_id: int, start: tuple[float, float], velocity: tuple[float, float], frames: int,
@@ -99,7 +100,8 @@ def _config(weights: str, bootstrap: str, topic: str, snapshots_topic: str, dire
     from pipeline.config import parse_config
 
     return parse_config({
-        "streams": [{"id": "cam-long", "url": str(directory / "long.mp4"), "realtime": True},
+        "streams": [{"id": "cam-long", "url": str(directory / "long.mp4"), "realtime": True,
+                     "analytics": {"zones": [{"id": "yard", "polygon": ZONE}]}},
                     {"id": "cam-short", "url": str(directory / "short.mp4"), "realtime": True}],
         "model": {"weights": weights, "imgsz": 320, "agnostic_nms": True},
         "batching": {"max_batch": 2, "max_wait_ms": 10},
@@ -159,11 +161,20 @@ def test_tiles_show_each_picture_with_its_own_frames_detections_live_and_a_stopp
         scaled = [value * shown["scale"] for value in box["source"]]
         assert np.allclose([box["x1"], box["y1"], box["x2"], box["y2"]], scaled, atol=0.01)
     assert shown["canvas"]["width"] == 320  # the picture's own width (max_width), not the source's
+    (zone,) = shown["zones"]
+    assert zone["id"] == "yard" and np.allclose(zone["points"], np.array(ZONE) * shown["scale"], atol=0.1)
+    frame = shown["frame_id"]
+    if not any(abs(frame - edge) <= 3 for edge in (27, 87)):  # the tracker may take a frame or two at the edge
+        assert zone["count"] == (1 if 27 <= frame < 87 else 0), (frame, zone)
 
     first_frame = shown["frame_id"]
     wait_for(lambda: (d := drawn(browser, "cam-long")) and d["frame_id"] > first_frame + PICTURE_EVERY, 10,
              "the picture did not change without a reload")
     assert script(browser, "return window.loadedOnce") == "yes"
+    wait_for(lambda: (d := drawn(browser, "cam-long")) and 35 <= d["frame_id"] <= 80, 10,
+             "no picture of the circle inside the zone was drawn")
+    shown = drawn(browser, "cam-long")
+    assert shown is not None and shown["zones"][0]["count"] == 1, shown["zones"]
 
     short = '[data-stream="cam-short"]'
     wait_for(lambda: script(browser, f"return document.querySelector('{short}').classList.contains('stale')"), 15,

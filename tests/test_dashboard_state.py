@@ -174,3 +174,18 @@ def test_when_results_lag_behind_the_pictures_each_picture_still_meets_its_own_f
         picture = only_view(state, 1.5)["picture"]
         shown.append(None if picture is None else (picture["frame_id"], picture["overlay"]["detections"][0]["box"][0]))
     assert shown[9] is None and shown[10] == (10, 10) and shown[25] == (20, 20) and shown[30] == (30, 30)
+
+
+def test_zone_counts_from_frame_messages_win_over_counting_events_and_are_drawn_with_their_frame() -> None:
+    state = DashboardState()
+    message = orjson.loads(frame_message("cam", 3, [(1, 2, 3, 4)]))
+    message["zones"] = [{"id": "door", "kind": "zone", "points": [[0, 0], [10, 0], [10, 10]], "count": 2},
+                        {"id": "kerb", "kind": "line", "points": [[0, 5], [10, 5]], "count": 7}]
+    state.event(orjson.dumps({"stream_id": "cam", "event": "enter", "zone_id": "door", "zone_kind": "zone"}), now=1.0)
+    state.frame(orjson.dumps(message), None, now=1.0)
+    state.event(orjson.dumps({"stream_id": "cam", "event": "enter", "zone_id": "door", "zone_kind": "zone"}), now=1.1)
+    state.picture(b"cam", b"jpeg", picture_headers(3), now=1.1)
+    view = only_view(state, 1.1)
+    assert view["zones"] == [{"id": "door", "kind": "zone", "inside": 2, "crossings": 0},
+                             {"id": "kerb", "kind": "line", "inside": 0, "crossings": 7}]
+    assert [zone["count"] for zone in view["picture"]["overlay"]["zones"]] == [2, 7]

@@ -22,8 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.analytics.tracking import StreamTracker
-from pipeline.config import AnalyticsConfig, ZoneConfig
-from pipeline.frames import FrameResult
+from pipeline.config import AnalyticsConfig, LineConfig, ZoneConfig
+from pipeline.frames import FrameResult, ZoneState
 from pipeline.inference.model_info import class_ids_for
 
 TRACK_EXPIRY_S = 3.0
@@ -193,6 +193,7 @@ class StreamAnalytics:
         self._tracks: dict[int, _TrackState] = {}
         self._last_s: float | None = None
         self._frame_interval_s = 0.0
+        self._crossings = {line.id: 0 for line in config.lines}
 
     def _scaled(self, points: list[Point], width: int, height: int) -> list[Point]:
         return [(x * width, y * height) for x, y in points] if self._config.normalized else points
@@ -243,6 +244,7 @@ class StreamAnalytics:
                     continue
                 direction = self._update_line(line.id, start, end, state, band_px)
                 if direction:
+                    self._crossings[line.id] += 1
                     emit("line", "cross", line.id, track_id, state,
                          direction=line.directions[0 if direction > 0 else 1])
         for track_id, state in list(self._tracks.items()):
@@ -250,7 +252,17 @@ class StreamAnalytics:
                 for zone_id in list(state.inside_since):
                     emit("zone", "exit", zone_id, track_id, state)
                 del self._tracks[track_id]
-        return result, events
+        return replace(result, zones=self._zone_states(zones, lines)), events
+
+    def _zone_states(self, zones: list[tuple[ZoneConfig, list[Point]]],
+                     lines: list[tuple[LineConfig, list[Point]]]) -> tuple[ZoneState, ...]:
+        inside = {zone.id: 0 for zone, _ in zones}
+        for state in self._tracks.values():
+            for zone_id in state.inside_since:
+                inside[zone_id] = inside.get(zone_id, 0) + 1
+        states = [ZoneState(zone.id, "zone", _rounded(polygon), inside[zone.id]) for zone, polygon in zones]
+        states += [ZoneState(line.id, "line", _rounded(points), self._crossings[line.id]) for line, points in lines]
+        return tuple(states)
 
     @staticmethod
     def _update_line(line_id: str, start: Point, end: Point, state: _TrackState, band_px: float) -> int:
@@ -310,6 +322,10 @@ class StreamAnalytics:
             for zone_id in state.inside_since:
                 counts[(zone_id, state.label)] = counts.get((zone_id, state.label), 0) + 1
         return counts
+
+
+def _rounded(points: list[Point]) -> tuple[tuple[float, float], ...]:
+    return tuple((round(float(x), 1), round(float(y), 1)) for x, y in points)
 
 
 def _class_set(entries: list[int | str] | None, labels: dict[int, str], key_path: str) -> set[int] | None:

@@ -78,8 +78,10 @@ def overlay(frame: dict[str, Any]) -> dict[str, Any]:
     image = frame.get("image") or {}
     classes = [{"label": entry.get("label"), "confidence": entry.get("confidence")}
                for entry in frame.get("classes") or ()]
+    zones = [{"id": zone.get("id"), "kind": zone.get("kind"), "points": zone.get("points"), "count": zone.get("count")}
+             for zone in frame.get("zones") or ()]
     return {"frame_id": frame["frame_id"], "width": image.get("width"), "height": image.get("height"),
-            "detections": detections, "classes": classes}
+            "detections": detections, "classes": classes, "zones": zones}
 
 
 @dataclass
@@ -173,6 +175,11 @@ class DashboardState:
                 label = str(detection.get("label"))
                 labels[label] = labels.get(label, 0) + 1
             view.labels = labels
+            for zone in message.get("zones") or ():  # counts at this frame, from vap itself: better than events
+                entry = view.zones.setdefault(str(zone["id"]), {"id": str(zone["id"]), "kind": zone["kind"],
+                                                                "inside": 0, "crossings": 0})
+                entry["inside" if zone["kind"] == "zone" else "crossings"] = int(zone["count"])
+                entry["from_frames"] = True
             view.frames[frame_id] = message
             while len(view.frames) > RECENT_FRAMES:
                 view.frames.popitem(last=False)
@@ -217,7 +224,9 @@ class DashboardState:
             view = self._view(stream_id)
             zone = view.zones.setdefault(zone_id, {"id": zone_id, "kind": event.get("zone_kind", "zone"),
                                                    "inside": 0, "crossings": 0})
-            if kind == "enter":
+            if zone.get("from_frames"):
+                pass  # the frame messages count it
+            elif kind == "enter":
                 zone["inside"] += 1
             elif kind == "exit":
                 zone["inside"] = max(0, zone["inside"] - 1)
@@ -306,7 +315,8 @@ class DashboardState:
                 "overlay": shown.overlay},
             # Without pictures (no snapshots topic) the page draws the newest frame's detections alone.
             "overlay": overlay(view.latest) if shown is None and view.latest is not None else None,
-            "zones": [dict(zone) for zone in sorted(view.zones.values(), key=lambda zone: zone["id"])],
+            "zones": [{key: value for key, value in zone.items() if key != "from_frames"}
+                      for zone in sorted(view.zones.values(), key=lambda zone: zone["id"])],
             "events": list(view.events),
         }
         view.cached = (view.version, body)

@@ -61,6 +61,9 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
             "total": _round(max(0.0, total_ms)),
         },
     }
+    if result.zones:
+        message["zones"] = [{"id": zone.zone_id, "kind": zone.kind, "points": zone.points, "count": zone.count}
+                            for zone in result.zones]
     if result.task == "classify":
         message["classes"] = [
             {"class_id": c.class_id, "label": c.label, "confidence": _round(c.confidence, 4)}

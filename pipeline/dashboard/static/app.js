@@ -99,10 +99,12 @@
     context.fillRect(0, 0, canvas.width, canvas.height);
     if (image) context.drawImage(image, 0, 0, canvas.width, canvas.height);
     const boxes = [];
-    if (!overlay) return { scale, boxes };
+    const zones = [];
+    if (!overlay) return { scale, boxes, zones };
     // Canvas pixels per CSS pixel: captions and lines keep the same size on screen in a tile and in the
     // detail view.
     const ratio = canvas.clientWidth ? Math.max(1, canvas.width / canvas.clientWidth) : 1;
+    drawZones(context, overlay.zones || [], scale, ratio, zones);
     const fontPx = Math.round(13 * ratio);
     context.lineWidth = 2 * ratio;
     context.font = "bold " + fontPx + "px system-ui, sans-serif";
@@ -136,7 +138,34 @@
       context.fillText(caption, x1 + 3 * ratio, top + fontPx);
       boxes.push({ label: detection.label, track_id: detection.track_id, x1, y1, x2, y2, source: detection.box });
     }
-    return { scale, boxes };
+    return { scale, boxes, zones };
+  }
+
+  // Zones as dashed polygons, lines as dashed segments, each with its count at this very frame.
+  function drawZones(context, list, scale, ratio, drawnZones) {
+    context.save();
+    context.setLineDash([6 * ratio, 4 * ratio]);
+    context.lineWidth = 2 * ratio;
+    context.font = "bold " + Math.round(12 * ratio) + "px system-ui, sans-serif";
+    for (const zone of list) {
+      const points = (zone.points || []).map(([x, y]) => [x * scale, y * scale]);
+      if (points.length < 2) continue;
+      context.strokeStyle = "rgba(255, 255, 255, 0.85)";
+      context.beginPath();
+      points.forEach(([x, y], index) => (index === 0 ? context.moveTo(x, y) : context.lineTo(x, y)));
+      if (zone.kind === "zone") context.closePath();
+      context.stroke();
+      const caption = zone.id + ": " + zone.count + (zone.kind === "line" ? " crossed" : " inside");
+      // Captioned at the lowest corner, away from the detection labels drawn above the boxes.
+      const [x, bottom] = points.reduce((low, point) => (point[1] > low[1] ? point : low));
+      const y = Math.max(0, bottom - 16 * ratio);
+      context.fillStyle = "rgba(0, 0, 0, 0.7)";
+      context.fillRect(x, y, context.measureText(caption).width + 6 * ratio, 16 * ratio);
+      context.fillStyle = "#fff";
+      context.fillText(caption, x + 3 * ratio, y + 12 * ratio);
+      drawnZones.push({ id: zone.id, kind: zone.kind, count: zone.count, points });
+    }
+    context.restore();
   }
 
   function render(parts, force) {
@@ -157,7 +186,7 @@
       const frameId = picture ? picture.frame_id : overlay ? overlay.frame_id : null;
       api.drawn[view.id] = {
         frame_id: frameId, picture: picture ? picture.url : null, overlay: Boolean(overlay), scale: result.scale,
-        canvas: { width: parts.canvas.width, height: parts.canvas.height }, boxes: result.boxes,
+        canvas: { width: parts.canvas.width, height: parts.canvas.height }, boxes: result.boxes, zones: result.zones,
       };
       const count = overlay ? overlay.detections.length : 0;
       parts.canvas.setAttribute("aria-label", "Camera " + view.id + ", frame " + frameId + ": " + count +
