@@ -210,7 +210,7 @@ def live_page(topics: FeedTopics, options: argparse.Namespace) -> dict[str, Any]
             drawn = browser.execute_script("const api = window.vapDashboard; "
                                            "return Array.from(api.visible).map(id => api.drawn[id].frame_id)")
             newest = int(sent.value)
-            results_behind = newest - min(view.frame_id or 0 for view in dashboard.state._streams.values())
+            results_behind = newest - min(view["frame_id"] or 0 for view in dashboard.state.views())
         finally:
             browser.quit()
             stop.set()
