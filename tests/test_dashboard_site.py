@@ -173,8 +173,9 @@ def test_tiles_show_each_picture_with_its_own_frames_detections_live_and_a_stopp
     assert script(browser, "return window.loadedOnce") == "yes"
     wait_for(lambda: (d := drawn(browser, "cam-long")) and 35 <= d["frame_id"] <= 80, 10,
              "no picture of the circle inside the zone was drawn")
-    shown = drawn(browser, "cam-long")
-    assert shown is not None and shown["zones"][0]["count"] == 1, shown["zones"]
+    inside = drawn(browser, "cam-long")
+    assert inside is not None
+    assert inside["zones"][0]["count"] == 1, inside["zones"]
 
     short = '[data-stream="cam-short"]'
     wait_for(lambda: script(browser, f"return document.querySelector('{short}').classList.contains('stale')"), 15,
