@@ -146,7 +146,7 @@ class Pipeline:
         if self._producer_factory is None and config.kafka.client_process:
             self._kafka_process = KafkaProcess(self.heartbeats)
             self._kafka_process.start()  # its imports overlap the model's loading
-        devices = resolve_devices(config.model.device)
+        devices = resolve_devices("cpu" if config.model.precision == "int8" else config.model.device)
         detectors = [self._detector_factory(config, device) for device in devices]
         self.detector = detectors[0]
         self.hub.set_workers(len(detectors))
@@ -432,7 +432,8 @@ def _check_runnable_here(stream: StreamConfig) -> None:
 
 
 def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:
-    return UltralyticsDetector(config.model, device, config.batching.max_batch)
+    urls = [stream.url for stream in config.streams]
+    return UltralyticsDetector(config.model, device, config.batching.max_batch, calibration_urls=urls)
 
 
 def _source_factory(stream: StreamConfig, streams: int) -> Callable[[StreamConfig], VideoSource]:

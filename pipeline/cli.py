@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino", "tensorrt"],
                        help="every contender runs the same runtime (default: the fastest installed)")
+    bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                       help="every contender runs at this precision; int8 also measures the FP32 limit beside it")
     bench.add_argument("--decoder", default="cpu",
                        help="where vap decodes the clips: cpu, or cuda[:N] for the GPU's video engine (NVDEC)")
     bench.add_argument("--codec", default="mpeg4", choices=["mpeg4", "h264"],
@@ -254,7 +256,7 @@ def run_pipeline(
 ) -> int:
     """Run until a signal, the duration, the frame bound, or the end of every file source."""
     from pipeline.app import Pipeline
-    from pipeline.errors import ModelMismatch
+    from pipeline.errors import ConfigError, ModelMismatch
     from pipeline.ops.reload import ConfigReloader
 
     pipeline = Pipeline(config, config_path=path)
@@ -274,6 +276,10 @@ def run_pipeline(
             pipeline.start(max_frames=max_frames)
         except ModelMismatch as error:
             print(f"invalid config {path}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except ConfigError as error:  # found only while starting: calibration frames that cannot be read
+            for line in error.lines():
+                print(f"invalid config {path}: {line}", file=sys.stderr)
             return EXIT_USAGE
         except Exception as error:
             log.error("cannot start: %s", error)
@@ -433,8 +439,8 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     options = BenchOptions(
         streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,
-        max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, decoder=args.decoder, codec=args.codec,
-        weights=args.weights, quick=args.quick,
+        max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, precision=args.precision,
+        decoder=args.decoder, codec=args.codec, weights=args.weights, quick=args.quick,
         soak_s=args.soak, json_path=args.json,
     )
     report = run_bench(options)

@@ -266,7 +266,15 @@ class ModelConfig(_Section):
     task: Literal["auto", "detect", "segment", "classify"] = "auto"
     imgsz: int = Field(640, ge=32, le=4096, description="Model input size in pixels")
     device: str | list[str] = Field("auto", description="auto | cpu | cuda:N | a list of cuda devices")
-    half: Literal["auto"] | bool = Field("auto", description="FP16; auto means on CUDA only")
+    half: Literal["auto"] | bool = Field("auto", description="FP16; auto means on CUDA only (see model.precision)")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="auto: as model.half says; int8: OpenVINO with NNCF post-training quantization, on the CPU"
+    )
+    calibration: Path | None = Field(
+        None, description="int8: a folder of images or a video clip to calibrate on; default: the bundled model's "
+                          "own set, else the first frames of the streams"
+    )
+    calibration_frames: int = Field(300, ge=8, le=10_000, description="int8: frames to calibrate on at most")
     conf: float = Field(0.25, ge=0.0, le=1.0)
     iou: float = Field(0.45, ge=0.0, le=1.0)
     classes: list[int | str] | None = Field(None, description="Class ids or names to keep")
@@ -301,6 +309,31 @@ class ModelConfig(_Section):
         return value
 
     _some_classes = field_validator("classes")(_some_classes)
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> ModelConfig:
+        if self.precision != "auto" and self.half != "auto":
+            raise _error_at(("half",), f"is the older spelling of model.precision, which is set too "
+                                       f"({self.precision}); remove model.half (half: true is precision: fp16)")
+        if self.precision != "int8":
+            return self
+        if self.runtime not in ("auto", "openvino"):
+            raise _error_at(("precision",), f"int8 runs through OpenVINO on the CPU, and model.runtime is "
+                                            f"{self.runtime}; set model.runtime to openvino (or auto)")
+        devices = [self.device] if isinstance(self.device, str) else self.device
+        gpus = [device for device in devices if device not in ("auto", "cpu")]
+        if gpus:
+            raise _error_at(("precision",), f"int8 runs on the CPU (OpenVINO), and model.device is {gpus[0]}; "
+                                            "use fp16 on a GPU, or model.device: cpu")
+        return self
+
+    def effective_precision(self, device: str) -> str:
+        """fp32, fp16 or int8 on this device: `auto` follows `half` (FP16 on CUDA only, unless it says)."""
+        if self.precision != "auto":
+            return self.precision
+        if self.half == "auto":
+            return "fp16" if device.startswith("cuda") else "fp32"
+        return "fp16" if self.half else "fp32"
 
 
 def _check_device(name: str, in_list: bool) -> None:

@@ -23,6 +23,7 @@ from pipeline.inference.devices import use_device_in_this_thread
 from pipeline.inference.model_info import class_ids_for, model_display_name, model_labels, unsupported_task
 from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, frame_detections
 from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
+from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,14 @@ class UltralyticsDetector:
     `predict`.
     """
 
-    def __init__(self, config: ModelConfig, device: str, max_batch: int = 1) -> None:
+    def __init__(self, config: ModelConfig, device: str, max_batch: int = 1,
+                 calibration_urls: Sequence[str] = ()) -> None:
         from ultralytics import YOLO
 
         self._config = config
         self.device = device
-        self._half = device.startswith("cuda") if config.half == "auto" else bool(config.half)
+        self.precision = config.effective_precision(device)
+        self._half = self.precision == "fp16"
         task = None if config.task == "auto" else config.task
         try:
             original = YOLO(config.weights, task=task)
@@ -114,8 +117,9 @@ class UltralyticsDetector:
         self.labels = model_labels(original)
         self._class_filter = class_ids_for(config.classes, self.labels, "model.classes")
         export_dir = config.export_dir or default_export_dir()
+        int8 = calibration_for(config, calibration_urls) if self.precision == "int8" else None
         resolved = resolve_model(config.weights, config.runtime, device, config.imgsz, max_batch, self._half,
-                                 export_dir)
+                                 export_dir, int8)
         self.runtime = resolved.runtime
         self._resolved = resolved
         self._requests: OpenVinoRequests | None = None

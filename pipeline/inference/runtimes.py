@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import ConfigError
+from pipeline.inference.quantize import Int8Calibration, quantize_openvino
+
 log = logging.getLogger(__name__)
 
 _EXPORT_FORMATS = {"onnx": "onnx", "openvino": "openvino", "tensorrt": "engine"}
@@ -83,10 +86,12 @@ def _toolchain(runtime: str, device: str) -> str:
     return hashlib.sha256(";".join(parts).encode()).hexdigest()[:8]
 
 
-def export_path(weights: str, runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path) -> Path:
-    """Where the export of `weights` for these settings lives in the cache, whether or not it exists yet."""
+def export_path(weights: str, runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path,
+                int8_key: str | None = None) -> Path:
+    """Where the export of `weights` for these settings lives in the cache, whether or not it exists yet; an INT8
+    model's key names its calibration data too."""
     source = Path(weights)
-    precision = "fp16" if half else "fp32"
+    precision = f"int8-{int8_key}" if int8_key else "fp16" if half else "fp32"
     device_kind = "cuda" if device.startswith("cuda") else "cpu"
     key = (f"{source.stem}-{_weights_hash(source)}-{imgsz}px-b{batch}-{precision}-{device_kind}"
            f"-{_toolchain(runtime, device)}")
@@ -94,9 +99,13 @@ def export_path(weights: str, runtime: str, device: str, imgsz: int, batch: int,
 
 
 def resolve_model(
-    weights: str, requested_runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path
+    weights: str, requested_runtime: str, device: str, imgsz: int, batch: int, half: bool, export_dir: Path,
+    int8: Int8Calibration | None = None,
 ) -> ResolvedModel:
-    """Export `weights` for the chosen runtime (once), or return them as they are for PyTorch."""
+    """Export `weights` for the chosen runtime (once), or return them as they are for PyTorch. With `int8`, the
+    OpenVINO export is quantized (once per calibration); that never falls back to another precision."""
+    if int8 is not None:
+        return _resolve_int8(weights, requested_runtime, device, imgsz, batch, export_dir, int8)
     runtime = choose_runtime(requested_runtime, device)
     source = Path(weights)
     if runtime == "torch" or source.suffix != ".pt" or not source.is_file():
@@ -113,6 +122,32 @@ def resolve_model(
         log.warning("exporting %s to %s failed (%s); running on PyTorch", source.name, runtime, error)
         return ResolvedModel(weights, "torch")
     return ResolvedModel(str(target), runtime, target.parent)
+
+
+def _resolve_int8(weights: str, requested_runtime: str, device: str, imgsz: int, batch: int, export_dir: Path,
+                  int8: Int8Calibration) -> ResolvedModel:
+    if choose_runtime(requested_runtime, device) != "openvino" or device != "cpu":
+        raise RuntimeError("model.precision int8 needs OpenVINO on the CPU: install vap's openvino extra "
+                           "(pip install 'vap[openvino]') or choose fp32")
+    source = Path(weights)
+    if source.suffix != ".pt" or not source.is_file():
+        raise ConfigError([("model.precision", f"int8 quantizes a .pt weights file on this machine; "
+                                               f"model.weights is {weights}")])
+    fp32 = resolve_model(weights, "openvino", device, imgsz, batch, False, export_dir)
+    if fp32.runtime != "openvino":
+        raise RuntimeError("model.precision int8: the OpenVINO export it starts from failed (see the warning above)")
+    target = export_path(weights, "openvino", device, imgsz, batch, False, export_dir, int8_key=int8.key)
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=target.parent.parent, prefix=".int8-") as scratch:
+            staged = Path(scratch) / "staged"
+            quantize_openvino(Path(fp32.path), int8, imgsz, staged / target.name)
+            target.parent.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staged.rename(target.parent)
+            except OSError:
+                if not target.exists():
+                    raise
+    return ResolvedModel(str(target), "openvino", target.parent)
 
 
 def discard(resolved: ResolvedModel) -> None:

@@ -32,10 +32,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
-from pipeline.config import PipelineConfig, parse_config
+from pipeline.config import ModelConfig, PipelineConfig, parse_config
 from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, PendingBatch, infer
 from pipeline.inference.devices import resolve_device
+from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import default_export_dir, resolve_model
 from pipeline.ops.metrics import STAGES
 from pipeline.tools.broker import EmbeddedBroker
@@ -53,6 +54,7 @@ class BenchOptions:
     max_wait_ms: float = 20.0
     device: str = "auto"
     runtime: str = "auto"
+    precision: str = "auto"
     decoder: str = "cpu"
     codec: str = "mpeg4"
     weights: str | None = None
@@ -241,7 +243,8 @@ def _reset_cuda_peak(device: str) -> None:
 
 
 def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str, samples: list[np.ndarray],
-                  seconds: float, label: str) -> Measurement:
+                  seconds: float, label: str, precision: str = "auto",
+                  calibration_urls: Sequence[str] = ()) -> Measurement:
     """Forward, NMS and mask assembly on one pre-made device tensor, repeated, with the fastest
     post-processing there is (vap's batched one; Ultralytics' own loops per image and is slower), and as
     many batches at once as the runtime runs in parallel."""
@@ -250,8 +253,8 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
     from pipeline.config import ModelConfig
     from pipeline.inference.detector import UltralyticsDetector
 
-    detector = UltralyticsDetector(ModelConfig(weights=weights, imgsz=options.imgsz, runtime=runtime), device,
-                                   options.batch)
+    detector = UltralyticsDetector(ModelConfig(weights=weights, imgsz=options.imgsz, runtime=runtime,
+                                               precision=precision), device, options.batch, calibration_urls)
     now = time.monotonic()
     frames = [Frame("limit", index, None, datetime.now(timezone.utc), now, samples[index % len(samples)])
               for index in range(options.batch)]
@@ -386,7 +389,8 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
     return parse_config({
         "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime, "decoder": options.decoder}
                     for i, path in enumerate(clips)],
-        "model": {"weights": weights, "imgsz": options.imgsz, "device": device, "runtime": options.runtime},
+        "model": {"weights": weights, "imgsz": options.imgsz, "device": device, "runtime": options.runtime,
+                  "precision": options.precision},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},
@@ -515,14 +519,23 @@ def run_bench(options: BenchOptions) -> BenchReport:
         from ultralytics import YOLO
 
         task = str(YOLO(weights).task)
+        model = ModelConfig(weights=weights, imgsz=options.imgsz, runtime=options.runtime, precision=options.precision)
+        precision = model.effective_precision(device)
+        int8 = calibration_for(model, [str(clip) for clip in clips]) if precision == "int8" else None
         resolved = resolve_model(weights, options.runtime, device, options.imgsz, options.batch,
-                                 device.startswith("cuda"), default_export_dir())
+                                 precision == "fp16", default_export_dir(), int8)
         report.options["runtime"] = resolved.runtime
-        progress(f"1/5 model-bound limit on {resolved.runtime} ({seconds:.0f} s)")
+        report.options["precision"] = precision
+        progress(f"1/5 model-bound limit on {resolved.runtime} {precision} ({seconds:.0f} s)")
         limit = measure_limit(options, weights, resolved.runtime, device, frames, seconds,
-                              f"limit ({resolved.runtime}, forward+NMS)")
+                              f"limit ({resolved.runtime} {precision}, forward+NMS)", options.precision,
+                              [str(clip) for clip in clips])
         extra: list[Measurement] = []
-        if resolved.runtime != "torch":
+        if precision == "int8":
+            progress(f"1/5 model-bound limit on {resolved.runtime} fp32, for INT8's speed-up ({seconds:.0f} s)")
+            extra.append(measure_limit(options, weights, resolved.runtime, device, frames, seconds,
+                                       f"limit ({resolved.runtime} fp32, forward+NMS)", "fp32"))
+        elif resolved.runtime != "torch":
             progress(f"1/5 model-bound limit on torch, for the runtime's speed-up ({seconds:.0f} s)")
             extra.append(
                 measure_limit(options, weights, "torch", device, frames, seconds, "limit (torch, forward+NMS)")
@@ -555,6 +568,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
             "host_ceiling_over_limit": ceiling.fps / limit.fps if limit.fps else 0.0,
         }
         report.ratios["p99_budget_ms"] = 2 * report.ratios["batch_inference_ms"] + options.max_wait_ms
+        if precision == "int8" and extra[0].fps:
+            report.ratios["int8_limit_over_fp32_limit"] = limit.fps / extra[0].fps
         if options.soak_s > 0:
             report.soak = soak(options, weights, device, workdir, broker.bootstrap_servers, paced_fps)
     return report
@@ -585,7 +600,8 @@ def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootst
 def format_report(report: BenchReport) -> str:
     lines = [
         f"machine: {report.machine}",
-        f"runtime: {report.options.get('runtime')}, batch {report.options.get('batch')}, "
+        f"runtime: {report.options.get('runtime')} {report.options.get('precision', '')}, "
+        f"batch {report.options.get('batch')}, "
         f"imgsz {report.options.get('imgsz')}, {report.options.get('streams')} streams",
         f"{'contender':<44} {'frames':>7} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} {'GPU MB':>8}",
     ]

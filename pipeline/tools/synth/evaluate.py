@@ -287,11 +287,14 @@ def evaluate_model(
     imgsz: int = 320,
     conf: float = 0.25,
     work_dir: Path | None = None,
+    precision: str = "torch",
 ) -> dict[str, dict[str, float | int]]:
-    """Score a weights file on freshly generated clips per frame size, and over all of them together."""
+    """Score a weights file on freshly generated clips per frame size, and over all of them together.
+    `precision`: `torch` (the weights as they are), or `fp32` / `int8` through vap's own OpenVINO export
+    (INT8 calibrated as `model.precision: int8` does, on the bundled set for the bundled model)."""
     from ultralytics import YOLO
 
-    model = YOLO(str(weights), task="segment")
+    model = YOLO(str(_runtime_model(weights, precision, imgsz)), task="segment")
     results: dict[str, dict[str, float | int]] = {}
     overall = AccuracyStats()
     with tempfile.TemporaryDirectory(prefix="vap-eval-") as tmp:
@@ -309,6 +312,19 @@ def evaluate_model(
     return results
 
 
+def _runtime_model(weights: Path, precision: str, imgsz: int) -> str:
+    if precision == "torch":
+        return str(weights)
+    from pipeline.config import ModelConfig
+    from pipeline.inference.quantize import calibration_for
+    from pipeline.inference.runtimes import default_export_dir, resolve_model
+
+    model = ModelConfig(weights=str(weights), imgsz=imgsz, runtime="openvino", precision=precision)
+    int8 = calibration_for(model, []) if precision == "int8" else None
+    resolved = resolve_model(str(weights), "openvino", "cpu", imgsz, 1, False, default_export_dir(), int8)
+    return resolved.path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure a shapes model end to end on generated clips.")
     shipped = Path(__file__).parent.parent.parent / "assets" / "vap-shapes-seg.pt"
@@ -319,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=["torch", "fp32", "int8"], default="torch",
+                        help="torch: the weights as they are; fp32/int8: vap's OpenVINO export")
     args = parser.parse_args(argv)
     os.environ["YOLO_OFFLINE"] = "1"
     import torch
@@ -326,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.monotonic()
     results = evaluate_model(
-        args.weights, n_clips=args.clips, n_frames=args.frames, seed=args.seed, imgsz=args.imgsz, conf=args.conf
+        args.weights, n_clips=args.clips, n_frames=args.frames, seed=args.seed, imgsz=args.imgsz, conf=args.conf,
+        precision=args.precision,
     )
     for name, summary in results.items():
         print(name, " ".join(f"{k}={v}" for k, v in summary.items()))
