@@ -170,8 +170,8 @@ class Pipeline:
                 self._ready.set()
         if self.fleet is not None:
             self.fleet.start(config.streams)
-        log.info("ready: %d stream(s), model %s on %s (%s)", len(self.readers), self.detector.name,
-                 ", ".join(devices), self.detector.runtime)
+        log.info("ready: %d stream(s), model %s on %s (%s %s)", len(self.readers), self.detector.name,
+                 ", ".join(devices), self.detector.runtime, getattr(self.detector, "precision", ""))
 
     def _start_publishing(self, model_name: str) -> None:
         config = self.config

@@ -143,3 +143,26 @@ def test_int8_detections_match_ground_truth_through_the_pipeline_and_a_real_brok
     assert int8.mean_mask_iou >= MIN_MASK_IOU, int8.summary()
     assert abs(int8.recall - fp32.recall) <= 0.02 and abs(int8.precision - fp32.precision) <= 0.02, (
         int8.summary(), fp32.summary())
+
+
+@needs_openvino
+def test_calibration_frames_that_cannot_be_read_stop_vap_run_with_exit_2_naming_the_key(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from tests.conftest import vap_process
+
+    weights = tmp_path / "my-model.pt"  # not the bundled file: no shipped calibration set applies
+    shutil.copyfile(SHIPPED_WEIGHTS, weights)
+    clip = write_clip(tmp_path / "clip.mp4", SceneSpec(width=160, height=96, n_frames=4, seed=3))
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"streams:\n  - {{id: a, url: {clip}}}\nmodel: {{weights: {weights}, imgsz: 160, "
+                      f"precision: int8, calibration: {empty}, export_dir: {tmp_path / 'exports'}}}\n"
+                      "http: {host: 127.0.0.1, port: 0}\nkafka: {bootstrap_servers: '127.0.0.1:9'}\n",
+                      encoding="utf-8")
+    with vap_process(["run", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert f"model.calibration: {empty} holds no images" in err.decode() and b"Traceback" not in err
