@@ -138,8 +138,7 @@ class Pipeline:
         self._max_frames = max_frames
         with self._streams_lock:
             self._phase = _Phase.STARTING
-        token = config.http.auth_token.get_secret_value() if config.http.auth_token is not None else None
-        self.http = HttpServer(config.http.host, config.http.port, build_app(self, config.http.host, token))
+        self.http = HttpServer(config.http.host, config.http.port, build_app(self, config.http))
         self.http.start()
         self.started_monotonic = time.monotonic()
         log.info("metrics and health on http://%s:%d", config.http.host, self.http.port)

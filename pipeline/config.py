@@ -421,8 +421,15 @@ class HttpConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
     auth_token: SecretStr | None = Field(
-        None, description="Bearer token for stream changes; use ${ENV_VAR}. Without it, changes need a loopback host"
+        None, description="Bearer token for every /api/ route; use ${ENV_VAR}. Without it, changes need a loopback "
+                          "host"
     )
+    allowed_hosts: list[str] = Field(
+        [], description="Names the control API answers for besides IP addresses and this machine's own names "
+                        "(a leading *. matches subdomains); other Host headers get 400"
+    )
+    max_streams: int = Field(256, ge=1, le=100_000, description="Streams this process runs at most")
+    max_body_bytes: int = Field(65_536, ge=1024, le=16 * 2**20, description="Largest request body the API takes")
 
     @field_validator("auth_token")
     @classmethod
@@ -493,6 +500,10 @@ class PipelineConfig(_Section):
         if not self.streams and self.fleet is None:
             raise _error_at(("streams",), "is empty; list at least one stream (or add a fleet: section, whose "
                             "registry then supplies them)")
+        if self.fleet is None and len(self.streams) > self.http.max_streams:
+            raise _error_at(("streams",), f"lists {len(self.streams)} streams, more than http.max_streams "
+                                          f"({self.http.max_streams}) lets one process run; raise it, or share the "
+                                          "cameras between processes (fleet mode)")
         return self
 
     @model_validator(mode="after")

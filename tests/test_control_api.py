@@ -84,9 +84,13 @@ def test_invalid_stream_body_gets_422_naming_the_field_and_no_token_gets_401(
         assert call(port, "POST", "/api/v1/streams", new_stream, token="wrong")[0] == 401
         assert call(port, "DELETE", "/api/v1/streams/steady", token=None)[0] == 401
         assert call(port, "POST", "/api/v1/streams", {"id": "steady", "url": str(clips["portrait"])})[0] == 409
-        assert call(port, "GET", "/api/v1/streams", token=None)[0] == 200
-        code, openapi = call(port, "GET", "/openapi.json", token=None)
+        assert call(port, "GET", "/api/v1/streams", token=None)[0] == 401  # reads need the token too
+        assert call(port, "GET", "/openapi.json", token=None)[0] == 404  # no docs outside /api/
+        assert call(port, "GET", "/docs", token=None)[0] == 404
+        assert call(port, "GET", "/api/v1/openapi.json", token=None)[0] == 401
+        code, openapi = call(port, "GET", "/api/v1/openapi.json")
         assert code == 200 and "/api/v1/streams" in openapi["paths"]
+        assert call(port, "GET", "/healthz", token=None)[0] == 200
     finally:
         pipeline.stop()
 

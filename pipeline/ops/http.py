@@ -1,20 +1,21 @@
 """One HTTP port: Prometheus (/metrics), liveness (/healthz), readiness (/readyz) and the control API.
 
-The control API adds and removes streams at run time. Mutating calls need `Authorization: Bearer
-<http.auth_token>` when a token is configured; without one they are refused unless the server only
-listens on loopback, so an exposed port never lets strangers add cameras. While the pipeline starts (the
-model loads) and once it has begun to stop, they answer 503.
+The control API adds and removes streams at run time. Who may call it is decided in `access.py`: with
+`http.auth_token` every /api/ route needs `Authorization: Bearer <token>`; without one, changes are refused
+unless the server only listens on loopback, so an exposed port never lets strangers add cameras. A Host
+header this server does not answer for gets 400 (DNS rebinding). While the pipeline starts (the model
+loads) and once it has begun to stop, changes answer 503.
 """
 
 from __future__ import annotations
 
 import errno
-import hmac
 import ipaddress
 import logging
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,8 +27,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pipeline import __version__
-from pipeline.config import StreamConfig
+from pipeline.config import HttpConfig, StreamConfig
 from pipeline.errors import NotAcceptingChanges, RegistryUnavailable, StreamExists, UnknownStream
+from pipeline.ops.access import api_refusal, body_refusal, own_host_names
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +71,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
-    app = FastAPI(title="vap", version=__version__, description="Real-time video analytics pipeline")
+def build_app(control: Control, http: HttpConfig) -> FastAPI:
+    """The API's description is at /api/v1/openapi.json, behind the same rules as the API; no docs page, whose
+    script would come from a CDN that camera sites often cannot reach."""
+    host = http.host
+    auth_token = None if http.auth_token is None else http.auth_token.get_secret_value()
+    own_names = own_host_names(host)
+    app = FastAPI(title="vap", version=__version__, description="Real-time video analytics pipeline",
+                  docs_url=None, redoc_url=None, openapi_url="/api/v1/openapi.json")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        headers = request.headers
+        refusal = api_refusal(request.url.path, headers.get("host"), headers.get("authorization"), auth_token,
+                              own_names, http.allowed_hosts) or body_refusal(
+            headers.get("content-length"), "chunked" in headers.get("transfer-encoding", "").lower(),
+            http.max_body_bytes)
+        if refusal is not None:
+            return JSONResponse({"detail": refusal.detail}, status_code=refusal.status, headers=dict(refusal.headers))
+        return await call_next(request)
 
     def authorise(request: Request) -> None:
-        if auth_token is None:
-            if not is_loopback(host):
-                raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                    "stream changes are disabled: set http.auth_token or listen on loopback")
-            return
-        supplied = request.headers.get("authorization", "")
-        if not hmac.compare_digest(supplied.encode(), f"Bearer {auth_token}".encode()):
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+        """Changes without a token only from a server that listens on loopback; the token itself is checked by
+        the guard, for every /api/ route."""
+        if auth_token is None and not is_loopback(host):
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                "stream changes are disabled: set http.auth_token or listen on loopback")
 
     @app.exception_handler(RequestValidationError)
     def invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -125,6 +140,9 @@ def build_app(control: Control, host: str, auth_token: str | None) -> FastAPI:
     @app.post("/api/v1/streams", status_code=status.HTTP_201_CREATED, tags=["control"],
               dependencies=[Depends(authorise)])
     def add_stream(stream: StreamConfig) -> dict[str, Any]:
+        if control.fleet_info() is None and len(control.list_streams()) >= http.max_streams:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"this process runs {http.max_streams} streams, the most "
+                                                          "http.max_streams allows; remove one first")
         try:
             control.add_stream(stream)
         except StreamExists:
