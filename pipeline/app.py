@@ -185,7 +185,7 @@ class Pipeline:
             self.snapshots = SnapshotPublisher(config.kafka, self.metrics, self.heartbeats, worker)
             self.snapshots.start()
         builder = MessageBuilder(model_name, config.kafka.snapshots,
-                                 None if self.snapshots is None else self.snapshots.offer)
+                                 None if self.snapshots is None else self.snapshots.offer, self.metrics)
         self.analytics = AnalyticsStage(config.analytics, builder, self.publisher.submit, self.ledger, self.metrics,
                                         self.heartbeats)
         self.analytics.start()

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import pytest
 from kafka import errors
+from prometheus_client import CollectorRegistry
 
 from pipeline.analytics.zones import ZoneEvent
 from pipeline.config import KafkaConfig, SnapshotConfig, SpoolConfig
@@ -582,3 +583,34 @@ def test_zone_events_failed_together_in_one_blip_wait_one_backoff_step_and_a_sto
     assert harness.publisher.join(10)
     assert harness.count("dropped") == 0, "the events were dropped though the broker was healthy"
     assert harness.count("sent") == 27
+
+
+def test_keep_last_deletes_only_files_vap_named_and_leaves_the_rest_of_a_shared_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    theirs = [folder / "holiday.jpg", folder / "0001.jpg", folder / "notes.txt"]
+    for path in theirs:
+        path.write_bytes(b"not vap's")
+        os.utime(path, (1, 1))  # older than anything vap writes: the first to go if they counted
+    writer = SnapshotWriter(SnapshotConfig(dir=tmp_path, every_n_frames=1, keep_last=2))
+    for frame_id in range(5):
+        writer.write(make_result(make_frame("cam", frame_id)))
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        ["000000000003.jpg", "000000000004.jpg", *(path.name for path in theirs)])
+
+
+def test_a_thumbnail_that_cannot_be_written_is_counted_and_its_message_has_no_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    from pipeline.ops.metrics import PipelineMetrics
+    from pipeline.publishing.building import MessageBuilder
+
+    metrics = PipelineMetrics(CollectorRegistry())
+    builder = MessageBuilder("m", SnapshotConfig(dir=tmp_path, every_n_frames=1), metrics=metrics)
+    first = orjson.loads(builder.frame_message(make_result(make_frame("cam", 0)), None).value)
+    assert first["snapshot"]["uri"].endswith("000000000000.jpg")
+    monkeypatch.setattr(cv2, "imwrite", lambda *_args, **_kwargs: False)  # what OpenCV returns on a full disk
+    second = orjson.loads(builder.frame_message(make_result(make_frame("cam", 1)), None).value)
+    assert "snapshot" not in second and not (tmp_path / "cam" / "000000000001.jpg").exists()
+    assert metrics.registry.get_sample_value("vap_snapshot_write_failures_total") == 1

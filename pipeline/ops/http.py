@@ -76,20 +76,9 @@ def build_app(control: Control, http: HttpConfig) -> FastAPI:
     script would come from a CDN that camera sites often cannot reach."""
     host = http.host
     auth_token = None if http.auth_token is None else http.auth_token.get_secret_value()
-    own_names = own_host_names(host)
     app = FastAPI(title="vap", version=__version__, description="Real-time video analytics pipeline",
                   docs_url=None, redoc_url=None, openapi_url="/api/v1/openapi.json")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        headers = request.headers
-        refusal = api_refusal(request.url.path, headers.get("host"), headers.get("authorization"), auth_token,
-                              own_names, http.allowed_hosts) or body_refusal(
-            headers.get("content-length"), "chunked" in headers.get("transfer-encoding", "").lower(),
-            http.max_body_bytes)
-        if refusal is not None:
-            return JSONResponse({"detail": refusal.detail}, status_code=refusal.status, headers=dict(refusal.headers))
-        return await call_next(request)
+    _guard(app, http, auth_token)
 
     def authorise(request: Request) -> None:
         """Changes without a token only from a server that listens on loopback; the token itself is checked by
@@ -97,16 +86,6 @@ def build_app(control: Control, http: HttpConfig) -> FastAPI:
         if auth_token is None and not is_loopback(host):
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 "stream changes are disabled: set http.auth_token or listen on loopback")
-
-    @app.exception_handler(RequestValidationError)
-    def invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
-        """FastAPI's own answer, except that an error about one item of a list (a duplicate zone id) has that
-        item in its `loc`, as `vap validate` names it, rather than the list."""
-        problems = []
-        for problem in error.errors():
-            below = problem.get("ctx", {}).get("at", ()) if problem.get("type") == "config_item" else ()
-            problems.append({**problem, "loc": [*problem.get("loc", ()), *below]})
-        return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -165,6 +144,33 @@ def build_app(control: Control, http: HttpConfig) -> FastAPI:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     return app
+
+
+def _guard(app: FastAPI, http: HttpConfig, auth_token: str | None) -> None:
+    """Every request passes `access.py`'s rules before any route sees it, and a body that fails validation is
+    answered with the key paths `vap validate` would name."""
+    own_names = own_host_names(http.host)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's own answer, except that an error about one item of a list (a duplicate zone id) has that
+        item in its `loc`, as `vap validate` names it, rather than the list."""
+        problems = []
+        for problem in error.errors():
+            below = problem.get("ctx", {}).get("at", ()) if problem.get("type") == "config_item" else ()
+            problems.append({**problem, "loc": [*problem.get("loc", ()), *below]})
+        return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        headers = request.headers
+        refusal = api_refusal(request.url.path, headers.get("host"), headers.get("authorization"), auth_token,
+                              own_names, http.allowed_hosts) or body_refusal(
+            headers.get("content-length"), "chunked" in headers.get("transfer-encoding", "").lower(),
+            http.max_body_bytes)
+        if refusal is not None:
+            return JSONResponse({"detail": refusal.detail}, status_code=refusal.status, headers=dict(refusal.headers))
+        return await call_next(request)
 
 
 class HttpServer:

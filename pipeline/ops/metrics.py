@@ -203,6 +203,10 @@ class PipelineMetrics:
             "newer picture of the stream, or the broker was away)", ["result"], registry=registry,
         )
         self.snapshot_outcomes = {result: self.snapshot_messages.labels(result=result) for result in KAFKA_RESULTS}
+        self.snapshot_write_failures = Counter(
+            "vap_snapshot_write_failures_total", "Thumbnails (kafka.snapshots.dir) that could not be written; their "
+            "messages went out without a link", registry=registry,
+        )
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's label sets at start, so dashboards see zeros rather than gaps."""

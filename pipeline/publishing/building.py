@@ -16,7 +16,7 @@ from pipeline.analytics.zones import ZoneEvent
 from pipeline.config import SnapshotConfig
 from pipeline.frames import FrameResult
 from pipeline.ledger import FrameTicket
-from pipeline.ops.metrics import StreamMetrics
+from pipeline.ops.metrics import PipelineMetrics, StreamMetrics
 from pipeline.ops.repeated_log import RepeatedErrorLog
 from pipeline.publishing.messages import build_event, build_message, encode
 from pipeline.publishing.snapshot_topic import Picture, PictureEncoder
@@ -31,11 +31,12 @@ class MessageBuilder:
     as long as each stream is built by one thread at a time (its snapshots are kept per stream)."""
 
     def __init__(self, model_name: str, snapshots: SnapshotConfig,
-                 pictures: Callable[[Picture], None] | None = None) -> None:
+                 pictures: Callable[[Picture], None] | None = None, metrics: PipelineMetrics | None = None) -> None:
         self._model_name = model_name
         self._snapshots = SnapshotWriter(snapshots) if snapshots.dir is not None else None
         self._snapshot_errors = RepeatedErrorLog(log)
         self._pictures = pictures
+        self._snapshot_failures = None if metrics is None else metrics.snapshot_write_failures
         self._encoder = PictureEncoder(snapshots) if pictures is not None else None
 
     def frame_message(self, result: FrameResult, series: StreamMetrics | None) -> OutgoingMessage:
@@ -69,6 +70,8 @@ class MessageBuilder:
         try:
             return self._snapshots.write(result)
         except Exception:
+            if self._snapshot_failures is not None:
+                self._snapshot_failures.inc()
             self._snapshot_errors.error("stream %s: cannot write the snapshot of frame %d; publishing without it",
                                         result.frame.stream_id, result.frame.frame_id, exc_info=True)
             return None

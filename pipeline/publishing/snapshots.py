@@ -1,11 +1,14 @@
 """Optional annotated JPEG thumbnails for dashboards that want a picture next to the numbers.
 
 Thumbnails go to a directory, never into the result topic; the message carries a reference to the file.
-Only the newest `keep_last` thumbnails of each stream are kept, so the directory cannot fill a disk.
+Only the newest `keep_last` thumbnails of each stream are kept, so the directory cannot fill a disk, and only
+files named as vap names them (`<12-digit frame id>.jpg`) are ever deleted: a folder shared with other files
+loses none of them. A thumbnail that cannot be written (a full disk) raises, so no message links to it.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 from pipeline.config import SnapshotConfig
 from pipeline.frames import FrameResult, host_image
 
+OWN_NAME = re.compile(r"\d{12}\.jpg")
 _COLOURS = ((56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72))
 
 
@@ -49,7 +53,9 @@ class SnapshotWriter:
         directory = self._root / frame.stream_id
         path = directory / f"{frame.frame_id:012d}.jpg"
         kept = self._kept_in(directory, frame.stream_id)
-        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, self._config.jpeg_quality])
+        if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, self._config.jpeg_quality]):
+            path.unlink(missing_ok=True)  # a partial file from a full disk
+            raise OSError(f"OpenCV could not write {path} (a full disk, or no permission)")
         if path not in kept:
             kept.append(path)
         while len(kept) > self._config.keep_last:
@@ -63,7 +69,8 @@ class SnapshotWriter:
         kept = self._kept.get(stream_id)
         if kept is None:
             directory.mkdir(parents=True, exist_ok=True)
-            kept = self._kept[stream_id] = deque(sorted(directory.glob("*.jpg"), key=_modified))
+            own = [path for path in directory.glob("*.jpg") if OWN_NAME.fullmatch(path.name)]
+            kept = self._kept[stream_id] = deque(sorted(own, key=_modified))
         return kept
 
 
