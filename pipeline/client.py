@@ -188,6 +188,29 @@ def parse_message(value: bytes, headers: Iterable[tuple[str, bytes | None]] | No
     return FrameMessage.model_validate(body)
 
 
+class MessageStream:
+    """What the reader does with each record, without Kafka: parse it, count it as skipped when it is not a
+    `vap.frame.v1` message (it never raises for a bad record), and fill `gap`, `moved` and `restarted`."""
+
+    def __init__(self) -> None:
+        self._streams = GapTracker()
+        self.skipped = 0
+
+    def take(self, value: bytes | None, headers: Iterable[tuple[str, bytes | None]] | None = None,
+             where: str = "a record") -> FrameMessage | None:
+        try:
+            message = parse_message(value if value is not None else b"", headers)
+        except (orjson.JSONDecodeError, ValidationError, TypeError, ValueError) as error:
+            self.skipped += 1
+            reason = "not JSON" if isinstance(error, orjson.JSONDecodeError) else "not a vap.frame.v1 message"
+            log.warning("skipped %s: %s", where, reason)
+            return None
+        step = self._streams.follow(message.stream_id, message.frame_id, message.worker)
+        if step.gap or step.moved or step.restarted:
+            message = message.model_copy(update={"gap": step.gap, "moved": step.moved, "restarted": step.restarted})
+        return message
+
+
 class ResultReader:
     """Iterates parsed messages from the result topic; stops after `idle_timeout_s` without one, if set. Each
     message's `worker`, `moved`, `restarted` and `gap` are filled (see `FrameMessage`).
@@ -216,23 +239,18 @@ class ResultReader:
             consumer_timeout_ms=int(idle_timeout_s * 1000) if idle_timeout_s is not None else float("inf"),
             **consumer_settings,
         )
-        self._streams = GapTracker()
-        self.skipped = 0
+        self._stream = MessageStream()
+
+    @property
+    def skipped(self) -> int:
+        return self._stream.skipped
 
     def __iter__(self) -> Iterator[FrameMessage]:
         for record in self._consumer:
-            try:
-                message = parse_message(record.value, record.headers)
-            except (orjson.JSONDecodeError, ValidationError, TypeError) as error:
-                self.skipped += 1
-                reason = "not JSON" if isinstance(error, orjson.JSONDecodeError) else "not a vap.frame.v1 message"
-                log.warning("skipped the record at %s[%d] offset %d: %s", record.topic, record.partition,
-                            record.offset, reason)
-                continue
-            step = self._streams.follow(message.stream_id, message.frame_id, message.worker)
-            if step.gap or step.moved or step.restarted:
-                message = message.model_copy(update={"gap": step.gap, "moved": step.moved, "restarted": step.restarted})
-            yield message
+            message = self._stream.take(record.value, record.headers,
+                                        f"{record.topic}[{record.partition}] offset {record.offset}")
+            if message is not None:
+                yield message
 
     def close(self) -> None:
         self._consumer.close()

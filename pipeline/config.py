@@ -608,7 +608,10 @@ def _yaml_error(error: yaml.YAMLError, text: str) -> ConfigError:
 
 def _parse_yaml(text: str, environ: Mapping[str, str] | None) -> Any:
     """YAML to plain data, with duplicate keys as errors and `${VAR}` expanded unless `environ` is None."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters at once, before the try below
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, text) from None
     try:
         root = loader.get_single_node()
         if root is None:
