@@ -15,6 +15,7 @@ from pipeline.app import Pipeline
 from pipeline.config import StreamConfig
 from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import ConfigFactory, decode, http_call, read_topic, sample, unused_topic, wait_for
+from tests.servers.fixtures import MjpegServerFactory
 
 TOKEN = "s3cret-token"
 PROCESSED = "vap_frames_processed_total"
@@ -25,7 +26,8 @@ def call(port: int, method: str, path: str, body: Any = None, token: str | None 
 
 
 def test_streams_added_and_removed_at_run_time_while_another_never_pauses(
-    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory
+    broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory,
+    mjpeg_server_factory: MjpegServerFactory,
 ) -> None:
     topic = unused_topic("api")
     config = make_config([{"id": "steady", "url": str(clips["landscape"]), "loop": True}],
@@ -36,7 +38,8 @@ def test_streams_added_and_removed_at_run_time_while_another_never_pauses(
     port = pipeline.http.port
     try:
         wait_for(lambda: sample(pipeline, PROCESSED, stream="steady") >= 5, 30, "steady stream did not start")
-        code, body = call(port, "POST", "/api/v1/streams", {"id": "added", "url": str(clips["portrait"]), "loop": True})
+        camera = mjpeg_server_factory(clip=clips["portrait"])  # the API adds network cameras only
+        code, body = call(port, "POST", "/api/v1/streams", {"id": "added", "url": camera.url})
         assert (code, body["id"]) == (201, "added")
         wait_for(lambda: sample(pipeline, PROCESSED, stream="added") >= 10, 30, "the added stream published nothing")
         code, listed = call(port, "GET", "/api/v1/streams")
@@ -83,7 +86,10 @@ def test_invalid_stream_body_gets_422_naming_the_field_and_no_token_gets_401(
         assert call(port, "POST", "/api/v1/streams", new_stream, token=None)[0] == 401
         assert call(port, "POST", "/api/v1/streams", new_stream, token="wrong")[0] == 401
         assert call(port, "DELETE", "/api/v1/streams/steady", token=None)[0] == 401
-        assert call(port, "POST", "/api/v1/streams", {"id": "steady", "url": str(clips["portrait"])})[0] == 409
+        assert call(port, "POST", "/api/v1/streams", {"id": "steady", "url": "rtsp://192.0.2.1/x"})[0] == 409
+        for local in (str(clips["portrait"]), f"file://{clips['portrait']}", "/dev/video0", "0"):
+            code, body = call(port, "POST", "/api/v1/streams", {"id": "local", "url": local})
+            assert code == 422 and "network cameras only" in body["detail"], local
         assert call(port, "GET", "/api/v1/streams", token=None)[0] == 401  # reads need the token too
         assert call(port, "GET", "/openapi.json", token=None)[0] == 404  # no docs outside /api/
         assert call(port, "GET", "/docs", token=None)[0] == 404

@@ -18,6 +18,7 @@ import pytest
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.fleet_lab import FleetLab, ResultWatcher, partition_of, spread_ids
 from tests.conftest import write_moving_box_clip
+from tests.servers.fixtures import MjpegServerFactory
 
 WORKERS = ("a", "b", "c")
 TAKEOVER_BOUND_S = 30.0  # 6 s session + a rebalance (3-4 s here, some rounds up to 12 s) + a stream's start
@@ -65,8 +66,9 @@ def take_over(watcher: ResultWatcher, lost: set[str], gone: str, since: float) -
 
 @pytest.mark.timeout(600)  # three model loads, two restarts, and every takeover waits out a session
 def test_replicas_share_the_cameras_take_over_from_dead_and_hung_ones_and_hand_over_on_sigterm(
-        lab: tuple[FleetLab, ResultWatcher]) -> None:
+        lab: tuple[FleetLab, ResultWatcher], mjpeg_server_factory: MjpegServerFactory) -> None:
     fleet, watcher = lab
+    network_camera = mjpeg_server_factory(clip=fleet.workdir / "camera.mp4", fps=5.0)  # the API adds only these
     cameras = set(fleet.stream_ids)
     for worker in WORKERS:
         fleet.start(worker)
@@ -107,8 +109,7 @@ def test_replicas_share_the_cameras_take_over_from_dead_and_hung_ones_and_hand_o
     added = next(candidate for candidate in spread_ids(fleet.partitions, fleet.partitions, prefix="added")
                  if partition_of(candidate, fleet.partitions) in partitions)
     asked = time.monotonic()
-    assert fleet.request(other, "POST", "/api/v1/streams",
-                         {"id": added, "url": str(fleet.workdir / "camera.mp4"), "loop": True}) == 201
+    assert fleet.request(other, "POST", "/api/v1/streams", {"id": added, "url": network_camera.url}) == 201
     started = watcher.wait(lambda: any(item.stream_id == added for item in watcher.since(asked)), 5,
                            f"{added}, added through {other}, was not published by its owner {owner}")
     assert {item.worker for item in watcher.since(asked) if item.stream_id == added} == {owner}

@@ -119,6 +119,9 @@ def build_app(control: Control, http: HttpConfig) -> FastAPI:
     @app.post("/api/v1/streams", status_code=status.HTTP_201_CREATED, tags=["control"],
               dependencies=[Depends(authorise)])
     def add_stream(stream: StreamConfig) -> dict[str, Any]:
+        if stream.kind != "live":  # else a token holder could read (and publish) the host's files and devices
+            raise HTTPException(422, "the control API adds network cameras only (rtsp://, rtsps://, http://, "
+                                     "https://); files and local devices come from the config file")
         if control.fleet_info() is None and len(control.list_streams()) >= http.max_streams:
             raise HTTPException(status.HTTP_409_CONFLICT, f"this process runs {http.max_streams} streams, the most "
                                                           "http.max_streams allows; remove one first")
