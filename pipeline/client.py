@@ -21,6 +21,7 @@ Example, a live per-label counter::
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -190,11 +191,21 @@ def parse_message(value: bytes, headers: Iterable[tuple[str, bytes | None]] | No
 
 class MessageStream:
     """What the reader does with each record, without Kafka: parse it, count it as skipped when it is not a
-    `vap.frame.v1` message (it never raises for a bad record), and fill `gap`, `moved` and `restarted`."""
+    `vap.frame.v1` message (it never raises for a bad record), drop it as a duplicate when the same frame was
+    already read, and fill `gap`, `moved` and `restarted`.
 
-    def __init__(self) -> None:
+    Delivery is at least once: a message vap kept in its spool across a restart, or resent after a broker
+    outage, can arrive twice. The same frame has the same stream id, `frame_id` and `captured_at` (a restarted
+    or moved stream reuses frame ids, never with the same capture time), so that triple identifies it; the
+    last `remembered` of each stream are kept.
+    """
+
+    def __init__(self, remembered: int = 1024) -> None:
         self._streams = GapTracker()
+        self._seen: dict[str, tuple[set[tuple[int, datetime]], deque[tuple[int, datetime]]]] = {}
+        self._remembered = remembered
         self.skipped = 0
+        self.duplicates = 0
 
     def take(self, value: bytes | None, headers: Iterable[tuple[str, bytes | None]] | None = None,
              where: str = "a record") -> FrameMessage | None:
@@ -205,10 +216,24 @@ class MessageStream:
             reason = "not JSON" if isinstance(error, orjson.JSONDecodeError) else "not a vap.frame.v1 message"
             log.warning("skipped %s: %s", where, reason)
             return None
+        if self._seen_before(message):
+            self.duplicates += 1
+            return None
         step = self._streams.follow(message.stream_id, message.frame_id, message.worker)
         if step.gap or step.moved or step.restarted:
             message = message.model_copy(update={"gap": step.gap, "moved": step.moved, "restarted": step.restarted})
         return message
+
+    def _seen_before(self, message: FrameMessage) -> bool:
+        seen, order = self._seen.setdefault(message.stream_id, (set(), deque()))
+        key = (message.frame_id, message.captured_at)
+        if key in seen:
+            return True
+        seen.add(key)
+        order.append(key)
+        if len(order) > self._remembered:
+            seen.discard(order.popleft())
+        return False
 
 
 class ResultReader:
@@ -244,6 +269,11 @@ class ResultReader:
     @property
     def skipped(self) -> int:
         return self._stream.skipped
+
+    @property
+    def duplicates(self) -> int:
+        """Messages dropped because the same frame was already read (delivery is at least once)."""
+        return self._stream.duplicates
 
     def __iter__(self) -> Iterator[FrameMessage]:
         for record in self._consumer:

@@ -111,3 +111,17 @@ def test_the_reader_still_parses_a_real_message() -> None:
     stream = MessageStream()
     message = stream.take(MESSAGE, [("worker", b"w1")])
     assert message is not None and message.worker == "w1" and stream.skipped == 0
+
+
+def test_the_reader_drops_a_frame_it_already_read_but_not_a_restarted_streams_reused_frame_id() -> None:
+    stream = MessageStream(remembered=4)
+    body = orjson.loads(MESSAGE)
+    assert stream.take(MESSAGE) is not None
+    assert stream.take(MESSAGE) is None and stream.duplicates == 1  # resent after a restart of vap
+    restarted = orjson.dumps({**body, "captured_at": "2026-12-07T11:00:00.000Z"})  # same frame_id, later
+    again = stream.take(restarted)
+    assert again is not None and again.restarted is False and stream.duplicates == 1
+    for frame_id in range(4, 9):  # push the first one out of the window
+        assert stream.take(orjson.dumps({**body, "frame_id": frame_id})) is not None
+    assert stream.take(MESSAGE) is not None, "only the last `remembered` frames of a stream are kept"
+    assert stream.skipped == 0
