@@ -189,6 +189,9 @@ def parse_message(value: bytes, headers: Iterable[tuple[str, bytes | None]] | No
     return FrameMessage.model_validate(body)
 
 
+_FrameKey = tuple[str | None, int, datetime]
+
+
 class MessageStream:
     """What the reader does with each record, without Kafka: parse it, count it as skipped when it is not a
     `vap.frame.v1` message (it never raises for a bad record), drop it as a duplicate when the same frame was
@@ -196,13 +199,13 @@ class MessageStream:
 
     Delivery is at least once: a message vap kept in its spool across a restart, or resent after a broker
     outage, can arrive twice. The same frame has the same stream id, `frame_id` and `captured_at` (a restarted
-    or moved stream reuses frame ids, never with the same capture time), so that triple identifies it; the
-    last `remembered` of each stream are kept.
+    or moved stream reuses frame ids, never with the same capture time), so that triple, with the worker that
+    published it, identifies it; the last `remembered` of each stream are kept.
     """
 
     def __init__(self, remembered: int = 1024) -> None:
         self._streams = GapTracker()
-        self._seen: dict[str, tuple[set[tuple[int, datetime]], deque[tuple[int, datetime]]]] = {}
+        self._seen: dict[str, tuple[set[_FrameKey], deque[_FrameKey]]] = {}
         self._remembered = remembered
         self.skipped = 0
         self.duplicates = 0
@@ -226,7 +229,7 @@ class MessageStream:
 
     def _seen_before(self, message: FrameMessage) -> bool:
         seen, order = self._seen.setdefault(message.stream_id, (set(), deque()))
-        key = (message.frame_id, message.captured_at)
+        key = (message.worker, message.frame_id, message.captured_at)
         if key in seen:
             return True
         seen.add(key)

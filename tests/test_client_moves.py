@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
 import orjson
 import pytest
@@ -20,8 +21,12 @@ from tests.fakes import make_frame, make_result
 Step = tuple[int, str | None]  # frame_id, worker
 
 
-def frame_message(stream_id: str, frame_id: int) -> bytes:
-    return encode(build_message(make_result(make_frame(stream_id, frame_id)), "m", datetime.now(timezone.utc), 1.0))
+def frame_message(stream_id: str, frame_id: int, captured_s: float = 0.0) -> bytes:
+    """`captured_s` later than now: every frame of a real camera has its own capture time, and the reader
+    drops a second message with the same stream, frame id and capture time as a duplicate."""
+    frame = make_frame(stream_id, frame_id)
+    frame = replace(frame, captured_at=frame.captured_at + timedelta(seconds=captured_s))
+    return encode(build_message(make_result(frame), "m", datetime.now(timezone.utc), 1.0))
 
 
 def follow_all(steps: list[Step]) -> list[Continuity]:
@@ -105,9 +110,10 @@ def produce_fleet_records(bootstrap: str, topic: str) -> None:
     ]
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     try:
-        for stream_id, frame_id, worker in records:
+        for index, (stream_id, frame_id, worker) in enumerate(records):
             headers = [*HEADERS, *([("worker", worker.encode())] if worker is not None else [])]
-            producer.send(topic, key=stream_id.encode(), value=frame_message(stream_id, frame_id), headers=headers)
+            producer.send(topic, key=stream_id.encode(), value=frame_message(stream_id, frame_id, index),
+                          headers=headers)
         producer.flush(timeout=10)
     finally:
         producer.close()
