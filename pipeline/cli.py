@@ -19,6 +19,7 @@ from pipeline import __version__
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
     from pipeline.config import PipelineConfig
+    from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline")
 
@@ -211,10 +212,15 @@ def _load(args: argparse.Namespace) -> PipelineConfig | None:
         config = load_config(args.config, args.overrides)
         check_files_exist(config)
     except ConfigError as error:
-        for line in error.lines():
-            print(f"invalid config {args.config}: {line}", file=sys.stderr)
+        _report_invalid_config(args.config, error)
         return None
     return config
+
+
+def _report_invalid_config(path: Path | None, error: ConfigError) -> None:
+    """One line per problem, each naming its key path, as `vap validate` prints them."""
+    for line in error.lines():
+        print(f"invalid config {path}: {line}", file=sys.stderr)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -278,8 +284,7 @@ def run_pipeline(
             print(f"invalid config {path}: {error}", file=sys.stderr)
             return EXIT_USAGE
         except ConfigError as error:  # found only while starting: calibration frames that cannot be read
-            for line in error.lines():
-                print(f"invalid config {path}: {line}", file=sys.stderr)
+            _report_invalid_config(path, error)
             return EXIT_USAGE
         except Exception as error:
             log.error("cannot start: %s", error)
@@ -377,8 +382,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         try:
             config = load_kafka_section(args.config)
         except ConfigError as error:
-            for line in error.lines():
-                print(f"invalid config {args.config}: {line}", file=sys.stderr)
+            _report_invalid_config(args.config, error)
             return EXIT_USAGE
     if not 0 <= args.port <= 65535:
         print(f"vap dashboard: --port {args.port} is not a port (0-65535)", file=sys.stderr)
@@ -398,8 +402,7 @@ def _streams(args: argparse.Namespace) -> int:
         try:
             config = load_config(args.config)
         except ConfigError as error:
-            for line in error.lines():
-                print(f"invalid config {args.config}: {line}", file=sys.stderr)
+            _report_invalid_config(args.config, error)
             return EXIT_USAGE
         kafka, fleet = config.kafka, config.fleet
     registry = streams.registry_from(kafka, fleet, args.bootstrap, args.topic)
