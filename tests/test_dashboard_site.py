@@ -12,7 +12,7 @@ import http.client
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from pipeline.dashboard.feed import FeedTopics
 from pipeline.dashboard.service import Dashboard, DashboardSettings
 from pipeline.tools.broker import EmbeddedBroker, free_port
 from pipeline.tools.demo import SHIPPED_WEIGHTS
-from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track, plan_scene, render_frame
+from pipeline.tools.synth.clips import write_scripted_clip
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track
 from tests.conftest import decode, read_topic, sample, unused_topic, wait_for
 
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="the bundled model is not in the tree")
@@ -50,15 +51,7 @@ def track(object_id: int, class_id: int, start: tuple[float, float], velocity: t
 
 def render_clip(path: Path, frames: int, seed: int, tracks: tuple[_Track, ...]) -> list[list[GroundTruthObject]]:
     spec = SceneSpec(width=SIZE[0], height=SIZE[1], n_frames=frames, fps=10.0, seed=seed, n_objects=0)
-    plan = replace(plan_scene(spec), tracks=tracks)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 10.0, SIZE)
-    truth = []
-    for index in range(frames):
-        image, objects = render_frame(spec, index, plan)
-        writer.write(image)
-        truth.append(objects)
-    writer.release()
-    return truth
+    return write_scripted_clip(path, spec, tracks)
 
 
 @dataclass

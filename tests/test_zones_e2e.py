@@ -9,11 +9,9 @@ from the ground-truth boxes of the generator, through the same anchor rule, neve
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import jsonschema
 import pytest
 
@@ -22,8 +20,9 @@ from pipeline.config import parse_config
 from pipeline.publishing.messages import load_schema
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.synth.clips import write_scripted_clip
 from pipeline.tools.synth.evaluate import box_iou
-from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track, plan_scene, render_frame
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track
 from tests.conftest import decode, read_topic, run_to_completion, unused_topic
 
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="the bundled model is not in the tree")
@@ -64,15 +63,7 @@ SCENES: dict[str, dict[str, Any]] = {
 def render_clip(path: Path, scene: dict[str, Any]) -> list[list[GroundTruthObject]]:
     width, height = scene["size"]
     spec = SceneSpec(width=width, height=height, n_frames=FRAMES, fps=10.0, seed=scene["seed"], n_objects=0)
-    plan = replace(plan_scene(spec), tracks=tuple(scene["tracks"]))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 10.0, (width, height))
-    truth = []
-    for index in range(FRAMES):
-        image, objects = render_frame(spec, index, plan)
-        writer.write(image)
-        truth.append(objects)
-    writer.release()
-    return truth
+    return write_scripted_clip(path, spec, scene["tracks"])
 
 
 def expected_events(truth: list[list[GroundTruthObject]], analytics: dict[str, Any]) -> Counter[tuple[str, ...]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import cv2
 
-from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, render_scene
+from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track, plan_scene, render_frame, render_scene
 
 _FOURCCS = ("avc1", "mp4v")
 
@@ -117,3 +117,19 @@ def load_ground_truth(path: Path) -> list[list[GroundTruthObject]]:
                 raise ValueError(f"{sidecar}: frame {data['frame_index']} out of order (expected {expected})")
             frames.append([_object_from_json(o) for o in data["objects"]])
     return frames
+
+
+def write_scripted_clip(path: Path, spec: SceneSpec, tracks: Sequence[_Track]) -> list[list[GroundTruthObject]]:
+    """An MP4 of `spec`'s background with exactly `tracks` in it (objects whose paths a test chose), and the
+    ground truth of every frame."""
+    from dataclasses import replace
+
+    plan = replace(plan_scene(spec), tracks=tuple(tracks))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), spec.fps, (spec.width, spec.height))
+    truth = []
+    for index in range(spec.n_frames):
+        image, objects = render_frame(spec, index, plan)
+        writer.write(image)
+        truth.append(objects)
+    writer.release()
+    return truth
