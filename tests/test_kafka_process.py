@@ -24,7 +24,7 @@ from pipeline.frames import Detections, FrameResult
 from pipeline.publishing.kafka_client import Producer, make_kafka_producer
 from pipeline.publishing.kafka_process import DeliveryFuture, KafkaProcess, KafkaProcessError
 from pipeline.publishing.publisher import KafkaPublisher
-from pipeline.publishing.spool import load_undelivered
+from pipeline.publishing.spool_log import read_log
 from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import closed_port_address, decode, read_topic, unused_topic, wait_until
 from tests.fakes import FedPublisher, Stages, make_frame, make_result
@@ -322,7 +322,7 @@ def test_messages_in_flight_at_stop_are_kept_in_the_spool_dir_when_the_broker_is
             "handed to the producer and not answered: in flight"
         publisher.stop(flush_timeout_s=0.5)
         assert publisher.join(15)
-    kept = load_undelivered(tmp_path)
+    kept = read_log(tmp_path).messages
     assert sorted(orjson.loads(message.value)["frame_id"] for message in kept) == [1, 2, 3, 4, 5]
     assert count("dropped") == 0 and count("sent") == 1
 
@@ -542,7 +542,7 @@ def test_messages_kept_at_a_stop_while_the_broker_is_silent_are_kept_and_resent_
             assert wait_until(lambda: publisher.backlog() == 390, timeout_s=20)
             publisher.stop(flush_timeout_s=0.5)
             assert publisher.join(15)
-        kept = load_undelivered(tmp_path)
+        kept = read_log(tmp_path).messages
         for stream_id in STREAMS:
             frame_ids = [orjson.loads(m.value)["frame_id"] for m in kept if m.key.decode() == stream_id]
             assert frame_ids == list(range(5, 200)), f"{stream_id}: the file is out of order or incomplete"

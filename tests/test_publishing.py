@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,8 @@ from pipeline.publishing.kafka_client import DeliveryErrorKind, Producer, delive
 from pipeline.publishing.kafka_process import KafkaProcessError
 from pipeline.publishing.publisher import KafkaPublisher
 from pipeline.publishing.snapshots import SnapshotWriter
-from pipeline.publishing.spool import SPOOL_FILE, OutgoingMessage, Spool, load_undelivered, save_undelivered
+from pipeline.publishing.spool import LEGACY_SPOOL_FILE, OutgoingMessage, Spool
+from pipeline.publishing.spool_log import read_log
 from tests.conftest import wait_until
 from tests.fakes import FakeFuture, FakeProducer, MessageFeed, Stages, make_frame, make_result
 
@@ -204,18 +206,31 @@ def test_delivery_errors_are_told_apart_by_whether_a_retry_can_succeed(error: Ex
     assert delivery_error_kind(error) == kind
 
 
-def test_a_restored_spool_file_stays_on_disk_until_its_messages_are_delivered(tmp_path: Path) -> None:
-    save_undelivered(tmp_path, [OutgoingMessage(b"cam-1", orjson.dumps({"frame_id": index})) for index in range(3)])
+def write_legacy_spool_file(directory: Path, messages: list[OutgoingMessage]) -> None:
+    """The file versions before the log wrote at a clean stop."""
+    chunks = [b"VAPSPOOL2\n"]
+    for message in messages:
+        chunks += [struct.pack(">?II", message.event, len(message.key), len(message.value)), message.key, message.value]
+    (directory / LEGACY_SPOOL_FILE).write_bytes(b"".join(chunks))
+
+
+def logged_frame_ids(directory: Path) -> list[int]:
+    return [frame_id_of(message.value) for message in read_log(directory).messages]
+
+
+def test_an_older_vaps_spool_file_is_taken_over_by_the_log_and_sent(tmp_path: Path) -> None:
+    write_legacy_spool_file(tmp_path, [OutgoingMessage(b"cam-1", orjson.dumps({"frame_id": index}))
+                                       for index in range(3)])
     harness = Harness(broker_up=False, spool_dir=tmp_path)
     harness.publisher.start()
+    assert not (tmp_path / LEGACY_SPOOL_FILE).exists()
+    assert logged_frame_ids(tmp_path) == [0, 1, 2], "a crash now must not lose what the last run kept"
     assert wait_until(lambda: harness.count("failed") >= 1)
-    assert len(load_undelivered(tmp_path)) == 3, "a crash now must not lose what the last run kept"
     harness.available.set()
     assert wait_until(lambda: harness.count("sent") == 3)
-    assert wait_until(lambda: not (tmp_path / SPOOL_FILE).exists())
     harness.publisher.stop(flush_timeout_s=2)
     assert harness.publisher.join(5)
-    assert not (tmp_path / SPOOL_FILE).exists()
+    assert logged_frame_ids(tmp_path) == []
     assert harness.sent_frame_ids() == [0, 1, 2] and harness.count("dropped") == 0
 
 
@@ -229,23 +244,51 @@ class SlowAckProducer(FakeProducer):
         return future
 
 
-def test_a_restored_spool_file_goes_once_its_own_messages_are_delivered_though_traffic_never_stops(
+def test_every_message_is_on_disk_within_a_second_with_no_stop_and_leaves_the_log_once_delivered(
         tmp_path: Path) -> None:
-    save_undelivered(tmp_path, [OutgoingMessage(b"cam-1", orjson.dumps({"frame_id": -1 - i})) for i in range(3)])
-    harness = Harness(spool_dir=tmp_path, producer_class=SlowAckProducer)
+    harness = Harness(broker_up=False, spool_dir=tmp_path, spool_max_bytes=64 * 1024)
     harness.publisher.start()
-    gone_at = None
     try:
-        for frame_id in range(150):  # 100 frames/s for 1.5 s
+        for frame_id in range(40):
             harness.submit(make_result(make_frame("cam-1", frame_id)))
-            if gone_at is None and not (tmp_path / SPOOL_FILE).exists():
-                gone_at = frame_id
-            time.sleep(0.01)
+        assert wait_until(lambda: logged_frame_ids(tmp_path) == list(range(40)), timeout_s=1.0), \
+            "what a crash would leave on disk"
+        assert len(list(tmp_path.glob("spool-*.log"))) > 1, "the log rolls over to new segments"
+        harness.available.set()
+        assert wait_until(lambda: harness.count("sent") == 40)
+        for frame_id in range(40, 100):  # steady traffic afterwards: settled segments are deleted
+            harness.submit(make_result(make_frame("cam-1", frame_id)))
+            time.sleep(0.005)
+        assert wait_until(lambda: harness.count("sent") == 100)
+        assert wait_until(lambda: logged_frame_ids(tmp_path) == [], timeout_s=1.0)
+        assert len(list(tmp_path.glob("spool-*.log"))) == 1, "only the segment being written stays"
     finally:
         harness.publisher.stop(flush_timeout_s=2)
         assert harness.publisher.join(5)
-    assert gone_at is not None and gone_at < 120, "the file stayed while new messages kept the backlog up"
-    assert harness.sent_frame_ids()[:3] == [-1, -2, -3]
+    assert harness.registry.get_sample_value("vap_spool_log_messages_total", {"result": "written"}) == 100
+
+
+def test_a_restart_resends_the_unsettled_messages_first_and_numbers_new_ones_after_them(tmp_path: Path) -> None:
+    first = Harness(broker_up=False, spool_dir=tmp_path)
+    first.publisher.start()
+    for frame_id in range(5):
+        first.submit(make_result(make_frame("cam-1", frame_id)))
+    assert wait_until(lambda: logged_frame_ids(tmp_path) == list(range(5)), timeout_s=1.0)
+    first.publisher.stop(flush_timeout_s=0.2)
+    assert first.publisher.join(5)
+    assert first.count("dropped") == 0, "kept, not dropped"
+    second = Harness(spool_dir=tmp_path, producer_class=SlowAckProducer)
+    second.publisher.start()
+    try:
+        for frame_id in range(5, 10):
+            second.submit(make_result(make_frame("cam-1", frame_id)))
+        assert wait_until(lambda: second.count("sent") == 10)
+    finally:
+        second.publisher.stop(flush_timeout_s=2)
+        assert second.publisher.join(5)
+    assert second.sent_frame_ids() == list(range(10))
+    assert second.registry.get_sample_value("vap_spool_log_messages_total", {"result": "recovered"}) == 5
+    assert logged_frame_ids(tmp_path) == []
 
 
 def test_snapshots_keep_only_the_newest_even_when_frame_ids_have_gaps(tmp_path: Path) -> None:
@@ -353,7 +396,7 @@ def test_the_spool_file_kept_at_stop_is_oldest_first_whatever_order_the_producer
     assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
     harness.publisher.stop(flush_timeout_s=0.2)
     assert harness.publisher.join(5)
-    assert [frame_id_of(message.value) for message in load_undelivered(tmp_path)] == list(range(60))
+    assert logged_frame_ids(tmp_path) == list(range(60))
     assert harness.count("dropped") == 0
 
 

@@ -32,6 +32,7 @@ DROP_REASONS = (
     "shutdown",  # still in a stage when a stop's deadline passed
 )
 KAFKA_RESULTS = ("sent", "failed", "dropped")
+SPOOL_LOG_RESULTS = ("written", "unwritten", "recovered")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
@@ -203,6 +204,18 @@ class PipelineMetrics:
             "newer picture of the stream, or the broker was away)", ["result"], registry=registry,
         )
         self.snapshot_outcomes = {result: self.snapshot_messages.labels(result=result) for result in KAFKA_RESULTS}
+        self.spool_log_messages_total = Counter(
+            "vap_spool_log_messages_total", "Messages of the spool's log on disk (kafka.spool.dir): written; unwritten "
+            "(the disk failed: kept in memory only, lost if vap crashes); recovered (read back at start)",
+            ["result"], registry=registry,
+        )
+        self.spool_log_messages = {result: self.spool_log_messages_total.labels(result=result)
+                                   for result in SPOOL_LOG_RESULTS}
+        self.spool_log_damaged = Counter(
+            "vap_spool_log_damaged_total", "Torn or corrupt stretches of the spool's log skipped at start (a crash "
+            "mid-write); the messages before each are kept", registry=registry,
+        )
+        self.spool_log_bytes = Gauge("vap_spool_log_bytes", "Size of the spool's log on disk", registry=registry)
         self.snapshot_write_failures = Counter(
             "vap_snapshot_write_failures_total", "Thumbnails (kafka.snapshots.dir) that could not be written; their "
             "messages went out without a link", registry=registry,

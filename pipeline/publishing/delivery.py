@@ -26,6 +26,12 @@ and failed messages go back to the spool in sequence order, so a retry is not ov
 messages of its stream. Zone events have a lane of their own, held back while their topic is not known to
 be there (`_EventsTopic`), so that a problem with the events topic never holds up frame results.
 
+The spool's log (`kafka.spool.dir`): with `journal` on, the machine also lists what the log must record, for
+the loop to write before it sends (`take_journal`): every message as it enters the spool, and every
+message's settlement (sent, or dropped for good). A failed try settles nothing: the message stays logged.
+At a start, `restore` takes the log's unsettled messages back with their own sequence numbers, and new
+messages continue after them.
+
 Producers: each producer is a generation. One that keeps failing, or that has gone silent with messages
 in flight, is to be replaced (`wants_new_producer`); the failures a replaced producer reports afterwards (its
 aborted batches) put the messages back without counting against the new one.
@@ -121,7 +127,7 @@ class DeliveryState:
     """Every message between its acceptance and its outcome. Not thread-safe: the loop holds a lock."""
 
     def __init__(self, max_messages: int, max_bytes: int, stuck_after_s: float, now: float = 0.0,
-                 inbox_max_bytes: int = 16 * 2**20) -> None:
+                 inbox_max_bytes: int = 16 * 2**20, journal: bool = False) -> None:
         self._inbox: deque[OutgoingMessage] = deque()
         self._inbox_bytes = 0
         self._inbox_max_bytes = inbox_max_bytes
@@ -143,6 +149,9 @@ class DeliveryState:
         self._last_outcome_at = now
         self._overflowed_at: float | None = None
         self._events = _EventsTopic()
+        self._journal = journal
+        self._to_log: list[OutgoingMessage] = []
+        self._to_settle: list[int] = []
 
     # What is there
 
@@ -179,9 +188,11 @@ class DeliveryState:
         oldest = next(iter(self._in_flight.values()), None)
         return 0.0 if oldest is None else now - max(oldest.sent_at, self._last_outcome_at)
 
-    def holds_restored(self) -> bool:
-        """Whether a message read back from the previous run's spool file is still unsettled."""
-        return any(message.restored for message in (*self._spool, *(r.message for r in self._in_flight.values())))
+    def holds_through(self, sequence: int) -> bool:
+        """Whether a message numbered up to `sequence` is still unsettled here (spooled or in flight)."""
+        first = self._spool.first_sequence()
+        return (first is not None and first <= sequence) or any(
+            record.message.sequence <= sequence for record in self._in_flight.values())
 
     # Messages in
 
@@ -213,13 +224,33 @@ class DeliveryState:
                 dropped.append(Outcome("dropped", stamped, "publish_rejected",
                                        f"larger than kafka.spool.max_bytes ({self._max_bytes})"))
                 continue
+            if self._journal:
+                stamped = replace(stamped, logged=True)
+                self._to_log.append(stamped)
             dropped += self._spool_dropped(self._spool.append(stamped), now)
-        return dropped + self._trim(now)
+        return self._settling(dropped + self._trim(now))
 
-    def restore(self, messages: Iterable[OutgoingMessage], now: float) -> list[Outcome]:
-        """The previous run's undelivered messages, ahead of anything new."""
-        restored = [replace(message, restored=True, sequence=next(self._sequence)) for message in messages]
-        return self._spool_dropped(self._spool.put_back(restored), now)
+    def restore(self, messages: Iterable[OutgoingMessage], now: float, next_sequence: int = 0) -> list[Outcome]:
+        """The previous run's undelivered messages (in sequence order), ahead of anything new; new messages are
+        numbered from `next_sequence` on."""
+        restored = [replace(message, restored=True) for message in messages]
+        if restored:
+            next_sequence = max(next_sequence, restored[-1].sequence + 1)
+        self._sequence = itertools.count(max(next_sequence, next(self._sequence)))
+        return self._settling(self._spool_dropped(self._spool.put_back(restored), now))
+
+    def drop_spooled_through(self, sequence: int, now: float, detail: str) -> list[Outcome]:
+        """Drop the spooled messages numbered up to `sequence` (the log on disk is at its bound)."""
+        dropped = [Outcome("dropped", message, "spool_full", detail) for message in self._spool.drop_through(sequence)]
+        if dropped:
+            self._overflowed_at = now
+        return self._settling(dropped)
+
+    def take_journal(self) -> tuple[list[OutgoingMessage], list[int]]:
+        """What the spool's log must record: messages to add, then sequence numbers settled since last time."""
+        appended, settled = self._to_log, self._to_settle
+        self._to_log, self._to_settle = [], []
+        return appended, settled
 
     # Sending
 
@@ -250,7 +281,7 @@ class DeliveryState:
             self._consecutive_failures = 0
             self._failing = False
             self._connected = True
-        return [Outcome("sent", record.message, waited_s=now - record.sent_at)]
+        return self._settling([Outcome("sent", record.message, waited_s=now - record.sent_at)])
 
     def failed(self, token: int, kind: DeliveryErrorKind, now: float, detail: str = "") -> list[Outcome]:
         """Keep the message for another try unless it can never succeed.
@@ -273,7 +304,7 @@ class DeliveryState:
             why = "Kafka will not take it" if kind == "rejected" else \
                 f"{message.unexplained_failures} tries failed for no known reason"
             outcomes.append(Outcome("dropped", message, "publish_rejected", f"{why}: {detail}"))
-            return outcomes
+            return self._settling(outcomes)
         current = record.generation == self._generation
         if message.event:
             if current:
@@ -284,7 +315,7 @@ class DeliveryState:
                 self._draining = True
             self._failing = True
             self._connected = False
-        return outcomes + self._spool_dropped(self._spool.put_back([message]), now) + self._trim(now)
+        return self._settling(outcomes + self._spool_dropped(self._spool.put_back([message]), now) + self._trim(now))
 
     # Producers
 
@@ -317,7 +348,7 @@ class DeliveryState:
             self._failing = True
             returned = [outcome.message for outcome in outcomes]
             outcomes += self._spool_dropped(self._spool.put_back(returned), now) + self._trim(now)
-        return outcomes
+        return self._settling(outcomes)
 
     def producer_unavailable(self) -> bool:
         """No producer could be opened; True when that fails messages waiting for it (counted once per try)."""
@@ -342,7 +373,7 @@ class DeliveryState:
         check = events.state == "unchecked" and due and self._spool.has_events
         if check:
             events.state = "checking"
-        return check, dropped
+        return check, self._settling(dropped)
 
     def events_topic_checked(self, there: bool, now: float) -> None:
         self._events.state = "ready" if there else "missing"
@@ -365,6 +396,13 @@ class DeliveryState:
         self._in_flight.clear()
         self._in_flight_bytes = self._events.in_flight = 0
         return messages
+
+    def _settling(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Note the settlements the log must record among `outcomes` (a failed try settles nothing)."""
+        if self._journal:
+            self._to_settle += [outcome.message.sequence for outcome in outcomes
+                                if outcome.kind != "failed" and outcome.message.logged]
+        return outcomes
 
     def _take_in_flight(self, token: int, now: float) -> _InFlight | None:
         record = self._in_flight.pop(token, None)

@@ -11,6 +11,10 @@ stuck producer (one whose broker lost its producer ids after a restart) never re
 encoded messages here lets the publisher rebuild the producer and resend, and decide exactly what is
 dropped when a bound is reached.
 
+With `kafka.spool.dir`, the loop writes what the state machine reports to the spool's log (`spool_log.py`)
+before it sends: every message is on disk (synced within half a second) until it is settled, and the next
+start sends again what a crash or a stop left unsettled.
+
 Counting (`vap_kafka_messages_total`): `sent` is a message the broker acknowledged; `failed` is a delivery
 attempt that did not succeed (the message is tried again unless Kafka will never take it); `dropped` is a
 message lost for good. A frame's message that is sent makes the frame `published` in the ledger; one that
@@ -20,6 +24,7 @@ is dropped drops the frame, with the reason.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,7 +44,8 @@ from pipeline.publishing.kafka_client import (
     make_kafka_producer,
 )
 from pipeline.publishing.messages import EVENT_HEADERS, HEADERS
-from pipeline.publishing.spool import OutgoingMessage, discard_undelivered, load_undelivered, save_undelivered
+from pipeline.publishing.spool import LEGACY_SPOOL_FILE, OutgoingMessage, load_legacy_spool_file
+from pipeline.publishing.spool_log import SpoolLog, WriteFn
 from pipeline.publishing.supervisor import ProducerSupervisor, SupervisorEvent
 from pipeline.threads import StageThread
 
@@ -49,7 +55,11 @@ log = logging.getLogger(__name__)
 # messages differ a hundredfold in size (an empty frame against 300 masks).
 INBOX_MAX_BYTES = 16 * 2**20
 _CLOSE_RESERVE_S = 1.0
-_RESTORED_CHECK_S = 0.5
+
+
+def segment_bytes(max_bytes: int) -> int:
+    """Segments small enough that settled ones are deleted long before the log reaches its bound."""
+    return max(4096, min(8 * 2**20, max_bytes // 8))
 
 
 class KafkaPublisher:
@@ -66,6 +76,7 @@ class KafkaPublisher:
         topic_setup: Callable[[KafkaConfig, str], bool] = ensure_topic,
         inbox_max_bytes: int | None = None,
         extra_headers: list[tuple[str, bytes]] | None = None,
+        log_write: WriteFn = os.write,
     ) -> None:
         self._config = config
         self._events_topic = events_topic
@@ -78,14 +89,15 @@ class KafkaPublisher:
         # timeout), which replaces a stuck child first.
         self._state = DeliveryState(config.spool.max_messages, config.spool.max_bytes,
                                     stuck_after_s=2.5 * delivery_timeout_ms(config) / 1000, now=time.monotonic(),
-                                    inbox_max_bytes=INBOX_MAX_BYTES if inbox_max_bytes is None else inbox_max_bytes)
+                                    inbox_max_bytes=INBOX_MAX_BYTES if inbox_max_bytes is None else inbox_max_bytes,
+                                    journal=config.spool.dir is not None)
+        self._log = None if config.spool.dir is None else SpoolLog(
+            config.spool.dir, segment_bytes(config.spool.max_bytes), write=log_write)
         self._supervisor = ProducerSupervisor(config, producer_factory, topic_setup, self._wake)
         self._stop = threading.Event()
         self._closed = False
         self._flush_deadline = 0.0
         self._finish_deadline = 0.0
-        self._restored_file_kept = False
-        self._next_restored_check = 0.0
         self._accounting = DeliveryAccounting(ledger, metrics)
         self._loop_errors = RepeatedErrorLog(log)
         self._topic_errors = RepeatedErrorLog(log)
@@ -117,15 +129,30 @@ class KafkaPublisher:
     # Life cycle
 
     def start(self) -> None:
-        if self._config.spool.dir is not None:
-            restored = load_undelivered(self._config.spool.dir)
-            if restored:
-                log.info("resending %d message(s) left undelivered by the previous run", len(restored))
-                self._restored_file_kept = True
-                with self._condition:
-                    outcomes = self._state.restore(restored, time.monotonic())
-                self._accounting.record(outcomes)
+        if self._log is not None:
+            self._recover(self._log)
         self._thread.start()
+
+    def _recover(self, spool_log: SpoolLog) -> None:
+        """Take back what the previous runs left unsettled, before anything new is numbered."""
+        recovered = spool_log.recover()
+        metrics = self._metrics
+        metrics.spool_log_damaged.inc(recovered.damaged)
+        metrics.spool_log_messages["recovered"].inc(len(recovered.messages))
+        if recovered.messages:
+            log.info("resending %d message(s) left unsettled by the previous run", len(recovered.messages))
+        directory = self._config.spool.dir
+        legacy = [] if directory is None else load_legacy_spool_file(directory)
+        now = time.monotonic()
+        with self._condition:
+            outcomes = self._state.restore(recovered.messages, now, recovered.next_sequence)
+            outcomes += self._state.accept(legacy, now)
+        self._accounting.record(outcomes)
+        self._write_log(now)
+        spool_log.sync()
+        if legacy and directory is not None:
+            log.info("resending %d message(s) an older vap kept in %s", len(legacy), directory / LEGACY_SPOOL_FILE)
+            (directory / LEGACY_SPOOL_FILE).unlink(missing_ok=True)
 
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
         """Queue messages for Kafka; when the inbox is full the oldest are dropped (and counted)."""
@@ -168,8 +195,8 @@ class KafkaPublisher:
         try:
             self._thread.beat()
             self._accounting.record(self._take_inbox_and_events())
+            self._write_log(time.monotonic())
             self._send_what_may_go()
-            self._forget_restored_file_once_settled()
             with self._condition:
                 if self._stop.is_set() and (self._state.backlog() == 0 or time.monotonic() >= self._flush_deadline):
                     return True
@@ -280,20 +307,47 @@ class KafkaPublisher:
 
     # The end
 
-    def _forget_restored_file_once_settled(self) -> None:
-        """The previous run's spool file stays on disk until every message from it is settled (sent or counted),
-        so a crash of this run before then loses none of them (some may be sent twice). Looked at twice a
-        second, since it walks the spool."""
-        now = time.monotonic()
-        if not self._restored_file_kept or now < self._next_restored_check:
+    def _write_log(self, now: float) -> None:
+        """Bring the spool's log up to date with the state machine: new messages before they are sent, then
+        settlements; keep it within `max_bytes` by dropping the oldest; sync at most half a second after a
+        write. Only the loop calls it (and `start` and `_finish`, on the same side of the thread)."""
+        spool_log = self._log
+        if spool_log is None:
             return
-        self._next_restored_check = now + _RESTORED_CHECK_S
+        self._apply_journal(spool_log, now)
+        self._keep_log_within_bound(spool_log, now)
+        spool_log.sync_if_due(now)
+        self._metrics.spool_log_bytes.set(spool_log.disk_bytes)
+
+    def _apply_journal(self, spool_log: SpoolLog, now: float) -> None:
         with self._condition:
-            if self._state.holds_restored():
+            appended, settled = self._state.take_journal()
+        unwritten = spool_log.append(appended, now)
+        spool_log.settle(settled, now)
+        counts = self._metrics.spool_log_messages
+        if unwritten:
+            counts["unwritten"].inc(len(unwritten))
+        if len(appended) > len(unwritten):
+            counts["written"].inc(len(appended) - len(unwritten))
+
+    def _keep_log_within_bound(self, spool_log: SpoolLog, now: float) -> None:
+        """Beyond `max_bytes` on disk the oldest segment's waiting messages are dropped (and counted), so the
+        segment can go once those in flight are settled."""
+        while spool_log.disk_bytes > self._config.spool.max_bytes:
+            last = spool_log.oldest_segment_last_sequence()
+            if last is None:
                 return
-        self._restored_file_kept = False
-        if self._config.spool.dir is not None:
-            discard_undelivered(self._config.spool.dir)
+            with self._condition:
+                outcomes = self._state.drop_spooled_through(
+                    last, now, f"the spool's log reached kafka.spool.max_bytes ({self._config.spool.max_bytes})")
+                held = self._state.holds_through(last)
+            self._accounting.record(outcomes)
+            segments = spool_log.segments
+            self._apply_journal(spool_log, now)
+            if not held:
+                spool_log.forget_through(last)
+            if spool_log.segments == segments:
+                return
 
     def _finish(self) -> None:
         """Close the producer, wait for what it held to come back, then keep or count what is undelivered.
@@ -309,27 +363,30 @@ class KafkaPublisher:
                     self._condition.wait(timeout=min(left, 0.05))
         except Exception:
             log.exception("closing the Kafka producer failed")
-        self._accounting.record(self._take_inbox_and_events())
         with self._condition:
             self._closed = True
+        self._accounting.record(self._take_inbox_and_events())
+        self._write_log(time.monotonic())
+        with self._condition:
             undelivered = self._state.undelivered()
         self._keep_or_drop(undelivered)
 
     def _keep_or_drop(self, undelivered: list[OutgoingMessage]) -> None:
-        """With a spool dir the undelivered messages are kept for the next start, which settles them: their
-        frames stay unsettled in this run's ledger. Without one they are dropped (shutdown)."""
-        directory = self._config.spool.dir
-        if directory is not None:
-            try:
-                save_undelivered(directory, undelivered)
-            except OSError:
-                log.exception("cannot keep %d undelivered message(s) in %s", len(undelivered), directory)
-            else:
-                if undelivered:
-                    log.warning("kept %d undelivered message(s) in %s for the next start", len(undelivered),
-                                directory)
-                return
-        if undelivered:
-            log.warning("stopping with %d undelivered message(s); counted as dropped", len(undelivered))
+        """What the spool's log holds stays there for the next start, which settles it: those frames stay
+        unsettled in this run's ledger. The rest (no spool dir, or a log that could not be written) is dropped
+        (shutdown)."""
+        spool_log = self._log
+        kept: list[OutgoingMessage] = []
+        lost: list[OutgoingMessage] = []
+        for message in undelivered:
+            logged = spool_log is not None and message.logged and spool_log.holds(message.sequence)
+            (kept if logged else lost).append(message)
+        if spool_log is not None:
+            spool_log.close()
+            if kept:
+                log.warning("kept %d undelivered message(s) in %s for the next start", len(kept),
+                            self._config.spool.dir)
+        if lost:
+            log.warning("stopping with %d undelivered message(s); counted as dropped", len(lost))
             self._accounting.record([Outcome("dropped", message, "shutdown", "undelivered at stop")
-                                     for message in undelivered])
+                                     for message in lost])

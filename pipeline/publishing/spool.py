@@ -1,10 +1,9 @@
 """The Kafka spool: encoded messages waiting for the broker, bounded by count and bytes.
 
 When full, the oldest message goes first: a dashboard is better served by the newest results than by a
-backlog it will never catch up on. With a spool directory, whatever is undelivered at stop is written
-to disk and read back at the next start, so restarting vap during a broker outage loses nothing. The
-file read back stays on disk until those messages are settled (or written again at stop), so a crash
-of the next run loses none of them either: they may be sent twice, never lost.
+backlog it will never catch up on. With a spool directory, every message is also in a write-ahead log on
+disk (`spool_log.py`) until it is settled, so neither a restart nor a crash of vap during a broker outage
+loses what waited.
 
 Order: every message carries the sequence number it was built with. Failed deliveries come back in
 whatever order Kafka reports them (kafka-python aborts a closed producer's batches from a set), so the
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -28,7 +26,7 @@ from pipeline.ledger import FrameTicket
 
 log = logging.getLogger(__name__)
 
-SPOOL_FILE = "undelivered.spool"
+LEGACY_SPOOL_FILE = "undelivered.spool"  # what versions before the log saved at a clean stop
 _MAGIC = b"VAPSPOOL2\n"
 _LENGTHS = struct.Struct(">?II")
 
@@ -41,8 +39,8 @@ class OutgoingMessage:
     for messages read back from a previous run). `sequence` orders messages as they reached the publisher
     (see the module's docstring); `unexplained_failures` counts the delivery failures of no known kind,
     which the publisher bounds; `restored` marks a message read back from the previous run's file;
-    `built_monotonic` is when it was encoded. Only key, value and the lane are saved to disk: the file's
-    order is the sequence.
+    `built_monotonic` is when it was encoded; `logged` marks a message the spool's log holds until it is
+    settled. Key, value, lane and sequence are what the log keeps.
     """
 
     key: bytes
@@ -53,6 +51,7 @@ class OutgoingMessage:
     unexplained_failures: int = field(default=0, compare=False)
     restored: bool = field(default=False, compare=False)
     built_monotonic: float = field(default=0.0, compare=False)
+    logged: bool = field(default=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -137,6 +136,19 @@ class Spool:
         self._bytes -= message.size
         return message
 
+    def drop_through(self, sequence: int) -> list[OutgoingMessage]:
+        """Every message up to `sequence`, oldest first, out of the spool."""
+        dropped = []
+        while (lane := self._oldest_lane(events=True)) is not None and lane[0].sequence <= sequence:
+            message = lane.popleft()
+            self._bytes -= message.size
+            dropped.append(message)
+        return dropped
+
+    def first_sequence(self) -> int | None:
+        heads = [lane[0].sequence for lane in self._lanes.values() if lane]
+        return min(heads, default=None)
+
     def take_events(self) -> list[OutgoingMessage]:
         """Every event, oldest first, out of the spool (their topic cannot take them)."""
         events = list(self._lanes[True])
@@ -160,33 +172,10 @@ class Spool:
         return results
 
 
-def save_undelivered(directory: Path, messages: list[OutgoingMessage]) -> None:
-    """Write atomically (temp file, then rename) so a crash mid-write never leaves a torn spool."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / SPOOL_FILE
-    if not messages:
-        target.unlink(missing_ok=True)
-        return
-    partial = target.with_suffix(".partial")
-    with partial.open("wb") as handle:
-        handle.write(_MAGIC)
-        for message in messages:
-            handle.write(_LENGTHS.pack(message.event, len(message.key), len(message.value)))
-            handle.write(message.key)
-            handle.write(message.value)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(target)
-
-
-def discard_undelivered(directory: Path) -> None:
-    """Remove the file once what it held is settled; it is written again if undelivered messages remain at stop."""
-    (directory / SPOOL_FILE).unlink(missing_ok=True)
-
-
-def load_undelivered(directory: Path) -> list[OutgoingMessage]:
-    """Read what a previous run left; the file stays until `discard_undelivered` or the next save replaces it."""
-    target = directory / SPOOL_FILE
+def load_legacy_spool_file(directory: Path) -> list[OutgoingMessage]:
+    """What an older vap saved at a clean stop (`undelivered.spool`), for the log to take over; the caller
+    removes the file once the log holds its messages."""
+    target = directory / LEGACY_SPOOL_FILE
     if not target.is_file():
         return []
     data = target.read_bytes()
@@ -202,7 +191,6 @@ def load_undelivered(directory: Path) -> list[OutgoingMessage]:
         if end > len(data):
             log.error("%s is truncated; kept the %d complete messages before the damage", target, len(messages))
             break
-        messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end], event,
-                                        sequence=len(messages)))
+        messages.append(OutgoingMessage(data[offset : offset + key_length], data[offset + key_length : end], event))
         offset = end
     return messages
