@@ -2,7 +2,8 @@
 - config loading: any YAML gives a valid config or a `ConfigError` whose every problem names a key path
   (what `vap validate` prints, exit 2), never another exception (a traceback for the user);
 - the typed reader: any bytes give a message or a counted skip, never an exception that would end a
-  dashboard's loop.
+  dashboard's loop;
+- the spool's log: any torn or damaged segment gives exactly the records before the damage.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 from pipeline.client import MessageStream
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError
+from pipeline.publishing.spool import OutgoingMessage
+from pipeline.publishing.spool_log import encode_message, encode_settled, parse_segment
 
 VALID = {
     "streams": [{"id": "cam-1", "url": "rtsp://192.0.2.1/live", "fps": 10}],
@@ -125,3 +128,36 @@ def test_the_reader_drops_a_frame_it_already_read_but_not_a_restarted_streams_re
         assert stream.take(orjson.dumps({**body, "frame_id": frame_id})) is not None
     assert stream.take(MESSAGE) is not None, "only the last `remembered` frames of a stream are kept"
     assert stream.skipped == 0
+
+
+log_records = st.lists(st.one_of(
+    st.tuples(st.binary(max_size=12), st.binary(max_size=60), st.booleans()),
+    st.lists(st.integers(0, 2**63), min_size=1, max_size=4)), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(log_records, st.data())
+def test_any_torn_spool_log_gives_the_records_before_the_tear(records: list[Any], data: st.DataObject) -> None:
+    encoded = [b"VAPLOG1\n"]
+    for sequence, record in enumerate(records):
+        if isinstance(record, tuple):
+            key, value, event = record
+            encoded.append(encode_message(OutgoingMessage(key, value, event, sequence=sequence)))
+        else:
+            encoded.append(encode_settled(record))
+    whole = b"".join(encoded)
+    cut = data.draw(st.integers(0, len(whole)), label="cut")
+    garbage = data.draw(st.binary(max_size=40), label="garbage after the cut")
+    parsed = parse_segment(whole[:cut] + garbage)
+    intact = 0
+    boundary = len(encoded[0])
+    while intact < len(records) and boundary + len(encoded[intact + 1]) <= cut:
+        boundary += len(encoded[intact + 1])
+        intact += 1
+    expected = {sequence: record for sequence, record in enumerate(records[:intact]) if isinstance(record, tuple)}
+    assert {sequence: (m.key, m.value, m.event) for sequence, m in parsed.messages.items() if sequence < intact} \
+        == expected, "every record before the tear is read back as written"
+    if cut >= len(encoded[0]):
+        assert parsed.good_bytes >= boundary, "the intact records are kept when the torn tail is cut off"
+    if not garbage:
+        assert parsed.damaged == (0 < cut != boundary), "a tear is seen exactly when the cut is inside a record"

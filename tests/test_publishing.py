@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import struct
@@ -39,7 +40,8 @@ class Harness:
     def __init__(self, spool_max_messages: int = 100, broker_up: bool = True,
                  producer_class: type[FakeProducer] = FakeProducer, spool_dir: Path | None = None,
                  spool_max_bytes: int = 64 * 2**20,
-                 topic_setup: Callable[[KafkaConfig, str], bool] = topic_is_there, **kafka: Any) -> None:
+                 topic_setup: Callable[[KafkaConfig, str], bool] = topic_is_there,
+                 log_write: Callable[[int, bytes], int] = os.write, **kafka: Any) -> None:
         self.stages = Stages()
         self.registry = self.stages.registry
         self.metrics = self.stages.metrics
@@ -51,7 +53,7 @@ class Harness:
         spool = SpoolConfig(max_messages=spool_max_messages, max_bytes=spool_max_bytes, dir=spool_dir)
         config = KafkaConfig(spool=spool, **kafka)
         self.publisher = KafkaPublisher(config, self.stages.ledger, self.metrics, self.stages.heartbeats,
-                                        self._factory, topic_setup=topic_setup)
+                                        self._factory, topic_setup=topic_setup, log_write=log_write)
         self.feed = MessageFeed(self.stages, self.publisher.submit, config.snapshots)
 
     def submit(self, item: FrameResult | ZoneEvent) -> None:
@@ -251,6 +253,7 @@ def test_every_message_is_on_disk_within_a_second_with_no_stop_and_leaves_the_lo
     try:
         for frame_id in range(40):
             harness.submit(make_result(make_frame("cam-1", frame_id)))
+            time.sleep(0.01)
         assert wait_until(lambda: logged_frame_ids(tmp_path) == list(range(40)), timeout_s=1.0), \
             "what a crash would leave on disk"
         assert len(list(tmp_path.glob("spool-*.log"))) > 1, "the log rolls over to new segments"
@@ -289,6 +292,61 @@ def test_a_restart_resends_the_unsettled_messages_first_and_numbers_new_ones_aft
     assert second.sent_frame_ids() == list(range(10))
     assert second.registry.get_sample_value("vap_spool_log_messages_total", {"result": "recovered"}) == 5
     assert logged_frame_ids(tmp_path) == []
+
+
+def test_a_full_disk_is_counted_and_logged_and_every_message_still_reaches_kafka(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    disk_full = threading.Event()
+
+    def write(fd: int, data: bytes) -> int:
+        if disk_full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    harness = Harness(broker_up=False, spool_dir=tmp_path, log_write=write)
+    harness.publisher.start()
+    try:
+        for frame_id in range(5):
+            harness.submit(make_result(make_frame("cam-1", frame_id)))
+        assert wait_until(lambda: logged_frame_ids(tmp_path) == list(range(5)), timeout_s=1.0)
+        disk_full.set()
+        for frame_id in range(5, 10):
+            harness.submit(make_result(make_frame("cam-1", frame_id)))
+        unwritten = {"result": "unwritten"}
+        assert wait_until(lambda: harness.registry.get_sample_value("vap_spool_log_messages_total", unwritten) == 5)
+        harness.available.set()
+        assert wait_until(lambda: harness.count("sent") == 10)
+        assert harness.publisher.is_alive()
+    finally:
+        harness.publisher.stop(flush_timeout_s=2)
+        assert harness.publisher.join(5)
+    assert harness.sent_frame_ids() == list(range(10)) and harness.count("dropped") == 0
+    assert "No space left on device" in caplog.text and "kept in memory only" in caplog.text
+
+
+def test_the_log_on_disk_stays_within_max_bytes_and_what_it_pushes_out_is_counted(tmp_path: Path) -> None:
+    max_bytes = 16 * 1024
+    harness = Harness(broker_up=False, spool_dir=tmp_path, spool_max_bytes=max_bytes, spool_max_messages=100_000)
+    harness.publisher.start()
+    largest = 0
+    try:
+        for frame_id in range(300):  # several times the bound
+            harness.submit(make_result(make_frame("cam-1", frame_id)))
+            if frame_id % 20 == 0:
+                time.sleep(0.02)
+                largest = max(largest, sum(path.stat().st_size for path in tmp_path.glob("spool-*.log")))
+        assert wait_until(lambda: harness.publisher.backlog() + harness.count("dropped") == 300)
+        time.sleep(0.3)
+        largest = max(largest, sum(path.stat().st_size for path in tmp_path.glob("spool-*.log")))
+        kept = logged_frame_ids(tmp_path)
+        assert kept == list(range(300 - len(kept), 300)), "the newest are kept, in order"
+        assert len(kept) + harness.count("dropped") == 300
+    finally:
+        harness.publisher.stop(flush_timeout_s=0.2)
+        assert harness.publisher.join(5)
+    assert largest <= max_bytes * 1.15, f"{largest} bytes on disk"
+    spool_full = {"stream": "cam-1", "reason": "spool_full"}
+    assert harness.registry.get_sample_value("vap_frames_dropped_total", spool_full) == harness.count("dropped") > 0
 
 
 def test_snapshots_keep_only_the_newest_even_when_frame_ids_have_gaps(tmp_path: Path) -> None:
