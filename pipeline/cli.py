@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="codec of the generated clips; h264 is what cameras send")
     bench.add_argument("--weights", help="model file (default: the bundled model)")
     bench.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a paced run this long")
+    bench.add_argument("--spool-log", action="store_true",
+                       help="also measure what the spool's crash-safe log (kafka.spool.dir) costs, in ABBA runs")
     bench.add_argument("--json", type=Path, help="also write the numbers to this file")
 
     train = commands.add_parser("train-demo-model", help="regenerate the synthetic dataset and retrain the demo model",
@@ -444,7 +446,7 @@ def _bench(args: argparse.Namespace) -> int:
         streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,
         max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, precision=args.precision,
         decoder=args.decoder, codec=args.codec, weights=args.weights, quick=args.quick,
-        soak_s=args.soak, json_path=args.json,
+        soak_s=args.soak, spool_log=args.spool_log, json_path=args.json,
     )
     report = run_bench(options)
     print(format_report(report))

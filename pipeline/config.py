@@ -359,8 +359,10 @@ class SpoolConfig(_Section):
     """Where results wait while the broker is away; beyond either bound the oldest are dropped and counted."""
 
     max_messages: int = Field(10_000, ge=1, le=10_000_000, description="Messages kept at most")
-    max_bytes: int = Field(64 * 2**20, ge=1024, description="Encoded bytes kept at most")
-    dir: Path | None = Field(None, description="Keep undelivered messages here across a restart of vap")
+    max_bytes: int = Field(64 * 2**20, ge=1024, description="Encoded bytes kept at most (with dir, also the log's "
+                           "size on disk)")
+    dir: Path | None = Field(None, description="Log waiting messages here (synced within 0.5 s) so that a restart or "
+                             "a crash of vap loses none; the next start resends them")
 
 
 class SnapshotConfig(_Section):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.publishing.spool import OutgoingMessage
-from pipeline.publishing.spool_log import SpoolLog, read_log
+from pipeline.publishing.spool_log import SpoolDirInUse, SpoolLog, read_log
 
 
 def messages(sequences: range, size: int = 100) -> list[OutgoingMessage]:
@@ -27,7 +27,7 @@ def test_unsettled_messages_come_back_in_order_with_their_lane_and_numbering_goe
     written = messages(range(20))
     assert log.append(written[:12], now=0) == [] and log.append(written[12:], now=0) == []
     log.settle([0, 1, 2, 3, 7, 19], now=0)
-    log.sync()
+    log.close()
     again = SpoolLog(tmp_path, segment_bytes=1024)
     recovered = again.recover()
     assert [m.sequence for m in recovered.messages] == [4, 5, 6, *range(8, 19)]
@@ -150,3 +150,12 @@ def test_writes_are_synced_half_a_second_after_the_first_unsynced_one_not_one_by
     assert len(synced) == baseline + 1
     log.sync_if_due(10.9)
     assert len(synced) == baseline + 1, "nothing new to sync"
+
+
+def test_a_second_vap_on_the_same_spool_dir_is_refused_naming_the_first(tmp_path: Path) -> None:
+    first = SpoolLog(tmp_path, segment_bytes=4096)
+    first.recover()
+    with pytest.raises(SpoolDirInUse, match=f"in use by another vap process \\(pid {os.getpid()}\\)"):
+        SpoolLog(tmp_path, segment_bytes=4096).recover()
+    first.close()
+    SpoolLog(tmp_path, segment_bytes=4096).recover()

@@ -19,6 +19,9 @@ loses at most the last half second of messages, for one fsync twice a second rat
 Sequence numbers go on across restarts (the next start continues after the largest one found), so a
 message keeps its number, and its place in its stream's order, however many times vap restarts.
 
+One vap process at a time: `recover` takes an exclusive lock on `lock` in the directory (released by the
+kernel however the process ends), since two writers would each delete what the other still needs.
+
 Nothing here raises on a bad disk: a write that fails is logged, rolled back, and reported to the caller,
 which counts the messages it could not keep (they still go to Kafka from memory).
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -53,6 +57,10 @@ _KIND_SETTLED = 2
 _MAX_BODY = 1 << 30
 
 WriteFn = Callable[[int, bytes], int]
+
+
+class SpoolDirInUse(RuntimeError):
+    """Another running vap holds the spool directory's lock."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,7 @@ class SpoolLog:
         self._disk_bytes = 0
         self._next_number = 1
         self._next_sequence = 0
+        self._lock_fd: int | None = None
         self._errors = RepeatedErrorLog(log)
 
     @property
@@ -215,10 +224,11 @@ class SpoolLog:
         return len(self._segments)
 
     def recover(self) -> Recovered:
-        """Read what the previous runs left and forget the segments that hold nothing unsettled. Never raises:
-        an unreadable log is logged and started afresh."""
+        """Read what the previous runs left and forget the segments that hold nothing unsettled. Raises only
+        `SpoolDirInUse`: an unreadable log is logged and started afresh."""
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
+            self._lock()
             recovered, self._segments = _scan(self._directory, repair=True)
         except OSError as error:
             log.error("cannot read the spool log in %s (%s); starting without what it held", self._directory, error)
@@ -284,11 +294,25 @@ class SpoolLog:
 
     def close(self) -> None:
         self.sync()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._drop_fd()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # Inside
+
+    def _lock(self) -> None:
+        fd = os.open(self._directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolDirInUse(f"kafka.spool.dir {self._directory} is in use by another vap process (pid "
+                                f"{holder}); give each vap its own") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _writable_segment(self) -> _Segment | None:
         """The newest segment, unless it is full or belongs to an earlier run (whose tail may be torn)."""

@@ -60,6 +60,7 @@ class BenchOptions:
     weights: str | None = None
     quick: bool = False
     soak_s: float = 0.0
+    spool_log: bool = False
     json_path: Path | None = None
 
 
@@ -397,6 +398,12 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
     })
 
 
+def with_spool_log(config: PipelineConfig, directory: Path, topic: str) -> PipelineConfig:
+    tree = config.model_dump()
+    tree["kafka"] = {**tree["kafka"], "topic": topic, "spool": {**tree["kafka"]["spool"], "dir": str(directory)}}
+    return parse_config(tree)
+
+
 def looping(config: PipelineConfig) -> PipelineConfig:
     return parse_config({**config.model_dump(), "streams": [{**s.model_dump(), "loop": True} for s in config.streams]})
 
@@ -554,14 +561,24 @@ def run_bench(options: BenchOptions) -> BenchReport:
                           "vap host ceiling (instant model)", device, timeout_s=600,
                           detector_factory=lambda _config, _device: replay,
                           until_frames=_CEILING_PASSES * options.streams * options.frames)
+        spool_log: list[Measurement] = []
+        if options.spool_log:
+            spool_log = measure_spool_log_cost(options, report, workdir, device, [
+                (vap, vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device),
+                 {}),
+                (ceiling, looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling", False,
+                                             device)),
+                 {"detector_factory": lambda _config, _device: replay,
+                  "until_frames": _CEILING_PASSES * options.streams * options.frames}),
+            ])
         paced_fps = max(1.0, 0.7 * vap.fps / options.streams)
         progress(f"5/5 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
         paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
         paced_config = vap_config(options, weights, paced_clips, broker.bootstrap_servers, "bench.paced", True, device)
         paced = run_vap(paced_config, "vap end to end (paced, latency)", device, timeout_s=600)
-        report.measurements = [limit, *extra, streams, loop, vap, ceiling, paced]
+        report.measurements = [limit, *extra, streams, loop, vap, ceiling, *spool_log, paced]
         best_ultralytics = max(streams.fps, loop.fps)
-        report.ratios = {
+        report.ratios = report.ratios | {
             "vap_over_limit": vap.fps / limit.fps if limit.fps else 0.0,
             "vap_over_best_ultralytics": vap.fps / best_ultralytics if best_ultralytics else 0.0,
             "batch_inference_ms": limit.batch_alone_ms or 0.0,
@@ -573,6 +590,26 @@ def run_bench(options: BenchOptions) -> BenchReport:
         if options.soak_s > 0:
             report.soak = soak(options, weights, device, workdir, broker.bootstrap_servers, paced_fps)
     return report
+
+
+def measure_spool_log_cost(options: BenchOptions, report: BenchReport, workdir: Path, device: str,
+                           runs: list[tuple[Measurement, PipelineConfig, dict[str, Any]]]) -> list[Measurement]:
+    """Each vap run again with the spool's write-ahead log (`kafka.spool.dir`), in ABBA order after the first
+    run (A, measured already), so that a machine's drift between runs hits both alike; the ratio is the mean
+    with the log over the mean without."""
+    measured: list[Measurement] = []
+    for first, config, extra in runs:
+        progress(f"spool log: {first.name} with kafka.spool.dir, twice, then once more without")
+        logged = [run_vap(with_spool_log(config, workdir / f"spool-{len(measured)}-{index}",
+                                         f"{config.kafka.topic}.log{index}"),
+                          f"{first.name} + spool log", device, timeout_s=600, **extra) for index in range(2)]
+        again = run_vap(config.model_copy(update={"kafka": config.kafka.model_copy(
+            update={"topic": f"{config.kafka.topic}.again"})}), f"{first.name} (again)", device, timeout_s=600, **extra)
+        without = statistics.mean([first.fps, again.fps])
+        key = "spool_log_over_memory_" + ("host_ceiling" if "ceiling" in first.name else "end_to_end")
+        report.ratios[key] = statistics.mean(m.fps for m in logged) / without if without else 0.0
+        measured += [*logged, again]
+    return measured
 
 
 def soak(options: BenchOptions, weights: str, device: str, workdir: Path, bootstrap: str,
@@ -618,6 +655,10 @@ def format_report(report: BenchReport) -> str:
         side = "the host side" if ratios["host_ceiling_over_limit"] < 1 else "the model"
         lines.append(f"host ceiling / limit: {ratios['host_ceiling_over_limit']:.2f}x (vap is bounded by {side})")
     lines.extend(f"  {m.name}: {m.notes}" for m in report.measurements if m.notes)
+    for key, value in ratios.items():
+        if key.startswith("spool_log_over_memory_"):
+            lines.append(f"{key.removeprefix('spool_log_over_memory_').replace('_', ' ')} with the spool log / "
+                         f"without: {value:.3f}x (ABBA)")
     if report.soak is not None:
         lines.append(f"soak {report.soak['seconds']:.0f} s: RSS growth {report.soak['rss_growth_ratio']:.3f}x")
     return "\n".join(lines)
