@@ -82,9 +82,14 @@ def test_a_corrupt_record_ends_what_its_segment_gives_and_other_segments_still_c
     data = bytearray(segments[1].read_bytes())
     data[-50] ^= 0xFF  # a flipped bit in the value
     segments[1].write_bytes(bytes(data))
-    segments[3].write_bytes(b"not a log at all")
-    found = SpoolLog(tmp_path, segment_bytes=200).recover()
+    segments[3].write_bytes(b"VAPLOG9\n a later version")
+    log = SpoolLog(tmp_path, segment_bytes=200)
+    found = log.recover()
     assert [m.sequence for m in found.messages] == [0, 2, 4, 5] and found.damaged == 2
+    log.settle(range(6), now=0)
+    log.append(messages(range(6, 7)), now=0)
+    assert segments[3].read_bytes() == b"VAPLOG9\n a later version", "a file it cannot read is never touched"
+    assert not segments[0].exists(), "settled segments go"
 
 
 class FullDisk:

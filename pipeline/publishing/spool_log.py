@@ -72,6 +72,7 @@ class Recovered:
     next_sequence: int
     damaged: int
     disk_bytes: int
+    last_segment_number: int = 0
 
 
 @dataclass
@@ -142,16 +143,22 @@ def read_log(directory: Path) -> Recovered:
 
 
 def _scan(directory: Path, repair: bool) -> tuple[Recovered, list[_Segment]]:
-    """Read every segment in order; with `repair`, cut torn tails off (so each is counted once)."""
+    """Read every segment in order; with `repair`, cut torn tails off (so each is counted once). A file that
+    is not a log of this version (nor a torn start of one) is counted and left alone, never deleted."""
     messages: dict[int, OutgoingMessage] = {}
     settled: set[int] = set()
     segments: list[_Segment] = []
     damaged, highest = 0, -1
-    for number, path in segment_files(directory):
+    found = segment_files(directory)
+    for number, path in found:
         try:
             data = path.read_bytes()
         except OSError as error:
             log.error("cannot read %s (%s); skipped", path, error)
+            damaged += 1
+            continue
+        if not data.startswith(_FILE_MAGIC) and not _FILE_MAGIC.startswith(data):
+            log.error("%s is not a spool log this vap can read (another version?); left as it is", path)
             damaged += 1
             continue
         parsed = parse_segment(data)
@@ -170,7 +177,8 @@ def _scan(directory: Path, repair: bool) -> tuple[Recovered, list[_Segment]]:
     for segment in segments:
         segment.live -= settled
     live = [messages[sequence] for sequence in sorted(messages.keys() - settled)]
-    return Recovered(live, highest + 1, damaged, sum(segment.size for segment in segments)), segments
+    last_number = found[-1][0] if found else 0
+    return Recovered(live, highest + 1, damaged, sum(segment.size for segment in segments), last_number), segments
 
 
 def _truncate(path: Path, size: int) -> None:
@@ -235,7 +243,7 @@ class SpoolLog:
             return Recovered([], 0, 1, 0)
         self._firsts = [segment.first_sequence for segment in self._segments]
         self._disk_bytes = recovered.disk_bytes
-        self._next_number = max((segment.number for segment in self._segments), default=0) + 1
+        self._next_number = recovered.last_segment_number + 1
         self._next_sequence = recovered.next_sequence
         self._reclaim()
         return recovered
