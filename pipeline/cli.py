@@ -108,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every contender runs at this precision; int8 also measures the FP32 limit beside it")
     bench.add_argument("--decoder", default="cpu",
                        help="where vap decodes the clips: cpu, or cuda[:N] for the GPU's video engine (NVDEC)")
-    bench.add_argument("--codec", default="mpeg4", choices=["mpeg4", "h264"],
-                       help="codec of the generated clips; h264 is what cameras send")
+    bench.add_argument("--codec", default="auto", choices=["auto", "mpeg4", "h264", "h265"],
+                       help="codec of the generated clips: h264 and h265 are what cameras send (auto: h264 on a GPU, "
+                            "mpeg4 on the CPU, as earlier CPU runs)")
     bench.add_argument("--weights", help="model file (default: the bundled model)")
     bench.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a paced run this long")
+    bench.add_argument("--sweep", type=_camera_counts, default=(), metavar="N,N,...",
+                       help="also run this many cameras each, paced at --sweep-fps, e.g. 16,32,64")
+    bench.add_argument("--sweep-fps", type=float, default=30.0, help="frames/s of each camera in the sweep")
+    bench.add_argument("--sweep-seconds", type=float, default=20.0, help="frames' worth of time per sweep step")
     bench.add_argument("--spool-log", action="store_true",
                        help="also measure what the spool's crash-safe log (kafka.spool.dir) costs, in ABBA runs")
     bench.add_argument("--json", type=Path, help="also write the numbers to this file")
@@ -120,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     train.add_argument("train_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _camera_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 16,32,64, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected counts like 16,32,64, got {text!r}")
+    return counts
 
 
 def _add_dashboard_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -432,21 +447,23 @@ def _schema(_args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.tools.bench import BenchOptions, format_report, h264_available, report_json, run_bench
+    from pipeline.tools.bench import BenchOptions, codec_available, format_report, report_json, run_bench
 
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         print(f"vap bench: --size must be WIDTHxHEIGHT, got {args.size!r}", file=sys.stderr)
         return EXIT_USAGE
-    if args.codec == "h264" and not h264_available():
-        print("vap bench: --codec h264 needs PyAV built with libx264, as PyPI's wheels are", file=sys.stderr)
+    if args.codec != "auto" and not codec_available(args.codec):
+        print(f"vap bench: --codec {args.codec} needs PyAV built with libx264 and libx265, as PyPI's wheels are",
+              file=sys.stderr)
         return EXIT_USAGE
     options = BenchOptions(
         streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz, batch=args.batch,
         max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, precision=args.precision,
         decoder=args.decoder, codec=args.codec, weights=args.weights, quick=args.quick,
-        soak_s=args.soak, spool_log=args.spool_log, json_path=args.json,
+        soak_s=args.soak, spool_log=args.spool_log, sweep=args.sweep, sweep_fps=args.sweep_fps,
+        sweep_seconds=args.sweep_seconds, json_path=args.json,
     )
     report = run_bench(options)
     print(format_report(report))

@@ -11,10 +11,13 @@ import numpy as np
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.tools.bench import (
     BenchOptions,
+    BenchReport,
     ReplayDetector,
     _write_bench_clip,
+    format_report,
     h264_available,
     looping,
+    measure_sweep,
     run_vap,
     vap_config,
 )
@@ -80,3 +83,39 @@ def test_h264_clips_are_written_as_cameras_send_them_and_decode_frame_for_frame(
         decoded.append(read[1])
     capture.release()
     assert fourcc in ("avc1", "h264") and len(decoded) == 25 and decoded[0].shape == (96, 160, 3)
+
+
+def test_the_camera_sweep_paces_each_count_and_reports_throughput_drops_and_cpu_per_count(
+        broker: EmbeddedBroker, model_weights: str, tmp_path: Path) -> None:
+    options = BenchOptions(streams=2, frames=10, width=160, height=96, imgsz=160, batch=4, device="cpu",
+                           codec="mpeg4", sweep=(1, 3), sweep_fps=10.0, sweep_seconds=1.5)
+    replay = ReplayDetector("replay", "detect", "cpu", {0: "box"}, [_sample(0, [[1, 2, 3, 4]])])
+
+    runs = measure_sweep(options, model_weights, "cpu", tmp_path, broker.bootstrap_servers,
+                         detector_factory=lambda _c, _d: replay)
+
+    assert [run.streams for run in runs] == [1, 3]
+    for run in runs:
+        assert run.frames >= (run.streams or 0) * 15 and run.dropped == 0
+        assert 0.5 * (run.streams or 0) * 10 <= run.fps <= 1.5 * (run.streams or 0) * 10, "paced, not as fast as can be"
+        assert run.cpu_cores is not None and run.cpu_cores > 0
+    report = format_report(BenchReport({}, {"sweep_fps": 10.0, "runtime": "x", "batch": 4}, runs,
+                                       {"vap_over_limit": 0, "vap_over_best_ultralytics": 0, "p99_budget_ms": 0}))
+    table = report.splitlines()
+    header = next(index for index, line in enumerate(table) if line.lstrip().startswith("cameras"))
+    assert [line.split()[:2] for line in table[header + 1 : header + 3]] == [["1", "10"], ["3", "30"]]
+
+
+def test_h265_clips_decode_frame_for_frame_and_gpu_runs_default_to_h264(tmp_path: Path) -> None:
+    from pipeline.tools.bench import default_codec
+
+    path = _write_bench_clip(tmp_path / "clip.mp4", 160, 96, frames=25, fps=10.0, seed=1, codec="h265")
+    capture = cv2.VideoCapture(str(path))
+    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()
+    decoded = 0
+    while capture.read()[0]:
+        decoded += 1
+    capture.release()
+    assert fourcc in ("hevc", "hev1", "hvc1") and decoded == 25
+    assert default_codec("cuda:0") == "h264", "what cameras send, on a GPU box"
+    assert default_codec("cpu") == "mpeg4", "as every earlier CPU run, so they stay comparable"

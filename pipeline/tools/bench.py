@@ -14,6 +14,7 @@ see it (a run that reads files as fast as possible measures queueing, not latenc
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,14 @@ class BenchOptions:
     runtime: str = "auto"
     precision: str = "auto"
     decoder: str = "cpu"
-    codec: str = "mpeg4"
+    codec: str = "auto"
     weights: str | None = None
     quick: bool = False
     soak_s: float = 0.0
     spool_log: bool = False
+    sweep: tuple[int, ...] = ()
+    sweep_fps: float = 30.0
+    sweep_seconds: float = 20.0
     json_path: Path | None = None
 
 
@@ -76,6 +80,8 @@ class Measurement:
     notes: str = ""
     dropped: int | None = None  # vap runs: frames read but dropped; they are not in the latency percentiles
     batch_alone_ms: float | None = None  # limits: one batch with nothing else in flight (the p99 budget's unit)
+    cpu_cores: float | None = None  # vap runs: CPU time of vap and its Kafka client process over the wall time
+    streams: int | None = None  # sweep runs: cameras, each paced at the sweep's frame rate
 
     @property
     def fps(self) -> float:
@@ -104,6 +110,22 @@ def rss_mb(pid: int | None = None) -> float:
     except OSError:  # a child that just exited
         pass
     return 0.0
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User and system CPU time of a process, all its threads (Linux); 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid or 'self'}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline_cpu_seconds(pipeline: Pipeline) -> float:
+    """This process and the pipeline's Kafka client process (not the bench's broker)."""
+    child = pipeline.kafka_client_pid
+    return cpu_seconds() + (cpu_seconds(child) if child is not None else 0.0)
 
 
 def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
@@ -145,16 +167,30 @@ _THROUGHPUT_CLIP_FPS = 30.0  # Ultralytics' stream loader sleeps a frame period 
 _CEILING_PASSES = 5  # an instant model gets through the clips in a blink; looping them times a longer run
 
 
-CODECS = ("mpeg4", "h264")
+CODECS = ("mpeg4", "h264", "h265")
+_ENCODERS = {"h264": "libx264", "h265": "libx265"}
 
 
-def h264_available() -> bool:
-    """H.264 clips are written with PyAV's libx264 (PyAV is a dependency of vap); OpenCV's wheels cannot encode it."""
+def codec_available(codec: str) -> bool:
+    """H.264 and H.265 clips are written with PyAV's libx264 and libx265 (PyAV is a dependency of vap);
+    OpenCV's wheels encode neither. Every OpenCV build writes MPEG-4."""
+    if codec not in _ENCODERS:
+        return codec == "mpeg4"
     try:
         import av
     except ImportError:
         return False
-    return "libx264" in av.codecs_available
+    return _ENCODERS[codec] in av.codecs_available
+
+
+def h264_available() -> bool:
+    return codec_available("h264")
+
+
+def default_codec(device: str) -> str:
+    """What cameras send on a GPU box (its video engine decodes H.264 far faster than MPEG-4); MPEG-4 on the
+    CPU, as every earlier CPU run used, so CPU results stay comparable."""
+    return "h264" if device.startswith("cuda") and codec_available("h264") else "mpeg4"
 
 
 def _write_bench_clip(path: Path, width: int, height: int, frames: int, fps: float, seed: int,
@@ -168,8 +204,8 @@ def _write_bench_clip(path: Path, width: int, height: int, frames: int, fps: flo
 
     unique = [image for image, _ in render_scene(
         SceneSpec(width=width, height=height, n_frames=min(frames, _UNIQUE_FRAMES), fps=fps, seed=seed))]
-    if codec == "h264":
-        _write_h264(path, unique, frames, fps)
+    if codec in _ENCODERS:
+        _write_camera_codec(path, unique, frames, fps, _ENCODERS[codec])
         return path
     from pipeline.tools.synth.clips import open_writer
 
@@ -182,7 +218,7 @@ def _write_bench_clip(path: Path, width: int, height: int, frames: int, fps: flo
     return path
 
 
-def _write_h264(path: Path, unique: list[np.ndarray], frames: int, fps: float) -> None:
+def _write_camera_codec(path: Path, unique: list[np.ndarray], frames: int, fps: float, encoder: str) -> None:
     """As an IP camera encodes: no B-frames, a key frame every two seconds."""
     from fractions import Fraction
 
@@ -190,8 +226,10 @@ def _write_h264(path: Path, unique: list[np.ndarray], frames: int, fps: float) -
 
     height, width = unique[0].shape[:2]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000),
-                                      options={"preset": "veryfast", "bf": "0", "g": str(max(1, round(2 * fps)))})
+        options = {"preset": "veryfast", "bf": "0", "g": str(max(1, round(2 * fps)))}
+        if encoder == "libx265":
+            options["x265-params"] = f"bframes=0:keyint={options['g']}:log-level=error"
+        stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1000), options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for index in range(frames):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(unique[index % len(unique)], format="bgr24")))
@@ -200,7 +238,6 @@ def _write_h264(path: Path, unique: list[np.ndarray], frames: int, fps: float) -
 
 def make_clips(directory: Path, options: BenchOptions, fps: float, prefix: str) -> list[Path]:
     """One clip per stream, each its own scene, rendered in parallel processes."""
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(directory / f"{prefix}-{index}.mp4", options.width, options.height, options.frames, fps, 7000 + index,
@@ -429,10 +466,12 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
         _reset_cuda_peak(device)
         with peak_rss(pipeline) as peak:
             started = time.perf_counter()
+            cpu_at_start = pipeline_cpu_seconds(pipeline)
             deadline = time.monotonic() + timeout_s
             while not done() and time.monotonic() < deadline:
                 time.sleep(0.005 if until_frames else 0.02)
             elapsed = time.perf_counter() - started
+            cores = (pipeline_cpu_seconds(pipeline) - cpu_at_start) / elapsed if elapsed > 0 else None
             measured_frames = delivered()
             dropped = _dropped_while_running(pipeline.registry)
             pipeline.stop()
@@ -451,7 +490,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
         notes += f"; {delivered() - len(latencies)} acknowledged message(s) could not be read back"
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
-                       gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped)
+                       gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores)
 
 
 def _stage_means(registry: CollectorRegistry) -> str:
@@ -515,6 +554,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
         options = BenchOptions(**{**asdict(options), "frames": min(options.frames, 60), "quick": True})
     weights = options.weights or (str(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else UNTRAINED_FALLBACK)
     device = resolve_device(options.device)
+    if options.codec == "auto":
+        options = replace(options, codec=default_codec(device))
     report = BenchReport(machine_facts(device), {**asdict(options), "weights": weights,
                                                   "json_path": str(options.json_path or "")})
     with tempfile.TemporaryDirectory(prefix="vap-bench-") as tmp, EmbeddedBroker() as broker:
@@ -589,7 +630,28 @@ def run_bench(options: BenchOptions) -> BenchReport:
             report.ratios["int8_limit_over_fp32_limit"] = limit.fps / extra[0].fps
         if options.soak_s > 0:
             report.soak = soak(options, weights, device, workdir, broker.bootstrap_servers, paced_fps)
+        if options.sweep:
+            report.measurements += measure_sweep(options, weights, device, workdir, broker.bootstrap_servers)
     return report
+
+
+def measure_sweep(options: BenchOptions, weights: str, device: str, workdir: Path, bootstrap: str,
+                  detector_factory: Callable[[PipelineConfig, str], Detector] | None = None) -> list[Measurement]:
+    """How cost grows with cameras: for each count, that many streams paced at `sweep_fps` (looping clips
+    read in real time, as cameras send), until `sweep_seconds` worth of frames are delivered. A camera count
+    vap cannot carry shows as delivered frames/s below the offered rate, dropped frames and a long p99."""
+    clips = make_clips(workdir, options, fps=options.sweep_fps, prefix="sweep")
+    measured = []
+    for count in options.sweep:
+        progress(f"sweep: {count} cameras at {options.sweep_fps:g} frames/s for {options.sweep_seconds:.0f} s")
+        config = looping(vap_config(options, weights, [clips[index % len(clips)] for index in range(count)],
+                                    bootstrap, f"bench.sweep.{count}", True, device))
+        run = run_vap(config, f"sweep: {count} cameras at {options.sweep_fps:g} fps", device,
+                      timeout_s=3 * options.sweep_seconds + 60, detector_factory=detector_factory,
+                      until_frames=round(count * options.sweep_fps * options.sweep_seconds))
+        run.streams = count
+        measured.append(run)
+    return measured
 
 
 def measure_spool_log_cost(options: BenchOptions, report: BenchReport, workdir: Path, device: str,
@@ -643,6 +705,8 @@ def format_report(report: BenchReport) -> str:
         f"{'contender':<44} {'frames':>7} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} {'GPU MB':>8}",
     ]
     for m in report.measurements:
+        if m.streams is not None:
+            continue
         lines.append(
             f"{m.name:<44} {m.frames:>7} {m.fps:>8.1f} {_fmt(m.latency_p50_ms):>8} {_fmt(m.latency_p99_ms):>8} "
             f"{m.peak_rss_mb:>12.0f} {_fmt(m.gpu_peak_mb):>8}"
@@ -654,6 +718,16 @@ def format_report(report: BenchReport) -> str:
     if "host_ceiling_over_limit" in ratios:
         side = "the host side" if ratios["host_ceiling_over_limit"] < 1 else "the model"
         lines.append(f"host ceiling / limit: {ratios['host_ceiling_over_limit']:.2f}x (vap is bounded by {side})")
+    sweep = [m for m in report.measurements if m.streams is not None]
+    if sweep:
+        lines.append(f"{'cameras':>7} {'offered fps':>11} {'delivered':>9} {'dropped':>7} {'p99 ms':>7} "
+                     f"{'CPU cores':>9} {'GPU MB':>7} {'GPU MB/camera':>13}")
+        for m in sweep:
+            offered = (m.streams or 0) * float(report.options.get("sweep_fps") or 0)
+            per_camera = None if m.gpu_peak_mb is None else m.gpu_peak_mb / max(1, m.streams or 1)
+            lines.append(f"{m.streams:>7} {offered:>11.0f} {m.fps:>9.1f} {m.dropped or 0:>7} "
+                         f"{_fmt(m.latency_p99_ms):>7} {_fmt1(m.cpu_cores):>9} {_fmt(m.gpu_peak_mb):>7} "
+                         f"{_fmt1(per_camera):>13}")
     lines.extend(f"  {m.name}: {m.notes}" for m in report.measurements if m.notes)
     for key, value in ratios.items():
         if key.startswith("spool_log_over_memory_"):
@@ -666,6 +740,10 @@ def format_report(report: BenchReport) -> str:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def _fmt1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def report_json(report: BenchReport) -> str:
