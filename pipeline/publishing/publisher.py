@@ -44,8 +44,9 @@ from pipeline.publishing.kafka_client import (
     make_kafka_producer,
 )
 from pipeline.publishing.messages import EVENT_HEADERS, HEADERS
-from pipeline.publishing.spool import LEGACY_SPOOL_FILE, OutgoingMessage, load_legacy_spool_file
-from pipeline.publishing.spool_log import SpoolLog, WriteFn
+from pipeline.publishing.spool import OutgoingMessage
+from pipeline.publishing.spool_journal import SpoolJournal
+from pipeline.publishing.spool_log import WriteFn
 from pipeline.publishing.supervisor import ProducerSupervisor, SupervisorEvent
 from pipeline.threads import StageThread
 
@@ -56,10 +57,6 @@ log = logging.getLogger(__name__)
 INBOX_MAX_BYTES = 16 * 2**20
 _CLOSE_RESERVE_S = 1.0
 
-
-def segment_bytes(max_bytes: int) -> int:
-    """Segments small enough that settled ones are deleted long before the log reaches its bound."""
-    return max(4096, min(8 * 2**20, max_bytes // 8))
 
 
 class KafkaPublisher:
@@ -91,14 +88,15 @@ class KafkaPublisher:
                                     stuck_after_s=2.5 * delivery_timeout_ms(config) / 1000, now=time.monotonic(),
                                     inbox_max_bytes=INBOX_MAX_BYTES if inbox_max_bytes is None else inbox_max_bytes,
                                     journal=config.spool.dir is not None)
-        self._log = None if config.spool.dir is None else SpoolLog(
-            config.spool.dir, segment_bytes(config.spool.max_bytes), write=log_write)
+        self._accounting = DeliveryAccounting(ledger, metrics)
+        self._journal = None if config.spool.dir is None else SpoolJournal(
+            config.spool.dir, config.spool.max_bytes, self._state, self._condition, self._accounting, metrics,
+            log_write)
         self._supervisor = ProducerSupervisor(config, producer_factory, topic_setup, self._wake)
         self._stop = threading.Event()
         self._closed = False
         self._flush_deadline = 0.0
         self._finish_deadline = 0.0
-        self._accounting = DeliveryAccounting(ledger, metrics)
         self._loop_errors = RepeatedErrorLog(log)
         self._topic_errors = RepeatedErrorLog(log)
         self._thread = StageThread("publisher", self._run, heartbeats)
@@ -129,30 +127,9 @@ class KafkaPublisher:
     # Life cycle
 
     def start(self) -> None:
-        if self._log is not None:
-            self._recover(self._log)
+        if self._journal is not None:
+            self._journal.recover()
         self._thread.start()
-
-    def _recover(self, spool_log: SpoolLog) -> None:
-        """Take back what the previous runs left unsettled, before anything new is numbered."""
-        recovered = spool_log.recover()
-        metrics = self._metrics
-        metrics.spool_log_damaged.inc(recovered.damaged)
-        metrics.spool_log_messages["recovered"].inc(len(recovered.messages))
-        if recovered.messages:
-            log.info("resending %d message(s) left unsettled by the previous run", len(recovered.messages))
-        directory = self._config.spool.dir
-        legacy = [] if directory is None else load_legacy_spool_file(directory)
-        now = time.monotonic()
-        with self._condition:
-            outcomes = self._state.restore(recovered.messages, now, recovered.next_sequence)
-            outcomes += self._state.accept(legacy, now)
-        self._accounting.record(outcomes)
-        self._write_log(now)
-        spool_log.sync()
-        if legacy and directory is not None:
-            log.info("resending %d message(s) an older vap kept in %s", len(legacy), directory / LEGACY_SPOOL_FILE)
-            (directory / LEGACY_SPOOL_FILE).unlink(missing_ok=True)
 
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
         """Queue messages for Kafka; when the inbox is full the oldest are dropped (and counted)."""
@@ -195,7 +172,8 @@ class KafkaPublisher:
         try:
             self._thread.beat()
             self._accounting.record(self._take_inbox_and_events())
-            self._write_log(time.monotonic())
+            if self._journal is not None:
+                self._journal.write(time.monotonic())
             self._send_what_may_go()
             with self._condition:
                 if self._stop.is_set() and (self._state.backlog() == 0 or time.monotonic() >= self._flush_deadline):
@@ -307,48 +285,6 @@ class KafkaPublisher:
 
     # The end
 
-    def _write_log(self, now: float) -> None:
-        """Bring the spool's log up to date with the state machine: new messages before they are sent, then
-        settlements; keep it within `max_bytes` by dropping the oldest; sync at most half a second after a
-        write. Only the loop calls it (and `start` and `_finish`, on the same side of the thread)."""
-        spool_log = self._log
-        if spool_log is None:
-            return
-        self._apply_journal(spool_log, now)
-        self._keep_log_within_bound(spool_log, now)
-        spool_log.sync_if_due(now)
-        self._metrics.spool_log_bytes.set(spool_log.disk_bytes)
-
-    def _apply_journal(self, spool_log: SpoolLog, now: float) -> None:
-        with self._condition:
-            appended, settled = self._state.take_journal()
-        unwritten = spool_log.append(appended, now)
-        spool_log.settle(settled, now)
-        counts = self._metrics.spool_log_messages
-        if unwritten:
-            counts["unwritten"].inc(len(unwritten))
-        if len(appended) > len(unwritten):
-            counts["written"].inc(len(appended) - len(unwritten))
-
-    def _keep_log_within_bound(self, spool_log: SpoolLog, now: float) -> None:
-        """Beyond `max_bytes` on disk the oldest segment's waiting messages are dropped (and counted), so the
-        segment can go once those in flight are settled."""
-        while spool_log.disk_bytes > self._config.spool.max_bytes:
-            last = spool_log.oldest_segment_last_sequence()
-            if last is None:
-                return
-            with self._condition:
-                outcomes = self._state.drop_spooled_through(
-                    last, now, f"the spool's log reached kafka.spool.max_bytes ({self._config.spool.max_bytes})")
-                held = self._state.holds_through(last)
-            self._accounting.record(outcomes)
-            segments = spool_log.segments
-            self._apply_journal(spool_log, now)
-            if not held:
-                spool_log.forget_through(last)
-            if spool_log.segments == segments:
-                return
-
     def _finish(self) -> None:
         """Close the producer, wait for what it held to come back, then keep or count what is undelivered.
 
@@ -366,26 +302,11 @@ class KafkaPublisher:
         with self._condition:
             self._closed = True
         self._accounting.record(self._take_inbox_and_events())
-        self._write_log(time.monotonic())
+        if self._journal is not None:
+            self._journal.write(time.monotonic())
         with self._condition:
             undelivered = self._state.undelivered()
-        self._keep_or_drop(undelivered)
-
-    def _keep_or_drop(self, undelivered: list[OutgoingMessage]) -> None:
-        """What the spool's log holds stays there for the next start, which settles it: those frames stay
-        unsettled in this run's ledger. The rest (no spool dir, or a log that could not be written) is dropped
-        (shutdown)."""
-        spool_log = self._log
-        kept: list[OutgoingMessage] = []
-        lost: list[OutgoingMessage] = []
-        for message in undelivered:
-            logged = spool_log is not None and message.logged and spool_log.holds(message.sequence)
-            (kept if logged else lost).append(message)
-        if spool_log is not None:
-            spool_log.close()
-            if kept:
-                log.warning("kept %d undelivered message(s) in %s for the next start", len(kept),
-                            self._config.spool.dir)
+        lost = undelivered if self._journal is None else self._journal.close(undelivered)
         if lost:
             log.warning("stopping with %d undelivered message(s); counted as dropped", len(lost))
             self._accounting.record([Outcome("dropped", message, "shutdown", "undelivered at stop")

@@ -578,16 +578,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         limit = measure_limit(options, weights, resolved.runtime, device, frames, seconds,
                               f"limit ({resolved.runtime} {precision}, forward+NMS)", options.precision,
                               [str(clip) for clip in clips])
-        extra: list[Measurement] = []
-        if precision == "int8":
-            progress(f"1/5 model-bound limit on {resolved.runtime} fp32, for INT8's speed-up ({seconds:.0f} s)")
-            extra.append(measure_limit(options, weights, resolved.runtime, device, frames, seconds,
-                                       f"limit ({resolved.runtime} fp32, forward+NMS)", "fp32"))
-        elif resolved.runtime != "torch":
-            progress(f"1/5 model-bound limit on torch, for the runtime's speed-up ({seconds:.0f} s)")
-            extra.append(
-                measure_limit(options, weights, "torch", device, frames, seconds, "limit (torch, forward+NMS)")
-            )
+        extra = _reference_limits(options, weights, resolved.runtime, precision, device, frames, seconds)
         progress("2/5 ultralytics predict on a .streams source")
         streams = measure_ultralytics_streams(options, resolved.path, task, device, clips, workdir, frames[0])
         progress("2/5 ultralytics model(frame) loop")
@@ -602,16 +593,14 @@ def run_bench(options: BenchOptions) -> BenchReport:
                           "vap host ceiling (instant model)", device, timeout_s=600,
                           detector_factory=lambda _config, _device: replay,
                           until_frames=_CEILING_PASSES * options.streams * options.frames)
-        spool_log: list[Measurement] = []
-        if options.spool_log:
-            spool_log = measure_spool_log_cost(options, report, workdir, device, [
-                (vap, vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device),
-                 {}),
-                (ceiling, looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling", False,
-                                             device)),
-                 {"detector_factory": lambda _config, _device: replay,
-                  "until_frames": _CEILING_PASSES * options.streams * options.frames}),
-            ])
+        spool_log = measure_spool_log_cost(options, report, workdir, device, [
+            (vap, vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device),
+             {}),
+            (ceiling, looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling", False,
+                                         device)),
+             {"detector_factory": lambda _config, _device: replay,
+              "until_frames": _CEILING_PASSES * options.streams * options.frames}),
+        ]) if options.spool_log else []
         paced_fps = max(1.0, 0.7 * vap.fps / options.streams)
         progress(f"5/5 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
         paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
@@ -633,6 +622,19 @@ def run_bench(options: BenchOptions) -> BenchReport:
         if options.sweep:
             report.measurements += measure_sweep(options, weights, device, workdir, broker.bootstrap_servers)
     return report
+
+
+def _reference_limits(options: BenchOptions, weights: str, runtime: str, precision: str, device: str,
+                      frames: list[np.ndarray], seconds: float) -> list[Measurement]:
+    """The limit again for the ratio that explains it: FP32 beside INT8, or PyTorch beside another runtime."""
+    if precision == "int8":
+        progress(f"1/5 model-bound limit on {runtime} fp32, for INT8's speed-up ({seconds:.0f} s)")
+        return [measure_limit(options, weights, runtime, device, frames, seconds,
+                              f"limit ({runtime} fp32, forward+NMS)", "fp32")]
+    if runtime != "torch":
+        progress(f"1/5 model-bound limit on torch, for the runtime's speed-up ({seconds:.0f} s)")
+        return [measure_limit(options, weights, "torch", device, frames, seconds, "limit (torch, forward+NMS)")]
+    return []
 
 
 def measure_sweep(options: BenchOptions, weights: str, device: str, workdir: Path, bootstrap: str,

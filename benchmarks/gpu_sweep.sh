@@ -1,0 +1,55 @@
+#!/bin/sh
+# The whole GPU measurement in one command, for a GPU host with Python, CUDA PyTorch, NumPy and OpenCV but
+# no internet. On a connected machine first:
+#
+#   benchmarks/wheelhouse.sh .wheels 3.12 --split      # .wheels/1 and .wheels/2, each under 50 MB
+#
+# then copy the repository with .wheels to the host and there, from the repository's root:
+#
+#   benchmarks/gpu_sweep.sh install .wheels/1          # into .vapsite/ (both parts, or one at a time)
+#   benchmarks/gpu_sweep.sh install .wheels/2
+#   benchmarks/gpu_sweep.sh run OUT_DIR                # about 8 minutes on an H100
+#
+# `run` writes OUT_DIR/results-<gpu>-<date>.json and OUT_DIR/results-<gpu>-<date>.txt: the bench's usual
+# contenders on 16 streams of 1080p H.264 decoded by NVDEC, then 16, 32 and 64 cameras at 30 frames/s each.
+# Settings can be overridden for a dry run on a CPU, e.g.
+#   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
+#     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
+set -eu
+
+usage() {
+    echo "usage: $0 install WHEEL_DIR | run OUT_DIR" >&2
+    exit 2
+}
+
+[ "$#" -eq 2 ] || usage
+site=${VAP_SITE:-.vapsite}
+python=${VAP_PYTHON:-python3}
+
+case "$1" in
+install)
+    mkdir -p "$site"
+    "$python" -m pip install --disable-pip-version-check -q --no-index --no-deps --upgrade --target "$site" "$2"/*.whl
+    echo "gpu_sweep.sh: installed $(find "$2" -name '*.whl' | wc -l) wheels into $site"
+    ;;
+run)
+    out=$2
+    mkdir -p "$out"
+    gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")')
+    stem="$out/results-$gpu-$(date +%Y-%m-%d)"
+    {
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+        nproc
+    } > "$stem.machine.txt"
+    PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pipeline bench \
+        --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \
+        --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
+        --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" \
+        --sweep "${SWEEP:-16,32,64}" --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
+        --json "$stem.json" > "$stem.txt"
+    cat "$stem.txt"
+    ;;
+*)
+    usage
+    ;;
+esac

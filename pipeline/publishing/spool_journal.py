@@ -1,0 +1,109 @@
+"""Keeps the spool's log on disk (`spool_log.py`) in step with the delivery state machine (`delivery.py`).
+
+The publisher's loop calls `write` every turn: messages that entered the spool are written before they can
+be sent, then the settlements; the log is kept within `kafka.spool.max_bytes` by dropping the oldest
+waiting messages (counted); and it is synced at most half a second after a write. `recover` runs once at
+start, `close` once at the end; all three on the loop's side of the thread, never concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.publishing.accounting import DeliveryAccounting
+from pipeline.publishing.delivery import DeliveryState
+from pipeline.publishing.spool import LEGACY_SPOOL_FILE, OutgoingMessage, load_legacy_spool_file
+from pipeline.publishing.spool_log import SpoolLog, WriteFn
+
+log = logging.getLogger("pipeline.publishing.publisher")
+
+
+def segment_bytes(max_bytes: int) -> int:
+    """Segments small enough that settled ones are deleted long before the log reaches its bound."""
+    return max(4096, min(8 * 2**20, max_bytes // 8))
+
+
+class SpoolJournal:
+    """The spool's log of one publisher. `lock` is the publisher's, which guards `state`."""
+
+    def __init__(self, directory: Path, max_bytes: int, state: DeliveryState, lock: threading.Condition,
+                 accounting: DeliveryAccounting, metrics: PipelineMetrics, write: WriteFn) -> None:
+        self._directory = directory
+        self._max_bytes = max_bytes
+        self._state = state
+        self._lock = lock
+        self._accounting = accounting
+        self._metrics = metrics
+        self._log = SpoolLog(directory, segment_bytes(max_bytes), write=write)
+
+    def recover(self) -> None:
+        """Take back what the previous runs left unsettled, before anything new is numbered; an older vap's
+        `undelivered.spool` is taken over by the log."""
+        recovered = self._log.recover()
+        self._metrics.spool_log_damaged.inc(recovered.damaged)
+        self._metrics.spool_log_messages["recovered"].inc(len(recovered.messages))
+        if recovered.messages:
+            log.info("resending %d message(s) left unsettled by the previous run", len(recovered.messages))
+        legacy = load_legacy_spool_file(self._directory)
+        now = time.monotonic()
+        with self._lock:
+            outcomes = self._state.restore(recovered.messages, now, recovered.next_sequence)
+            outcomes += self._state.accept(legacy, now)
+        self._accounting.record(outcomes)
+        self.write(now)
+        self._log.sync()
+        if legacy:
+            log.info("resending %d message(s) an older vap kept in %s", len(legacy),
+                     self._directory / LEGACY_SPOOL_FILE)
+            (self._directory / LEGACY_SPOOL_FILE).unlink(missing_ok=True)
+
+    def write(self, now: float) -> None:
+        self._apply(now)
+        self._keep_within_bound(now)
+        self._log.sync_if_due(now)
+        self._metrics.spool_log_bytes.set(self._log.disk_bytes)
+
+    def close(self, undelivered: list[OutgoingMessage]) -> list[OutgoingMessage]:
+        """Close the log; returns the undelivered messages it does not hold (the disk failed them), which the
+        caller counts as dropped. Those it holds wait there for the next start."""
+        lost = [message for message in undelivered if not (message.logged and self._log.holds(message.sequence))]
+        self._log.close()
+        if len(undelivered) > len(lost):
+            log.warning("kept %d undelivered message(s) in %s for the next start", len(undelivered) - len(lost),
+                        self._directory)
+        return lost
+
+    def _apply(self, now: float) -> None:
+        with self._lock:
+            appended, settled = self._state.take_journal()
+        unwritten = self._log.append(appended, now)
+        self._log.settle(settled, now)
+        counts = self._metrics.spool_log_messages
+        if unwritten:
+            counts["unwritten"].inc(len(unwritten))
+        if len(appended) > len(unwritten):
+            counts["written"].inc(len(appended) - len(unwritten))
+
+    def _keep_within_bound(self, now: float) -> None:
+        """Beyond `max_bytes` on disk the oldest segment's waiting messages are dropped (and counted), so the
+        segment can go once those in flight are settled."""
+        spool_log = self._log
+        while spool_log.disk_bytes > self._max_bytes:
+            last = spool_log.oldest_segment_last_sequence()
+            if last is None:
+                return
+            with self._lock:
+                outcomes = self._state.drop_spooled_through(
+                    last, now, f"the spool's log reached kafka.spool.max_bytes ({self._max_bytes})")
+                held = self._state.holds_through(last)
+            self._accounting.record(outcomes)
+            segments = spool_log.segments
+            self._apply(now)
+            if not held:
+                spool_log.forget_through(last)
+            if spool_log.segments == segments:
+                return
