@@ -11,7 +11,6 @@ budget (`StopTimeouts`), and whatever a stop leaves behind is dropped (shutdown)
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import sys
 import threading
@@ -44,11 +43,11 @@ from pipeline.publishing.kafka_client import Producer, make_kafka_producer
 from pipeline.publishing.kafka_process import KafkaProcess
 from pipeline.publishing.publisher import KafkaPublisher
 from pipeline.publishing.snapshot_topic import SnapshotPublisher
-from pipeline.sources.nvdec import NvdecSource, nvdec_available
-from pipeline.sources.opencv import OpenCvSource, decoder_threads
-from pipeline.sources.pyav import PyAvSource
+from pipeline.sources.choice import local_source_factory
+from pipeline.sources.decoder_pool import DecoderPool
+from pipeline.sources.nvdec import nvdec_available
+from pipeline.sources.opencv import decoder_threads
 from pipeline.sources.reader import StreamReader, max_age_for, overflow_policy_for
-from pipeline.sources.source import VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +95,8 @@ class Pipeline:
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.heartbeats = Heartbeats(self.metrics)
+        self._decoders = None if config.decoding.processes == 0 else DecoderPool(config.decoding.processes,
+                                                                               self.heartbeats)
         self.ledger = FrameLedger(self.metrics)
         self.hub = FrameHub(on_stale=lambda frame: self.ledger.dropped(frame.ticket, "stale"))
         self._detector_factory = detector_factory or _ultralytics_detector
@@ -235,7 +236,11 @@ class Pipeline:
         analytics = None
         if stream.analytics.tracks:
             analytics = StreamAnalytics(stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels)
-        source_factory = _source_factory(stream, max(len(self.config.streams), len(self.readers) + 1))
+        threads = decoder_threads(max(len(self.config.streams), len(self.readers) + 1))
+        if self._decoders is not None and stream.decoder == "cpu":
+            source_factory = self._decoders.source_factory(threads)
+        else:
+            source_factory = local_source_factory(stream, threads)
         run = self.ledger.add_stream(stream.id)
         policy = overflow_policy_for(stream)
         self.hub.add_stream(stream.id, self.config.batching.queue_size, policy, max_age_for(stream),
@@ -359,6 +364,8 @@ class Pipeline:
         for reader in readers:
             if not reader.join(max(0.0, readers_deadline - time.monotonic())):
                 log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
+        if self._decoders is not None:
+            self._decoders.close(timeout_s=0.5)  # a reader still waiting for a frame then hears its stream end
         if self.fleet is not None:
             self.fleet.leave()  # the others start these streams while this one drains what it read
         if drain_and_stop(self.workers, self.hub, time.monotonic() + timeouts.drain_s, timeouts.workers_s,
@@ -433,15 +440,6 @@ def _check_runnable_here(stream: StreamConfig) -> None:
 def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:
     urls = [stream.url for stream in config.streams]
     return UltralyticsDetector(config.model, device, config.batching.max_batch, calibration_urls=urls)
-
-
-def _source_factory(stream: StreamConfig, streams: int) -> Callable[[StreamConfig], VideoSource]:
-    """NVDEC when asked for; PyAV for RTSP cameras, which need FFmpeg options of their own; OpenCV else."""
-    if stream.decoder != "cpu":
-        return NvdecSource
-    if stream.url.lower().startswith(("rtsp://", "rtsps://")):
-        return functools.partial(PyAvSource, threads=decoder_threads(streams))
-    return functools.partial(OpenCvSource, threads=decoder_threads(streams))
 
 
 def _reap(reader: StreamReader) -> None:

@@ -355,6 +355,15 @@ class BatchingConfig(_Section):
     queue_size: int = Field(4, ge=1, le=1024, description="Frames buffered per stream before dropping")
 
 
+class DecodingConfig(_Section):
+    """Where the streams are decoded."""
+
+    processes: int = Field(0, ge=0, le=256, description=(
+        "Decode the streams in this many worker processes, frames coming back through shared memory, so that "
+        "decoding never competes with inference for the interpreter's lock; 0 decodes on each stream's reader "
+        "thread. Streams decoded on a GPU (decoder: cuda) stay in-process"))
+
+
 class SpoolConfig(_Section):
     """Where results wait while the broker is away; beyond either bound the oldest are dropped and counted."""
 
@@ -480,6 +489,7 @@ class PipelineConfig(_Section):
     analytics: AnalyticsStageConfig = AnalyticsStageConfig()
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
+    decoding: DecodingConfig = DecodingConfig()
     kafka: KafkaConfig = KafkaConfig()
     http: HttpConfig = HttpConfig()
     fleet: FleetConfig | None = Field(None, description="Share the cameras with other replicas through Kafka")

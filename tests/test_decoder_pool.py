@@ -1,0 +1,108 @@
+"""Decoding in worker processes (`decoding.processes`): the same frames, the same detections, and a worker
+that dies costs a reconnect, never the stream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pipeline.config import StreamConfig
+from pipeline.ops.health import Heartbeats
+from pipeline.ops.metrics import PipelineMetrics
+from pipeline.sources.decoder_pool import DecoderPool, ProcessSource
+from pipeline.sources.opencv import OpenCvSource
+from pipeline.tools.broker import EmbeddedBroker
+from tests.conftest import CLIP_FRAMES, ConfigFactory, decode, read_topic, run_to_completion, unused_topic
+
+
+@pytest.fixture
+def pool() -> Iterator[DecoderPool]:
+    made = DecoderPool(2, Heartbeats(PipelineMetrics(CollectorRegistry())))
+    yield made
+    made.close()
+
+
+def test_a_worker_process_gives_the_frames_and_positions_the_reader_thread_would(
+        pool: DecoderPool, clips: dict[str, Path]) -> None:
+    config = StreamConfig(id="cam", url=str(clips["landscape"]))
+    remote, local = pool.source_factory(1)(config), OpenCvSource(config)
+    assert remote.open() and local.open()
+    assert remote.frame_rate() == local.frame_rate() == 10.0
+    frames = 0
+    try:
+        while (image := remote.read()) is not None:
+            expected = local.read()
+            assert expected is not None and np.array_equal(image, expected)
+            assert remote.position_ms() == local.position_ms()
+            frames += 1
+        assert local.read() is None
+    finally:
+        remote.close()
+        local.close()
+    assert frames == CLIP_FRAMES
+
+
+def test_a_worker_that_dies_ends_its_streams_reads_and_the_next_open_gets_a_new_worker(
+        pool: DecoderPool, clips: dict[str, Path]) -> None:
+    config = StreamConfig(id="cam", url=str(clips["landscape"]))
+    source = pool.source_factory(1)(config)
+    assert isinstance(source, ProcessSource) and source.open()
+    assert source.read() is not None
+    worker = source._worker
+    assert worker is not None
+    os.kill(worker.pid, signal.SIGKILL)
+    started = time.monotonic()
+    while source.read() is not None:  # what was decoded ahead may still come; then the stream ends
+        assert time.monotonic() - started < 5
+    source.close()
+    again = pool.source_factory(1)(config)
+    assert again.open() and again.read() is not None
+    assert again._worker is not None and again._worker.pid != worker.pid  # type: ignore[attr-defined]
+    again.close()
+
+
+def test_a_file_that_cannot_be_opened_is_refused_by_the_worker(pool: DecoderPool, tmp_path: Path) -> None:
+    source = pool.source_factory(1)(StreamConfig(id="cam", url=str(tmp_path / "missing.mp4")))
+    assert not source.open()
+    source.close()
+
+
+def _detections(broker: EmbeddedBroker, topic: str, expected: int) -> dict[tuple[str, int], list[Any]]:
+    found = {}
+    for record in read_topic(broker.bootstrap_servers, topic, expected):
+        message = decode(record)
+        found[(message["stream_id"], message["frame_id"])] = [
+            (d["label"], [d["bbox"][k] for k in ("x1", "y1", "x2", "y2")], d["mask"] is not None)
+            for d in message["detections"]]
+    return found
+
+
+def test_decoder_processes_give_the_detections_of_the_in_process_path_and_account_for_every_frame(
+        broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> None:
+    streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
+    results = {}
+    for processes in (0, 2):
+        topic = unused_topic(f"decoders-{processes}")
+        pipeline = run_to_completion(make_config(streams, broker.bootstrap_servers, topic,
+                                                 decoding={"processes": processes}))
+        totals = pipeline.ledger.overall()
+        assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
+        results[processes] = _detections(broker, topic, 2 * CLIP_FRAMES)
+        if processes:
+            assert pipeline._decoders is not None and not pipeline._decoders.running(), "workers stop with vap"
+    assert results[2].keys() == results[0].keys() and len(results[0]) == 2 * CLIP_FRAMES
+    for frame, expected in results[0].items():
+        found = results[2][frame]
+        assert [(label, mask) for label, _, mask in found] == [(label, mask) for label, _, mask in expected], frame
+        # Frames batched differently (readers race) differ in the last float bits of the model's output.
+        for (_, box, _), (_, expected_box, _) in zip(found, expected, strict=True):
+            assert np.allclose(box, expected_box, atol=0.5), (frame, box, expected_box)
+    assert sum(len(found) for found in results[0].values()) >= CLIP_FRAMES, "the clips have things to find"
