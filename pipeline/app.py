@@ -133,6 +133,11 @@ class Pipeline:
         """The Kafka client's child process, when it runs in one (for memory accounting)."""
         return None if self._kafka_process is None else self._kafka_process.pid
 
+    @property
+    def decoder_pids(self) -> list[int]:
+        """The decoder worker processes running now (`decoding.processes`), for CPU and memory accounting."""
+        return [] if self._decoders is None else self._decoders.running()
+
     def start(self, max_frames: int | None = None) -> None:
         config = self.config
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

@@ -62,6 +62,7 @@ class BenchOptions:
     quick: bool = False
     soak_s: float = 0.0
     spool_log: bool = False
+    decoding_processes: int = 0
     sweep: tuple[int, ...] = ()
     sweep_fps: float = 30.0
     sweep_seconds: float = 20.0
@@ -123,15 +124,19 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 
 def pipeline_cpu_seconds(pipeline: Pipeline) -> float:
-    """This process and the pipeline's Kafka client process (not the bench's broker)."""
-    child = pipeline.kafka_client_pid
-    return cpu_seconds() + (cpu_seconds(child) if child is not None else 0.0)
+    """This process, the pipeline's Kafka client process and its decoder processes (not the bench's broker).
+    A decoder process started or replaced during the run counts from its start."""
+    children = [pid for pid in (pipeline.kafka_client_pid, *pipeline.decoder_pids) if pid is not None]
+    return cpu_seconds() + sum(cpu_seconds(pid) for pid in children)
 
 
 def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
-    """This process and, for a running pipeline, its Kafka client process (not the bench's broker)."""
-    child = None if pipeline is None else pipeline.kafka_client_pid
-    return rss_mb() + (rss_mb(child) if child is not None else 0.0)
+    """This process and, for a running pipeline, its Kafka client and decoder processes (not the bench's
+    broker)."""
+    if pipeline is None:
+        return rss_mb()
+    children = [pid for pid in (pipeline.kafka_client_pid, *pipeline.decoder_pids) if pid is not None]
+    return rss_mb() + sum(rss_mb(pid) for pid in children)
 
 
 @contextmanager
@@ -432,6 +437,7 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},
+        "decoding": {"processes": options.decoding_processes},
     })
 
 
