@@ -48,6 +48,7 @@ from pipeline.sources.decoder_pool import DecoderPool
 from pipeline.sources.nvdec import nvdec_available
 from pipeline.sources.opencv import decoder_threads
 from pipeline.sources.reader import StreamReader, max_age_for, overflow_policy_for
+from pipeline.sources.source import VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,11 @@ class Pipeline:
         return None if self._kafka_process is None else self._kafka_process.pid
 
     @property
-    def decoder_pids(self) -> list[int]:
-        """The decoder worker processes running now (`decoding.processes`), for CPU and memory accounting."""
-        return [] if self._decoders is None else self._decoders.running()
+    def helper_pids(self) -> list[int]:
+        """Every process working for this pipeline now: the Kafka client's and the decoders' (for CPU and
+        memory accounting)."""
+        decoders = [] if self._decoders is None else self._decoders.running()
+        return [pid for pid in (self.kafka_client_pid, *decoders) if pid is not None]
 
     def start(self, max_frames: int | None = None) -> None:
         config = self.config
@@ -241,11 +244,7 @@ class Pipeline:
         analytics = None
         if stream.analytics.tracks:
             analytics = StreamAnalytics(stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels)
-        threads = decoder_threads(max(len(self.config.streams), len(self.readers) + 1))
-        if self._decoders is not None and stream.decoder == "cpu":
-            source_factory = self._decoders.source_factory(threads)
-        else:
-            source_factory = local_source_factory(stream, threads)
+        source_factory = _source_factory(self._decoders, stream, max(len(self.config.streams), len(self.readers) + 1))
         run = self.ledger.add_stream(stream.id)
         policy = overflow_policy_for(stream)
         self.hub.add_stream(stream.id, self.config.batching.queue_size, policy, max_age_for(stream),
@@ -363,18 +362,11 @@ class Pipeline:
             self._ready.clear()
             readers = list(self.readers.values())
         timeouts = self._timeouts
-        for reader in readers:
-            reader.stop()
-        readers_deadline = time.monotonic() + timeouts.readers_s  # one for all: stuck readers must not add up
-        for reader in readers:
-            if not reader.join(max(0.0, readers_deadline - time.monotonic())):
-                log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
-        if self._decoders is not None:
-            self._decoders.close(timeout_s=0.5)  # a reader still waiting for a frame then hears its stream end
+        _stop_readers(readers, timeouts.readers_s, self._decoders)
         if self.fleet is not None:
             self.fleet.leave()  # the others start these streams while this one drains what it read
         if drain_and_stop(self.workers, self.hub, time.monotonic() + timeouts.drain_s, timeouts.workers_s,
-                          self._workers_stopping, self._drop_at_stop):
+                          self._workers_stopping, lambda frames, where: _drop_at_stop(self.ledger, frames, where)):
             self._results_abandoned = True
         if self.analytics is not None:
             self.analytics.stop_within(time.monotonic() + timeouts.analytics_s)
@@ -385,12 +377,27 @@ class Pipeline:
             self.http.stop(timeouts.http_s)
         log.info("stopped: %s", self.ledger.overall())
 
-    def _drop_at_stop(self, frames: list[Frame], where: str) -> None:
-        for frame in frames:
-            self.ledger.dropped(frame.ticket, "shutdown")
-        if frames:
-            log.warning("stopping with %d frame(s) %s; counted as dropped (shutdown)", len(frames), where)
 
+
+
+def _stop_readers(readers: list[StreamReader], within_s: float, decoders: DecoderPool | None) -> None:
+    """One deadline for all: stuck readers must not add up. The decoder processes go after the readers, so a
+    reader still waiting for a frame then hears its stream end."""
+    for reader in readers:
+        reader.stop()
+    deadline = time.monotonic() + within_s
+    for reader in readers:
+        if not reader.join(max(0.0, deadline - time.monotonic())):
+            log.warning("stream %s: reader did not stop in time; leaving it behind", reader.config.id)
+    if decoders is not None:
+        decoders.close(timeout_s=0.5)
+
+
+def _drop_at_stop(ledger: FrameLedger, frames: list[Frame], where: str) -> None:
+    for frame in frames:
+        ledger.dropped(frame.ticket, "shutdown")
+    if frames:
+        log.warning("stopping with %d frame(s) %s; counted as dropped (shutdown)", len(frames), where)
 
 
 def _stop_publishing(publisher: KafkaPublisher | None, snapshots: SnapshotPublisher | None,
@@ -445,6 +452,14 @@ def _check_runnable_here(stream: StreamConfig) -> None:
 def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:
     urls = [stream.url for stream in config.streams]
     return UltralyticsDetector(config.model, device, config.batching.max_batch, calibration_urls=urls)
+
+
+def _source_factory(decoders: DecoderPool | None, stream: StreamConfig,
+                    streams: int) -> Callable[[StreamConfig], VideoSource]:
+    """In a decoder process when there are some (`decoding.processes`) and the stream decodes on the CPU."""
+    if decoders is not None and stream.decoder == "cpu":
+        return decoders.source_factory(decoder_threads(streams))
+    return local_source_factory(stream, decoder_threads(streams))
 
 
 def _reap(reader: StreamReader) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import pipeline.app
+import pipeline.sources.choice
 from pipeline.app import Pipeline
 from pipeline.config import StreamConfig
 from tests.conftest import wait_for, write_moving_box_clip
@@ -35,7 +35,7 @@ class DyingSource(FakeSource):
 def test_a_reader_thread_that_dies_fails_healthz_until_its_stream_is_removed(
     pipelines: list[Pipeline], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline.app, "OpenCvSource", DyingSource)
+    monkeypatch.setattr(pipeline.sources.choice, "OpenCvSource", DyingSource)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)
     clip = str(write_moving_box_clip(tmp_path / "clip.mp4", 96, 64))
     running = Pipeline(config_with([{"id": "doomed", "url": clip, "loop": True},

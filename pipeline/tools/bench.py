@@ -126,8 +126,7 @@ def cpu_seconds(pid: int | None = None) -> float:
 def pipeline_cpu_seconds(pipeline: Pipeline) -> float:
     """This process, the pipeline's Kafka client process and its decoder processes (not the bench's broker).
     A decoder process started or replaced during the run counts from its start."""
-    children = [pid for pid in (pipeline.kafka_client_pid, *pipeline.decoder_pids) if pid is not None]
-    return cpu_seconds() + sum(cpu_seconds(pid) for pid in children)
+    return cpu_seconds() + sum(cpu_seconds(pid) for pid in pipeline.helper_pids)
 
 
 def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
@@ -135,8 +134,7 @@ def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
     broker)."""
     if pipeline is None:
         return rss_mb()
-    children = [pid for pid in (pipeline.kafka_client_pid, *pipeline.decoder_pids) if pid is not None]
-    return rss_mb() + sum(rss_mb(pid) for pid in children)
+    return rss_mb() + sum(rss_mb(pid) for pid in pipeline.helper_pids)
 
 
 @contextmanager
