@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import ModelConfig, parse_config
 from pipeline.errors import ConfigError
 from pipeline.inference.quantize import BUNDLED_SET, Int8Calibration, calibration_for
-from pipeline.inference.runtimes import resolve_model, runtime_available
+from pipeline.inference.runtimes import export_path, resolve_model, runtime_available
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.demo import SHIPPED_WEIGHTS
 from pipeline.tools.synth.clips import load_ground_truth, write_clip
@@ -98,8 +98,9 @@ def test_the_bundled_model_is_quantized_once_per_calibration_and_reused(
 
     again = resolve_model(str(SHIPPED_WEIGHTS), "auto", "cpu", 320, 4, False, int8_exports, tracked)
     assert again == first and reads == [128], "a second start must reuse the quantized model, not calibrate"
-    other = Int8Calibration("other-data", "other", lambda: calibration.frames()[:16])
-    assert resolve_model(str(SHIPPED_WEIGHTS), "auto", "cpu", 320, 4, False, int8_exports, other).path != first.path
+    cached = export_path(str(SHIPPED_WEIGHTS), "openvino", "cpu", 320, 4, False, int8_exports, calibration.key)
+    assert first.path == str(cached), "the cache key names the calibration data"
+    assert export_path(str(SHIPPED_WEIGHTS), "openvino", "cpu", 320, 4, False, int8_exports, "other-data") != cached
 
 
 @pytest.fixture
