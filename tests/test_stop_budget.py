@@ -81,11 +81,13 @@ def inferring(port: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("decoder_processes", [0, 2], ids=["in-process", "decoder-processes"])
 def test_sigterm_stops_within_10_s_while_a_camera_holds_its_connection_open_without_answering(
-    tmp_path: Path, model_weights: str, broker: EmbeddedBroker, silent_server: SilentServer
+    tmp_path: Path, model_weights: str, broker: EmbeddedBroker, silent_server: SilentServer, decoder_processes: int
 ) -> None:
     port = free_port()
     tree = base_config(tmp_path, model_weights, broker.bootstrap_servers, port)
+    tree["decoding"] = {"processes": decoder_processes}
     tree["streams"].append({"id": "mute", "url": f"rtsp://127.0.0.1:{silent_server.port}/live",
                             "open_timeout_ms": 60_000, "stall_timeout_s": 60})
     with vap_process(["run", "-c", str(write_config(tmp_path, tree))]) as process:
