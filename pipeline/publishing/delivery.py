@@ -233,7 +233,7 @@ class DeliveryState:
     def restore(self, messages: Iterable[OutgoingMessage], now: float, next_sequence: int = 0) -> list[Outcome]:
         """The previous run's undelivered messages (in sequence order), ahead of anything new; new messages are
         numbered from `next_sequence` on."""
-        restored = [replace(message, restored=True) for message in messages]
+        restored = list(messages)
         if restored:
             next_sequence = max(next_sequence, restored[-1].sequence + 1)
         self._sequence = itertools.count(max(next_sequence, next(self._sequence)))

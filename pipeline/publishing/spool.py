@@ -7,8 +7,9 @@ loses what waited.
 
 Order: every message carries the sequence number it was built with. Failed deliveries come back in
 whatever order Kafka reports them (kafka-python aborts a closed producer's batches from a set), so the
-spool puts them back by sequence, and the file written at stop is in sequence order: each stream stays
-in order across retries, producer rebuilds and restarts of vap.
+spool puts them back by sequence, and the log gives them back in sequence order at the next start (where
+numbering goes on after them): each stream stays in order across retries, producer rebuilds and restarts
+of vap.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ class OutgoingMessage:
 
     `ticket` names the frame a result message is for, so its fate reaches the ledger (None for events and
     for messages read back from a previous run). `sequence` orders messages as they reached the publisher
-    (see the module's docstring); `unexplained_failures` counts the delivery failures of no known kind,
-    which the publisher bounds; `restored` marks a message read back from the previous run's file;
-    `built_monotonic` is when it was encoded; `logged` marks a message the spool's log holds until it is
-    settled. Key, value, lane and sequence are what the log keeps.
+    (see the module's docstring), across restarts too; `unexplained_failures` counts the delivery failures
+    of no known kind, which the publisher bounds; `built_monotonic` is when it was encoded; `logged` marks a
+    message the spool's log holds until it is settled. Key, value, lane and sequence are what the log keeps.
     """
 
     key: bytes
@@ -49,7 +49,6 @@ class OutgoingMessage:
     ticket: FrameTicket | None = field(default=None, compare=False)
     sequence: int = field(default=0, compare=False)
     unexplained_failures: int = field(default=0, compare=False)
-    restored: bool = field(default=False, compare=False)
     built_monotonic: float = field(default=0.0, compare=False)
     logged: bool = field(default=False, compare=False)
 

@@ -126,7 +126,7 @@ def parse_segment(data: bytes) -> _Parsed:
                 parsed.damaged = True
                 break
             parsed.messages[sequence] = OutgoingMessage(body[_MESSAGE.size : key_end], body[key_end:], bool(event),
-                                                        sequence=sequence, restored=True, logged=True)
+                                                        sequence=sequence, logged=True)
         elif kind == _KIND_SETTLED and length % _SEQUENCE.size == 0:
             parsed.settled.update(value for (value,) in _SEQUENCE.iter_unpack(body))
         else:
