@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def test_a_file_run_counts_the_messages_the_broker_acknowledged_and_their_latenc
     messages = [decode(record) for record in read_topic(broker.bootstrap_servers, topic, 2 * CLIP_FRAMES)]
     assert measured.frames == len(messages) == 2 * CLIP_FRAMES and measured.dropped == 0
     assert measured.latency_p50_ms is not None and measured.latency_p99_ms is not None
+    assert measured.cpu_cores is not None and 0 < measured.cpu_cores <= (os.cpu_count() or 1) + 0.5
     own = sorted(message["latency_ms"]["total"] for message in messages)
     assert measured.latency_p50_ms >= own[len(own) // 2] - 1, "send time comes after the message is built"
 

@@ -708,14 +708,15 @@ def format_report(report: BenchReport) -> str:
         f"runtime: {report.options.get('runtime')} {report.options.get('precision', '')}, "
         f"batch {report.options.get('batch')}, "
         f"imgsz {report.options.get('imgsz')}, {report.options.get('streams')} streams",
-        f"{'contender':<44} {'frames':>7} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} {'GPU MB':>8}",
+        f"{'contender':<44} {'frames':>7} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>12} {'GPU MB':>8} "
+        f"{'CPU cores':>9}",
     ]
     for m in report.measurements:
         if m.streams is not None:
             continue
         lines.append(
             f"{m.name:<44} {m.frames:>7} {m.fps:>8.1f} {_fmt(m.latency_p50_ms):>8} {_fmt(m.latency_p99_ms):>8} "
-            f"{m.peak_rss_mb:>12.0f} {_fmt(m.gpu_peak_mb):>8}"
+            f"{m.peak_rss_mb:>12.0f} {_fmt(m.gpu_peak_mb):>8} {_fmt1(m.cpu_cores):>9}"
         )
     ratios = report.ratios
     lines.append(f"vap / limit: {ratios['vap_over_limit']:.2f}x   "
