@@ -466,6 +466,10 @@ tests:
         values: '0 0 2 2 2 2 2'
       - series: 'vap_fleet_registry_invalid_total{{job="vap", instance="b:9108"}}'
         values: '0 0 0 2 2 2 2'
+      - series: 'vap_spool_log_messages_total{{job="vap", instance="box:9108", result="unwritten"}}'
+        values: '0 0 0 40 40 40 40'
+      - series: 'vap_spool_log_messages_total{{job="vap", instance="box:9108", result="written"}}'
+        values: '0+100x20'
     alert_rule_test:
       - eval_time: 6m
         alertname: VapStreamDown
@@ -493,6 +497,13 @@ tests:
         alertname: VapFleetRegistryInvalid
         exp_alerts:
           - exp_labels: {{severity: warning, job: vap}}
+      - eval_time: 6m
+        alertname: VapSpoolLogNotWritten
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: vap, instance: "box:9108", result: unwritten}}
+      - eval_time: 20m
+        alertname: VapSpoolLogNotWritten
+        exp_alerts: []
 """
 
 
