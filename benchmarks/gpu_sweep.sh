@@ -12,7 +12,8 @@
 #
 # `run` writes OUT_DIR/results-<gpu>-<date>.json and OUT_DIR/results-<gpu>-<date>.txt: the bench's usual
 # contenders on 16 streams of 1080p H.264 decoded by NVDEC, then 16, 32 and 64 cameras at 30 frames/s each.
-# DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes): run once with 0 and once with it
+# SWEEP=none leaves the camera sweep out and QUICK=1 shortens the rest (`vap bench --quick`), for a run that
+# must fit a shorter window. DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes): run once with 0 and once with it
 # to choose the default for GPU hosts. Settings can be overridden for a dry run on a CPU, e.g.
 #   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
 #     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
@@ -42,11 +43,14 @@ run)
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
         nproc
     } > "$stem.machine.txt"
+    sweep=${SWEEP:-16,32,64}
+    if [ "$sweep" = none ]; then set --; else set -- --sweep "$sweep"; fi
+    if [ -n "${QUICK:-}" ]; then set -- "$@" --quick; fi
     PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pipeline bench \
         --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \
         --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
-        --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" \
-        --sweep "${SWEEP:-16,32,64}" --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
+        --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" "$@" \
+        --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
         --decoding-processes "${DECODING_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
     ;;

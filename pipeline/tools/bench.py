@@ -605,7 +605,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
              {"detector_factory": lambda _config, _device: replay,
               "until_frames": _CEILING_PASSES * options.streams * options.frames}),
         ]) if options.spool_log else []
-        paced_fps = max(1.0, 0.7 * vap.fps / options.streams)
+        paced_fps = max(1.0, round(0.7 * vap.fps / options.streams, 1))  # MPEG-4 refuses some finer rates
         progress(f"5/5 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
         paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
         paced_config = vap_config(options, weights, paced_clips, broker.bootstrap_servers, "bench.paced", True, device)
