@@ -16,12 +16,9 @@ closes, so a pipeline killed outright leaves no orphan behind.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kafka.future import Future
 
+from pipeline.children import start_child
 from pipeline.ops.health import Heartbeats
 from pipeline.publishing.kafka_client import (
     DeliveryErrorKind,
@@ -236,18 +234,7 @@ class KafkaProcess:
             replaced = _Replaced([future for future, _sent in self._pending.values()], self._process,
                                  self._connection)
             self._pending = {}
-        # A fresh interpreter, not multiprocessing: fork would copy CUDA and OpenVINO thread state, and spawn
-        # re-runs the parent's main script, which breaks any script without a main guard. Isolated (-I), so
-        # neither the working directory (which may hold another package named `pipeline`) nor PYTHON*
-        # variables decide what it imports; it gets the parent's sys.path instead.
-        ours, theirs = socket.socketpair()
-        paths = [path for path in sys.path if path]
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _CHILD_BOOTSTRAP, json.dumps(paths), str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        connection = Connection(ours.detach())
+        process, connection = start_child(_CHILD_BOOTSTRAP)
         self._connection, self._process = connection, process
         self._outbox.clear()
         self._threads = [

@@ -21,12 +21,9 @@ Protocol, on one pipe per worker (`key` names a stream's session in that worker)
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import queue
-import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.children import start_child
 from pipeline.config import StreamConfig
 from pipeline.ops.health import Heartbeats
 from pipeline.sources.source import InvalidFrame, VideoSource
@@ -61,21 +59,10 @@ class _Session:
 
 
 class DecoderWorker:
-    """One worker process and the thread that reads its replies.
-
-    A fresh interpreter, as for the Kafka client process: fork would copy CUDA and OpenVINO thread state, and
-    multiprocessing's spawn re-runs the parent's main script, which breaks any script without a main guard.
-    """
+    """One worker process (`pipeline.children`) and the thread that reads its replies."""
 
     def __init__(self, index: int, heartbeats: Heartbeats) -> None:
-        ours, theirs = socket.socketpair()
-        paths = [path for path in sys.path if path]
-        self._process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WORKER_BOOTSTRAP, json.dumps(paths), str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._pipe = Connection(ours.detach())
+        self._process, self._pipe = start_child(_WORKER_BOOTSTRAP)
         self._send_lock = threading.Lock()
         self._sessions: dict[int, _Session] = {}
         self._sessions_lock = threading.Lock()
@@ -145,7 +132,6 @@ class DecoderPool:
     """The worker processes of one pipeline, started when a stream first needs one and replaced when one dies."""
 
     def __init__(self, processes: int, heartbeats: Heartbeats) -> None:
-        self._processes = processes
         self._heartbeats = heartbeats
         self._workers: list[DecoderWorker | None] = [None] * processes
         self._lock = threading.Lock()
