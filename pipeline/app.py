@@ -378,8 +378,6 @@ class Pipeline:
         log.info("stopped: %s", self.ledger.overall())
 
 
-
-
 def _stop_readers(readers: list[StreamReader], within_s: float, decoders: DecoderPool | None) -> None:
     """One deadline for all: stuck readers must not add up. The decoder processes go after the readers, so a
     reader still waiting for a frame then hears its stream end."""

@@ -58,7 +58,6 @@ INBOX_MAX_BYTES = 16 * 2**20
 _CLOSE_RESERVE_S = 1.0
 
 
-
 class KafkaPublisher:
     """Delivers encoded messages on its own thread; `submit` never blocks the caller."""
 

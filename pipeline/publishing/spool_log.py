@@ -189,6 +189,10 @@ def _truncate(path: Path, size: int) -> None:
         log.error("cannot cut the damaged tail off %s: %s", path, error)
 
 
+def _first_sequence(segment: _Segment) -> int:
+    return segment.first_sequence
+
+
 def _frame(kind: int, body: bytes) -> bytes:
     return _FRAME.pack(zlib.crc32(body, zlib.crc32(bytes((kind,)))), kind, len(body)) + body
 
@@ -214,7 +218,6 @@ class SpoolLog:
         self._segment_bytes = segment_bytes
         self._write = write
         self._segments: list[_Segment] = []
-        self._firsts: list[int] = []
         self._fd: int | None = None
         self._dirty_since: float | None = None
         self._disk_bytes = 0
@@ -241,7 +244,6 @@ class SpoolLog:
         except OSError as error:
             log.error("cannot read the spool log in %s (%s); starting without what it held", self._directory, error)
             return Recovered([], 0, 1, 0)
-        self._firsts = [segment.first_sequence for segment in self._segments]
         self._disk_bytes = recovered.disk_bytes
         self._next_number = recovered.last_segment_number + 1
         self._next_sequence = recovered.next_sequence
@@ -328,8 +330,7 @@ class SpoolLog:
             return self._segments[-1]
         if self._fd is not None:
             self.sync()
-            os.close(self._fd)
-            self._fd = None
+            self._drop_fd()
         path = self._directory / f"spool-{self._next_number:012d}.log"
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
@@ -339,7 +340,6 @@ class SpoolLog:
         segment = _Segment(self._next_number, path, 0, self._next_sequence)
         self._next_number += 1
         self._segments.append(segment)
-        self._firsts.append(segment.first_sequence)
         if not self._put(segment, _FILE_MAGIC, None):
             self._drop_newest_segment()
             return None
@@ -373,7 +373,7 @@ class SpoolLog:
         return True
 
     def _segment_of(self, sequence: int) -> _Segment | None:
-        index = bisect.bisect_right(self._firsts, sequence) - 1
+        index = bisect.bisect_right(self._segments, sequence, key=_first_sequence) - 1
         return self._segments[index] if index >= 0 else None
 
     def _discard(self, sequence: int) -> bool:
@@ -398,11 +398,9 @@ class SpoolLog:
                 return
             self._disk_bytes -= oldest.size
             self._segments.pop(0)
-            self._firsts.pop(0)
 
     def _drop_newest_segment(self) -> None:
         segment = self._segments.pop()
-        self._firsts.pop()
         self._drop_fd()
         segment.path.unlink(missing_ok=True)
 
