@@ -15,8 +15,8 @@ from pipeline.tools.bench import (
     BenchReport,
     ReplayDetector,
     _write_bench_clip,
+    codec_available,
     format_report,
-    h264_available,
     looping,
     measure_sweep,
     run_vap,
@@ -76,7 +76,7 @@ def test_a_file_run_counts_the_messages_the_broker_acknowledged_and_their_latenc
 
 
 def test_h264_clips_are_written_as_cameras_send_them_and_decode_frame_for_frame(tmp_path: Path) -> None:
-    assert h264_available(), "PyAV with libx264 is a dev dependency"
+    assert codec_available("h264"), "PyAV with libx264 is a dev dependency"
     path = _write_bench_clip(tmp_path / "clip.mp4", 160, 96, frames=25, fps=10.0, seed=1, codec="h264")
     capture = cv2.VideoCapture(str(path))
     fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()

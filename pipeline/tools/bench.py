@@ -186,10 +186,6 @@ def codec_available(codec: str) -> bool:
     return _ENCODERS[codec] in av.codecs_available
 
 
-def h264_available() -> bool:
-    return codec_available("h264")
-
-
 def default_codec(device: str) -> str:
     """What cameras send on a GPU box (its video engine decodes H.264 far faster than MPEG-4); MPEG-4 on the
     CPU, as every earlier CPU run used, so CPU results stay comparable."""
@@ -439,9 +435,12 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
     })
 
 
-def with_spool_log(config: PipelineConfig, directory: Path, topic: str) -> PipelineConfig:
+def retargeted(config: PipelineConfig, topic: str, spool_dir: Path | None = None) -> PipelineConfig:
+    """The same run publishing to another topic (each run reads its own messages back), optionally with the
+    spool's log in `spool_dir`."""
     tree = config.model_dump()
-    tree["kafka"] = {**tree["kafka"], "topic": topic, "spool": {**tree["kafka"]["spool"], "dir": str(directory)}}
+    spool = {**tree["kafka"]["spool"], "dir": None if spool_dir is None else str(spool_dir)}
+    tree["kafka"] = {**tree["kafka"], "topic": topic, "spool": spool}
     return parse_config(tree)
 
 
@@ -588,23 +587,17 @@ def run_bench(options: BenchOptions) -> BenchReport:
         progress("2/5 ultralytics model(frame) loop")
         loop = measure_ultralytics_loop(options, resolved.path, task, device, frames)
         progress("3/5 vap end to end, files as fast as possible, publishing to the broker")
-        vap = run_vap(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device),
-                      "vap end to end (throughput)", device, timeout_s=600)
+        throughput = vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device)
+        vap = run_vap(throughput, "vap end to end (throughput)", device, timeout_s=600)
         progress("4/5 vap with an instant model (the host ceiling), same clips and broker")
         replay = ReplayDetector.sampled(options, weights, device, frames[::max(1, len(frames) // options.streams)])
-        ceiling = run_vap(looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling",
-                                             False, device)),
-                          "vap host ceiling (instant model)", device, timeout_s=600,
-                          detector_factory=lambda _config, _device: replay,
-                          until_frames=_CEILING_PASSES * options.streams * options.frames)
+        ceiling_config = looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling",
+                                            False, device))
+        instant: dict[str, Any] = {"detector_factory": lambda _config, _device: replay,
+                                   "until_frames": _CEILING_PASSES * options.streams * options.frames}
+        ceiling = run_vap(ceiling_config, "vap host ceiling (instant model)", device, timeout_s=600, **instant)
         spool_log = measure_spool_log_cost(options, report, workdir, device, [
-            (vap, vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device),
-             {}),
-            (ceiling, looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling", False,
-                                         device)),
-             {"detector_factory": lambda _config, _device: replay,
-              "until_frames": _CEILING_PASSES * options.streams * options.frames}),
-        ]) if options.spool_log else []
+            (vap, throughput, {}), (ceiling, ceiling_config, instant)]) if options.spool_log else []
         paced_fps = max(1.0, round(0.7 * vap.fps / options.streams, 1))  # MPEG-4 refuses some finer rates
         progress(f"5/5 vap paced at {paced_fps:.1f} frames/s per stream ({0.7:.0%} of its throughput) for latency")
         paced_clips = make_clips(workdir, options, fps=paced_fps, prefix="paced")
@@ -668,11 +661,11 @@ def measure_spool_log_cost(options: BenchOptions, report: BenchReport, workdir: 
     measured: list[Measurement] = []
     for first, config, extra in runs:
         progress(f"spool log: {first.name} with kafka.spool.dir, twice, then once more without")
-        logged = [run_vap(with_spool_log(config, workdir / f"spool-{len(measured)}-{index}",
-                                         f"{config.kafka.topic}.log{index}"),
+        logged = [run_vap(retargeted(config, f"{config.kafka.topic}.log{index}",
+                                     workdir / f"spool-{len(measured)}-{index}"),
                           f"{first.name} + spool log", device, timeout_s=600, **extra) for index in range(2)]
-        again = run_vap(config.model_copy(update={"kafka": config.kafka.model_copy(
-            update={"topic": f"{config.kafka.topic}.again"})}), f"{first.name} (again)", device, timeout_s=600, **extra)
+        again = run_vap(retargeted(config, f"{config.kafka.topic}.again"), f"{first.name} (again)", device,
+                        timeout_s=600, **extra)
         without = statistics.mean([first.fps, again.fps])
         key = "spool_log_over_memory_" + ("host_ceiling" if "ceiling" in first.name else "end_to_end")
         report.ratios[key] = statistics.mean(m.fps for m in logged) / without if without else 0.0
