@@ -32,6 +32,7 @@ from pipeline.fleet.node import FleetNode
 from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, UltralyticsDetector
 from pipeline.inference.devices import resolve_devices, worker_for_decoder
+from pipeline.inference.offline import keep_model_libraries_offline
 from pipeline.inference.worker import InferenceWorker, drain_and_stop
 from pipeline.ledger import FrameLedger
 from pipeline.ops import probes
@@ -92,6 +93,7 @@ class Pipeline:
         timeouts: StopTimeouts = StopTimeouts(),
         config_path: Path | None = None,
     ) -> None:
+        keep_model_libraries_offline()
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pipeline import __version__
+from pipeline.inference.offline import keep_model_libraries_offline
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -198,6 +199,7 @@ def entry() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_model_libraries_offline()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command == "train-demo-model":

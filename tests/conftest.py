@@ -22,10 +22,13 @@ from kafka import KafkaConsumer
 
 from pipeline.app import Pipeline
 from pipeline.config import PipelineConfig, parse_config
+from pipeline.inference.offline import keep_model_libraries_offline
 from pipeline.tools.broker import EmbeddedBroker, free_port
 from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 pytest_plugins = ["tests.servers.fixtures"]
+
+keep_model_libraries_offline()  # as `vap` does: the tests' model libraries never call out either
 
 CLIP_FRAMES = 12
 
