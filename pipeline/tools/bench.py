@@ -457,7 +457,11 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     pipeline = Pipeline(config, detector_factory=detector_factory)
 
     def delivered() -> int:
-        return int(pipeline.registry.get_sample_value("vap_kafka_messages_total", {"result": "sent"}) or 0)
+        """From the one counter: the registry's `get_sample_value` collects every metric of the pipeline, and
+        polled every few milliseconds it took a fifth of the interpreter from the run it measures."""
+        return int(next((sample.value for metric in pipeline.metrics.kafka_messages.collect()
+                         for sample in metric.samples
+                         if sample.name == "vap_kafka_messages_total" and sample.labels["result"] == "sent"), 0))
 
     def done() -> bool:
         if until_frames is not None:
