@@ -71,6 +71,9 @@ def test_a_file_run_counts_the_messages_the_broker_acknowledged_and_their_latenc
     assert measured.frames == len(messages) == 2 * CLIP_FRAMES and measured.dropped == 0
     assert measured.latency_p50_ms is not None and measured.latency_p99_ms is not None
     assert measured.cpu_cores is not None and 0 < measured.cpu_cores <= (os.cpu_count() or 1) + 0.5
+    by_stage = measured.cpu_ms_per_frame or {}
+    in_all = 1000 * measured.cpu_cores * measured.seconds / measured.frames
+    assert 0.5 * in_all <= sum(by_stage.values()) <= in_all + 20, (by_stage, in_all)  # 10 ms clock ticks per thread
     own = sorted(message["latency_ms"]["total"] for message in messages)
     assert measured.latency_p50_ms >= own[len(own) // 2] - 1, "send time comes after the message is built"
 

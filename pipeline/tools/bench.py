@@ -41,6 +41,7 @@ from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import default_export_dir, resolve_model
 from pipeline.ops.metrics import STAGES
 from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.cpu_account import cpu_by_role
 from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 
@@ -82,6 +83,7 @@ class Measurement:
     dropped: int | None = None  # vap runs: frames read but dropped; they are not in the latency percentiles
     batch_alone_ms: float | None = None  # limits: one batch with nothing else in flight (the p99 budget's unit)
     cpu_cores: float | None = None  # vap runs: CPU time of vap and its Kafka client process over the wall time
+    cpu_ms_per_frame: dict[str, float] | None = None  # vap runs: the same CPU time by stage, per frame delivered
     streams: int | None = None  # sweep runs: cameras, each paced at the sweep's frame rate
 
     @property
@@ -471,7 +473,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     try:
         pipeline.start()
         _reset_cuda_peak(device)
-        with peak_rss(pipeline) as peak:
+        with peak_rss(pipeline) as peak, cpu_by_role(pipeline) as account:
             started = time.perf_counter()
             cpu_at_start = pipeline_cpu_seconds(pipeline)
             deadline = time.monotonic() + timeout_s
@@ -480,6 +482,9 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
             elapsed = time.perf_counter() - started
             cores = (pipeline_cpu_seconds(pipeline) - cpu_at_start) / elapsed if elapsed > 0 else None
             measured_frames = delivered()
+            account.sample()
+            per_frame = {role: 1000 * seconds / max(1, measured_frames)
+                         for role, seconds in account.seconds_by_role().items()}
             dropped = _dropped_while_running(pipeline.registry)
             pipeline.stop()
             peak_mb = peak()
@@ -497,7 +502,8 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
         notes += f"; {delivered() - len(latencies)} acknowledged message(s) could not be read back"
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
-                       gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores)
+                       gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores,
+                       cpu_ms_per_frame=per_frame)
 
 
 def _stage_means(registry: CollectorRegistry) -> str:
@@ -733,6 +739,8 @@ def format_report(report: BenchReport) -> str:
                          f"{_fmt(m.latency_p99_ms):>7} {_fmt1(m.cpu_cores):>9} {_fmt(m.gpu_peak_mb):>7} "
                          f"{_fmt1(per_camera):>13}")
     lines.extend(f"  {m.name}: {m.notes}" for m in report.measurements if m.notes)
+    lines.extend(f"  {m.name}, CPU ms per frame by stage: {_cpu_by_stage(m.cpu_ms_per_frame)}"
+                 for m in report.measurements if m.cpu_ms_per_frame)
     for key, value in ratios.items():
         if key.startswith("spool_log_over_memory_"):
             lines.append(f"{key.removeprefix('spool_log_over_memory_').replace('_', ' ')} with the spool log / "
@@ -740,6 +748,11 @@ def format_report(report: BenchReport) -> str:
     if report.soak is not None:
         lines.append(f"soak {report.soak['seconds']:.0f} s: RSS growth {report.soak['rss_growth_ratio']:.3f}x")
     return "\n".join(lines)
+
+
+def _cpu_by_stage(per_frame: dict[str, float]) -> str:
+    return ", ".join([f"{role} {ms:.2f}" for role, ms in per_frame.items() if ms >= 0.005]
+                     + [f"in all {sum(per_frame.values()):.2f}"])
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,113 @@
+"""Where a bench run's CPU time went, by the pipeline's stages (Linux only: per-thread times from /proc).
+
+A run's CPU cores say how busy the host was; this says which stage kept it busy, which is what decides
+whether a faster model, a second process or a cheaper decoder would pay off. Threads are told apart by
+the names the pipeline gives them. Threads it does not name are native: the model runtime's own (OpenVINO
+streams, PyTorch's pools, CUDA's) and the video decoders' helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.app import Pipeline
+
+NATIVE = "model runtime and native threads"
+KAFKA_PROCESS = "Kafka client process"
+DECODER_PROCESSES = "decoder processes"
+BENCH = "the bench itself"
+
+_ROLES = (
+    ("reader-", "readers (decode)"),
+    ("decoder-", "readers (decode)"),
+    ("infer-", "letterbox and model dispatch"),
+    ("upload-copy", "letterbox and model dispatch"),
+    ("finish-", "NMS, masks, polygons"),
+    ("analytics-", "analytics and messages"),
+    ("publisher", "publisher"),
+    ("kafka-", "publisher"),
+    ("snapshots", "publisher"),
+    ("MainThread", BENCH),
+    ("bench-", BENCH),
+)
+_SAMPLE_INTERVAL_S = 0.25  # a thread that ends between samples loses at most this much of its time
+
+
+def role_of(thread_name: str) -> str:
+    return next((role for prefix, role in _ROLES if thread_name.startswith(prefix)), "other threads")
+
+
+def _thread_seconds(pid: int | str = "self") -> dict[int, float]:
+    """CPU seconds (user and system) of each thread of a process, by thread id; empty once it has gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text(encoding="ascii").rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+class CpuAccount:
+    """CPU seconds by stage since it was made, for this process and the pipeline's helper processes."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._names: dict[int, str] = {}
+        self._start: dict[tuple[int, int], float] = {}
+        self._last: dict[tuple[int, int], float] = {}
+        self._roles: dict[int, str] = {}
+        self.sample()
+        self._start = dict(self._last)
+
+    def sample(self) -> None:
+        self._names.update({thread.native_id: thread.name for thread in threading.enumerate()
+                            if thread.native_id is not None})
+        self._last.update({(os.getpid(), tid): seconds for tid, seconds in _thread_seconds().items()})
+        kafka = self._pipeline.kafka_client_pid
+        for pid in self._pipeline.helper_pids:
+            self._roles[pid] = KAFKA_PROCESS if pid == kafka else DECODER_PROCESSES
+            self._last.update({(pid, tid): seconds for tid, seconds in _thread_seconds(pid).items()})
+
+    def seconds_by_role(self) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for (pid, tid), seconds in self._last.items():
+            if pid == os.getpid():
+                name = self._names.get(tid)
+                role = NATIVE if name is None else role_of(name)
+            else:
+                role = self._roles[pid]
+            spent[role] = spent.get(role, 0.0) + seconds - self._start.get((pid, tid), 0.0)
+        return dict(sorted(spent.items(), key=lambda item: -item[1]))
+
+
+@contextmanager
+def cpu_by_role(pipeline: Pipeline) -> Iterator[CpuAccount]:
+    """Samples every quarter second while the block runs; the caller samples once more where its measurement
+    ends."""
+    account = CpuAccount(pipeline)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(_SAMPLE_INTERVAL_S):
+            account.sample()
+
+    sampler = threading.Thread(target=sample, name="bench-cpu", daemon=True)
+    sampler.start()
+    try:
+        yield account
+    finally:
+        done.set()
+        sampler.join()

@@ -1,0 +1,64 @@
+"""The bench's CPU account: each stage's threads and the helper processes, by the names the pipeline gives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from pipeline.tools.cpu_account import BENCH, KAFKA_PROCESS, NATIVE, cpu_by_role, role_of
+
+_BURN_S = 0.4
+
+
+def _burn(seconds: float) -> None:
+    """CPU time, not wall time: a busy loop until this thread has used `seconds` of it. The thread then lives
+    for two samples more: what an ended thread used after its last sample is not counted."""
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass
+    time.sleep(0.6)
+
+
+@dataclass
+class _Pipeline:
+    """What the account reads from a pipeline: its helper processes."""
+
+    kafka_client_pid: int | None
+    helper_pids: list[int] = field(default_factory=list)
+
+
+def test_stage_names_map_to_stages() -> None:
+    assert role_of("reader-cam-1") == role_of("decoder-0") == "readers (decode)"
+    assert role_of("finish-cuda:1") == "NMS, masks, polygons"
+    assert role_of("kafka-pipe-out") == role_of("publisher") == "publisher"
+    assert role_of("MainThread") == BENCH
+    assert role_of("something-else") == "other threads"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU times come from /proc")
+def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_a_helper_process() -> None:
+    helper = subprocess.Popen([sys.executable, "-c", f"import time\nt = time.process_time()\n"
+                               f"while time.process_time() - t < {_BURN_S}: pass\ntime.sleep(30)"])
+    try:
+        with cpu_by_role(_Pipeline(helper.pid, [helper.pid])) as account:  # type: ignore[arg-type]
+            threads = [threading.Thread(target=_burn, args=(_BURN_S,), name=name)
+                       for name in ("reader-cam", "finish-cpu")]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            time.sleep(1.0)  # the threads have ended; the helper has finished burning
+            account.sample()
+            spent = account.seconds_by_role()
+    finally:
+        helper.kill()
+        helper.wait()
+
+    for role in ("readers (decode)", "NMS, masks, polygons", KAFKA_PROCESS):
+        assert spent[role] == pytest.approx(_BURN_S, abs=0.1), spent
+    assert spent.get(NATIVE, 0.0) < 0.1, spent
