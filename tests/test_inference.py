@@ -137,9 +137,9 @@ def test_with_conf_zero_masks_are_built_only_for_the_300_rows_each_frame_publish
 
     assembled: list[list[int]] = []
 
-    def counting(rows: Any, image_index: Any, plan: Any, protos: Any) -> BatchDetections:
+    def counting(rows: Any, image_index: Any, plan: Any, protos: Any, full_masks: bool = True) -> BatchDetections:
         assembled.append(image_index.bincount(minlength=len(plan)).tolist())
-        return assemble(rows, image_index, plan, protos)
+        return assemble(rows, image_index, plan, protos, full_masks)
 
     monkeypatch.setattr("pipeline.inference.detector.assemble", counting)
     detector = UltralyticsDetector(ModelConfig(weights=model_weights, imgsz=320, conf=0.0), "cpu", 2)

@@ -124,3 +124,35 @@ def test_polygons_traced_on_box_crops_equal_ultralytics_whole_mask_polygons() ->
     for ours, theirs in zip(got, expected, strict=True):
         np.testing.assert_array_equal(ours, theirs)
     assert len(got[3]) == 0 and len(got[2]) > len(got[0])
+
+
+@pytest.mark.parametrize("frame_hw", [(90, 160), (160, 90)])
+def test_masks_upsampled_inside_their_boxes_give_the_polygons_of_whole_masks(frame_hw: tuple[int, int]) -> None:
+    """The CPU's way (each mask's logits upsampled only inside its box) against the GPU's (whole masks, then
+    cropped), on letterboxed frames with padding on either axis and boxes that reach past the picture."""
+    from pipeline.inference.postprocess import assemble, frame_detections
+    from pipeline.inference.preprocess import plan_batch
+
+    generator = torch.Generator().manual_seed(13)
+    plan = plan_batch([np.zeros((*frame_hw, 3), np.uint8)] * 3, 160, 32, True)
+    input_h, input_w = plan[0].input_hw
+    count = 12
+    corners = torch.rand((count, 2), generator=generator) * torch.tensor([input_w, input_h]) - 8
+    rows = torch.cat([corners, corners + 4 + torch.rand((count, 2), generator=generator) * 70,
+                      torch.rand((count, 1), generator=generator), torch.zeros((count, 1)),
+                      torch.randn((count, 32), generator=generator)], 1)
+    image_index = torch.tensor([0] * 5 + [1] * 7)
+    protos = torch.nn.functional.avg_pool2d(  # smooth, as a model's are, so masks have real outlines
+        torch.randn((3, 32, input_h // 4 + 2, input_w // 4 + 2), generator=generator), 3, stride=1)
+
+    whole = frame_detections(assemble(rows, image_index, plan, protos, full_masks=True), plan)
+    windows = frame_detections(assemble(rows, image_index, plan, protos, full_masks=False), plan)
+
+    outlines = 0
+    for expected, got in zip(whole, windows, strict=True):
+        np.testing.assert_array_equal(got.boxes_xyxy, expected.boxes_xyxy)
+        assert len(got.polygons) == len(expected.polygons)
+        for ours, theirs in zip(got.polygons, expected.polygons, strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+            outlines += 1
+    assert outlines >= 8, "most masks should have pixels set"

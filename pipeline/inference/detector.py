@@ -90,8 +90,8 @@ class UltralyticsDetector:
 
     Detection and segmentation bypass `YOLO.predict`: frames are letterboxed in batch (on the device when
     it is a GPU), NMS, box rescaling and mask assembly run on the device, and only boxes and binary uint8
-    masks at model-input size come back to the host, where masks become polygons. Other tasks go through
-    `predict`.
+    masks at model-input size come back to the host, where masks become polygons. On the CPU each mask is
+    upsampled only inside its box, as its polygon is traced. Other tasks go through `predict`.
     """
 
     def __init__(self, config: ModelConfig, device: str, max_batch: int = 1,
@@ -301,7 +301,7 @@ class UltralyticsDetector:
             rows, image_index = batched_nms(preds, len(self.labels), self._config.conf, self._config.iou,
                                             self._class_filter, self._config.agnostic_nms, pending.plan[0].input_hw,
                                             max_det=_MAX_DETECTIONS)
-        found = assemble(rows, image_index, pending.plan, protos)
+        found = assemble(rows, image_index, pending.plan, protos, full_masks=self._cuda)
         if self._cuda:
             found = BatchDetections(
                 rows=found.rows.to("cpu", non_blocking=True),
