@@ -62,3 +62,14 @@ def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_a_helper_proc
     for role in ("readers (decode)", "NMS, masks, polygons", KAFKA_PROCESS):
         assert spent[role] == pytest.approx(_BURN_S, abs=0.1), spent
     assert spent.get(NATIVE, 0.0) < 0.1, spent
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's /proc/stat")
+def test_stolen_time_is_a_share_of_the_machines_cpu_time() -> None:
+    from pipeline.tools.cpu_account import StolenTime
+
+    stolen = StolenTime()
+    _burn(0.05)
+    time.sleep(0.05)
+    fraction = stolen.fraction()
+    assert fraction is not None and 0.0 <= fraction <= 1.0

@@ -41,7 +41,7 @@ from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import default_export_dir, resolve_model
 from pipeline.ops.metrics import STAGES
 from pipeline.tools.broker import EmbeddedBroker
-from pipeline.tools.cpu_account import cpu_by_role
+from pipeline.tools.cpu_account import StolenTime, cpu_by_role
 from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 
@@ -84,6 +84,7 @@ class Measurement:
     batch_alone_ms: float | None = None  # limits: one batch with nothing else in flight (the p99 budget's unit)
     cpu_cores: float | None = None  # vap runs: CPU time of vap and its Kafka client process over the wall time
     cpu_ms_per_frame: dict[str, float] | None = None  # vap runs: the same CPU time by stage, per frame delivered
+    cpu_stolen: float | None = None  # limits and vap runs: the machine's CPU time its hypervisor gave elsewhere
     streams: int | None = None  # sweep runs: cameras, each paced at the sweep's frame rate
 
     @property
@@ -314,7 +315,7 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
     batch_ms: list[float] = []
     running: deque[PendingBatch] = deque()
     with peak_rss() as peak:
-        started = time.perf_counter()
+        started, stolen = time.perf_counter(), StolenTime()
         while time.perf_counter() - started < seconds or done == 0:
             running.append(start())
             if len(running) >= detector.in_flight:
@@ -327,7 +328,7 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
             detector.complete(pending)
         return Measurement(label, done, elapsed, peak(), latency_p50_ms=_percentile(batch_ms, 0.5),
                            latency_p99_ms=_percentile(batch_ms, 0.99), gpu_peak_mb=_cuda_peak_mb(device),
-                           batch_alone_ms=statistics.median(alone_ms),
+                           batch_alone_ms=statistics.median(alone_ms), cpu_stolen=stolen.fraction(),
                            notes=f"batch {options.batch}, {detector.in_flight} at once, latency is per batch "
                                  f"({statistics.median(alone_ms):.0f} ms alone); mask polygons on the host not "
                                  "included")
@@ -474,7 +475,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
         pipeline.start()
         _reset_cuda_peak(device)
         with peak_rss(pipeline) as peak, cpu_by_role(pipeline) as account:
-            started = time.perf_counter()
+            started, stolen = time.perf_counter(), StolenTime()
             cpu_at_start = pipeline_cpu_seconds(pipeline)
             deadline = time.monotonic() + timeout_s
             while not done() and time.monotonic() < deadline:
@@ -483,6 +484,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
             cores = (pipeline_cpu_seconds(pipeline) - cpu_at_start) / elapsed if elapsed > 0 else None
             measured_frames = delivered()
             account.sample()
+            stolen_fraction = stolen.fraction()
             per_frame = {role: 1000 * seconds / max(1, measured_frames)
                          for role, seconds in account.seconds_by_role().items()}
             dropped = _dropped_while_running(pipeline.registry)
@@ -503,7 +505,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
                        gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores,
-                       cpu_ms_per_frame=per_frame)
+                       cpu_ms_per_frame=per_frame, cpu_stolen=stolen_fraction)
 
 
 def _stage_means(registry: CollectorRegistry) -> str:
@@ -741,6 +743,10 @@ def format_report(report: BenchReport) -> str:
     lines.extend(f"  {m.name}: {m.notes}" for m in report.measurements if m.notes)
     lines.extend(f"  {m.name}, CPU ms per frame by stage: {_cpu_by_stage(m.cpu_ms_per_frame)}"
                  for m in report.measurements if m.cpu_ms_per_frame)
+    stolen = [f"{m.name} {m.cpu_stolen:.0%}" for m in report.measurements if m.cpu_stolen is not None]
+    if any(m.cpu_stolen and m.cpu_stolen >= 0.01 for m in report.measurements):
+        lines.append(f"CPU time this machine's hypervisor gave to other guests (such runs are slowed by it): "
+                     f"{', '.join(stolen)}")
     for key, value in ratios.items():
         if key.startswith("spool_log_over_memory_"):
             lines.append(f"{key.removeprefix('spool_log_over_memory_').replace('_', ' ')} with the spool log / "

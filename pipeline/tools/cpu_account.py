@@ -39,6 +39,31 @@ _ROLES = (
 _SAMPLE_INTERVAL_S = 0.25  # a thread that ends between samples loses at most this much of its time
 
 
+class StolenTime:
+    """The share of this machine's CPU time its hypervisor gave to other guests over a block of time (the
+    `steal` column of /proc/stat): on a shared virtual machine a run can slow down by a fifth with nothing of
+    its own changed, and this tells such a run apart. None where the kernel does not report it."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_ticks()
+
+    def fraction(self) -> float | None:
+        end = _cpu_ticks()
+        if self._start is None or end is None:
+            return None
+        total = sum(end[:8]) - sum(self._start[:8])  # guest time is already counted as user time
+        return (end[7] - self._start[7]) / total if total > 0 else 0.0
+
+
+def _cpu_ticks() -> list[int] | None:
+    try:
+        fields = Path("/proc/stat").read_text(encoding="ascii").splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    ticks = [int(value) for value in fields[1:]]
+    return ticks if fields[0] == "cpu" and len(ticks) >= 8 else None
+
+
 def role_of(thread_name: str) -> str:
     return next((role for prefix, role in _ROLES if thread_name.startswith(prefix)), "other threads")
 
