@@ -330,8 +330,8 @@ def measure_limit(options: BenchOptions, weights: str, runtime: str, device: str
                            latency_p99_ms=_percentile(batch_ms, 0.99), gpu_peak_mb=_cuda_peak_mb(device),
                            batch_alone_ms=statistics.median(alone_ms), cpu_stolen=stolen.fraction(),
                            notes=f"batch {options.batch}, {detector.in_flight} at once, latency is per batch "
-                                 f"({statistics.median(alone_ms):.0f} ms alone); mask polygons on the host not "
-                                 "included")
+                                 f"({statistics.median(alone_ms):.0f} ms alone); mask polygons on the host (and, on "
+                                 "the CPU, each mask's upsampling inside its box, done with its polygon) not included")
 
 
 def measure_ultralytics_streams(options: BenchOptions, weights: str, task: str, device: str, clips: list[Path],
