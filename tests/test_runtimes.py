@@ -77,9 +77,13 @@ def test_openvino_requests_in_flight_together_each_return_their_own_batch(tmp_pa
     if requests.size < 2:
         pytest.skip("OpenVINO gives this CPU a single stream, so nothing runs at once")
     generator = np.random.default_rng(1)
-    batches = [generator.random((2, 3, 96, 160), np.float32) for _ in range(requests.size)]
+    batches = [generator.integers(0, 256, (2, 96, 160, 3), dtype=np.uint8) for _ in range(requests.size)]
     alone = [requests.finish(requests.start(batch)) for batch in batches]
-    running = [requests.start(batch) for batch in batches]
+    reused = np.empty_like(batches[0])  # as the letterbox reuses its buffer: each request keeps its own copy
+    running = []
+    for batch in batches:
+        reused[...] = batch
+        running.append(requests.start(reused))
     together = [requests.finish(request) for request in reversed(running)][::-1]
     for one, other in zip(alone, together, strict=True):
         for output_alone, output_together in zip(one, other, strict=True):

@@ -224,13 +224,18 @@ class UltralyticsDetector:
         return self.forward(batch, pending)
 
     def letterbox_batch(self, frames: Sequence[Frame]) -> tuple[Any, PendingBatch]:
-        """The model input for `frames` (on the model's device) and the batch it belongs to."""
+        """The model input for `frames` (on the model's device) and the batch it belongs to. For OpenVINO's
+        request pool it is the uint8 letterboxed batch, valid until the next call."""
         import torch
 
         pending = PendingBatch(frames=frames, started=time.monotonic())
         backend = self._ensure_backend()
         images = [frame.image for frame in frames]
         pending.plan = plan_batch(images, self._config.imgsz, self._stride, self._rect)
+        if self._requests is not None and isinstance(self._letterbox, HostLetterbox):
+            batch: Any = self._letterbox.uint8(images, pending.plan)  # the compiled model converts it
+            pending.preprocess_s = time.monotonic() - pending.started
+            return batch, pending
         dtype = torch.float16 if backend.fp16 else torch.float32
         with torch.inference_mode():
             batch = self._letterbox(images, pending.plan, dtype)
@@ -250,7 +255,7 @@ class UltralyticsDetector:
 
         backend = self._ensure_backend()
         if self._requests is not None:
-            pending.request = self._requests.start(np.ascontiguousarray(batch.numpy(), np.float32))
+            pending.request = self._requests.start(batch)
             return pending
         with torch.inference_mode():
             started = time.monotonic()

@@ -84,6 +84,14 @@ class HostLetterbox:
     def __call__(self, images: Sequence[Image], plan: Sequence[Letterbox], dtype: torch.dtype) -> torch.Tensor:
         import torch
 
+        batch = self.uint8(images, plan)
+        # Reorder while still uint8 (BGR->RGB, HWC->CHW): a quarter of the bytes a float reorder moves.
+        planar = np.ascontiguousarray(batch[..., ::-1].transpose(0, 3, 1, 2))
+        return torch.from_numpy(planar).to(dtype).div_(255)
+
+    def uint8(self, images: Sequence[Image], plan: Sequence[Letterbox]) -> npt.NDArray[np.uint8]:
+        """The letterboxed batch as OpenCV gives it, uint8 BGR in NHWC, for a model that converts it itself.
+        The buffer is reused: it holds this batch until the next call."""
         height, width = plan[0].input_hw
         shape = (len(images), height, width, 3)
         if self._buffer.shape != shape:
@@ -98,9 +106,7 @@ class HostLetterbox:
                 target[...] = image
             else:
                 cv2.resize(image, (resized_w, resized_h), dst=target, interpolation=cv2.INTER_LINEAR)
-        # Reorder while still uint8 (BGR->RGB, HWC->CHW): a quarter of the bytes a float reorder moves.
-        planar = np.ascontiguousarray(batch[..., ::-1].transpose(0, 3, 1, 2))
-        return torch.from_numpy(planar).to(dtype).div_(255)
+        return batch
 
 
 class DeviceLetterbox:

@@ -191,11 +191,17 @@ class OpenVinoRequests:
     starts a batch while the previous one is still running keeps every stream busy. The export's metadata
     gives what Ultralytics' own backend would (stride, dynamic shapes, built-in NMS), so the model is
     compiled once, here.
+
+    The model takes the letterboxed batch as it is, uint8 BGR in NHWC: the conversion to float RGB in NCHW
+    scaled to 0-1 is compiled into it, where OpenVINO's own kernels do it beside the first layer. On the
+    host, that reorder, conversion and division plus copying four times the bytes into the request cost
+    about a millisecond a batch of 4 at 320 px.
     """
 
     def __init__(self, model_dir: str) -> None:
         import openvino as ov  # type: ignore[import-untyped]
         import yaml
+        from openvino.preprocess import ColorFormat, PrePostProcessor  # type: ignore[import-untyped]
 
         core = ov.Core()
         path = Path(model_dir)
@@ -204,7 +210,12 @@ class OpenVinoRequests:
         self.stride = int(metadata["stride"])
         self.dynamic = bool((metadata.get("args") or {}).get("dynamic", False))
         self.end2end = bool(metadata.get("end2end", False))
-        self._compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+        steps = PrePostProcessor(core.read_model(xml))
+        steps.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(
+            ColorFormat.BGR)
+        steps.input().model().set_layout(ov.Layout("NCHW"))
+        steps.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
+        self._compiled = core.compile_model(steps.build(), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
         self.size = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._outputs = len(self._compiled.outputs)
         self._free: queue.Queue[Any] = queue.Queue()
@@ -212,7 +223,8 @@ class OpenVinoRequests:
             self._free.put(self._compiled.create_infer_request())
 
     def start(self, batch: Any) -> Any:
-        """Queues `batch` (float32, NCHW) on a free request, waiting for one when all are busy."""
+        """Queues `batch` (uint8 BGR, NHWC, as letterboxed) on a free request, waiting for one when all are
+        busy. The request keeps its own copy: the caller may reuse `batch` at once."""
         request = self._free.get(timeout=_REQUEST_WAIT_S)
         try:
             request.start_async({0: batch})
