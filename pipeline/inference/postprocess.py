@@ -5,9 +5,9 @@ operations for each. At batch 32 on a GPU that is hundreds of kernel launches, e
 and on a host busy decoding 16 cameras every one of them waits. Here the whole batch takes a fixed
 handful of operations: one candidate filter, one NMS over all images (boxes of different images and
 classes are offset so they never overlap, as Ultralytics does per image; split into a few calls only when
-a very low `conf` leaves tens of thousands of candidates), one mask product and one upsample. The
-results match `YOLO.predict`'s (the tests compare them). Polygons are traced on the host, one box-sized
-crop per mask.
+a very low `conf` leaves tens of thousands of candidates), one mask product and, on a GPU, one upsample.
+The results match `YOLO.predict`'s (the tests compare them). Polygons are traced on the host, one box-sized
+crop per mask; on the CPU each mask is upsampled only there, as its polygon is traced.
 """
 
 from __future__ import annotations
