@@ -232,8 +232,9 @@ class UltralyticsDetector:
         backend = self._ensure_backend()
         images = [frame.image for frame in frames]
         pending.plan = plan_batch(images, self._config.imgsz, self._stride, self._rect)
-        if self._requests is not None and isinstance(self._letterbox, HostLetterbox):
-            batch: Any = self._letterbox.uint8(images, pending.plan)  # the compiled model converts it
+        if self._requests is not None:  # OpenVINO on the CPU: the compiled model converts the uint8 batch
+            assert isinstance(self._letterbox, HostLetterbox)
+            batch: Any = self._letterbox.uint8(images, pending.plan)
             pending.preprocess_s = time.monotonic() - pending.started
             return batch, pending
         dtype = torch.float16 if backend.fp16 else torch.float32
