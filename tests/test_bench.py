@@ -13,8 +13,10 @@ from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.tools.bench import (
     BenchOptions,
     BenchReport,
+    Measurement,
     ReplayDetector,
     _write_bench_clip,
+    bracketing,
     codec_available,
     format_report,
     looping,
@@ -124,3 +126,16 @@ def test_h265_clips_decode_frame_for_frame_and_gpu_runs_default_to_h264(tmp_path
     assert fourcc in ("hevc", "hev1", "hvc1") and decoded == 25
     assert default_codec("cuda:0") == "h264", "what cameras send, on a GPU box"
     assert default_codec("cpu") == "mpeg4", "as every earlier CPU run, so they stay comparable"
+
+
+def test_the_limit_measured_around_vaps_run_counts_both_halves_and_says_how_far_they_drifted() -> None:
+    before = Measurement("limit", frames=800, seconds=5.0, peak_rss_mb=900, batch_alone_ms=20.0, cpu_stolen=0.0,
+                         notes="batch 4")
+    after = Measurement("limit", frames=600, seconds=5.0, peak_rss_mb=950, batch_alone_ms=30.0, cpu_stolen=0.02)
+
+    limit = bracketing(before, after)
+
+    assert limit.fps == 140.0 and limit.peak_rss_mb == 950
+    assert limit.batch_alone_ms == 20.0, "the p99 budget's unit comes from the first half"
+    assert limit.cpu_stolen == 0.01
+    assert "160.0 frames/s just before" in limit.notes and "120.0 just after it (-25%)" in limit.notes

@@ -589,18 +589,23 @@ def run_bench(options: BenchOptions) -> BenchReport:
                                  precision == "fp16", default_export_dir(), int8)
         report.options["runtime"] = resolved.runtime
         report.options["precision"] = precision
-        progress(f"1/5 model-bound limit on {resolved.runtime} {precision} ({seconds:.0f} s)")
-        limit = measure_limit(options, weights, resolved.runtime, device, frames, seconds,
-                              f"limit ({resolved.runtime} {precision}, forward+NMS)", options.precision,
-                              [str(clip) for clip in clips])
         extra = _reference_limits(options, weights, resolved.runtime, precision, device, frames, seconds)
         progress("2/5 ultralytics predict on a .streams source")
         streams = measure_ultralytics_streams(options, resolved.path, task, device, clips, workdir, frames[0])
         progress("2/5 ultralytics model(frame) loop")
         loop = measure_ultralytics_loop(options, resolved.path, task, device, frames)
+
+        def limit_part(when: str) -> Measurement:
+            progress(f"3/5 model-bound limit on {resolved.runtime} {precision}, {when} ({seconds / 2:.1f} s)")
+            return measure_limit(options, weights, resolved.runtime, device, frames, seconds / 2,
+                                 f"limit ({resolved.runtime} {precision}, forward+NMS)", options.precision,
+                                 [str(clip) for clip in clips])
+
+        limit_before = limit_part("before vap's end-to-end run")
         progress("3/5 vap end to end, files as fast as possible, publishing to the broker")
         throughput = vap_config(options, weights, clips, broker.bootstrap_servers, "bench.throughput", False, device)
         vap = run_vap(throughput, "vap end to end (throughput)", device, timeout_s=600)
+        limit = bracketing(limit_before, limit_part("after it"))
         progress("4/5 vap with an instant model (the host ceiling), same clips and broker")
         replay = ReplayDetector.sampled(options, weights, device, frames[::max(1, len(frames) // options.streams)])
         ceiling_config = looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling",
@@ -631,6 +636,19 @@ def run_bench(options: BenchOptions) -> BenchReport:
         if options.sweep:
             report.measurements += measure_sweep(options, weights, device, workdir, broker.bootstrap_servers)
     return report
+
+
+def bracketing(before: Measurement, after: Measurement) -> Measurement:
+    """The limit measured in two halves, just before and just after the run it is compared with, as one: on a
+    shared machine whose speed drifts between minutes, a limit taken a minute earlier put single-run ratios
+    anywhere from 0.5 to 1.0 of their median. The notes give both halves, and so the drift."""
+    stolen = [part.cpu_stolen for part in (before, after) if part.cpu_stolen is not None]
+    return replace(before, frames=before.frames + after.frames, seconds=before.seconds + after.seconds,
+                   peak_rss_mb=max(before.peak_rss_mb, after.peak_rss_mb),
+                   cpu_stolen=sum(stolen) / len(stolen) if stolen else None,
+                   notes=f"{before.notes}; {before.fps:.1f} frames/s just before vap's end-to-end run and "
+                         f"{after.fps:.1f} just after it ({after.fps / before.fps - 1:+.0%})"
+                   if before.fps else before.notes)
 
 
 def _reference_limits(options: BenchOptions, weights: str, runtime: str, precision: str, device: str,
