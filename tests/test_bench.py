@@ -21,6 +21,7 @@ from pipeline.tools.bench import (
     format_report,
     looping,
     measure_sweep,
+    model_runtime_share,
     run_vap,
     vap_config,
 )
@@ -139,3 +140,10 @@ def test_the_limit_measured_around_vaps_run_counts_both_halves_and_says_how_far_
     assert limit.batch_alone_ms == 20.0, "the p99 budget's unit comes from the first half"
     assert limit.cpu_stolen == 0.01
     assert "160.0 frames/s just before" in limit.notes and "120.0 just after it (-25%)" in limit.notes
+
+
+def test_the_model_runtimes_share_is_its_cpu_over_all_of_a_runs_cpu() -> None:
+    from pipeline.tools.cpu_account import NATIVE
+
+    assert model_runtime_share({NATIVE: 6.0, "readers (decode)": 1.0, "publisher": 1.0}) == 0.75
+    assert model_runtime_share({"readers (decode)": 1.0}) == 0.0 and model_runtime_share({}) == 0.0

@@ -41,7 +41,7 @@ from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import default_export_dir, resolve_model
 from pipeline.ops.metrics import STAGES
 from pipeline.tools.broker import EmbeddedBroker
-from pipeline.tools.cpu_account import StolenTime, cpu_by_role
+from pipeline.tools.cpu_account import NATIVE, StolenTime, cpu_by_role
 from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 
@@ -631,6 +631,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
         report.ratios["p99_budget_ms"] = 2 * report.ratios["batch_inference_ms"] + options.max_wait_ms
         if precision == "int8" and extra[0].fps:
             report.ratios["int8_limit_over_fp32_limit"] = limit.fps / extra[0].fps
+        if vap.cpu_ms_per_frame:
+            report.ratios["vap_model_runtime_cpu_share"] = model_runtime_share(vap.cpu_ms_per_frame)
         if options.soak_s > 0:
             report.soak = soak(options, weights, device, workdir, broker.bootstrap_servers, paced_fps)
         if options.sweep:
@@ -774,9 +776,18 @@ def format_report(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
+def model_runtime_share(per_frame: dict[str, float]) -> float:
+    """The model runtime's share of a vap run's CPU. Unlike frames/s, it holds still while a shared machine's
+    speed drifts, and where the model fills every core it bounds vap / limit (the limit spends nearly all
+    of its CPU in the model)."""
+    total = sum(per_frame.values())
+    return per_frame.get(NATIVE, 0.0) / total if total > 0 else 0.0
+
+
 def _cpu_by_stage(per_frame: dict[str, float]) -> str:
     return ", ".join([f"{role} {ms:.2f}" for role, ms in per_frame.items() if ms >= 0.005]
-                     + [f"in all {sum(per_frame.values()):.2f}"])
+                     + [f"in all {sum(per_frame.values()):.2f} (the model runtime's share "
+                        f"{model_runtime_share(per_frame):.2f})"])
 
 
 def _fmt(value: float | None) -> str:
