@@ -107,7 +107,7 @@ def test_broker_outage_and_restart_loses_only_spool_overflow_and_counts_it_exact
 def test_a_crash_during_a_broker_outage_loses_nothing_read_a_second_before_it(
     tmp_path: Path, clips: dict[str, Path], model_weights: str
 ) -> None:
-    """The broker goes away for 12 s under a running vap, vap is SIGKILLed (no stop, nothing saved at the
+    """The broker goes away for 8 s under a running vap, vap is SIGKILLed (no stop, nothing saved at the
     end), the broker comes back and vap starts again on the same spool dir: the frames read during the
     outage, up to a second before the kill, reach Kafka. Duplicates are allowed, counted and reported."""
     from pipeline.client import MessageStream
@@ -131,7 +131,7 @@ def test_a_crash_during_a_broker_outage_loses_nothing_read_a_second_before_it(
                      "the first run published nothing")
             broker.stop()
             read_at_outage = _frames(http_port)
-            time.sleep(11)
+            time.sleep(7)
             read_before_crash = _frames(http_port)
             time.sleep(1.0)
             first.kill()
@@ -156,7 +156,7 @@ def test_a_crash_during_a_broker_outage_loses_nothing_read_a_second_before_it(
     published = {message.frame_id for message in arrived if message.stream_id == "first-run"} & during_outage
     print(f"read during the outage: {len(during_outage)}, dropped by vap: {dropped:.0f}, "
           f"arrived after the crash: {len(published)}, duplicates: {stream.duplicates}")
-    assert len(during_outage) >= 80, "the clip is read at 10 frames/s"
+    assert len(during_outage) >= 50, "the clip is read at 10 frames/s"
     assert len(published) >= 0.9 * (len(during_outage) - dropped)
     assert [m.frame_id for m in arrived if m.stream_id == "second-run"] == list(range(CLIP_FRAMES)), \
         "the new run publishes"
