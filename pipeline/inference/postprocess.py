@@ -13,7 +13,7 @@ crop per mask; on the CPU each mask is upsampled only there, as its polygon is t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -283,14 +283,41 @@ def polygons_from_logits(upsampler: BoxUpsampler, logits: npt.NDArray[np.float32
     for logit, box, (left, top, right, bottom) in zip(logits, input_boxes.tolist(),
                                                       _trace_windows(boxes_xyxy, height, width), strict=True):
         window = np.zeros((max(0, bottom - top), max(0, right - left)), np.uint8)
-        y_from, y_to = max(math.ceil(box[1]), top + visible.top), min(math.ceil(box[3]), bottom + visible.top)
-        x_from, x_to = max(math.ceil(box[0]), left + visible.left), min(math.ceil(box[2]), right + visible.left)
+        corner_y, corner_x = top + visible.top, left + visible.left  # the window's corner in input pixels
+        y_from, y_to = max(math.ceil(box[1]), corner_y), min(math.ceil(box[3]), corner_y + window.shape[0])
+        x_from, x_to = max(math.ceil(box[0]), corner_x), min(math.ceil(box[2]), corner_x + window.shape[1])
         if y_to > y_from and x_to > x_from:
-            inside = window[y_from - top - visible.top:y_to - top - visible.top,
-                            x_from - left - visible.left:x_to - left - visible.left]
+            inside = window[y_from - corner_y:y_to - corner_y, x_from - corner_x:x_to - corner_x]
             np.greater(upsampler.window(logit, y_from, y_to, x_from, x_to), 0, out=inside, casting="unsafe")
         polygons.append(_outline(window, left, top))
     return polygons
+
+
+_Tracer = Callable[[int, int, Letterbox, npt.NDArray[np.float32]], list[npt.NDArray[np.float32]]]
+
+
+def _mask_tracer(found_in_batch: BatchDetections, plan: Sequence[Letterbox]) -> _Tracer | None:
+    """How the outlines of rows `start:end` (one frame's, boxes given in its visible part's pixels) are traced:
+    from whole masks (a GPU's), or from logits upsampled inside each box (the CPU's); None without masks."""
+    if found_in_batch.masks is not None:
+        masks = found_in_batch.masks.numpy()
+
+        def from_masks(start: int, end: int, box: Letterbox,
+                       boxes: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+            resized_h, resized_w = box.resized_hw
+            return mask_polygons(masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w], boxes)
+
+        return from_masks
+    if found_in_batch.mask_logits is not None and found_in_batch.mask_boxes is not None and plan:
+        logits, input_boxes = found_in_batch.mask_logits.numpy(), found_in_batch.mask_boxes.numpy()
+        upsampler = BoxUpsampler(logits.shape[1:], plan[0].input_hw)
+
+        def from_logits(start: int, end: int, box: Letterbox,
+                        boxes: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+            return polygons_from_logits(upsampler, logits[start:end], input_boxes[start:end], boxes, box)
+
+        return from_logits
+    return None
 
 
 def frame_detections(found_in_batch: BatchDetections, plan: Sequence[Letterbox]) -> list[Detections]:
@@ -298,27 +325,16 @@ def frame_detections(found_in_batch: BatchDetections, plan: Sequence[Letterbox])
     turned into polygons scaled back to the source frame and clipped to it."""
     rows = found_in_batch.rows.numpy()
     image_index = found_in_batch.image_index.numpy()
-    masks = None if found_in_batch.masks is None else found_in_batch.masks.numpy()
-    logits = mask_boxes = upsampler = None
-    if found_in_batch.mask_logits is not None and found_in_batch.mask_boxes is not None and plan:
-        logits, mask_boxes = found_in_batch.mask_logits.numpy(), found_in_batch.mask_boxes.numpy()
-        upsampler = BoxUpsampler(logits.shape[1:], plan[0].input_hw)
+    trace = _mask_tracer(found_in_batch, plan)
     bounds = np.searchsorted(image_index, np.arange(len(plan) + 1))
     out: list[Detections] = []
     for index, box in enumerate(plan):
         start, end = int(bounds[index]), int(bounds[index + 1])
         found = rows[start:end]
         polygons: tuple[Any, ...] = ()
-        if (masks is not None or upsampler is not None) and len(found):
-            resized_h, resized_w = box.resized_hw
+        if trace is not None and len(found):
             scale = np.array(box.gain_xy, np.float32)
-            visible_boxes = found[:, :4] * np.tile(scale, 2)
-            if upsampler is not None and logits is not None and mask_boxes is not None:
-                outlines = polygons_from_logits(upsampler, logits[start:end], mask_boxes[start:end], visible_boxes, box)
-            else:
-                assert masks is not None
-                visible_part = masks[start:end, box.top:box.top + resized_h, box.left:box.left + resized_w]
-                outlines = mask_polygons(visible_part, visible_boxes)
+            outlines = trace(start, end, box, found[:, :4] * np.tile(scale, 2))
             visible = np.array([len(outline) > 0 for outline in outlines])
             if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
                 found = found[visible]
