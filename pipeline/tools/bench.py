@@ -41,7 +41,7 @@ from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import default_export_dir, resolve_model
 from pipeline.ops.metrics import STAGES
 from pipeline.tools.broker import EmbeddedBroker
-from pipeline.tools.cpu_account import NATIVE, StolenTime, cpu_by_role
+from pipeline.tools.cpu_account import NATIVE, StolenTime, cpu_by_role, cpu_seconds
 from pipeline.tools.demo import SHIPPED_WEIGHTS, UNTRAINED_FALLBACK
 
 
@@ -114,16 +114,6 @@ def rss_mb(pid: int | None = None) -> float:
     except OSError:  # a child that just exited
         pass
     return 0.0
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User and system CPU time of a process, all its threads (Linux); 0 once it has gone."""
-    try:
-        with open(f"/proc/{pid or 'self'}/stat", encoding="ascii") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pipeline_cpu_seconds(pipeline: Pipeline) -> float:

@@ -68,21 +68,29 @@ def role_of(thread_name: str) -> str:
     return next((role for prefix, role in _ROLES if thread_name.startswith(prefix)), "other threads")
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User and system CPU time of a process, all its threads (Linux); 0 once it has gone."""
+    seconds = _stat_seconds(f"/proc/{pid or 'self'}/stat")
+    return 0.0 if seconds is None else seconds
+
+
 def _thread_seconds(pid: int | str = "self") -> dict[int, float]:
     """CPU seconds (user and system) of each thread of a process, by thread id; empty once it has gone."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return {}
-    for tid in tids:
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text(encoding="ascii").rpartition(")")[2].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
-    return seconds
+    found = {int(tid): _stat_seconds(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
+    return {tid: seconds for tid, seconds in found.items() if seconds is not None}  # None: the thread ended
+
+
+def _stat_seconds(path: str) -> float | None:
+    """User plus system time from a process's or thread's `stat` file; None when it has gone."""
+    try:
+        fields = Path(path).read_text(encoding="ascii").rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuAccount:
