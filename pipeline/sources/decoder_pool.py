@@ -15,7 +15,7 @@ on a new worker. Streams decoded on a GPU (`decoder: cuda`) stay in-process.
 Protocol, on one pipe per worker (`key` names a stream's session in that worker):
     pipeline -> worker: ("open", key, stream config as JSON, decoder threads), ("ack", key, slot), ("close", key)
     worker -> pipeline: ("opened", key, ok, frame rate), ("frame", key, slot, shape, pts_ms, shm name),
-                        ("invalid", key, detail), ("end", key), ("closed", key)
+                        ("invalid", key, detail), ("end", key)
 """
 
 from __future__ import annotations
