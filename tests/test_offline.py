@@ -35,8 +35,12 @@ def _events(processes: dict[str, subprocess.Popen[str]]) -> dict[str, list[list[
     return found
 
 
+# OpenVINO stays quiet where it sees one of these (a CI job); a camera site has none of them.
+_CI_MARKERS = {"CI", "TF_BUILD", "JENKINS_URL", "GITHUB_ACTIONS", "PYTEST_CURRENT_TEST"}
+
+
 def test_model_libraries_make_no_network_calls_or_forks_under_vap(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if key != "YOLO_OFFLINE"}
+    env = {key: value for key, value in os.environ.items() if key not in _CI_MARKERS | {"YOLO_OFFLINE"}}
     processes = {}
     for mode in ("vap", "alone"):
         (tmp_path / mode).mkdir()  # OpenVINO keeps a client id and usage counts in the home directory
