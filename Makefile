@@ -29,8 +29,12 @@ lint: $(STAMP)
 system-deps:
 	bash tools/install-system-deps.sh
 
+# Most tests wait on brokers, cameras and timeouts rather than compute, so two workers halve the suite's time
+# even on two cores. `--dist loadfile` keeps each file in one worker, with its module fixtures built once.
+TEST_WORKERS ?= 2
+
 test: lint system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -15,7 +15,7 @@ from pipeline.app import Pipeline, StopTimeouts
 from pipeline.config import PipelineConfig, StreamConfig
 from pipeline.inference.detector import Detector
 from pipeline.ops.metrics import DROP_REASONS
-from tests.conftest import sample, scrape, wait_for, write_moving_box_clip
+from tests.conftest import sample, scrape, wait_for, wait_until, write_moving_box_clip
 from tests.fakes import FakeProducer, InstantDetector, config_with, fake_kafka
 from tests.test_control_api import call
 
@@ -183,12 +183,17 @@ def test_frames_a_stop_leaves_behind_are_counted_as_dropped_so_read_equals_proce
     config = config_with([{"id": "file", "url": str(write_moving_box_clip(tmp_path / "long.mp4", 96, 64, frames=60)),
                            "realtime": False}])
     pipeline = Pipeline(config, detector_factory=lambda _config, _device: detector, producer_factory=fake_kafka(),
-                        timeouts=StopTimeouts(drain_s=0.5, kafka_flush_s=1.0))
+                        timeouts=StopTimeouts(drain_s=0.5, workers_s=5.0, kafka_flush_s=1.0))
     pipelines.append(pipeline)
     pipeline.start()
     wait_for(lambda: detector.holding.is_set() and pipeline.hub.depth() == 4, 10, "the buffer never filled")
     in_flight = pipeline.hub.in_flight()
-    threading.Timer(0.7, release.set).start()  # after the drain deadline, while the workers are joined
+
+    def release_once_the_drain_deadline_passed() -> None:  # the waiting frames are dropped then; workers are joined
+        wait_until(lambda: sample(pipeline, "vap_frames_dropped_total", stream="file", reason="shutdown") >= 4)
+        release.set()
+
+    threading.Thread(target=release_once_the_drain_deadline_passed, daemon=True).start()
     pipeline.stop()
     read, processed = sample(pipeline, READ, stream="file"), sample(pipeline, PROCESSED, stream="file")
     shutdown = sample(pipeline, "vap_frames_dropped_total", stream="file", reason="shutdown")
