@@ -98,8 +98,7 @@ class Pipeline:
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.heartbeats = Heartbeats(self.metrics)
-        self._decoders = None if config.decoding.processes == 0 else DecoderPool(config.decoding.processes,
-                                                                               self.heartbeats)
+        self._decoders = None if config.decoding.processes == 0 else DecoderPool(config.decoding.processes)
         self.ledger = FrameLedger(self.metrics)
         self.hub = FrameHub(on_stale=lambda frame: self.ledger.dropped(frame.ticket, "stale"))
         self._detector_factory = detector_factory or _ultralytics_detector

@@ -33,7 +33,7 @@ class _Pipeline:
 
 
 def test_stage_names_map_to_stages() -> None:
-    assert role_of("reader-cam-1") == role_of("decoder-0") == "readers (decode)"
+    assert role_of("reader-cam-1") == "readers (decode)"
     assert role_of("finish-cuda:1") == "NMS, masks, polygons"
     assert role_of("kafka-pipe-out") == role_of("publisher") == "publisher"
     assert role_of("MainThread") == BENCH

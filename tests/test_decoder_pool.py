@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from pipeline.config import StreamConfig
-from pipeline.ops.health import Heartbeats
-from pipeline.ops.metrics import PipelineMetrics
 from pipeline.sources.decoder_pool import DecoderPool, ProcessSource
 from pipeline.sources.opencv import OpenCvSource
 from pipeline.tools.broker import EmbeddedBroker
@@ -25,7 +23,7 @@ from tests.conftest import CLIP_FRAMES, ConfigFactory, decode, read_topic, run_t
 
 @pytest.fixture
 def pool() -> Iterator[DecoderPool]:
-    made = DecoderPool(2, Heartbeats(PipelineMetrics(CollectorRegistry())))
+    made = DecoderPool(2)
     yield made
     made.close()
 
@@ -67,6 +65,46 @@ def test_a_worker_that_dies_ends_its_streams_reads_and_the_next_open_gets_a_new_
     assert again.open() and again.read() is not None
     assert again._worker is not None and again._worker.pid != worker.pid  # type: ignore[attr-defined]
     again.close()
+
+
+def test_frames_reach_the_reader_with_no_thread_of_the_pool_between_and_a_closed_session_frees_its_memory(
+        pool: DecoderPool, clips: dict[str, Path]) -> None:
+    threads_before = {thread.ident for thread in threading.enumerate()}
+    source = pool.source_factory(1)(StreamConfig(id="cam", url=str(clips["landscape"])))
+    assert isinstance(source, ProcessSource) and source.open()
+    for _ in range(3):
+        assert source.read() is not None
+    assert {thread.ident for thread in threading.enumerate()} <= threads_before
+    assert source._memory is not None
+    memory = Path("/dev/shm") / source._memory.name.lstrip("/")
+    assert memory.exists()
+    source.close()  # mid-stream: the worker's decoder sees its session end and removes the frames' memory
+    started = time.monotonic()
+    while memory.exists():
+        assert time.monotonic() - started < 5, "the worker kept the memory of a closed session"
+        time.sleep(0.02)
+
+
+def test_closing_the_pool_under_open_streams_stops_its_workers_and_removes_their_memory(
+        clips: dict[str, Path]) -> None:
+    pool = DecoderPool(1)
+    sources = [pool.source_factory(1)(StreamConfig(id=name, url=str(path))) for name, path in clips.items()]
+    memories = []
+    for source in sources:
+        assert isinstance(source, ProcessSource) and source.open() and source.read() is not None
+        assert source._memory is not None
+        memories.append(Path("/dev/shm") / source._memory.name.lstrip("/"))
+    assert len(pool.running()) == 1
+    started = time.monotonic()
+    pool.close(timeout_s=2.0)
+    assert time.monotonic() - started < 2.5 and not pool.running()
+    assert not [memory for memory in memories if memory.exists()]
+    for source in sources:
+        decoded_ahead = 0
+        while source.read() is not None:
+            decoded_ahead += 1
+            assert decoded_ahead <= 2, "a stopped worker's stream gave more than the frames it had decoded ahead"
+        source.close()
 
 
 def test_a_file_that_cannot_be_opened_is_refused_by_the_worker(pool: DecoderPool, tmp_path: Path) -> None:

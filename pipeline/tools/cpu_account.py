@@ -25,7 +25,6 @@ BENCH = "the bench itself"
 
 _ROLES = (
     ("reader-", "readers (decode)"),
-    ("decoder-", "readers (decode)"),
     ("infer-", "letterbox and model dispatch"),
     ("upload-copy", "letterbox and model dispatch"),
     ("finish-", "NMS, masks, polygons"),
