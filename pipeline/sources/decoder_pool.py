@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import select
 import socket
 import subprocess
 import threading
@@ -162,6 +164,7 @@ class ProcessSource:
         self._threads = threads
         self._worker: DecoderWorker | None = None
         self._session: Connection | None = None
+        self._readable = select.poll()  # made once: Connection.poll builds a selector at every call
         self._memory: SharedMemory | None = None
         self._fps: float | None = None
         self._position_ms: float | None = None
@@ -171,6 +174,8 @@ class ProcessSource:
         if self._worker is None:
             return False
         self._session = self._worker.open_session(self._config.model_dump_json(), self._threads)
+        if self._session is not None:
+            self._readable.register(self._session.fileno(), select.POLLIN)
         reply = self._next(self._config.open_timeout_ms / 1000 + _OPEN_MARGIN_S)
         if reply is None or reply[0] != "opened" or not reply[1]:
             return False
@@ -205,6 +210,7 @@ class ProcessSource:
         """Ends the session; the worker sees it end and stops decoding the stream."""
         session, self._session = self._session, None
         if session is not None:
+            self._readable.unregister(session.fileno())
             session.close()
         if self._memory is not None:
             self._memory.close()
@@ -224,7 +230,7 @@ class ProcessSource:
         """The next message of the session; None when it has ended, or nothing came within `timeout_s`."""
         session = self._session
         try:
-            if session is None or not session.poll(timeout_s):
+            if session is None or not self._readable.poll(math.ceil(timeout_s * 1000)):
                 return None
             message: tuple[Any, ...] = session.recv()
             return message
