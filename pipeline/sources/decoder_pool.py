@@ -193,7 +193,11 @@ class ProcessSource:
         if memory is None or memory.name != name:
             if memory is not None:
                 memory.close()
-            memory = self._memory = _attach(name)
+                self._memory = None
+            try:
+                memory = self._memory = _attach(name)
+            except FileNotFoundError:  # the worker ended the session and removed it after sending the frame
+                return None
         image: npt.NDArray[np.uint8] = np.ndarray(shape, np.uint8, buffer=memory.buf,
                                                   offset=slot * (memory.size // _SLOTS)).copy()
         self._free_slot()
