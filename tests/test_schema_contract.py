@@ -124,3 +124,32 @@ def test_the_schema_takes_real_messages_of_each_task_and_refuses_mixed_or_malfor
     for broken in invalid:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, schema)
+
+
+def test_each_mask_is_its_own_polygon_rounded_whichever_detections_have_one() -> None:
+    """The polygons of a frame are rounded together; each detection must still get exactly its own."""
+    from datetime import datetime, timezone
+
+    import jsonschema
+    import numpy as np
+
+    from pipeline.frames import Detections, FrameResult
+
+    rng = np.random.default_rng(7)
+    polygons = (rng.random((5, 2), np.float32) * 300, None, rng.random((3, 2), np.float32) * 300,
+                rng.random((4, 2), np.float32) * 300)
+    boxes = rng.random((6, 4), np.float32) * 300
+    boxes[3, 0] = np.nan  # left out, with its polygon
+    detections = Detections(boxes_xyxy=boxes, confidences=np.full(6, 0.5, np.float32),
+                            class_ids=np.zeros(6, np.int64), polygons=polygons)  # the last two have none
+    result = FrameResult(frame=make_frame("cam", 0), task="segment", detections=detections, labels={0: "a"})
+    message = json.loads(encode(build_message(result, "m", datetime.now(timezone.utc), 1.0)))
+    jsonschema.validate(message, load_schema())
+
+    def own(polygon: Any) -> Any:
+        return None if polygon is None else {"polygon": np.round(polygon.astype(np.float64), 2).tolist()}
+
+    expected = [own(polygons[0]), None, own(polygons[2]), None, None]
+    assert [detection["mask"] for detection in message["detections"]] == expected
+    assert [detection["bbox"]["x1"] for detection in message["detections"]] == [
+        round(float(boxes[index, 0]), 2) for index in (0, 1, 2, 4, 5)]

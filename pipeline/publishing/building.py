@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -53,8 +54,8 @@ class MessageBuilder:
                                    built_monotonic=time.monotonic())
         if series is not None:
             series.end_to_end_latency.observe(total_s)
-            for detection in message.get("detections", ()):
-                series.detections(detection["label"]).inc()
+            for label, found in Counter(detection["label"] for detection in message.get("detections", ())).items():
+                series.detections(label).inc(found)
         return outgoing
 
     def event_message(self, event: ZoneEvent, series: StreamMetrics | None) -> OutgoingMessage:

@@ -40,8 +40,25 @@ def _round(value: float, digits: int = 2) -> float:
     return round(float(value), digits)
 
 
-def _mask(polygon: npt.NDArray[np.float32] | None) -> dict[str, Any] | None:
-    return None if polygon is None else {"polygon": np.round(polygon.astype(np.float64), 2)}
+def _masks(polygons: tuple[npt.NDArray[np.float32] | None, ...], count: int) -> list[dict[str, Any] | None]:
+    """Each detection's mask, its polygon rounded to 2 decimals. All of a frame's polygons are rounded in one
+    numpy call: one call per polygon took half of a message's time. Each mask is a contiguous slice of the
+    result, which orjson writes as it would a polygon of its own."""
+    present = [polygon for polygon in polygons[:count] if polygon is not None]
+    if not present:
+        return [None] * count
+    rounded = np.round(np.concatenate(present).astype(np.float64), 2)
+    masks: list[dict[str, Any] | None] = []
+    start = 0
+    for index in range(count):
+        polygon = polygons[index] if index < len(polygons) else None
+        if polygon is None:
+            masks.append(None)
+            continue
+        end = start + len(polygon)
+        masks.append({"polygon": rounded[start:end]})
+        start = end
+    return masks
 
 
 def build_message(result: FrameResult, model_name: str, published_at: datetime, total_ms: float) -> dict[str, Any]:
@@ -73,7 +90,8 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
     detections = result.detections
     boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
     confidences = np.round(detections.confidences.astype(np.float64), 4).tolist()
-    polygons, track_ids = detections.polygons, detections.track_ids
+    track_ids = detections.track_ids
+    masks = _masks(detections.polygons, len(boxes))
     # A model overflowing in FP16 can give NaN or inf, which JSON writes as null and the schema refuses.
     finite = (np.isfinite(detections.boxes_xyxy).all(axis=1) & np.isfinite(detections.confidences)).tolist()
     # Polygons stay arrays: orjson writes them natively, several times faster than lists of floats.
@@ -84,7 +102,7 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
             "confidence": confidence,
             "bbox": {"x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3]},
             "track_id": track_ids[index] if index < len(track_ids) else None,
-            "mask": _mask(polygons[index] if index < len(polygons) else None),
+            "mask": masks[index],
         }
         for index, (class_id, confidence, box) in enumerate(
             zip(detections.class_ids.tolist(), confidences, boxes, strict=True))
