@@ -128,9 +128,10 @@ def test_polygons_traced_on_box_crops_equal_ultralytics_whole_mask_polygons() ->
 
 @pytest.mark.parametrize("frame_hw", [(90, 160), (160, 90)])
 def test_masks_upsampled_inside_their_boxes_give_the_polygons_of_whole_masks(frame_hw: tuple[int, int]) -> None:
-    """The CPU's way (each mask's logits upsampled only inside its box) against the GPU's (whole masks, then
-    cropped), on letterboxed frames with padding on either axis and boxes that reach past the picture."""
-    from pipeline.inference.postprocess import assemble, frame_detections
+    """The CPU's way (each mask's logits upsampled only inside its box) and the GPU's (whole masks, of which only
+    each box's window leaves the device) against whole masks cropped on the host, on letterboxed frames with
+    padding on either axis and boxes that reach past the picture."""
+    from pipeline.inference.postprocess import assemble, frame_detections, pack_mask_windows
     from pipeline.inference.preprocess import plan_batch
 
     generator = torch.Generator().manual_seed(13)
@@ -147,12 +148,17 @@ def test_masks_upsampled_inside_their_boxes_give_the_polygons_of_whole_masks(fra
 
     whole = frame_detections(assemble(rows, image_index, plan, protos, full_masks=True), plan)
     windows = frame_detections(assemble(rows, image_index, plan, protos, full_masks=False), plan)
+    packed_found = pack_mask_windows(assemble(rows, image_index, plan, protos, full_masks=True), plan)
+    packed = frame_detections(packed_found, plan)  # the GPU's: whole masks, only their windows copied out
 
-    outlines = 0
-    for expected, got in zip(whole, windows, strict=True):
-        np.testing.assert_array_equal(got.boxes_xyxy, expected.boxes_xyxy)
-        assert len(got.polygons) == len(expected.polygons)
-        for ours, theirs in zip(got.polygons, expected.polygons, strict=True):
-            np.testing.assert_array_equal(ours, theirs)
-            outlines += 1
-    assert outlines >= 8, "most masks should have pixels set"
+    assert packed_found.masks is None and packed_found.mask_pixels is not None
+    assert packed_found.mask_pixels.numel() < count * input_h * input_w / 4
+    for way in (windows, packed):
+        outlines = 0
+        for expected, got in zip(whole, way, strict=True):
+            np.testing.assert_array_equal(got.boxes_xyxy, expected.boxes_xyxy)
+            assert len(got.polygons) == len(expected.polygons)
+            for ours, theirs in zip(got.polygons, expected.polygons, strict=True):
+                np.testing.assert_array_equal(ours, theirs)
+                outlines += 1
+        assert outlines >= 8, "most masks should have pixels set"

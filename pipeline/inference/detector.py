@@ -21,7 +21,13 @@ from pipeline.frames import BatchTimings, Classification, Detections, Frame, Fra
 from pipeline.inference.cudagraphs import GraphedForward, batch_buckets
 from pipeline.inference.devices import use_device_in_this_thread
 from pipeline.inference.model_info import class_ids_for, model_display_name, model_labels, unsupported_task
-from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, frame_detections
+from pipeline.inference.postprocess import (
+    BatchDetections,
+    assemble,
+    batched_nms,
+    frame_detections,
+    pack_mask_windows,
+)
 from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
@@ -89,8 +95,8 @@ class UltralyticsDetector:
     """Runs an Ultralytics detect, segment or classify model on whole batches.
 
     Detection and segmentation bypass `YOLO.predict`: frames are letterboxed in batch (on the device when
-    it is a GPU), NMS, box rescaling and mask assembly run on the device, and only boxes and binary uint8
-    masks at model-input size come back to the host, where masks become polygons. On the CPU each mask is
+    it is a GPU), NMS, box rescaling and mask assembly run on the device, and only boxes and each binary
+    mask's window around its box come back to the host, where masks become polygons. On the CPU each mask is
     upsampled only inside its box, as its polygon is traced. Other tasks go through `predict`.
     """
 
@@ -309,10 +315,13 @@ class UltralyticsDetector:
                                             max_det=_MAX_DETECTIONS)
         found = assemble(rows, image_index, pending.plan, protos, full_masks=self._cuda)
         if self._cuda:
+            found = pack_mask_windows(found, pending.plan)
             found = BatchDetections(
                 rows=found.rows.to("cpu", non_blocking=True),
                 image_index=found.image_index.to("cpu", non_blocking=True),
-                masks=None if found.masks is None else found.masks.to("cpu", non_blocking=True),
+                masks=None,
+                mask_windows=None if found.mask_windows is None else found.mask_windows.to("cpu", non_blocking=True),
+                mask_pixels=None if found.mask_pixels is None else found.mask_pixels.to("cpu", non_blocking=True),
             )
             pending.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             # On this device's stream: a thread's current device is cuda:0 unless set, which is wrong on cuda:1.
