@@ -4,6 +4,7 @@ metric readers, and running the pipeline in process or as a `python -m pipeline`
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import subprocess
 import sys
@@ -31,6 +32,18 @@ pytest_plugins = ["tests.servers.fixtures"]
 keep_model_libraries_offline()  # as `vap` does: the tests' model libraries never call out either
 
 CLIP_FRAMES = 12
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_as_it_was() -> Iterator[None]:
+    """`vap`'s entry point points the root logger at the stderr of the moment. Called in-process, that is a
+    test's capture, closed once the test ends, and every later test in the process would log into it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = [handler for handler in root.handlers
+                        if handler in handlers or type(handler) is not logging.StreamHandler]
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
