@@ -256,11 +256,12 @@ def consume(options: ConsumeOptions, out: TextIO) -> int:
         return 1
     try:
         with _watching_broker(options.bootstrap) as broker:
-            _tail(consumer, options, out, broker)
+            try:
+                _tail(consumer, options, out, broker)
+            finally:
+                consumer.close()  # within the watch: what kafka-python logs while closing is no news to the user
     except KeyboardInterrupt:
         pass
-    finally:
-        consumer.close()
     return 0
 
 
