@@ -21,13 +21,7 @@ from pipeline.frames import BatchTimings, Classification, Detections, Frame, Fra
 from pipeline.inference.cudagraphs import GraphedForward, batch_buckets
 from pipeline.inference.devices import use_device_in_this_thread
 from pipeline.inference.model_info import class_ids_for, model_display_name, model_labels, unsupported_task
-from pipeline.inference.postprocess import (
-    BatchDetections,
-    assemble,
-    batched_nms,
-    frame_detections,
-    pack_mask_windows,
-)
+from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, frame_detections, pack_mask_windows
 from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
@@ -315,14 +309,7 @@ class UltralyticsDetector:
                                             max_det=_MAX_DETECTIONS)
         found = assemble(rows, image_index, pending.plan, protos, full_masks=self._cuda)
         if self._cuda:
-            found = pack_mask_windows(found, pending.plan)
-            found = BatchDetections(
-                rows=found.rows.to("cpu", non_blocking=True),
-                image_index=found.image_index.to("cpu", non_blocking=True),
-                masks=None,
-                mask_windows=None if found.mask_windows is None else found.mask_windows.to("cpu", non_blocking=True),
-                mask_pixels=None if found.mask_pixels is None else found.mask_pixels.to("cpu", non_blocking=True),
-            )
+            found = pack_mask_windows(found, pending.plan).to_host()
             pending.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             # On this device's stream: a thread's current device is cuda:0 unless set, which is wrong on cuda:1.
             pending.copied.record(torch.cuda.current_stream(self.device))

@@ -50,6 +50,14 @@ class BatchDetections:
     mask_windows: torch.Tensor | None = None
     mask_pixels: torch.Tensor | None = None
 
+    def to_host(self) -> BatchDetections:
+        """Every tensor copied to the host without waiting: the caller records an event to wait on."""
+        def moved(value: torch.Tensor | None) -> Any:
+            return None if value is None else value.to("cpu", non_blocking=True)
+
+        return BatchDetections(moved(self.rows), moved(self.image_index), moved(self.masks), moved(self.mask_logits),
+                               moved(self.mask_boxes), moved(self.mask_windows), moved(self.mask_pixels))
+
 
 def batched_nms(
     prediction: torch.Tensor, num_classes: int, conf: float, iou: float, classes: Sequence[int] | None,
