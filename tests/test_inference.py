@@ -356,3 +356,51 @@ def test_worker_threads_run_the_model_on_their_own_device(device: str, monkeypat
                                                                       ("collect", f"finish-{device}")}
     expected = device if device.startswith("cuda") else None
     assert {current_device for _, _, current_device in detector.seen} == {expected}
+
+
+class _StubCudaEvent:
+    """What the CUDA path records and waits on, for running that path's code on the CPU."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def record(self, _stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, _end: Any) -> float:
+        return 1.0
+
+
+def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_windows_alone(
+        model_weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch after the forward pass (whole masks on the device, only each mask's window copied to the
+    host, outlines traced from those) run on the CPU with CUDA's events stubbed: no GPU runs this suite, so this
+    is that branch's test. Same letterbox and model as the CPU's path, so the same boxes and polygons."""
+    import torch
+
+    import pipeline.inference.detector as detector_module
+
+    config = ModelConfig(weights=model_weights, imgsz=320, conf=0.25, runtime="torch", cuda_graphs=False)
+    cpu, gpu_like = UltralyticsDetector(config, "cpu"), UltralyticsDetector(config, "cpu")
+    gpu_like._cuda = True
+    monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
+    packed: list[Any] = []
+    pack = detector_module.pack_mask_windows
+    monkeypatch.setattr(detector_module, "pack_mask_windows", lambda found, plan: packed.append(pack(found, plan))
+                        or packed[-1])
+    scene = render_scene(SceneSpec(width=480, height=320, n_frames=4, seed=4242))
+    frames = [replace(make_frame("s", index), image=image) for index, (image, _) in enumerate(scene)]
+
+    expected, got = infer(cpu, frames), infer(gpu_like, frames)
+
+    assert len(packed) == 1 and packed[0].masks is None and packed[0].mask_pixels is not None
+    assert sum(len(result.detections.polygons) for result in expected) >= 4, "the bundled model should see shapes"
+    for theirs, ours in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(ours.detections.boxes_xyxy, theirs.detections.boxes_xyxy)
+        assert len(ours.detections.polygons) == len(theirs.detections.polygons)
+        for polygon, expected_polygon in zip(ours.detections.polygons, theirs.detections.polygons, strict=True):
+            np.testing.assert_array_equal(polygon, expected_polygon)
