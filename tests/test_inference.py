@@ -382,6 +382,7 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
     import torch
 
     import pipeline.inference.detector as detector_module
+    from pipeline.inference import postprocess
 
     config = ModelConfig(weights=model_weights, imgsz=320, conf=0.25, runtime="torch", cuda_graphs=False)
     cpu, gpu_like = UltralyticsDetector(config, "cpu"), UltralyticsDetector(config, "cpu")
@@ -389,9 +390,12 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
     monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
     packed: list[Any] = []
-    pack = detector_module.pack_mask_windows
-    monkeypatch.setattr(detector_module, "pack_mask_windows", lambda found, plan: packed.append(pack(found, plan))
-                        or packed[-1])
+
+    def pack_and_keep(found: Any, plan: Any) -> Any:
+        packed.append(postprocess.pack_mask_windows(found, plan))
+        return packed[-1]
+
+    monkeypatch.setattr(detector_module, "pack_mask_windows", pack_and_keep)
     scene = render_scene(SceneSpec(width=480, height=320, n_frames=4, seed=4242))
     frames = [replace(make_frame("s", index), image=image) for index, (image, _) in enumerate(scene)]
 
