@@ -226,8 +226,10 @@ def mask_polygons(masks: npt.NDArray[np.uint8], boxes_xyxy: npt.NDArray[np.float
             for mask, (left, top, right, bottom) in zip(masks, _trace_windows(boxes_xyxy, height, width), strict=True)]
 
 
-def _trace_windows(boxes_xyxy: npt.NDArray[np.float32], height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """(left, top, right, bottom) of each box with a 2-pixel margin, within a height x width mask."""
+def _trace_windows(boxes_xyxy: npt.NDArray[np.float32], height: int | npt.NDArray[np.int64],
+                   width: int | npt.NDArray[np.int64]) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of each box with a 2-pixel margin, within a height x width mask (one size
+    for all boxes, or one per box)."""
     boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
     lefts = np.clip(np.floor(boxes[:, 0]).astype(np.int64) - 2, 0, width).tolist()
     tops = np.clip(np.floor(boxes[:, 1]).astype(np.int64) - 2, 0, height).tolist()
@@ -306,34 +308,35 @@ def polygons_from_logits(upsampler: BoxUpsampler, logits: npt.NDArray[np.float32
 
 def pack_mask_windows(found: BatchDetections, plan: Sequence[Letterbox]) -> BatchDetections:
     """On a GPU: only the pixels that polygons are traced from leave the device, each mask's window around its
-    box (as `frame_detections` crops it), packed one after another. A whole mask at 640 px is 0.4 MB, so a batch
-    with a hundred detections copied forty megabytes to freshly allocated host memory for windows that are
-    usually a few percent of it. `mask_windows` holds (left, top, right, bottom) in each frame's visible
-    pixels; `mask_pixels` the windows' pixels, row by row."""
+    box (`_trace_windows`, as `frame_detections` crops it), packed one after another. A whole mask at 640 px is
+    0.4 MB, so a batch with a hundred detections copied forty megabytes to freshly allocated host memory for
+    windows that are usually a few percent of it. `mask_windows` holds (left, top, right, bottom) in each
+    frame's visible pixels; `mask_pixels` the windows' pixels, row by row."""
     import torch
 
     masks = found.masks
     if masks is None:
         return found
-    device = masks.device
-    per_image = torch.tensor([[*box.gain_xy, box.resized_hw[1], box.resized_hw[0], box.left, box.top]
-                              for box in plan], dtype=torch.float32).to(device, non_blocking=True)[found.image_index]
-    visible = found.rows[:, :4] * per_image[:, 0:2].repeat(1, 2)  # the float32 product frame_detections takes
-    width, height = per_image[:, 2].long(), per_image[:, 3].long()
-    lefts = torch.minimum((visible[:, 0].floor().long() - 2).clamp(min=0), width)
-    tops = torch.minimum((visible[:, 1].floor().long() - 2).clamp(min=0), height)
-    rights = torch.minimum(visible[:, 2].ceil().long() + 2, width)
-    bottoms = torch.minimum(visible[:, 3].ceil().long() + 2, height)
-    widths, heights = (rights - lefts).clamp(min=0), (bottoms - tops).clamp(min=0)
-    areas = widths * heights
-    total = int(areas.sum())  # the one wait for the device here; NMS and the mask product have waited already
-    owner = torch.repeat_interleave(torch.arange(len(areas), device=device), areas, output_size=total)
-    within = torch.arange(total, device=device) - (torch.cumsum(areas, 0) - areas)[owner]
-    row_width = widths[owner]
-    ys = tops[owner] + per_image[owner, 5].long() + torch.div(within, row_width, rounding_mode="floor")
-    xs = lefts[owner] + per_image[owner, 4].long() + within % row_width
-    return BatchDetections(found.rows, found.image_index, None,
-                           mask_windows=torch.stack([lefts, tops, rights, bottoms], 1),
+    image_index = found.image_index.cpu().numpy()  # waits for the device, as NMS and the mask product have
+    gains = np.array([box.gain_xy for box in plan], np.float32)[image_index]
+    visible = found.rows[:, :4].cpu().numpy() * np.tile(gains, 2)  # the float32 product frame_detections takes
+    sizes = np.array([box.resized_hw for box in plan], np.int64).reshape(-1, 2)[image_index]
+    windows = np.array(_trace_windows(visible, sizes[:, 0], sizes[:, 1]), np.int64).reshape(-1, 4)
+    corners = np.array([(box.left, box.top) for box in plan], np.int64).reshape(-1, 2)[image_index] + windows[:, :2]
+    widths = np.maximum(windows[:, 2] - windows[:, 0], 0)
+    areas = widths * np.maximum(windows[:, 3] - windows[:, 1], 0)
+    total = int(areas.sum())
+
+    def on_device(values: npt.NDArray[np.int64]) -> torch.Tensor:
+        return torch.from_numpy(values).to(masks.device, non_blocking=True)
+
+    owner = torch.repeat_interleave(torch.arange(len(areas), device=masks.device), on_device(areas),
+                                    output_size=total)
+    within = torch.arange(total, device=masks.device) - on_device(np.cumsum(areas) - areas)[owner]
+    row_width = on_device(widths)[owner]
+    ys = on_device(np.ascontiguousarray(corners[:, 1]))[owner] + torch.div(within, row_width, rounding_mode="floor")
+    xs = on_device(np.ascontiguousarray(corners[:, 0]))[owner] + within % row_width
+    return BatchDetections(found.rows, found.image_index, None, mask_windows=torch.from_numpy(windows),
                            mask_pixels=masks[owner, ys, xs])
 
 
