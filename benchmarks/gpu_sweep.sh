@@ -13,8 +13,9 @@
 # `run` writes OUT_DIR/results-<gpu>-<date>.json and OUT_DIR/results-<gpu>-<date>.txt: the bench's usual
 # contenders on 16 streams of 1080p H.264 decoded by NVDEC, then 16, 32 and 64 cameras at 30 frames/s each.
 # SWEEP=none leaves the camera sweep out and QUICK=1 shortens the rest (`vap bench --quick`), for a run that
-# must fit a shorter window. DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes): run once with 0 and once with it
-# to choose the default for GPU hosts. Settings can be overridden for a dry run on a CPU, e.g.
+# must fit a shorter window. DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes), and
+# POLYGON_PROCESSES=4 traces mask outlines in 4 (model.polygon_processes): run once with 0 and once with them
+# to choose the defaults for GPU hosts. Settings can be overridden for a dry run on a CPU, e.g.
 #   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
 #     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
 set -eu
@@ -51,7 +52,7 @@ run)
         --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
         --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" "$@" \
         --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
-        --decoding-processes "${DECODING_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
+        --decoding-processes "${DECODING_PROCESSES:-0}" --polygon-processes "${POLYGON_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
     ;;
 *)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pipeline.tools.cpu_account import BENCH, KAFKA_PROCESS, NATIVE, cpu_by_role, role_of
+from pipeline.tools.cpu_account import BENCH, KAFKA_PROCESS, NATIVE, POLYGON_PROCESSES, cpu_by_role, role_of
 
 _BURN_S = 0.25
 
@@ -30,6 +30,7 @@ class _Pipeline:
 
     kafka_client_pid: int | None
     helper_pids: list[int] = field(default_factory=list)
+    polygon_worker_pids: list[int] = field(default_factory=list)
 
 
 def test_stage_names_map_to_stages() -> None:
@@ -41,11 +42,13 @@ def test_stage_names_map_to_stages() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU times come from /proc")
-def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_a_helper_process() -> None:
-    helper = subprocess.Popen([sys.executable, "-c", f"import time\nt = time.process_time()\n"
-                               f"while time.process_time() - t < {_BURN_S}: pass\ntime.sleep(30)"])
+def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_the_helper_processes() -> None:
+    kafka, polygons = (subprocess.Popen([sys.executable, "-c", f"import time\nt = time.process_time()\n"
+                                         f"while time.process_time() - t < {_BURN_S}: pass\ntime.sleep(30)"])
+                       for _ in range(2))
     try:
-        with cpu_by_role(_Pipeline(helper.pid, [helper.pid])) as account:  # type: ignore[arg-type]
+        pipeline = _Pipeline(kafka.pid, [kafka.pid, polygons.pid], [polygons.pid])
+        with cpu_by_role(pipeline) as account:  # type: ignore[arg-type]
             threads = [threading.Thread(target=_burn, args=(_BURN_S,), name=name)
                        for name in ("reader-cam", "finish-cpu")]
             for thread in threads:
@@ -56,10 +59,11 @@ def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_a_helper_proc
             account.sample()
             spent = account.seconds_by_role()
     finally:
-        helper.kill()
-        helper.wait()
+        for helper in (kafka, polygons):
+            helper.kill()
+            helper.wait()
 
-    for role in ("readers (decode)", "NMS, masks, polygons", KAFKA_PROCESS):
+    for role in ("readers (decode)", "NMS, masks, polygons", KAFKA_PROCESS, POLYGON_PROCESSES):
         assert spent[role] == pytest.approx(_BURN_S, abs=0.08), spent
     assert spent.get(NATIVE, 0.0) < 0.1, spent
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.inference.detector import UltralyticsDetector, infer
 from pipeline.inference.worker import InferenceWorker
 from pipeline.tools.synth.world import SceneSpec, render_scene
+from tests.conftest import wait_for
 from tests.fakes import Stages, make_frame, scene_frames
 
 
@@ -374,18 +376,21 @@ class _StubCudaEvent:
         return 1.0
 
 
+@pytest.mark.parametrize("polygon_processes", [0, 2])
 def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_windows_alone(
-        model_weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        model_weights: str, monkeypatch: pytest.MonkeyPatch, polygon_processes: int) -> None:
     """The CUDA branch after the forward pass (whole masks on the device, only each mask's window copied to the
-    host, outlines traced from those) run on the CPU with CUDA's events stubbed: no GPU runs this suite, so this
-    is that branch's test. Same letterbox and model as the CPU's path, so the same boxes and polygons."""
+    host, outlines traced from those, in the pipeline's process or in polygon workers) run on the CPU with CUDA's
+    events stubbed: no GPU runs this suite, so this is that branch's test. Same letterbox and model as the CPU's
+    path, so the same boxes and polygons."""
     import torch
 
     import pipeline.inference.detector as detector_module
     from pipeline.inference import postprocess
 
     config = ModelConfig(weights=model_weights, imgsz=320, conf=0.25, runtime="torch", cuda_graphs=False)
-    cpu, gpu_like = UltralyticsDetector(config, "cpu"), UltralyticsDetector(config, "cpu")
+    cpu = UltralyticsDetector(config, "cpu")
+    gpu_like = UltralyticsDetector(config.model_copy(update={"polygon_processes": polygon_processes}), "cpu")
     gpu_like._cuda = True
     monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
@@ -400,8 +405,20 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
     frames = [replace(make_frame("s", index), image=image) for index, (image, _) in enumerate(scene)]
 
     expected, got = infer(cpu, frames), infer(gpu_like, frames)
+    workers = gpu_like.polygon_worker_pids
+    pool = gpu_like._polygons
+    if pool is not None:  # the first batch started the workers and was traced here, while they started
 
-    assert len(packed) == 1 and packed[0].masks is None and packed[0].mask_pixels is not None
+        def traced_by_the_workers() -> bool:
+            got[:] = infer(gpu_like, frames)
+            return pool.batches_in_workers > 0
+
+        wait_for(traced_by_the_workers, 60, "the polygon workers should start and trace a batch")
+        assert len(workers) == polygon_processes
+    gpu_like.close()
+
+    assert all(packed_found.masks is None and packed_found.mask_pixels is not None for packed_found in packed)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "closing the detector ends its workers"
     assert sum(len(result.detections.polygons) for result in expected) >= 4, "the bundled model should see shapes"
     for theirs, ours in zip(expected, got, strict=True):
         np.testing.assert_array_equal(ours.detections.boxes_xyxy, theirs.detections.boxes_xyxy)

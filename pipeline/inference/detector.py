@@ -17,11 +17,13 @@ import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ModelMismatch
-from pipeline.frames import BatchTimings, Classification, Detections, Frame, FrameResult, host_image
+from pipeline.frames import BatchTimings, Frame, FrameResult, host_image
 from pipeline.inference.cudagraphs import GraphedForward, batch_buckets
 from pipeline.inference.devices import use_device_in_this_thread
 from pipeline.inference.model_info import class_ids_for, model_display_name, model_labels, unsupported_task
+from pipeline.inference.polygon_pool import PolygonPool
 from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, frame_detections, pack_mask_windows
+from pipeline.inference.predicted import predicted_classes, predicted_detections
 from pipeline.inference.preprocess import DeviceLetterbox, HostLetterbox, Letterbox, plan_batch
 from pipeline.inference.quantize import calibration_for
 from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, discard, resolve_model
@@ -29,7 +31,6 @@ from pipeline.inference.runtimes import OpenVinoRequests, default_export_dir, di
 log = logging.getLogger(__name__)
 
 _MAX_DETECTIONS = 300
-_TOP_CLASSES = 5
 
 
 class Detector(Protocol):
@@ -133,6 +134,7 @@ class UltralyticsDetector:
         self._graphed: GraphedForward | None = None
         self._stride = 32
         self._rect = True
+        self._polygons = PolygonPool(config.polygon_processes) if config.polygon_processes else None
 
     def _ensure_backend(self) -> Any:
         """The runtime backend, loaded on first use. A cached export that does not load (corrupt, or from a
@@ -331,10 +333,12 @@ class UltralyticsDetector:
         self.complete(pending)
         started = time.monotonic()
         if pending.raw is not None:
-            per_frame = [(self._result_detections(r), self._result_classes(r)) for r in pending.raw]
+            per_frame = [(predicted_detections(r), predicted_classes(r, self._class_filter, self._config.conf,
+                                                                    self.labels)) for r in pending.raw]
         else:
             assert pending.found is not None
-            per_frame = [(d, ()) for d in frame_detections(pending.found, pending.plan)]
+            trace = frame_detections if self._polygons is None else self._polygons.frame_detections
+            per_frame = [(detections, ()) for detections in trace(pending.found, pending.plan)]
         finished = time.monotonic()
         timings = BatchTimings(pending.preprocess_s, pending.infer_s, pending.postprocess_s + finished - started)
         return [
@@ -343,39 +347,13 @@ class UltralyticsDetector:
             for frame, (detections, classes) in zip(pending.frames, per_frame, strict=True)
         ]
 
+    @property
+    def polygon_worker_pids(self) -> list[int]:
+        return [] if self._polygons is None else self._polygons.pids
+
     def close(self) -> None:
-        """Ends the upload copy threads; `submit` must not be called afterwards."""
+        """Ends the upload copy threads and polygon workers; `submit` must not be called afterwards."""
         if isinstance(self._letterbox, DeviceLetterbox):
             self._letterbox.close()
-
-    @staticmethod
-    def _result_detections(result: Any) -> Detections:
-        boxes = result.boxes
-        if boxes is None or len(boxes) == 0:
-            return Detections.empty()
-        polygons: tuple[Any, ...] = ()
-        if result.masks is not None:
-            polygons = tuple(np.asarray(polygon, np.float32) for polygon in result.masks.xy)
-        return Detections(
-            boxes_xyxy=boxes.xyxy.cpu().numpy().astype(np.float32),
-            confidences=boxes.conf.cpu().numpy().astype(np.float32),
-            class_ids=boxes.cls.cpu().numpy().astype(np.int64),
-            polygons=polygons,
-        )
-
-    def _result_classes(self, result: Any) -> tuple[Classification, ...]:
-        """The five likeliest of the kept classes: Ultralytics' classification ignores `classes`, so the
-        filter applies here, before the top five are picked, lest a kept class lose its place to others."""
-        probs = result.probs
-        if probs is None:
-            return ()
-        scores = np.asarray(probs.cpu().numpy().data, np.float32)
-        kept = np.arange(len(scores))
-        if self._class_filter is not None:  # int64 even when empty: np.unique([]) is float, useless as an index
-            kept = np.unique(np.asarray(self._class_filter, np.int64))
-        top = kept[np.argsort(-scores[kept], kind="stable")[:_TOP_CLASSES]]
-        return tuple(
-            Classification(int(class_id), self.labels.get(int(class_id), str(class_id)), float(scores[class_id]))
-            for class_id in top
-            if float(scores[class_id]) >= self._config.conf
-        )
+        if self._polygons is not None:
+            self._polygons.close()

@@ -64,6 +64,10 @@ class InferenceWorker:
         return self._thread.name
 
     @property
+    def detector(self) -> Detector:
+        return self._detector
+
+    @property
     def device(self) -> str:
         return self._detector.device
 

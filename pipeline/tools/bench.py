@@ -64,6 +64,7 @@ class BenchOptions:
     soak_s: float = 0.0
     spool_log: bool = False
     decoding_processes: int = 0
+    polygon_processes: int = 0
     sweep: tuple[int, ...] = ()
     sweep_fps: float = 30.0
     sweep_seconds: float = 20.0
@@ -420,7 +421,7 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
         "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime, "decoder": options.decoder}
                     for i, path in enumerate(clips)],
         "model": {"weights": weights, "imgsz": options.imgsz, "device": device, "runtime": options.runtime,
-                  "precision": options.precision},
+                  "precision": options.precision, "polygon_processes": options.polygon_processes},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},

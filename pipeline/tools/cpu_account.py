@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 NATIVE = "model runtime and native threads"
 KAFKA_PROCESS = "Kafka client process"
 DECODER_PROCESSES = "decoder processes"
+POLYGON_PROCESSES = "polygon processes"
 BENCH = "the bench itself"
 
 _ROLES = (
@@ -109,8 +110,10 @@ class CpuAccount:
                             if thread.native_id is not None})
         self._last.update({(os.getpid(), tid): seconds for tid, seconds in _thread_seconds().items()})
         kafka = self._pipeline.kafka_client_pid
+        polygons = set(self._pipeline.polygon_worker_pids)
         for pid in self._pipeline.helper_pids:
-            self._roles[pid] = KAFKA_PROCESS if pid == kafka else DECODER_PROCESSES
+            self._roles[pid] = (KAFKA_PROCESS if pid == kafka else POLYGON_PROCESSES if pid in polygons
+                                else DECODER_PROCESSES)
             self._last.update({(pid, tid): seconds for tid, seconds in _thread_seconds(pid).items()})
 
     def seconds_by_role(self) -> dict[str, float]:
