@@ -137,16 +137,14 @@ class Pipeline:
 
     @property
     def helper_pids(self) -> list[int]:
-        """Every process working for this pipeline now: the Kafka client's, the decoders' and the polygon
-        workers' (for CPU and memory accounting)."""
+        """Every process working for this pipeline now (for CPU and memory accounting)."""
         decoders = [] if self._decoders is None else self._decoders.running()
         return [pid for pid in (self.kafka_client_pid, *decoders, *self.polygon_worker_pids) if pid is not None]
 
     @property
     def polygon_worker_pids(self) -> list[int]:
         """The processes tracing mask outlines for every device's detector (`model.polygon_processes`)."""
-        return [pid for worker in self.workers if isinstance(worker.detector, UltralyticsDetector)
-                for pid in worker.detector.polygon_worker_pids]
+        return [pid for worker in self.workers for pid in getattr(worker.detector, "polygon_worker_pids", ())]
 
     def start(self, max_frames: int | None = None) -> None:
         config = self.config

@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_streams_parser(commands)
 
+    _add_bench_parser(commands)
+
+    train = commands.add_parser("train-demo-model", help="regenerate the synthetic dataset and retrain the demo model",
+                                add_help=False)
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     bench = commands.add_parser("bench", help="benchmark vap against the model limit and Ultralytics' streaming")
     bench.add_argument("--quick", action="store_true", help="short clips and timings (about 2 minutes on CPU)")
     bench.add_argument("--streams", type=int, default=4)
@@ -125,11 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--spool-log", action="store_true",
                        help="also measure what the spool's crash-safe log (kafka.spool.dir) costs, in ABBA runs")
     bench.add_argument("--json", type=Path, help="also write the numbers to this file")
-
-    train = commands.add_parser("train-demo-model", help="regenerate the synthetic dataset and retrain the demo model",
-                                add_help=False)
-    train.add_argument("train_args", nargs=argparse.REMAINDER)
-    return parser
 
 
 def _camera_counts(text: str) -> tuple[int, ...]:
