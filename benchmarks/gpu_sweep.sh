@@ -9,19 +9,23 @@
 #   benchmarks/gpu_sweep.sh install .wheels/1          # into .vapsite/ (both parts, or one at a time)
 #   benchmarks/gpu_sweep.sh install .wheels/2
 #   benchmarks/gpu_sweep.sh run OUT_DIR                # about 8 minutes on an H100
+#   benchmarks/gpu_sweep.sh ab OUT_DIR                 # vap alone, without and with AB_SET, interleaved
 #
 # `run` writes OUT_DIR/results-<gpu>-<date>.json and OUT_DIR/results-<gpu>-<date>.txt: the bench's usual
 # contenders on 16 streams of 1080p H.264 decoded by NVDEC, then 16, 32 and 64 cameras at 30 frames/s each.
 # SWEEP=none leaves the camera sweep out and QUICK=1 shortens the rest (`vap bench --quick`), for a run that
 # must fit a shorter window. DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes), and
 # POLYGON_PROCESSES=4 traces mask outlines in 4 (model.polygon_processes): run once with 0 and once with them
-# to choose the defaults for GPU hosts. Settings can be overridden for a dry run on a CPU, e.g.
+# to choose the defaults for GPU hosts, or let `ab` compare them in one call: it runs vap end to end on the
+# same clips and settings, A as configured and B with each of AB_SET's KEY=VALUE (space separated; default
+# model.polygon_processes=4), in AB-BA order for AB_PAIRS pairs (default 2), and writes
+# OUT_DIR/results-<gpu>-<date>-ab.json and .txt. Settings can be overridden for a dry run on a CPU, e.g.
 #   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
 #     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
 set -eu
 
 usage() {
-    echo "usage: $0 install WHEEL_DIR | run OUT_DIR" >&2
+    echo "usage: $0 install WHEEL_DIR | run OUT_DIR | ab OUT_DIR" >&2
     exit 2
 }
 
@@ -53,6 +57,19 @@ run)
         --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" "$@" \
         --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
         --decoding-processes "${DECODING_PROCESSES:-0}" --polygon-processes "${POLYGON_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
+    cat "$stem.txt"
+    ;;
+ab)
+    out=$2
+    mkdir -p "$out"
+    gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")')
+    stem="$out/results-$gpu-$(date +%Y-%m-%d)-ab"
+    set --
+    for assignment in ${AB_SET:-model.polygon_processes=4}; do set -- "$@" --set "$assignment"; done
+    PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" benchmarks/interleaved_ab.py "$@" \
+        --pairs "${AB_PAIRS:-2}" --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \
+        --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
+        --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
     ;;
 *)

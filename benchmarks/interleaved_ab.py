@@ -2,6 +2,8 @@
 
     python benchmarks/interleaved_ab.py --pairs 4 --set kafka.client_process=false
 
+On a GPU host, `benchmarks/gpu_sweep.sh ab OUT_DIR` runs it on 16 streams of 1080p H.264 decoded by NVDEC.
+
 A shared machine drifts by 10-20% between runs of `vap bench`, far more than most changes are worth.
 Runs of A (the bench's configuration) and B (the same with each `--set` applied) alternate, ABBA, so
 a drift hits both alike; the script prints each run and the mean and median of B/A over the pairs.
@@ -11,13 +13,16 @@ This is how the Kafka client's child process was measured (`benchmarks/README.md
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import PipelineConfig, apply_override, parse_config
 from pipeline.inference.devices import resolve_device
-from pipeline.tools.bench import BenchOptions, make_clips, progress, run_vap, vap_config
+from pipeline.tools.bench import BenchOptions, default_codec, machine_facts, make_clips, progress, run_vap, vap_config
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.demo import SHIPPED_WEIGHTS
 
@@ -41,12 +46,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runtime", default="auto")
+    parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
+    parser.add_argument("--codec", default="auto", choices=["auto", "mpeg4", "h264", "h265"],
+                        help="of the generated clips (auto: h264 on a GPU, mpeg4 on the CPU, as `vap bench`)")
+    parser.add_argument("--json", type=Path, help="also write every run's measurement to this file")
     args = parser.parse_args()
     width, height = (int(value) for value in args.size.lower().split("x"))
     options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
-                           batch=args.batch, device=args.device, runtime=args.runtime)
+                           batch=args.batch, device=args.device, runtime=args.runtime, decoder=args.decoder,
+                           codec=args.codec)
     device = resolve_device(options.device)
+    if options.codec == "auto":
+        options = replace(options, codec=default_codec(device))
     fps: dict[str, list[float]] = {"A": [], "B": []}
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vap-ab-") as scratch, EmbeddedBroker() as broker:
         progress(f"generating {options.streams} clips of {options.frames} frames ({args.size})")
         clips = make_clips(Path(scratch), options, fps=10.0, prefix="ab")
@@ -58,8 +71,16 @@ def main() -> None:
                     config = with_overrides(config, args.overrides)
                 measured = run_vap(config, variant, device, timeout_s=600)
                 fps[variant].append(measured.fps)
-                print(f"pair {pair + 1} {variant}: {measured.fps:7.1f} frames/s", flush=True)
+                runs.append({"pair": pair + 1, "variant": variant, **asdict(measured), "fps": measured.fps})
+                cpu = measured.cpu_ms_per_frame or {}
+                print(f"pair {pair + 1} {variant}: {measured.fps:7.1f} frames/s, "
+                      f"p99 {measured.latency_p99_ms or 0:.0f} ms, {measured.cpu_cores or 0:.2f} CPU cores; "
+                      "CPU ms per frame: "
+                      + ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items() if ms >= 0.005), flush=True)
     ratios = [b / a for a, b in zip(fps["A"], fps["B"], strict=True)]
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_facts(device), "options": asdict(options) | {
+            "json_path": str(args.json)}, "b_sets": args.overrides, "runs": runs, "b_over_a": ratios}, indent=2))
     print(f"A (bench config): mean {statistics.mean(fps['A']):.1f} frames/s")
     print(f"B ({', '.join(args.overrides)}): mean {statistics.mean(fps['B']):.1f} frames/s")
     print(f"B/A per pair: {' '.join(f'{ratio:.3f}' for ratio in ratios)}; mean {statistics.mean(ratios):.3f}, "
