@@ -385,23 +385,18 @@ def frame_detections(found_in_batch: BatchDetections, plan: Sequence[Letterbox])
     rows = found_in_batch.rows.numpy()
     image_index = found_in_batch.image_index.numpy()
     trace = _mask_tracer(found_in_batch, plan)
-    bounds = np.searchsorted(image_index, np.arange(len(plan) + 1))
+    bounds = np.searchsorted(image_index, np.arange(len(plan) + 1)).tolist()
+    outlines = None if trace is None or not len(rows) else _source_outlines(trace, rows, image_index, bounds, plan)
     out: list[Detections] = []
-    for index, box in enumerate(plan):
-        start, end = int(bounds[index]), int(bounds[index + 1])
+    for index in range(len(plan)):
+        start, end = bounds[index], bounds[index + 1]
         found = rows[start:end]
         polygons: tuple[Any, ...] = ()
-        if trace is not None and len(found):
-            scale = np.array(box.gain_xy, np.float32)
-            outlines = trace(start, end, box, found[:, :4] * np.tile(scale, 2))
-            visible = np.array([len(outline) > 0 for outline in outlines])
-            if not visible.all():  # a mask wholly outside its box or the frame: Ultralytics drops these too
-                found = found[visible]
-            limit = np.array([box.source_hw[1], box.source_hw[0]], np.float32)
-            for outline in outlines:  # fresh arrays: scaled back to the source frame and clipped in place
-                outline /= scale
-                np.minimum(np.maximum(outline, 0, out=outline), limit, out=outline)
-            polygons = tuple(outline for outline in outlines if len(outline))
+        if outlines is not None and len(found):
+            frame_outlines = outlines[start:end]
+            polygons = tuple(outline for outline in frame_outlines if len(outline))
+            if len(polygons) < len(found):  # a mask wholly outside its box or the frame: Ultralytics drops these too
+                found = found[[len(outline) > 0 for outline in frame_outlines]]
         if len(found) == 0:
             out.append(Detections.empty())
             continue
@@ -412,3 +407,23 @@ def frame_detections(found_in_batch: BatchDetections, plan: Sequence[Letterbox])
             polygons=polygons,
         ))
     return out
+
+
+def _source_outlines(trace: _Tracer, rows: npt.NDArray[np.float32], image_index: npt.NDArray[np.int64],
+                     bounds: list[int], plan: Sequence[Letterbox]) -> list[npt.NDArray[np.float32]]:
+    """Every row's outline, traced in its frame's visible pixels, then scaled back to the source frame and clipped
+    to it: the scaling for the whole batch at once, three array operations in all rather than three per outline."""
+    gains = np.array([box.gain_xy for box in plan], np.float32).reshape(-1, 2)
+    limits = np.array([(box.source_hw[1], box.source_hw[0]) for box in plan], np.float32).reshape(-1, 2)
+    visible_boxes = rows[:, :4] * np.tile(gains, 2)[image_index]
+    outlines: list[npt.NDArray[np.float32]] = []
+    for box, start, end in zip(plan, bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            outlines.extend(trace(start, end, box, visible_boxes[start:end]))
+    lengths = [len(outline) for outline in outlines]
+    points = np.concatenate(outlines).reshape(-1, 2)
+    owner = np.repeat(image_index, lengths)
+    points /= gains[owner]
+    np.minimum(np.maximum(points, 0, out=points), limits[owner], out=points)
+    ends = np.cumsum(lengths).tolist()
+    return [points[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
