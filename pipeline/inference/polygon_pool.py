@@ -2,7 +2,7 @@
 
 Why: a GPU sends each mask's window around its box back to the host (`pack_mask_windows`), and turning the
 windows into polygons is host work, 30-80 us a detection of Python and OpenCV on the finisher thread (measured
-on the bench's scenes). At a thousand frames a second with a few detections each, that is a core's worth of
+on the bench's scenes). At 1,800 frames a second with five detections each, that is 30-70% of a core spent
 holding the interpreter's lock, which the inference thread needs to launch the next batch. Here the finisher
 hands a batch's windows to worker processes, split between them by frame, and waits on their sockets holding
 no lock.
