@@ -425,3 +425,58 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
         assert len(ours.detections.polygons) == len(theirs.detections.polygons)
         for polygon, expected_polygon in zip(ours.detections.polygons, theirs.detections.polygons, strict=True):
             np.testing.assert_array_equal(polygon, expected_polygon)
+
+
+class _StaticOutputs:
+    """A CUDA graph's habit, on the CPU: every call returns the same output memory, overwritten by the next."""
+
+    def __init__(self, forward: Any) -> None:
+        self._forward = forward
+        self._static: Any = None
+
+    def __call__(self, batch: Any) -> Any:
+        fresh = self._forward(batch)
+        self._static = _overwritten(self._static, fresh)
+        return self._static
+
+
+def _overwritten(static: Any, fresh: Any) -> Any:
+    import torch
+
+    if isinstance(fresh, torch.Tensor):
+        return fresh.clone() if static is None else static.copy_(fresh)
+    if isinstance(fresh, (tuple, list)):
+        return type(fresh)(_overwritten(None if static is None else old, new)
+                           for old, new in zip(static or [None] * len(fresh), fresh, strict=True))
+    return fresh
+
+
+def test_on_a_gpu_a_batch_queued_before_the_last_is_collected_leaves_the_last_ones_results_alone(
+        model_weights: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inference thread queues the next batch before the finisher collects the last, and on a GPU the
+    finisher runs NMS and masks only then: on outputs a CUDA graph's next replay has overwritten, unless they
+    were copied. Run on the CPU with CUDA's events stubbed and a forward pass that, like a graph, reuses its
+    output memory."""
+    import torch
+
+    config = ModelConfig(weights=model_weights, imgsz=320, conf=0.25, runtime="torch", cuda_graphs=False)
+    cpu, gpu_like = UltralyticsDetector(config, "cpu", max_batch=3), UltralyticsDetector(config, "cpu", max_batch=3)
+    gpu_like._cuda = True
+    gpu_like._graphed = _StaticOutputs(gpu_like._ensure_backend())  # type: ignore[assignment]
+    monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
+    first, second = scene_frames(480, 320, 3, seed=31), scene_frames(480, 320, 3, seed=32)
+    expected = [infer(cpu, first), infer(cpu, second)]
+
+    first_pending = gpu_like.submit(first)
+    second_pending = gpu_like.submit(second)
+    got = [gpu_like.collect(first_pending), gpu_like.collect(second_pending)]
+
+    assert sum(len(result.detections) for result in expected[0]) != sum(len(result.detections)
+                                                                         for result in expected[1]) or any(
+        not np.array_equal(a.detections.boxes_xyxy, b.detections.boxes_xyxy)
+        for a, b in zip(expected[0], expected[1], strict=True)), "the two batches should see different things"
+    for expected_batch, got_batch in zip(expected, got, strict=True):
+        for theirs, ours in zip(expected_batch, got_batch, strict=True):
+            np.testing.assert_array_equal(ours.detections.boxes_xyxy, theirs.detections.boxes_xyxy)
+            assert len(ours.detections.polygons) == len(theirs.detections.polygons)

@@ -70,8 +70,8 @@ class _ExportedModel:
 
 @dataclass
 class PendingBatch:
-    """A batch whose device work is queued: on a GPU its results reach the host when `copied` fires; with
-    OpenVINO, `request` is still running the model."""
+    """A batch whose device work is queued: on a GPU, `outputs` are the model's, NMS and masks still to run, and
+    the results reach the host when `copied` fires; with OpenVINO, `request` is still running the model."""
 
     frames: Sequence[Frame]
     started: float
@@ -84,6 +84,7 @@ class PendingBatch:
     infer_s: float = 0.0
     postprocess_s: float = 0.0
     device_clock: tuple[Any, Any] | None = None  # CUDA events around the model alone
+    outputs: Any = None
 
 
 class UltralyticsDetector:
@@ -252,8 +253,12 @@ class UltralyticsDetector:
         return self._requests.size if self._requests is not None else 1
 
     def forward(self, batch: Any, pending: PendingBatch) -> PendingBatch:
-        """Queues the model, NMS and mask assembly on a prepared input; `complete` waits for them, and
-        `collect` (which completes first) builds the results."""
+        """Queues the model on a prepared input and, on the CPU, runs NMS and mask assembly; `complete` waits
+        for them (on a GPU, runs them), and `collect` (which completes first) builds the results.
+
+        On a GPU, NMS waits for the model's output, so run here it would keep the inference thread from
+        preparing the next batch while the device works on this one. The finisher runs it instead, on a copy
+        of the outputs when they are a CUDA graph's, which its next replay overwrites."""
         import torch
 
         backend = self._ensure_backend()
@@ -268,14 +273,16 @@ class UltralyticsDetector:
                 preds = (self._graphed or backend)(batch)
                 end.record(torch.cuda.current_stream(self.device))
                 pending.device_clock = (begin, end)
-            else:
-                preds = (self._graphed or backend)(batch)
-                pending.infer_s = time.monotonic() - started
+                pending.outputs = preds if self._graphed is None else _copied(preds)
+                return pending
+            preds = backend(batch)
+            pending.infer_s = time.monotonic() - started
             self._postprocess(preds, pending)
         return pending
 
     def complete(self, pending: PendingBatch) -> None:
-        """Waits for a batch's device work; NMS and masks run here when the model ran asynchronously."""
+        """Waits for a batch's device work; NMS and masks run here when the model ran asynchronously (on a GPU
+        or in OpenVINO's requests)."""
         import torch
 
         if pending.request is not None and self._requests is not None:
@@ -283,6 +290,10 @@ class UltralyticsDetector:
             pending.request = None
             with torch.inference_mode():
                 self._postprocess([torch.from_numpy(output) for output in outputs], pending)
+        if pending.outputs is not None:
+            outputs, pending.outputs = pending.outputs, None
+            with torch.inference_mode():
+                self._postprocess(outputs, pending)
         if pending.copied is not None:
             pending.copied.synchronize()
         if pending.device_clock is not None:
@@ -291,8 +302,8 @@ class UltralyticsDetector:
             pending.device_clock = None
 
     def _postprocess(self, preds: Any, pending: PendingBatch) -> None:
-        """NMS, box rescaling and mask assembly for the whole batch on the model's device; the small
-        results are copied to the host without waiting, so the next batch can start meanwhile."""
+        """NMS, box rescaling and mask assembly for the whole batch on the model's device; on a GPU only the
+        boxes and each mask's window are copied to the host, without waiting: `complete` waits for them."""
         import torch
 
         started = time.monotonic()
@@ -357,3 +368,14 @@ class UltralyticsDetector:
             self._letterbox.close()
         if self._polygons is not None:
             self._polygons.close()
+
+
+def _copied(outputs: Any) -> Any:
+    """The tensors of a CUDA graph's outputs (nested in tuples and lists) copied out of its static memory."""
+    import torch
+
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone()
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_copied(item) for item in outputs)
+    return outputs
