@@ -8,6 +8,7 @@
 #
 #   benchmarks/gpu_sweep.sh install .wheels/1          # into .vapsite/ (both parts, or one at a time)
 #   benchmarks/gpu_sweep.sh install .wheels/2
+#   benchmarks/gpu_sweep.sh check OUT_DIR              # first: are the GPU path's detections right? (1-2 min)
 #   benchmarks/gpu_sweep.sh run OUT_DIR                # about 8 minutes on an H100
 #   benchmarks/gpu_sweep.sh ab OUT_DIR                 # vap alone, without and with AB_SET, interleaved
 #
@@ -25,7 +26,7 @@
 set -eu
 
 usage() {
-    echo "usage: $0 install WHEEL_DIR | run OUT_DIR | ab OUT_DIR" >&2
+    echo "usage: $0 install WHEEL_DIR | check OUT_DIR | run OUT_DIR | ab OUT_DIR" >&2
     exit 2
 }
 
@@ -58,6 +59,12 @@ run)
         --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
         --decoding-processes "${DECODING_PROCESSES:-0}" --polygon-processes "${POLYGON_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
+    ;;
+check)
+    out=$2
+    mkdir -p "$out"
+    PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" benchmarks/gpu_check.py --device "${DEVICE:-cuda:0}" \
+        --json "$out/gpu-check-$(date +%Y-%m-%d).json"
     ;;
 ab)
     out=$2

@@ -43,25 +43,36 @@ def test_stage_names_map_to_stages() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU times come from /proc")
 def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_the_helper_processes() -> None:
-    kafka, polygons = (subprocess.Popen([sys.executable, "-c", f"import time\nt = time.process_time()\n"
-                                         f"while time.process_time() - t < {_BURN_S}: pass\ntime.sleep(30)"])
-                       for _ in range(2))
+    """The helpers burn only once the account has started, so their interpreters' start is not counted (under a
+    loaded machine it was a third of what they burn), and say when they are done."""
+    script = ("import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\nt = time.process_time()\n"
+              f"while time.process_time() - t < {_BURN_S}: pass\nprint('done', flush=True)\ntime.sleep(30)")
+    kafka, polygons = helpers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
+        for helper in helpers:
+            assert helper.stdout is not None and helper.stdout.readline() == "ready\n"
         pipeline = _Pipeline(kafka.pid, [kafka.pid, polygons.pid], [polygons.pid])
         with cpu_by_role(pipeline) as account:  # type: ignore[arg-type]
+            for helper in helpers:
+                assert helper.stdin is not None
+                helper.stdin.write("go\n")
+                helper.stdin.flush()
             threads = [threading.Thread(target=_burn, args=(_BURN_S,), name=name)
                        for name in ("reader-cam", "finish-cpu")]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            time.sleep(0.7)  # the threads have ended; the helper has finished burning
+            for helper in helpers:
+                assert helper.stdout is not None and helper.stdout.readline() == "done\n"
+            time.sleep(0.55)  # two samples more, as for the threads
             account.sample()
             spent = account.seconds_by_role()
     finally:
-        for helper in (kafka, polygons):
+        for helper in helpers:
             helper.kill()
-            helper.wait()
+            helper.communicate()
 
     for role in ("readers (decode)", "NMS, masks, polygons", KAFKA_PROCESS, POLYGON_PROCESSES):
         assert spent[role] == pytest.approx(_BURN_S, abs=0.08), spent

@@ -406,7 +406,7 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
 
     expected, got = infer(cpu, frames), infer(gpu_like, frames)
     workers = gpu_like.polygon_worker_pids
-    pool = gpu_like._polygons
+    pool = gpu_like.polygon_pool
     if pool is not None:  # the first batch started the workers and was traced here, while they started
 
         def traced_by_the_workers() -> bool:

@@ -359,6 +359,10 @@ class UltralyticsDetector:
         ]
 
     @property
+    def polygon_pool(self) -> PolygonPool | None:
+        return self._polygons
+
+    @property
     def polygon_worker_pids(self) -> list[int]:
         return [] if self._polygons is None else self._polygons.pids
 

@@ -1,0 +1,157 @@
+"""Does vap's GPU path give the right detections? A correctness check to run before timing anything on a GPU.
+
+The GPU path has parts the CPU test suite can only run with CUDA stubbed: CUDA graphs, NMS and masks on the
+finisher thread while the next batch is already queued, only each mask's window copied to the host, and
+polygon workers. Each configuration below runs the bundled segmentation model on the synthetic scenes, with
+batches queued two at a time as the inference worker does, and is compared with the plainest GPU path
+(no graph, one batch at a time, polygons traced in-process) and, loosely, with the CPU.
+
+    python benchmarks/gpu_check.py [--device cuda:0] [--json OUT.json]
+
+Exit status 0 when every check passes, 1 otherwise. `benchmarks/gpu_sweep.sh check OUT_DIR` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.inference.detector import UltralyticsDetector, infer
+from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.synth.world import SceneSpec, render_scene
+
+_BATCH = 8
+_BOX_TOLERANCE_PX = 1.0  # CUDA graphs against eager: the same kernels, in another order
+_CPU_BOX_TOLERANCE_PX = 4.0  # FP16 on the GPU against FP32 on the CPU
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def scene_batches(batches: int) -> list[list[Frame]]:
+    """1280x720 frames of the shapes world (what the bundled model was trained on), a few batches of them."""
+    images = [image for image, _ in render_scene(SceneSpec(width=1280, height=720, n_frames=batches * _BATCH,
+                                                           seed=77))]
+    now = time.monotonic()
+    frames = [Frame("check", index, None, datetime.now(timezone.utc), now, image) for index, image in enumerate(images)]
+    return [frames[start:start + _BATCH] for start in range(0, len(frames), _BATCH)]
+
+
+def run_overlapped(detector: UltralyticsDetector, batches: Sequence[list[Frame]]) -> list[list[FrameResult]]:
+    """Each batch queued before the previous one is collected, as the inference worker's two threads do."""
+    results: list[list[FrameResult]] = []
+    pending: Any = None
+    for batch in batches:
+        queued = detector.submit(batch)
+        if pending is not None:
+            results.append(detector.collect(pending))
+        pending = queued
+    results.append(detector.collect(pending))
+    return results
+
+
+def compare(name: str, expected: Sequence[Sequence[FrameResult]], got: Sequence[Sequence[FrameResult]],
+            tolerance_px: float, exact_counts: bool) -> Check:
+    """Frame by frame: the same number of detections (or within one, across precisions), boxes within the
+    tolerance, and an outline for every detection that had one."""
+    problems: list[str] = []
+    detections = outlines = 0
+    for batch_index, (expected_batch, got_batch) in enumerate(zip(expected, got, strict=True)):
+        for frame_index, (theirs, ours) in enumerate(zip(expected_batch, got_batch, strict=True)):
+            where = f"batch {batch_index} frame {frame_index}"
+            problem = _frame_problem(theirs.detections, ours.detections, tolerance_px, exact_counts)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
+            detections += len(theirs.detections)
+            outlines += sum(1 for polygon in ours.detections.polygons if polygon is not None and len(polygon))
+    if detections == 0:
+        problems.append("the reference found nothing: the check proves nothing")
+    detail = f"{detections} detections, {outlines} outlines" + (f"; {len(problems)} problems: "
+                                                                 + "; ".join(problems[:5]) if problems else "")
+    return Check(name, not problems, detail)
+
+
+def _frame_problem(theirs: Detections, ours: Detections, tolerance_px: float, exact_counts: bool) -> str | None:
+    if exact_counts and len(theirs) != len(ours):
+        return f"{len(ours)} detections, expected {len(theirs)}"
+    if abs(len(theirs) - len(ours)) > 1:
+        return f"{len(ours)} detections, expected {len(theirs)} (within one)"
+    if len(ours.polygons) != len(ours):
+        return f"{len(ours.polygons)} outlines for {len(ours)} detections"
+    unmatched = [box for box in ours.boxes_xyxy
+                 if not len(theirs) or np.abs(theirs.boxes_xyxy - box).max(axis=1).min() > tolerance_px]
+    if len(unmatched) > (0 if exact_counts else 1):
+        return f"{len(unmatched)} boxes further than {tolerance_px} px from every expected one"
+    return None
+
+
+def detector(device: str, graphs: bool, polygon_processes: int) -> UltralyticsDetector:
+    config = ModelConfig(weights=str(SHIPPED_WEIGHTS), imgsz=640, runtime="torch", cuda_graphs=graphs,
+                         polygon_processes=polygon_processes)
+    model = UltralyticsDetector(config, device, max_batch=_BATCH)
+    model.warmup([_BATCH])
+    return model
+
+
+def traced_in_workers(model: UltralyticsDetector, batches: Sequence[list[Frame]]) -> None:
+    """Runs batches until the polygon workers (started by the first) take one, so the check measures them."""
+    pool = model.polygon_pool
+    deadline = time.monotonic() + 60
+    while pool is not None and pool.batches_in_workers == 0 and time.monotonic() < deadline:
+        run_overlapped(model, batches[:1])
+        time.sleep(0.2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    batches = scene_batches(args.batches)
+    print(f"{len(batches)} batches of {_BATCH} frames of 1280x720, bundled model at 640 px on {args.device}",
+          flush=True)
+    reference_model = detector(args.device, graphs=False, polygon_processes=0)
+    reference = [infer(reference_model, batch) for batch in batches]
+    reference_model.close()
+    checks: list[Check] = []
+    for graphs, polygon_processes in ((False, 0), (True, 0), (True, 2)):
+        name = f"cuda_graphs={graphs}, polygon_processes={polygon_processes}, two batches in flight"
+        model = detector(args.device, graphs, polygon_processes)
+        traced_in_workers(model, batches)
+        got = run_overlapped(model, batches)
+        pool = model.polygon_pool
+        used = "" if pool is None else f" (batches traced by the workers: {pool.batches_in_workers})"
+        model.close()
+        checks.append(compare(name + used, reference, got, _BOX_TOLERANCE_PX, exact_counts=True))
+        print(f"{'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name}: {checks[-1].detail}", flush=True)
+    if args.device != "cpu":
+        cpu_model = detector("cpu", graphs=False, polygon_processes=0)
+        cpu = [infer(cpu_model, batch) for batch in batches]
+        checks.append(compare(f"{args.device} against the CPU (FP32), loosely", cpu, reference,
+                              _CPU_BOX_TOLERANCE_PX, exact_counts=False))
+        print(f"{'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name}: {checks[-1].detail}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([check.__dict__ for check in checks], indent=2))
+    passed = all(check.passed for check in checks)
+    print("all checks passed" if passed else "SOME CHECKS FAILED")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
