@@ -7,17 +7,24 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.app import Pipeline
+from pipeline.config import PipelineConfig
 from pipeline.frames import Detections
 from pipeline.inference import polygon_pool
+from pipeline.inference.detector import UltralyticsDetector, infer
 from pipeline.inference.polygon_pool import PolygonPool, frame_groups
 from pipeline.inference.postprocess import BatchDetections, assemble, frame_detections, pack_mask_windows
 from pipeline.inference.preprocess import Letterbox, plan_batch
-from tests.conftest import wait_for
+from pipeline.tools.broker import EmbeddedBroker
+from tests.conftest import CLIP_FRAMES, ConfigFactory, decode, read_topic, unused_topic, wait_for
+from tests.fakes import scene_frames
 
 WORKER_START_S = 60  # a worker imports the model library before it is ready: seconds on a busy 2-core machine
 
@@ -161,3 +168,72 @@ def test_frame_groups_are_runs_of_whole_frames_with_about_equal_detections(per_f
     if len(per_frame) >= groups and counts.sum() >= 4 * groups and (counts > 0).all():
         loads = [int(counts[first:end].sum()) for first, end in runs]
         assert max(loads) - min(loads) <= 2 * counts.max()
+
+
+class _StubCudaEvent:
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def record(self, _stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, _end: Any) -> float:
+        return 1.0
+
+
+def test_a_pipeline_on_the_gpu_path_with_polygon_workers_publishes_what_the_cpu_path_does_and_ends_them(
+        broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path after the device (whole masks, windows handed over, NMS on the finisher, polygons in worker
+    processes) run on the CPU with CUDA's events stubbed, through a whole pipeline and a real broker: every frame
+    published, the detections of the CPU path, and no worker left once the pipeline has stopped."""
+    monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
+    pools: list[PolygonPool] = []
+
+    def gpu_like(config: PipelineConfig, _device: str) -> UltralyticsDetector:
+        detector = UltralyticsDetector(config.model, "cpu", config.batching.max_batch)
+        detector._cuda = True
+        pool = detector.polygon_pool
+        assert pool is not None
+        frames = scene_frames(320, 180, config.batching.max_batch, seed=3)
+        wait_for(lambda: infer(detector, frames) and pool.batches_in_workers > 0, WORKER_START_S,
+                 "the polygon workers should start and take a batch before the streams do")
+        pools.append(pool)
+        return detector
+
+    streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
+    published = {}
+    for way in ("cpu", "gpu-like"):
+        topic = unused_topic(f"polygons-{way}")
+        config = make_config(streams, broker.bootstrap_servers, topic, model={"polygon_processes": 2})
+        pipeline = Pipeline(config, detector_factory=gpu_like if way == "gpu-like" else None)
+        pipeline.start()
+        try:
+            assert pipeline.wait(duration_s=60) == "all sources finished"
+            workers = pipeline.polygon_worker_pids
+        finally:
+            pipeline.stop()
+        totals = pipeline.ledger.overall()
+        assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
+        published[way] = {(message["stream_id"], message["frame_id"]): message["detections"] for message in
+                          map(decode, read_topic(broker.bootstrap_servers, topic, 2 * CLIP_FRAMES))}
+        if way == "cpu":
+            assert workers == [], "the CPU's masks never reach polygon workers"
+        else:
+            assert len(workers) == 2 and pools[0].batches_in_workers > 1, "the streams' batches went to the workers"
+            assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "the workers end with the pipeline"
+
+    assert published["gpu-like"].keys() == published["cpu"].keys() and len(published["cpu"]) == 2 * CLIP_FRAMES
+    masks = 0
+    for frame, expected in published["cpu"].items():
+        got = published["gpu-like"][frame]
+        assert [(d["label"], d["mask"] is not None) for d in got] == [(d["label"], d["mask"] is not None)
+                                                                    for d in expected], frame
+        for ours, theirs in zip(got, expected, strict=True):  # batches formed differently differ in the last bits
+            assert np.allclose(list(ours["bbox"].values()), list(theirs["bbox"].values()), atol=0.5), frame
+            masks += theirs["mask"] is not None
+    assert masks >= CLIP_FRAMES, "the clips have things to find"
