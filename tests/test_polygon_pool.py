@@ -137,6 +137,24 @@ def test_a_worker_that_stops_answering_is_replaced_after_the_reply_wait(pool: Po
     assert_same(traced_in_workers(pool, found, plan, workers=2), expected)
 
 
+def test_a_worker_that_never_gets_ready_is_replaced(pool: PolygonPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(polygon_pool, "_START_S", 1.0)
+    found, plan = masks_batch(seed=10)
+    expected = frame_detections(found, plan)
+    assert_same(pool.frame_detections(found, plan), expected)  # starts the workers; traced here meanwhile
+    stuck = pool.pids[0]
+    os.kill(stuck, signal.SIGSTOP)  # long before its imports are done
+    try:
+        wait_for(lambda: pool.frame_detections(found, plan) is not None and stuck not in pool.pids, 10,
+                 "a worker not ready in time should be replaced")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+
+    monkeypatch.setattr(polygon_pool, "_START_S", 60.0)  # 1 s is too short for a healthy worker on a busy machine
+    assert_same(traced_in_workers(pool, found, plan, workers=2), expected)
+
+
 def test_a_closed_pool_stops_its_workers_and_leaves_batches_to_its_caller(pool: PolygonPool) -> None:
     found, plan = masks_batch(seed=11)
     traced_in_workers(pool, found, plan, workers=2)

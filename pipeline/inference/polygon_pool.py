@@ -10,8 +10,8 @@ no lock.
 The pool speeds things up but is never needed: it starts its workers on the first batch with mask windows (a
 CPU host, whose masks never take that form, starts none), and a batch no worker can take (while they start,
 after one died, once the pool is closed) is traced on the finisher thread as before, with the same function.
-A worker that dies or does not answer within `_REPLY_S` is replaced, after a pause that doubles while its
-replacements die before they are ready.
+A worker that dies, is not ready within `_START_S` or does not answer within `_REPLY_S` is replaced, after a
+pause that doubles while its replacements die before they are ready.
 
 Protocol, over the socket each worker inherits (`pipeline.children`):
     worker -> pipeline, once its imports are done: ("ready",)
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 _REPLY_S = 2.0  # a batch takes milliseconds; the stop budget gives a stage 1.5 s
 _QUIT_WAIT_S = 1.0
 _SMALLEST_INBOX = 1 << 20
+_START_S = 60.0  # its imports take 2-3 s; a worker not ready by then is stuck
 _FIRST_PAUSE_S = 1.0
 _LONGEST_PAUSE_S = 60.0
 _WORKER_BOOTSTRAP = (
@@ -68,6 +69,7 @@ class _PolygonWorker:
 
     def __init__(self) -> None:
         self.process, self.connection = start_child(_WORKER_BOOTSTRAP)
+        self.started = time.monotonic()
         self.ready = False
         self._inbox: mmap.mmap | None = None
 
@@ -170,6 +172,8 @@ class PolygonPool:
                     ready.append((index, worker))
                 elif worker.process.poll() is not None:
                     self._replace(index, f"exited with status {worker.process.returncode}")
+                elif not worker.ready and time.monotonic() - worker.started > _START_S:
+                    self._replace(index, f"was not ready {_START_S:.0f} s after it started")
             except (EOFError, OSError):
                 self._replace(index, "closed its socket")
         return ready
