@@ -55,3 +55,31 @@ def test_a_reader_thread_that_dies_fails_healthz_until_its_stream_is_removed(
     assert body["dead"] == ["reader-doomed"], body
     running.remove_stream("doomed")
     assert health()[0] == 200, "a removed stream's dead reader no longer fails health"
+
+
+def test_a_loops_heartbeat_gauge_shows_its_last_beat_when_scraped_and_goes_when_it_is_forgotten() -> None:
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.ops.health import Heartbeats
+    from pipeline.ops.metrics import PipelineMetrics
+
+    registry = CollectorRegistry()
+    heartbeats = Heartbeats(PipelineMetrics(registry))
+
+    def scraped() -> float | None:
+        return registry.get_sample_value("vap_thread_heartbeat_timestamp_seconds", {"thread": "reader-cam"})
+
+    before = time.time()
+    heartbeats.beat("reader-cam")
+    first = scraped()
+    time.sleep(0.02)
+    heartbeats.beat("reader-cam", busy_for_s=30)
+    second = scraped()
+
+    assert first is not None and before <= first <= time.time()
+    assert second is not None and second > first, "a later beat moves the gauge, a blocking one included"
+    assert heartbeats.stuck(max_age_s=10) == [], "announced blocking time is not stuck time"
+    heartbeats.forget("reader-cam")
+    assert scraped() is None and heartbeats.stuck(max_age_s=0) == []

@@ -82,12 +82,12 @@ class AnalyticsStage:
         self._builder = builder
         self._publish = publish
         self._ledger = ledger
-        self._metrics = metrics
         self._condition = threading.Condition()
         self._lanes: dict[int, _Lane] = {}
         self._ready: deque[_Lane] = deque()
-        self._waiting = 0  # results in every lane, for the queue-depth gauge
-        self._depth = metrics.queue_depth.labels(stage="analytics")
+        self._waiting = 0  # results in every lane, read by the queue-depth gauge when it is scraped
+        metrics.queue_depth.labels(stage="analytics").set_function(lambda: self._waiting)
+        self._seconds = {stage: metrics.stage_seconds.labels(stage=stage) for stage in ("analytics", "serialize")}
         self._stopping = False
         self._analytics_errors = RepeatedErrorLog(log)
         self._build_errors = RepeatedErrorLog(log)
@@ -177,7 +177,6 @@ class AnalyticsStage:
     def _count_waiting(self, change: int) -> None:
         """Called holding the lock."""
         self._waiting += change
-        self._depth.set(self._waiting)
 
     def _make_ready(self, lane: _Lane) -> None:
         """Called holding the lock."""
@@ -222,7 +221,7 @@ class AnalyticsStage:
         if lane is not None and lane.analytics is not None:
             result, events = self._analyse(lane, result)
             analysed = time.monotonic()
-            self._metrics.stage_seconds.labels(stage="analytics").observe(analysed - started)
+            self._seconds["analytics"].observe(analysed - started)
             started = analysed
         try:
             messages = [self._builder.frame_message(result, series)]
@@ -232,7 +231,7 @@ class AnalyticsStage:
                                      frame.frame_id, exc_info=True)
             self._ledger.dropped(frame.ticket, "build_error")
             return
-        self._metrics.stage_seconds.labels(stage="serialize").observe(time.monotonic() - started)
+        self._seconds["serialize"].observe(time.monotonic() - started)
         self._publish(messages)
 
     def _analyse(self, lane: _Lane, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:

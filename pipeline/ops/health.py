@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 
@@ -18,25 +20,37 @@ class Heartbeats:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._last_beat: dict[str, float] = {}
+        self._beat_at: dict[str, float] = {}
         self._gauges: dict[str, Gauge] = {}
         self._dead: dict[str, None] = {}
 
     def beat(self, loop_name: str, busy_for_s: float = 0.0) -> None:
         """`busy_for_s`: the loop is about to block that long by design (a camera's open or read timeout), so
-        it is not stuck until that much longer has passed. Called per frame by readers, so the loop's gauge is
-        looked up once, not on every beat."""
+        it is not stuck until that much longer has passed. Called per frame by readers and per result by the
+        analytics threads, so a loop seen before only stores its two times, one dictionary store each (atomic
+        under the interpreter's lock: no lock of ours to contend for), and its gauge reads them when scraped."""
+        due, beat_at = time.monotonic() + busy_for_s, time.time()
+        if loop_name in self._gauges:
+            self._last_beat[loop_name] = due
+            self._beat_at[loop_name] = beat_at
+            return
         with self._lock:
-            self._last_beat[loop_name] = time.monotonic() + busy_for_s
-            gauge = self._gauges.get(loop_name)
-            if gauge is None:
-                gauge = self._gauges[loop_name] = self._metrics.thread_heartbeat.labels(thread=loop_name)
-        gauge.set(time.time())
+            self._last_beat[loop_name] = due
+            self._beat_at[loop_name] = beat_at
+            gauge = self._metrics.thread_heartbeat.labels(thread=loop_name)
+            gauge.set_function(functools.partial(self._beat_time, loop_name))
+            self._gauges[loop_name] = gauge
+
+    def _beat_time(self, loop_name: str) -> float:
+        return self._beat_at.get(loop_name, 0.0)
 
     def forget(self, loop_name: str) -> None:
         with self._lock:
-            self._last_beat.pop(loop_name, None)
             self._gauges.pop(loop_name, None)
-            self._metrics.thread_heartbeat.remove(loop_name)
+            self._last_beat.pop(loop_name, None)
+            self._beat_at.pop(loop_name, None)
+            with contextlib.suppress(KeyError):
+                self._metrics.thread_heartbeat.remove(loop_name)
 
     def died(self, loop_name: str) -> None:
         with self._lock:
@@ -55,4 +69,5 @@ class Heartbeats:
         """Loops whose last beat (plus the blocking time it announced) is older than `max_age_s`."""
         now = time.monotonic()
         with self._lock:
-            return sorted(name for name, last in self._last_beat.items() if now - last > max_age_s)
+            beats = list(self._last_beat.items())  # one step under the interpreter's lock, whatever beats meanwhile
+        return sorted(name for name, last in beats if now - last > max_age_s)
