@@ -108,9 +108,13 @@ def test_the_schema_takes_real_messages_of_each_task_and_refuses_mixed_or_malfor
     schema = load_schema()
     segment = message("segment", (np.array([[1, 2], [3, 2], [3, 4]], np.float32),))
     detect, classify = message("detect"), message("classify")
-    for valid in (segment, detect, classify, message("segment", (np.zeros((0, 2), np.float32),))):
+    empty = json.loads(encode(build_message(FrameResult(frame=make_frame("cam", 1), task="segment",
+                                                        detections=Detections.empty(), labels={0: "a"}),
+                                            "m", datetime.now(timezone.utc), 1.0)))
+    for valid in (segment, detect, classify, message("segment", (np.zeros((0, 2), np.float32),)), empty):
         jsonschema.validate(valid, schema)
     assert "classes" in classify and "detections" not in classify
+    assert empty["detections"] == [] and empty.keys() == segment.keys(), "a frame with nothing found has it all"
 
     invalid = [
         {**classify, "detections": []},

@@ -88,6 +88,9 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
         ]
         return message
     detections = result.detections
+    if len(detections) == 0:  # most frames of most cameras: none of the array work below
+        message["detections"] = []
+        return message
     boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
     confidences = np.round(detections.confidences.astype(np.float64), 4).tolist()
     track_ids = detections.track_ids
