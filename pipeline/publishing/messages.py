@@ -47,7 +47,7 @@ def _masks(polygons: tuple[npt.NDArray[np.float32] | None, ...], count: int) -> 
     present = [polygon for polygon in polygons[:count] if polygon is not None]
     if not present:
         return [None] * count
-    rounded = np.round(np.concatenate(present).astype(np.float64), 2)
+    rounded = np.concatenate(present).astype(np.float64).round(2)
     masks: list[dict[str, Any] | None] = []
     start = 0
     for index in range(count):
@@ -91,8 +91,8 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
     if len(detections) == 0:  # most frames of most cameras: none of the array work below
         message["detections"] = []
         return message
-    boxes = np.round(detections.boxes_xyxy.astype(np.float64), 2).tolist()
-    confidences = np.round(detections.confidences.astype(np.float64), 4).tolist()
+    boxes = detections.boxes_xyxy.astype(np.float64).round(2).tolist()
+    confidences = detections.confidences.astype(np.float64).round(4).tolist()
     track_ids = detections.track_ids
     masks = _masks(detections.polygons, len(boxes))
     # A model overflowing in FP16 can give NaN or inf, which JSON writes as null and the schema refuses.
