@@ -282,7 +282,7 @@ class ModelConfig(_Section):
     warmup: bool = Field(True, description="Run the real batch shapes once before reporting ready")
     cuda_graphs: bool = Field(True, description="On CUDA with PyTorch, replay the forward pass as CUDA graphs")
     polygon_processes: int = Field(0, ge=0, le=64, description=(
-        "Segmentation on a GPU: trace mask outlines in this many worker processes instead of the pipeline's own, "
+        "Segmentation on a GPU: trace mask outlines in this many worker processes per GPU instead of the pipeline's, "
         "whose interpreter the GPU's inference thread needs; 0 traces them in the pipeline's process"))
     runtime: Literal["auto", "torch", "onnx", "openvino", "tensorrt"] = Field(
         "auto", description="auto: TensorRT on CUDA, OpenVINO on CPU when installed, else PyTorch"
