@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from pipeline.inference.polygon_pool import PolygonPool
-from pipeline.inference.postprocess import BatchDetections, assemble, batched_nms, frame_detections, pack_mask_windows
+from pipeline.inference.postprocess import (
+    BatchDetections,
+    assemble,
+    batched_nms,
+    frame_detections,
+    pack_mask_windows,
+    window_bounds,
+)
 from pipeline.inference.preprocess import HostLetterbox, Letterbox, plan_batch
 from pipeline.tools.bench import BenchOptions, decode_all, make_clips
 from pipeline.tools.demo import SHIPPED_WEIGHTS
@@ -53,9 +60,7 @@ def repeated(found: BatchDetections, times: int) -> BatchDetections:
     """Each detection `times` over, in its own frame: a scene `times` as busy, traced the same way."""
     assert found.mask_windows is not None and found.mask_pixels is not None
     order = np.repeat(np.arange(len(found.image_index)), times)
-    windows = found.mask_windows.numpy()
-    areas = np.maximum(windows[:, 2] - windows[:, 0], 0) * np.maximum(windows[:, 3] - windows[:, 1], 0)
-    starts = np.concatenate([[0], np.cumsum(areas)])
+    starts = window_bounds(found.mask_windows.numpy())
     pixels = found.mask_pixels.numpy()
     return BatchDetections(found.rows[order], found.image_index[order], None, mask_windows=found.mask_windows[order],
                            mask_pixels=torch.from_numpy(np.concatenate([pixels[starts[i]:starts[i + 1]]

@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from pipeline.children import start_child
 from pipeline.frames import Detections
-from pipeline.inference.postprocess import BatchDetections, frame_detections
+from pipeline.inference.postprocess import BatchDetections, frame_detections, window_bounds
 from pipeline.inference.preprocess import Letterbox
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ class PolygonPool:
                     ready: list[tuple[int, _PolygonWorker]]) -> list[Detections]:
         rows, image_index, windows, pixels = batch
         bounds = np.searchsorted(image_index, np.arange(len(plan) + 1))
-        areas = np.maximum(windows[:, 2] - windows[:, 0], 0) * np.maximum(windows[:, 3] - windows[:, 1], 0)
-        pixel_bounds = np.concatenate([[0], np.cumsum(areas)])
+        pixel_bounds = window_bounds(windows)
         parts = []
         for (first, end), (index, worker) in zip(frame_groups(np.diff(bounds), len(ready)), ready, strict=False):
             start, stop = int(bounds[first]), int(bounds[end])

@@ -306,6 +306,13 @@ def polygons_from_logits(upsampler: BoxUpsampler, logits: npt.NDArray[np.float32
     return polygons
 
 
+def window_bounds(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Where each packed window's pixels start in `mask_pixels` (windows as (left, top, right, bottom) rows), and
+    where the last one's end: one more entry than windows."""
+    areas = np.maximum(windows[:, 2] - windows[:, 0], 0) * np.maximum(windows[:, 3] - windows[:, 1], 0)
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(areas)])
+
+
 def pack_mask_windows(found: BatchDetections, plan: Sequence[Letterbox]) -> BatchDetections:
     """On a GPU: only the pixels that polygons are traced from leave the device, each mask's window around its
     box (`_trace_windows`, as `frame_detections` crops it), packed one after another. A whole mask at 640 px is
@@ -324,15 +331,15 @@ def pack_mask_windows(found: BatchDetections, plan: Sequence[Letterbox]) -> Batc
     windows = np.array(_trace_windows(visible, sizes[:, 0], sizes[:, 1]), np.int64).reshape(-1, 4)
     corners = np.array([(box.left, box.top) for box in plan], np.int64).reshape(-1, 2)[image_index] + windows[:, :2]
     widths = np.maximum(windows[:, 2] - windows[:, 0], 0)
-    areas = widths * np.maximum(windows[:, 3] - windows[:, 1], 0)
-    total = int(areas.sum())
+    bounds = window_bounds(windows)
+    areas, total = np.diff(bounds), int(bounds[-1])
 
     def on_device(values: npt.NDArray[np.int64]) -> torch.Tensor:
         return torch.from_numpy(values).to(masks.device, non_blocking=True)
 
     owner = torch.repeat_interleave(torch.arange(len(areas), device=masks.device), on_device(areas),
                                     output_size=total)
-    within = torch.arange(total, device=masks.device) - on_device(np.cumsum(areas) - areas)[owner]
+    within = torch.arange(total, device=masks.device) - on_device(bounds[:-1])[owner]
     row_width = on_device(widths)[owner]
     ys = on_device(np.ascontiguousarray(corners[:, 1]))[owner] + torch.div(within, row_width, rounding_mode="floor")
     xs = on_device(np.ascontiguousarray(corners[:, 0]))[owner] + within % row_width
@@ -348,9 +355,9 @@ def _mask_tracer(found_in_batch: BatchDetections, plan: Sequence[Letterbox]) -> 
     from the windows a GPU packed, from whole masks, or from logits upsampled inside each box (the CPU's); None
     without masks."""
     if found_in_batch.mask_windows is not None and found_in_batch.mask_pixels is not None:
-        windows, pixels = found_in_batch.mask_windows.numpy().tolist(), found_in_batch.mask_pixels.numpy()
+        packed, pixels = found_in_batch.mask_windows.numpy(), found_in_batch.mask_pixels.numpy()
+        windows, starts = packed.tolist(), window_bounds(packed).tolist()
         shapes = [(max(bottom - top, 0), max(right - left, 0)) for left, top, right, bottom in windows]
-        starts = np.cumsum([0] + [rows * columns for rows, columns in shapes]).tolist()
 
         def from_windows(start: int, end: int, box: Letterbox,
                          boxes: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
