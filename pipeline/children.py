@@ -1,4 +1,4 @@
-"""The one way vap starts a helper process (the Kafka client, the stream decoders).
+"""The one way vap starts a helper process (the Kafka client, the stream decoders, the polygon workers).
 
 A fresh interpreter, not multiprocessing: fork would copy CUDA and OpenVINO thread state, and spawn re-runs
 the parent's main script, which breaks any script without a main guard. Isolated (-I), so neither the
@@ -26,3 +26,12 @@ def start_child(bootstrap: str) -> tuple[subprocess.Popen[bytes], Connection]:
     )
     theirs.close()
     return process, Connection(ours.detach())
+
+
+def end_child(process: subprocess.Popen[bytes], wait_s: float) -> None:
+    """Wait up to `wait_s` for a child told to quit, then kill it; reaped either way."""
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(1.0)

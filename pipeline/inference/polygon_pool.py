@@ -30,7 +30,6 @@ import itertools
 import logging
 import mmap
 import os
-import subprocess
 import threading
 import time
 import traceback
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.children import start_child
+from pipeline.children import end_child, start_child
 from pipeline.frames import Detections
 from pipeline.inference.postprocess import BatchDetections, frame_detections, window_bounds
 from pipeline.inference.preprocess import Letterbox
@@ -109,11 +108,7 @@ class _PolygonWorker:
     def stop(self, wait_s: float) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.connection.send(("quit",))
-        try:
-            self.process.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(1.0)
+        end_child(self.process, wait_s)
         self.connection.close()
         self._close_inbox()
 
@@ -189,7 +184,6 @@ class PolygonPool:
         self._pause_s[index] = min(pause * 2, _LONGEST_PAUSE_S)
         log.warning("polygon worker %d (pid %d) %s; its batches are traced in the pipeline's process until a new "
                     "one starts in %.0f s", index, worker.process.pid, why, pause)
-        worker.process.kill()
         worker.stop(0.0)
 
     def _in_workers(self, batch: _HostBatch, plan: Sequence[Letterbox],

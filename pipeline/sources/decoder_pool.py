@@ -33,7 +33,6 @@ import logging
 import math
 import select
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.children import start_child
+from pipeline.children import end_child, start_child
 from pipeline.config import StreamConfig
 from pipeline.sources.source import InvalidFrame, VideoSource
 
@@ -101,11 +100,7 @@ class DecoderWorker:
     def stop(self, timeout_s: float) -> None:
         with self._control_lock, contextlib.suppress(OSError, ValueError):
             self._control.send(("quit",))
-        try:
-            self._process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(1.0)
+        end_child(self._process, timeout_s)
         self._control.close()
 
 
