@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline.analytics.zones import ZoneEvent
@@ -294,3 +295,27 @@ def fake_kafka(made: list[FakeProducer] | None = None) -> Callable[[KafkaConfig]
         return producer
 
     return make
+
+
+class StubCudaEvent:
+    """What the detector's CUDA branch records and waits on, for running that branch's code on the CPU."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def record(self, _stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, _end: Any) -> float:
+        return 1.0
+
+
+def stub_cuda_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU runs this suite: the detector's CUDA branch runs on the CPU with its events and streams stubbed."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "Event", StubCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)

@@ -20,7 +20,7 @@ from pipeline.inference.detector import UltralyticsDetector, infer
 from pipeline.inference.worker import InferenceWorker
 from pipeline.tools.synth.world import SceneSpec, render_scene
 from tests.conftest import wait_for
-from tests.fakes import Stages, make_frame, scene_frames
+from tests.fakes import Stages, make_frame, scene_frames, stub_cuda_events
 
 
 class ContentReadingDetector:
@@ -360,22 +360,6 @@ def test_worker_threads_run_the_model_on_their_own_device(device: str, monkeypat
     assert {current_device for _, _, current_device in detector.seen} == {expected}
 
 
-class _StubCudaEvent:
-    """What the CUDA path records and waits on, for running that path's code on the CPU."""
-
-    def __init__(self, **_: Any) -> None:
-        pass
-
-    def record(self, _stream: Any = None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, _end: Any) -> float:
-        return 1.0
-
-
 @pytest.mark.parametrize("polygon_processes", [0, 2])
 def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_windows_alone(
         model_weights: str, monkeypatch: pytest.MonkeyPatch, polygon_processes: int) -> None:
@@ -383,7 +367,6 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
     host, outlines traced from those, in the pipeline's process or in polygon workers) run on the CPU with CUDA's
     events stubbed: no GPU runs this suite, so this is that branch's test. Same letterbox and model as the CPU's
     path, so the same boxes and polygons."""
-    import torch
 
     import pipeline.inference.detector as detector_module
     from pipeline.inference import postprocess
@@ -392,8 +375,7 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
     cpu = UltralyticsDetector(config, "cpu")
     gpu_like = UltralyticsDetector(config.model_copy(update={"polygon_processes": polygon_processes}), "cpu")
     gpu_like._cuda = True
-    monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
+    stub_cuda_events(monkeypatch)
     packed: list[Any] = []
 
     def pack_and_keep(found: Any, plan: Any) -> Any:
@@ -457,14 +439,12 @@ def test_on_a_gpu_a_batch_queued_before_the_last_is_collected_leaves_the_last_on
     finisher runs NMS and masks only then: on outputs a CUDA graph's next replay has overwritten, unless they
     were copied. Run on the CPU with CUDA's events stubbed and a forward pass that, like a graph, reuses its
     output memory."""
-    import torch
 
     config = ModelConfig(weights=model_weights, imgsz=320, conf=0.25, runtime="torch", cuda_graphs=False)
     cpu, gpu_like = UltralyticsDetector(config, "cpu", max_batch=3), UltralyticsDetector(config, "cpu", max_batch=3)
     gpu_like._cuda = True
     gpu_like._graphed = _StaticOutputs(gpu_like._ensure_backend())  # type: ignore[assignment]
-    monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
+    stub_cuda_events(monkeypatch)
     first, second = scene_frames(480, 320, 3, seed=31), scene_frames(480, 320, 3, seed=32)
     expected = [infer(cpu, first), infer(cpu, second)]
 

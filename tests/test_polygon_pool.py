@@ -8,7 +8,6 @@ import os
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from pipeline.inference.postprocess import BatchDetections, assemble, frame_dete
 from pipeline.inference.preprocess import Letterbox, plan_batch
 from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import CLIP_FRAMES, ConfigFactory, decode, read_topic, unused_topic, wait_for
-from tests.fakes import scene_frames
+from tests.fakes import scene_frames, stub_cuda_events
 
 WORKER_START_S = 60  # a worker imports the model library before it is ready: seconds on a busy 2-core machine
 
@@ -188,28 +187,13 @@ def test_frame_groups_are_runs_of_whole_frames_with_about_equal_detections(per_f
         assert max(loads) - min(loads) <= 2 * counts.max()
 
 
-class _StubCudaEvent:
-    def __init__(self, **_: Any) -> None:
-        pass
-
-    def record(self, _stream: Any = None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, _end: Any) -> float:
-        return 1.0
-
-
 def test_a_pipeline_on_the_gpu_path_with_polygon_workers_publishes_what_the_cpu_path_does_and_ends_them(
         broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU path after the device (whole masks, windows handed over, NMS on the finisher, polygons in worker
     processes) run on the CPU with CUDA's events stubbed, through a whole pipeline and a real broker: every frame
     published, the detections of the CPU path, and no worker left once the pipeline has stopped."""
-    monkeypatch.setattr(torch.cuda, "Event", _StubCudaEvent)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda _device=None: None)
+    stub_cuda_events(monkeypatch)
     pools: list[PolygonPool] = []
 
     def gpu_like(config: PipelineConfig, _device: str) -> UltralyticsDetector:
