@@ -22,7 +22,19 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, apply_override, parse_config
 from pipeline.inference.devices import resolve_device
-from pipeline.tools.bench import BenchOptions, default_codec, machine_facts, make_clips, progress, run_vap, vap_config
+from pipeline.tools.bench import (
+    CEILING_PASSES,
+    BenchOptions,
+    ReplayDetector,
+    decode_all,
+    default_codec,
+    looping,
+    machine_facts,
+    make_clips,
+    progress,
+    run_vap,
+    vap_config,
+)
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.demo import SHIPPED_WEIGHTS
 
@@ -49,6 +61,8 @@ def main() -> None:
     parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
     parser.add_argument("--codec", default="auto", choices=["auto", "mpeg4", "h264", "h265"],
                         help="of the generated clips (auto: h264 on a GPU, mpeg4 on the CPU, as `vap bench`)")
+    parser.add_argument("--instant", action="store_true",
+                        help="both run the bench's instant model (its host ceiling), for changes to the host side")
     parser.add_argument("--json", type=Path, help="also write every run's measurement to this file")
     args = parser.parse_args()
     width, height = (int(value) for value in args.size.lower().split("x"))
@@ -63,13 +77,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vap-ab-") as scratch, EmbeddedBroker() as broker:
         progress(f"generating {options.streams} clips of {options.frames} frames ({args.size})")
         clips = make_clips(Path(scratch), options, fps=10.0, prefix="ab")
+        instant: dict[str, Any] = {}
+        if args.instant:
+            frames = decode_all(clips, limit=60)
+            replay = ReplayDetector.sampled(options, str(SHIPPED_WEIGHTS), device,
+                                            frames[::max(1, len(frames) // options.streams)])
+            instant = {"detector_factory": lambda _config, _device: replay,
+                       "until_frames": CEILING_PASSES * options.streams * options.frames}
         for pair in range(args.pairs):
             for variant in ("AB" if pair % 2 == 0 else "BA"):
                 config = vap_config(options, str(SHIPPED_WEIGHTS), clips, broker.bootstrap_servers,
                                     f"ab.{pair}.{variant}", realtime=False, device=device)
+                if args.instant:
+                    config = looping(config)
                 if variant == "B":
                     config = with_overrides(config, args.overrides)
-                measured = run_vap(config, variant, device, timeout_s=600)
+                measured = run_vap(config, variant, device, timeout_s=600, **instant)
                 fps[variant].append(measured.fps)
                 runs.append({"pair": pair + 1, "variant": variant, **asdict(measured), "fps": measured.fps})
                 cpu = measured.cpu_ms_per_frame or {}

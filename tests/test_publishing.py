@@ -444,6 +444,29 @@ def test_after_a_failure_nothing_more_is_sent_to_the_producer_until_what_it_hold
     assert harness.sent_frame_ids() == list(range(15)) and frame_id_of(first_value) == 0
 
 
+def test_a_delivery_acknowledged_just_before_a_failure_does_not_make_the_broker_look_connected_after_it() -> None:
+    """Deliveries are settled in batches by the publisher's loop; a failure reported in between must still
+    come after the deliveries reported before it."""
+    harness = Harness(broker_up=False, producer_class=HoldingProducer)
+    harness.publisher.start()
+    for frame_id in range(2):
+        harness.submit(make_result(make_frame("cam-1", frame_id)))
+    holding = only_producer(harness)
+    assert wait_until(lambda: len(holding.held) == 2)
+    (_, delivered), (_, failing) = holding.held
+    holding.held.clear()
+    delivered.succeed()
+    failing.fail(errors.KafkaTimeoutError("expired"))
+    assert wait_until(lambda: harness.count("sent") == 1 and holding.attempts == [0, 1, 1])
+    assert not wait_until(lambda: harness.publisher.connected, timeout_s=0.3)
+    harness.available.set()
+    holding.fail_held()
+    assert wait_until(lambda: harness.count("sent") == 2 and harness.publisher.connected)
+    harness.publisher.stop(flush_timeout_s=2)
+    assert harness.publisher.join(5)
+    assert harness.count("dropped") == 0
+
+
 def test_the_spool_file_kept_at_stop_is_oldest_first_whatever_order_the_producer_failed_messages_back_in(
         tmp_path: Path) -> None:
     harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_dir=tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from pipeline.ledger import FrameLedger
 from pipeline.ops.metrics import PipelineMetrics
@@ -28,10 +29,14 @@ class DeliveryAccounting:
         self._drop_logs: dict[str, RepeatedErrorLog] = {}
 
     def record(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
         now = time.monotonic()
+        counts = Counter(outcome.kind for outcome in outcomes)
+        for kind, count in counts.items():
+            self._metrics.kafka_outcomes[kind].inc(count)
         for outcome in outcomes:
             message = outcome.message
-            self._metrics.kafka_outcomes[outcome.kind].inc()
             if outcome.kind == "sent":
                 self._metrics.kafka_send_latency.observe(outcome.waited_s)
                 if message.ticket is not None:

@@ -219,13 +219,12 @@ class DeliveryState:
         """Spool new messages (stamped with their sequence) within the bounds."""
         dropped: list[Outcome] = []
         for message in messages:
-            stamped = replace(message, sequence=next(self._sequence))
-            if stamped.size > self._max_bytes:
-                dropped.append(Outcome("dropped", stamped, "publish_rejected",
+            if message.size > self._max_bytes:
+                dropped.append(Outcome("dropped", replace(message, sequence=next(self._sequence)), "publish_rejected",
                                        f"larger than kafka.spool.max_bytes ({self._max_bytes})"))
                 continue
+            stamped = replace(message, sequence=next(self._sequence), logged=self._journal)
             if self._journal:
-                stamped = replace(stamped, logged=True)
                 self._to_log.append(stamped)
             dropped += self._spool_dropped(self._spool.append(stamped), now)
         return self._settling(dropped + self._trim(now))

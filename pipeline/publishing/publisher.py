@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from pipeline.config import KafkaConfig
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 # messages differ a hundredfold in size (an empty frame against 300 masks).
 INBOX_MAX_BYTES = 16 * 2**20
 _CLOSE_RESERVE_S = 1.0
+# The loop takes a turn at most this often, or every `kafka.linger_ms` if that is shorter (the time the Kafka client
+# itself waits to fill a batch). The analytics threads hand frames over one at a time; with a turn and a pipe write
+# to the Kafka client for each, publishing cost the pipeline's process about twice as much per message
+# (`benchmarks/publisher_path.py`).
+_GATHER_S = 0.002
 
 
 class KafkaPublisher:
@@ -79,6 +85,7 @@ class KafkaPublisher:
         self._frame_headers = [*HEADERS, *(extra_headers or [])]
         self._event_headers = [*EVENT_HEADERS, *(extra_headers or [])]
         self._metrics = metrics
+        self._spool_depth = metrics.queue_depth.labels(stage="kafka_spool")
         self._condition = threading.Condition()
         # kafka-python fails a message itself after its delivery timeout; a producer that has given no outcome
         # for much longer than that is stuck. Longer than the Kafka child's own watchdog (twice the delivery
@@ -94,6 +101,9 @@ class KafkaPublisher:
         self._supervisor = ProducerSupervisor(config, producer_factory, topic_setup, self._wake)
         self._stop = threading.Event()
         self._closed = False
+        self._gather_s = min(_GATHER_S, config.linger_ms / 1000)
+        self._turn_started = 0.0
+        self._acknowledged: deque[int] = deque()  # tokens of deliveries the loop has yet to settle
         self._flush_deadline = 0.0
         self._finish_deadline = 0.0
         self._loop_errors = RepeatedErrorLog(log)
@@ -169,6 +179,10 @@ class KafkaPublisher:
         ended would leave every one of them unsent and uncounted.
         """
         try:
+            pause = self._turn_started + self._gather_s - time.monotonic()
+            if pause > 0:
+                self._stop.wait(pause)
+            self._turn_started = time.monotonic()
             self._thread.beat()
             self._accounting.record(self._take_inbox_and_events())
             if self._journal is not None:
@@ -177,7 +191,7 @@ class KafkaPublisher:
             with self._condition:
                 if self._stop.is_set() and (self._state.backlog() == 0 or time.monotonic() >= self._flush_deadline):
                     return True
-                if not self._state.has_arrivals():
+                if not self._state.has_arrivals() and not self._acknowledged:
                     self._condition.wait(timeout=0.05 if self._state.backlog() else 0.2)
         except Exception:
             self._loop_errors.error("publisher loop failed; going on", exc_info=True)
@@ -190,9 +204,10 @@ class KafkaPublisher:
     def _take_inbox_and_events(self) -> list[Outcome]:
         with self._condition:
             now = time.monotonic()
-            outcomes = self._supervisor_events(self._supervisor.collect(now), now)
+            outcomes = self._settle_acknowledged(now)
+            outcomes += self._supervisor_events(self._supervisor.collect(now), now)
             outcomes += self._state.admit(now)
-            self._metrics.queue_depth.labels(stage="kafka_spool").set(self._state.spooled())
+            self._spool_depth.set(self._state.spooled())
             return outcomes
 
     def _supervisor_events(self, events: list[SupervisorEvent], now: float) -> list[Outcome]:
@@ -264,15 +279,25 @@ class KafkaPublisher:
         return None
 
     def _delivered(self, token: int, _metadata: object) -> None:
-        with self._condition:
-            outcomes = self._state.delivered(token, time.monotonic())
-            self._condition.notify_all()
-        self._accounting.record(outcomes)
+        """Called on the Kafka client's thread; the loop settles deliveries in batches, at its next turn."""
+        self._acknowledged.append(token)
+        self._wake()
+
+    def _settle_acknowledged(self, now: float) -> list[Outcome]:
+        """Called holding the lock, before anything that must see the deliveries so far: a failure (a delivery
+        reported before it resets the failure count, not after), a producer's replacement (a message delivered
+        is not sent again) and the stop's last count."""
+        outcomes: list[Outcome] = []
+        while self._acknowledged:
+            outcomes += self._state.delivered(self._acknowledged.popleft(), now)
+        return outcomes
 
     def _failed(self, token: int, error: Exception) -> str:
         kind = delivery_error_kind(error)
         with self._condition:
-            outcomes = self._state.failed(token, kind, time.monotonic(), detail=repr(error))
+            now = time.monotonic()
+            outcomes = self._settle_acknowledged(now)
+            outcomes += self._state.failed(token, kind, now, detail=repr(error))
             self._condition.notify_all()
         log.debug("delivery failed: %r", error)
         self._accounting.record(outcomes)
@@ -293,9 +318,14 @@ class KafkaPublisher:
         try:
             deadline = self._finish_deadline if self._stop.is_set() else time.monotonic() + _CLOSE_RESERVE_S
             self._supervisor.close(timeout=max(0.0, (deadline - time.monotonic()) / 2))
+            settled: list[Outcome] = []
             with self._condition:
-                while self._state.in_flight() and (left := deadline - time.monotonic()) > 0:
+                while True:
+                    settled += self._settle_acknowledged(time.monotonic())
+                    if not self._state.in_flight() or (left := deadline - time.monotonic()) <= 0:
+                        break
                     self._condition.wait(timeout=min(left, 0.05))
+            self._accounting.record(settled)
         except Exception:
             log.exception("closing the Kafka producer failed")
         with self._condition:
@@ -304,7 +334,9 @@ class KafkaPublisher:
         if self._journal is not None:
             self._journal.write(time.monotonic())
         with self._condition:
+            settled = self._settle_acknowledged(time.monotonic())
             undelivered = self._state.undelivered()
+        self._accounting.record(settled)
         lost = undelivered if self._journal is None else self._journal.close(undelivered)
         if lost:
             log.warning("stopping with %d undelivered message(s); counted as dropped", len(lost))

@@ -161,7 +161,7 @@ _UNIQUE_FRAMES = 60
 _LOOP_FRAMES = 400
 _ALONE_BATCHES = 10
 _THROUGHPUT_CLIP_FPS = 30.0  # Ultralytics' stream loader sleeps a frame period whenever a buffer runs empty
-_CEILING_PASSES = 5  # an instant model gets through the clips in a blink; looping them times a longer run
+CEILING_PASSES = 5  # an instant model gets through the clips in a blink; looping them times a longer run
 
 
 CODECS = ("mpeg4", "h264", "h265")
@@ -602,7 +602,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         ceiling_config = looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling",
                                             False, device))
         instant: dict[str, Any] = {"detector_factory": lambda _config, _device: replay,
-                                   "until_frames": _CEILING_PASSES * options.streams * options.frames}
+                                   "until_frames": CEILING_PASSES * options.streams * options.frames}
         ceiling = run_vap(ceiling_config, "vap host ceiling (instant model)", device, timeout_s=600, **instant)
         spool_log = measure_spool_log_cost(options, report, workdir, device, [
             (vap, throughput, {}), (ceiling, ceiling_config, instant)]) if options.spool_log else []
