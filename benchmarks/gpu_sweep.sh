@@ -11,6 +11,7 @@
 #   benchmarks/gpu_sweep.sh check OUT_DIR              # first: are the GPU path's detections right? (1-2 min)
 #   benchmarks/gpu_sweep.sh run OUT_DIR                # about 8 minutes on an H100
 #   benchmarks/gpu_sweep.sh ab OUT_DIR                 # vap alone, without and with AB_SET, interleaved
+#   benchmarks/gpu_sweep.sh gil OUT_DIR                # which stage holds the interpreter's lock (about 1 min)
 #
 # `run` writes OUT_DIR/results-<gpu>-<date>.json and OUT_DIR/results-<gpu>-<date>.txt: the bench's usual
 # contenders on 16 streams of 1080p H.264 decoded by NVDEC, then 16, 32 and 64 cameras at 30 frames/s each.
@@ -20,13 +21,16 @@
 # to choose the defaults for GPU hosts, or let `ab` compare them in one call: it runs vap end to end on the
 # same clips and settings, A as configured and B with each of AB_SET's KEY=VALUE (space separated; default
 # model.polygon_processes=4), in AB-BA order for AB_PAIRS pairs (default 2), and writes
-# OUT_DIR/results-<gpu>-<date>-ab.json and .txt. Settings can be overridden for a dry run on a CPU, e.g.
+# OUT_DIR/results-<gpu>-<date>-ab.json and .txt. `gil` runs vap end to end on the same clips and settings (plus
+# GIL_SET's KEY=VALUE) and has py-spy sample it for GIL_SECONDS (10) after GIL_WARM_UP (15): the share of the
+# time each stage holds the interpreter's lock, and doing what, in OUT_DIR/gil-<gpu>-<date>/ (py-spy from the
+# wheelhouse, or PY_SPY). Settings can be overridden for a dry run on a CPU, e.g.
 #   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
 #     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
 set -eu
 
 usage() {
-    echo "usage: $0 install WHEEL_DIR | check OUT_DIR | run OUT_DIR | ab OUT_DIR" >&2
+    echo "usage: $0 install WHEEL_DIR | check OUT_DIR | run OUT_DIR | ab OUT_DIR | gil OUT_DIR" >&2
     exit 2
 }
 
@@ -78,6 +82,18 @@ ab)
         --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
         --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
+    ;;
+gil)
+    out=$2
+    mkdir -p "$out"
+    gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")')
+    set --
+    for assignment in ${GIL_SET:-}; do set -- "$@" --set "$assignment"; done
+    PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" benchmarks/gil_profile.py "$@" \
+        --py-spy "${PY_SPY:-$site/bin/py-spy}" --seconds "${GIL_SECONDS:-10}" --warm-up "${GIL_WARM_UP:-15}" \
+        --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \
+        --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
+        --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" --out "$out/gil-$gpu-$(date +%Y-%m-%d)"
     ;;
 *)
     usage

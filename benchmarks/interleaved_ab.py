@@ -20,7 +20,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, apply_override, parse_config
 from pipeline.inference.devices import resolve_device
 from pipeline.tools.bench import (
     CEILING_PASSES,
@@ -34,16 +33,10 @@ from pipeline.tools.bench import (
     progress,
     run_vap,
     vap_config,
+    with_overrides,
 )
 from pipeline.tools.broker import EmbeddedBroker
 from pipeline.tools.demo import SHIPPED_WEIGHTS
-
-
-def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
-    tree = config.model_dump()
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    return parse_config(tree)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
-from pipeline.config import ModelConfig, PipelineConfig, parse_config
+from pipeline.config import ModelConfig, PipelineConfig, apply_override, parse_config
 from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, PendingBatch, infer
 from pipeline.inference.devices import resolve_device
@@ -442,6 +442,23 @@ def looping(config: PipelineConfig) -> PipelineConfig:
     return parse_config({**config.model_dump(), "streams": [{**s.model_dump(), "loop": True} for s in config.streams]})
 
 
+def delivered_messages(pipeline: Pipeline) -> int:
+    """Messages the broker acknowledged, from the one counter: the registry's `get_sample_value` collects every
+    metric of the pipeline, and polled every few milliseconds it took a fifth of the interpreter from the run it
+    measures."""
+    return int(next((sample.value for metric in pipeline.metrics.kafka_messages.collect()
+                     for sample in metric.samples
+                     if sample.name == "vap_kafka_messages_total" and sample.labels["result"] == "sent"), 0))
+
+
+def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """The config with each `KEY.PATH=VALUE` applied, as `vap run --set` does."""
+    tree = config.model_dump()
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return parse_config(tree)
+
+
 def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
             detector_factory: Callable[[PipelineConfig, str], Detector] | None = None,
             until_frames: int | None = None) -> Measurement:
@@ -451,11 +468,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     pipeline = Pipeline(config, detector_factory=detector_factory)
 
     def delivered() -> int:
-        """From the one counter: the registry's `get_sample_value` collects every metric of the pipeline, and
-        polled every few milliseconds it took a fifth of the interpreter from the run it measures."""
-        return int(next((sample.value for metric in pipeline.metrics.kafka_messages.collect()
-                         for sample in metric.samples
-                         if sample.name == "vap_kafka_messages_total" and sample.labels["result"] == "sent"), 0))
+        return delivered_messages(pipeline)
 
     def done() -> bool:
         if until_frames is not None:

@@ -1,0 +1,126 @@
+"""Which of vap's stages holds the interpreter's lock, and doing what, while vap runs flat out.
+
+    python benchmarks/gil_profile.py --instant --seconds 10 --out /tmp/gil
+
+On a GPU host, `benchmarks/gpu_sweep.sh gil OUT_DIR` runs it on 16 streams of 1080p H.264 decoded by NVDEC.
+
+vap reads the bench's generated clips in a loop, as fast as it can (`--instant`: with the bench's instant
+model, so the host side alone is the limit), publishing to an embedded broker. Once `--warm-up` seconds have
+passed, py-spy samples this process for `--seconds` with `--gil` (`pipeline.tools.gil_profile`). The script
+writes OUT/gil-profile.txt (also printed), OUT/gil-profile.json and py-spy's raw stacks (OUT/gil-profile.raw,
+input for flamegraph.pl), with the frames/s before and while sampling: py-spy pauses the process at each
+sample, and the difference shows what that cost.
+
+py-spy comes from PyPI (`pip install py-spy`, in the project's dev tools and in the GPU wheelhouse). It needs
+permission to trace the process, which some containers withhold; the script then says so and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
+from pipeline.inference.devices import resolve_device
+from pipeline.tools.bench import (
+    BenchOptions,
+    ReplayDetector,
+    decode_all,
+    default_codec,
+    delivered_messages,
+    looping,
+    machine_facts,
+    make_clips,
+    progress,
+    vap_config,
+    with_overrides,
+)
+from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.demo import SHIPPED_WEIGHTS
+from pipeline.tools.gil_profile import find_py_spy, record, report, summarize
+
+
+def frames_per_second(pipeline: Pipeline, seconds: float) -> float:
+    before, started = delivered_messages(pipeline), time.monotonic()
+    time.sleep(seconds)
+    return (delivered_messages(pipeline) - before) / (time.monotonic() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, default=10.0, help="sampled")
+    parser.add_argument("--warm-up", type=float, default=10.0, help="seconds of running before sampling")
+    parser.add_argument("--rate", type=int, default=100, help="samples a second")
+    parser.add_argument("--instant", action="store_true", help="the bench's instant model instead of the real one")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=150, help="per clip; the clips loop")
+    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
+    parser.add_argument("--codec", default="auto", choices=["auto", "mpeg4", "h264", "h265"])
+    parser.add_argument("--py-spy", help="the py-spy executable (default: found on PATH or beside Python)")
+    args = parser.parse_args()
+    py_spy = find_py_spy(args.py_spy)
+    if py_spy is None:
+        sys.exit("py-spy not found: pip install py-spy, or give --py-spy PATH")
+    width, height = (int(value) for value in args.size.lower().split("x"))
+    options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
+                           batch=args.batch, device=args.device, decoder=args.decoder, codec=args.codec)
+    device = resolve_device(options.device)
+    if options.codec == "auto":
+        options = replace(options, codec=default_codec(device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    with tempfile.TemporaryDirectory(prefix="vap-gil-") as scratch, EmbeddedBroker() as broker:
+        progress(f"generating {options.streams} clips of {options.frames} frames ({args.size}, {options.codec})")
+        clips = make_clips(Path(scratch), options, fps=30.0, prefix="gil")
+        factory: Any = None
+        if args.instant:
+            frames = decode_all(clips, limit=60)
+            replay = ReplayDetector.sampled(options, str(SHIPPED_WEIGHTS), device,
+                                            frames[::max(1, len(frames) // options.streams)])
+            factory = lambda _config, _device: replay  # noqa: E731
+        config = looping(vap_config(options, str(SHIPPED_WEIGHTS), clips, broker.bootstrap_servers, "gil.profile",
+                                    realtime=False, device=device))
+        pipeline = Pipeline(with_overrides(config, args.overrides), detector_factory=factory)
+        try:
+            progress("starting vap")
+            pipeline.start()
+            progress(f"warming up for {args.warm_up:.0f} s")
+            fps_before = frames_per_second(pipeline, args.warm_up)
+            progress(f"sampling with py-spy for {args.seconds:.0f} s at {args.rate}/s ({fps_before:.0f} frames/s)")
+            delivered, started = delivered_messages(pipeline), time.monotonic()
+            try:
+                raw = record(py_spy, os.getpid(), args.seconds, args.rate, args.out / "gil-profile.raw")
+            except RuntimeError as error:
+                sys.exit(str(error))
+            fps_during = (delivered_messages(pipeline) - delivered) / (time.monotonic() - started)
+        finally:
+            pipeline.stop()
+    profile = summarize(raw, args.seconds, args.rate)
+    heading = (f"vap{' with the instant model' if args.instant else ''}: {options.streams} streams of {args.size} "
+               f"{options.codec}, decoder {options.decoder}, batch {options.batch}, {device}"
+               f"{', ' + ' '.join(args.overrides) if args.overrides else ''}; {fps_before:.0f} frames/s before "
+               f"sampling, {fps_during:.0f} while sampled")
+    text = report(profile, heading)
+    (args.out / "gil-profile.txt").write_text(text, encoding="utf-8")
+    (args.out / "gil-profile.json").write_text(json.dumps({
+        "machine": machine_facts(device), "options": asdict(options), "instant": args.instant,
+        "sets": args.overrides, "fps_before": fps_before, "fps_while_sampled": fps_during,
+        "profile": asdict(profile)}, indent=2), encoding="utf-8")
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
