@@ -27,7 +27,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
+from pipeline.app import Pipeline
 from pipeline.inference.devices import resolve_device
 from pipeline.tools.bench import (
     BenchOptions,
@@ -81,7 +81,6 @@ def main() -> None:
     if options.codec == "auto":
         options = replace(options, codec=default_codec(device))
     args.out.mkdir(parents=True, exist_ok=True)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     with tempfile.TemporaryDirectory(prefix="vap-gil-") as scratch, EmbeddedBroker() as broker:
         progress(f"generating {options.streams} clips of {options.frames} frames ({args.size}, {options.codec})")
         clips = make_clips(Path(scratch), options, fps=30.0, prefix="gil")
