@@ -47,6 +47,17 @@ def masks_batch(seed: int, frames: int = 6, per_frame: int = 5) -> tuple[BatchDe
     return pack_mask_windows(assemble(rows, image_index, plan, protos, full_masks=True), plan), plan
 
 
+def blank_masks_batch(frames: int = 3) -> tuple[BatchDetections, list[Letterbox]]:
+    """Detections whose masks are empty everywhere: they have no outline, and every frame loses them."""
+    plan = plan_batch([np.zeros((180, 320, 3), np.uint8)] * frames, 320, 32, True)
+    input_h, input_w = plan[0].input_hw
+    boxes = torch.tensor([[20.0, 30, 120, 140]]).repeat(frames, 1)
+    rows = torch.cat([boxes, torch.full((frames, 1), 0.9), torch.zeros((frames, 1)), torch.ones((frames, 32))], 1)
+    protos = -torch.ones((frames, 32, input_h // 4, input_w // 4))
+    found = assemble(rows, torch.arange(frames), plan, protos, full_masks=True)
+    return pack_mask_windows(found, plan), plan
+
+
 def assert_same(got: Sequence[Detections], expected: Sequence[Detections]) -> None:
     assert len(got) == len(expected)
     for ours, theirs in zip(got, expected, strict=True):
@@ -89,6 +100,25 @@ def test_workers_trace_what_the_pipelines_process_traces_bit_for_bit(pool: Polyg
     assert len(expected[1]) == 0
     assert_same(got, expected)
     assert len(pool.pids) == 2
+
+
+def test_batches_with_nothing_to_outline_give_empty_frames_and_leave_the_workers_alone(pool: PolygonPool) -> None:
+    """Most batches of most cameras find nothing; each such batch once cost a worker its life."""
+    found, plan = masks_batch(seed=3)
+    traced_in_workers(pool, found, plan, workers=2)
+    workers = pool.pids
+    no_detections, no_detections_plan = masks_batch(seed=4, per_frame=0)
+    blank, blank_plan = blank_masks_batch()
+
+    in_workers = pool.batches_in_workers
+    assert_same(pool.frame_detections(no_detections, no_detections_plan), [Detections.empty()] * 6)
+    assert pool.batches_in_workers == in_workers, "a batch without detections has nothing to send"
+    assert_same(pool.frame_detections(blank, blank_plan), [Detections.empty()] * 3)
+    assert pool.batches_in_workers == in_workers + 1, "masks to outline go to the workers, even blank ones"
+
+    assert pool.pids == workers
+    assert_same(pool.frame_detections(found, plan), frame_detections(found, plan))
+    assert pool.pids == workers and pool.batches_in_workers == in_workers + 2
 
 
 def test_a_batch_whose_masks_are_not_windows_is_traced_here_and_starts_no_worker(pool: PolygonPool) -> None:

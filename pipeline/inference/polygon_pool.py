@@ -135,7 +135,7 @@ class PolygonPool:
         return sum(1 for worker in self._workers if worker is not None and worker.ready)
 
     def frame_detections(self, found: BatchDetections, plan: Sequence[Letterbox]) -> list[Detections]:
-        if found.mask_windows is not None and found.mask_pixels is not None:
+        if found.mask_windows is not None and found.mask_pixels is not None and len(found.rows):
             with self._lock:
                 ready = [] if self._closed else self._ready_workers()
                 if ready:
@@ -267,7 +267,7 @@ def _packed(frames: list[Detections]) -> _Packed:
 def _unpacked(packed: Sequence[Any]) -> list[Detections]:
     counts, boxes, confidences, class_ids, lengths, points = packed
     ends = np.cumsum(lengths).tolist()
-    outlines = [points[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    outlines = [points[start:end] for start, end in zip([0, *ends][:-1], ends, strict=True)]
     row_ends, outline_ends = np.cumsum(counts, 0).T.tolist()
     frames = []
     row_start = outline_start = 0
