@@ -44,9 +44,11 @@ class Check:
 
 
 def scene_batches(batches: int) -> list[list[Frame]]:
-    """1280x720 frames of the shapes world (what the bundled model was trained on), a few batches of them."""
+    """1280x720 frames of the shapes world (what the bundled model was trained on), a few batches of them, and
+    second a batch of blank frames: most batches of a quiet camera find nothing, and that path must hold too."""
     images = [image for image, _ in render_scene(SceneSpec(width=1280, height=720, n_frames=batches * _BATCH,
                                                            seed=77))]
+    images[_BATCH:_BATCH] = [np.full((720, 1280, 3), 114, np.uint8)] * _BATCH
     now = time.monotonic()
     frames = [Frame("check", index, None, datetime.now(timezone.utc), now, image) for index, image in enumerate(images)]
     return [frames[start:start + _BATCH] for start in range(0, len(frames), _BATCH)]
@@ -126,8 +128,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     batches = scene_batches(args.batches)
-    print(f"{len(batches)} batches of {_BATCH} frames of 1280x720, bundled model at 640 px on {args.device}",
-          flush=True)
+    print(f"{len(batches)} batches of {_BATCH} frames of 1280x720 (one of them blank), bundled model at 640 px on "
+          f"{args.device}", flush=True)
     reference_model = detector(args.device, graphs=False, polygon_processes=0)
     reference = [infer(reference_model, batch) for batch in batches]
     reference_model.close()
@@ -136,11 +138,16 @@ def main() -> int:
         name = f"cuda_graphs={graphs}, polygon_processes={polygon_processes}, two batches in flight"
         model = detector(args.device, graphs, polygon_processes)
         traced_in_workers(model, batches)
-        got = run_overlapped(model, batches)
         pool = model.polygon_pool
+        workers = [] if pool is None else pool.pids
+        got = run_overlapped(model, batches)
+        replaced = pool is not None and pool.pids != workers
         used = "" if pool is None else f" (batches traced by the workers: {pool.batches_in_workers})"
         model.close()
-        checks.append(compare(name + used, reference, got, _BOX_TOLERANCE_PX, exact_counts=True))
+        check = compare(name + used, reference, got, _BOX_TOLERANCE_PX, exact_counts=True)
+        if replaced:
+            check = Check(check.name, False, check.detail + "; polygon workers were replaced during the run")
+        checks.append(check)
         print(f"{'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name}: {checks[-1].detail}", flush=True)
     if args.device != "cpu":
         cpu_model = detector("cpu", graphs=False, polygon_processes=0)
