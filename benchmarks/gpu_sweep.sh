@@ -21,10 +21,11 @@
 # to choose the defaults for GPU hosts, or let `ab` compare them in one call: it runs vap end to end on the
 # same clips and settings, A as configured and B with each of AB_SET's KEY=VALUE (space separated; default
 # model.polygon_processes=4), in AB-BA order for AB_PAIRS pairs (default 2), and writes
-# OUT_DIR/results-<gpu>-<date>-ab.json and .txt. `gil` runs vap end to end on the same clips and settings (plus
-# GIL_SET's KEY=VALUE) and has py-spy sample it for GIL_SECONDS (10) after GIL_WARM_UP (15): the share of the
-# time each stage holds the interpreter's lock, and doing what, in OUT_DIR/gil-<gpu>-<date>/ (py-spy from the
-# wheelhouse, or PY_SPY). Settings can be overridden for a dry run on a CPU, e.g.
+# OUT_DIR/results-<gpu>-<date>-ab.json and .txt. `gil` runs vap end to end on the same settings (plus GIL_SET's
+# KEY=VALUE; the clips loop, so 120 frames each by default) and has py-spy sample it for GIL_SECONDS (10) after
+# GIL_WARM_UP (15): the share of the time each stage holds the interpreter's lock, and doing what, in
+# OUT_DIR/gil-<gpu>-<date>/ (py-spy from the wheelhouse, or PY_SPY). Settings can be overridden for a dry run on
+# a CPU, e.g.
 #   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
 #     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
 set -eu
@@ -92,7 +93,7 @@ gil)
     PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" benchmarks/gil_profile.py "$@" \
         --py-spy "${PY_SPY:-$site/bin/py-spy}" --seconds "${GIL_SECONDS:-10}" --warm-up "${GIL_WARM_UP:-15}" \
         --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \
-        --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
+        --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-120}" \
         --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" --out "$out/gil-$gpu-$(date +%Y-%m-%d)"
     ;;
 *)
