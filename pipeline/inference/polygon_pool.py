@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from pipeline.children import end_child, start_child
 from pipeline.frames import Detections
-from pipeline.inference.postprocess import BatchDetections, frame_detections, window_bounds
+from pipeline.inference.postprocess import BatchDetections, frame_detections, split_points, window_bounds
 from pipeline.inference.preprocess import Letterbox
 
 log = logging.getLogger(__name__)
@@ -266,8 +266,7 @@ def _packed(frames: list[Detections]) -> _Packed:
 
 def _unpacked(packed: Sequence[Any]) -> list[Detections]:
     counts, boxes, confidences, class_ids, lengths, points = packed
-    ends = np.cumsum(lengths).tolist()
-    outlines = [points[start:end] for start, end in zip([0, *ends][:-1], ends, strict=True)]
+    outlines = split_points(points, lengths.tolist())
     row_ends, outline_ends = np.cumsum(counts, 0).T.tolist()
     frames = []
     row_start = outline_start = 0

@@ -432,5 +432,10 @@ def _source_outlines(trace: _Tracer, rows: npt.NDArray[np.float32], image_index:
     owner = np.repeat(image_index, lengths)
     points /= gains[owner]
     np.minimum(np.maximum(points, 0, out=points), limits[owner], out=points)
-    ends = np.cumsum(lengths).tolist()
-    return [points[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    return split_points(points, lengths)
+
+
+def split_points(points: npt.NDArray[np.float32], lengths: Sequence[int]) -> list[npt.NDArray[np.float32]]:
+    """Outlines stored one after another in `points`, `lengths[i]` points each, as views; none for no lengths."""
+    ends = np.cumsum(lengths, dtype=np.int64).tolist()
+    return [points[start:end] for start, end in zip([0, *ends][:-1], ends, strict=True)]
