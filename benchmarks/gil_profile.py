@@ -23,17 +23,16 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pipeline.app import Pipeline
-from pipeline.inference.devices import resolve_device
 from pipeline.tools.bench import (
-    BenchOptions,
     ReplayDetector,
+    add_clip_arguments,
+    clip_options,
     decode_all,
-    default_codec,
     delivered_messages,
     looping,
     machine_facts,
@@ -61,34 +60,20 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=100, help="samples a second")
     parser.add_argument("--instant", action="store_true", help="the bench's instant model instead of the real one")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=150, help="per clip; the clips loop")
-    parser.add_argument("--size", default="640x360")
-    parser.add_argument("--imgsz", type=int, default=320)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
-    parser.add_argument("--codec", default="auto", choices=["auto", "mpeg4", "h264", "h265"])
+    add_clip_arguments(parser, frames=150)  # the clips loop
     parser.add_argument("--py-spy", help="the py-spy executable (default: found on PATH or beside Python)")
     args = parser.parse_args()
     py_spy = find_py_spy(args.py_spy)
     if py_spy is None:
         sys.exit("py-spy not found: pip install py-spy, or give --py-spy PATH")
-    width, height = (int(value) for value in args.size.lower().split("x"))
-    options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
-                           batch=args.batch, device=args.device, decoder=args.decoder, codec=args.codec)
-    device = resolve_device(options.device)
-    if options.codec == "auto":
-        options = replace(options, codec=default_codec(device))
+    options, device = clip_options(args)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vap-gil-") as scratch, EmbeddedBroker() as broker:
         progress(f"generating {options.streams} clips of {options.frames} frames ({args.size}, {options.codec})")
         clips = make_clips(Path(scratch), options, fps=30.0, prefix="gil")
         factory: Any = None
         if args.instant:
-            frames = decode_all(clips, limit=60)
-            replay = ReplayDetector.sampled(options, str(SHIPPED_WEIGHTS), device,
-                                            frames[::max(1, len(frames) // options.streams)])
+            replay = ReplayDetector.sampled(options, str(SHIPPED_WEIGHTS), device, decode_all(clips, limit=60))
             factory = lambda _config, _device: replay  # noqa: E731
         config = looping(vap_config(options, str(SHIPPED_WEIGHTS), clips, broker.bootstrap_servers, "gil.profile",
                                     realtime=False, device=device))

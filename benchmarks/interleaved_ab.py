@@ -16,17 +16,16 @@ import argparse
 import json
 import statistics
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.inference.devices import resolve_device
 from pipeline.tools.bench import (
     CEILING_PASSES,
-    BenchOptions,
     ReplayDetector,
+    add_clip_arguments,
+    clip_options,
     decode_all,
-    default_codec,
     looping,
     machine_facts,
     make_clips,
@@ -44,27 +43,12 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", required=True, metavar="KEY.PATH=VALUE",
                         help="what B changes; repeat for several keys")
     parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=300, help="per stream and run")
-    parser.add_argument("--size", default="640x360")
-    parser.add_argument("--imgsz", type=int, default=320)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runtime", default="auto")
-    parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
-    parser.add_argument("--codec", default="auto", choices=["auto", "mpeg4", "h264", "h265"],
-                        help="of the generated clips (auto: h264 on a GPU, mpeg4 on the CPU, as `vap bench`)")
+    add_clip_arguments(parser, frames=300)
     parser.add_argument("--instant", action="store_true",
                         help="both run the bench's instant model (its host ceiling), for changes to the host side")
     parser.add_argument("--json", type=Path, help="also write every run's measurement to this file")
     args = parser.parse_args()
-    width, height = (int(value) for value in args.size.lower().split("x"))
-    options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
-                           batch=args.batch, device=args.device, runtime=args.runtime, decoder=args.decoder,
-                           codec=args.codec)
-    device = resolve_device(options.device)
-    if options.codec == "auto":
-        options = replace(options, codec=default_codec(device))
+    options, device = clip_options(args)
     fps: dict[str, list[float]] = {"A": [], "B": []}
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vap-ab-") as scratch, EmbeddedBroker() as broker:
@@ -72,9 +56,7 @@ def main() -> None:
         clips = make_clips(Path(scratch), options, fps=10.0, prefix="ab")
         instant: dict[str, Any] = {}
         if args.instant:
-            frames = decode_all(clips, limit=60)
-            replay = ReplayDetector.sampled(options, str(SHIPPED_WEIGHTS), device,
-                                            frames[::max(1, len(frames) // options.streams)])
+            replay = ReplayDetector.sampled(options, str(SHIPPED_WEIGHTS), device, decode_all(clips, limit=60))
             instant = {"detector_factory": lambda _config, _device: replay,
                        "until_frames": CEILING_PASSES * options.streams * options.frames}
         for pair in range(args.pairs):

@@ -13,6 +13,7 @@ see it (a run that reads files as fast as possible measures queueing, not latenc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -229,6 +230,32 @@ def _write_camera_codec(path: Path, unique: list[np.ndarray], frames: int, fps: 
         container.mux(stream.encode())
 
 
+def add_clip_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
+    """The generated clips and the vap they run through, for the scripts in benchmarks/ (`clip_options`)."""
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=frames, help="per clip")
+    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runtime", default="auto")
+    parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
+    parser.add_argument("--codec", default="auto", choices=["auto", *CODECS],
+                        help="of the generated clips (auto: h264 on a GPU, mpeg4 on the CPU, as `vap bench`)")
+
+
+def clip_options(args: argparse.Namespace) -> tuple[BenchOptions, str]:
+    """The options `add_clip_arguments` parsed, and the device they resolve to (which picks an `auto` codec)."""
+    width, height = (int(value) for value in args.size.lower().split("x"))
+    options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
+                           batch=args.batch, device=args.device, runtime=args.runtime, decoder=args.decoder,
+                           codec=args.codec)
+    device = resolve_device(options.device)
+    if options.codec == "auto":
+        options = replace(options, codec=default_codec(device))
+    return options, device
+
+
 def make_clips(directory: Path, options: BenchOptions, fps: float, prefix: str) -> list[Path]:
     """One clip per stream, each its own scene, rendered in parallel processes."""
     from concurrent.futures import ProcessPoolExecutor
@@ -381,12 +408,14 @@ class ReplayDetector:
         self._samples = samples
 
     @classmethod
-    def sampled(cls, options: BenchOptions, weights: str, device: str, images: list[np.ndarray]) -> ReplayDetector:
+    def sampled(cls, options: BenchOptions, weights: str, device: str, decoded: list[np.ndarray]) -> ReplayDetector:
+        """The real model's detections on about one of `decoded` per stream, taken evenly."""
         from datetime import datetime, timezone
 
         from pipeline.config import ModelConfig
         from pipeline.inference.detector import UltralyticsDetector
 
+        images = decoded[::max(1, len(decoded) // options.streams)]
         config = ModelConfig(weights=weights, imgsz=options.imgsz, runtime="torch", cuda_graphs=False)
         model = UltralyticsDetector(config, device, len(images))
         now = time.monotonic()
@@ -611,7 +640,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         vap = run_vap(throughput, "vap end to end (throughput)", device, timeout_s=600)
         limit = bracketing(limit_before, limit_part("after it"))
         progress("4/5 vap with an instant model (the host ceiling), same clips and broker")
-        replay = ReplayDetector.sampled(options, weights, device, frames[::max(1, len(frames) // options.streams)])
+        replay = ReplayDetector.sampled(options, weights, device, frames)
         ceiling_config = looping(vap_config(options, weights, clips, broker.bootstrap_servers, "bench.ceiling",
                                             False, device))
         instant: dict[str, Any] = {"detector_factory": lambda _config, _device: replay,
