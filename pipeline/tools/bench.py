@@ -496,12 +496,9 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     Latencies are read back from the published messages."""
     pipeline = Pipeline(config, detector_factory=detector_factory)
 
-    def delivered() -> int:
-        return delivered_messages(pipeline)
-
     def done() -> bool:
         if until_frames is not None:
-            return delivered() >= until_frames
+            return delivered_messages(pipeline) >= until_frames
         return pipeline.sources_exhausted() and pipeline.publisher is not None and pipeline.publisher.backlog() == 0
 
     try:
@@ -515,7 +512,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
                 time.sleep(0.005 if until_frames else 0.02)
             elapsed = time.perf_counter() - started
             cores = (pipeline_cpu_seconds(pipeline) - cpu_at_start) / elapsed if elapsed > 0 else None
-            measured_frames = delivered()
+            measured_frames = delivered_messages(pipeline)
             account.sample()
             stolen_fraction = stolen.fraction()
             per_frame = {role: 1000 * seconds / max(1, measured_frames)
@@ -525,7 +522,8 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
             peak_mb = peak()
     finally:
         pipeline.stop()  # a failed start leaves the Kafka client process and the HTTP server otherwise
-    latencies = published_latencies(config.kafka.bootstrap_servers, config.kafka.topic, delivered())
+    acknowledged = delivered_messages(pipeline)
+    latencies = published_latencies(config.kafka.bootstrap_servers, config.kafka.topic, acknowledged)
     registry = pipeline.registry
     batches = registry.get_sample_value("vap_batch_size_count", {"device": device}) or 0.0
     frames_in_batches = registry.get_sample_value("vap_batch_size_sum", {"device": device}) or 0.0
@@ -533,8 +531,8 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
     notes = (f"{len(latencies)} messages read back; mean batch {frames_in_batches / max(batches, 1):.1f} frames, "
              f"{1000 * batch_seconds / max(batches, 1):.1f} ms in the model; {dropped} frame(s) dropped; "
              f"per stage: {_stage_means(registry)}")
-    if len(latencies) < delivered():
-        notes += f"; {delivered() - len(latencies)} acknowledged message(s) could not be read back"
+    if len(latencies) < acknowledged:
+        notes += f"; {acknowledged - len(latencies)} acknowledged message(s) could not be read back"
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
                        gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores,
