@@ -406,12 +406,17 @@ def only_producer(harness: Harness) -> HoldingProducer:
     return producer
 
 
-def test_messages_that_failed_back_in_any_order_are_resent_oldest_first() -> None:
-    harness = Harness(broker_up=False, producer_class=HoldingProducer)
+def held_by_a_down_broker(frames: int, **harness_options: Any) -> tuple[Harness, HoldingProducer]:
+    """A started publisher whose broker is down, handed frames 0 to `frames - 1` of one stream."""
+    harness = Harness(broker_up=False, producer_class=HoldingProducer, **harness_options)
     harness.publisher.start()
-    for frame_id in range(60):
+    for frame_id in range(frames):
         harness.submit(make_result(make_frame("cam-1", frame_id)))
-    holding = only_producer(harness)
+    return harness, only_producer(harness)
+
+
+def test_messages_that_failed_back_in_any_order_are_resent_oldest_first() -> None:
+    harness, holding = held_by_a_down_broker(60)
     assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
     harness.available.set()
     holding.fail_held(reverse=True)
@@ -423,11 +428,7 @@ def test_messages_that_failed_back_in_any_order_are_resent_oldest_first() -> Non
 
 
 def test_after_a_failure_nothing_more_is_sent_to_the_producer_until_what_it_holds_has_come_back() -> None:
-    harness = Harness(broker_up=False, producer_class=HoldingProducer)
-    harness.publisher.start()
-    for frame_id in range(10):
-        harness.submit(make_result(make_frame("cam-1", frame_id)))
-    holding = only_producer(harness)
+    harness, holding = held_by_a_down_broker(10)
     assert wait_until(lambda: len(holding.held) == 10)
     first_value, first_future = holding.held.pop(0)
     first_future.fail(errors.KafkaTimeoutError("expired"))
@@ -447,11 +448,7 @@ def test_after_a_failure_nothing_more_is_sent_to_the_producer_until_what_it_hold
 def test_a_delivery_acknowledged_just_before_a_failure_does_not_make_the_broker_look_connected_after_it() -> None:
     """Deliveries are settled in batches by the publisher's loop; a failure reported in between must still
     come after the deliveries reported before it."""
-    harness = Harness(broker_up=False, producer_class=HoldingProducer)
-    harness.publisher.start()
-    for frame_id in range(2):
-        harness.submit(make_result(make_frame("cam-1", frame_id)))
-    holding = only_producer(harness)
+    harness, holding = held_by_a_down_broker(2)
     assert wait_until(lambda: len(holding.held) == 2)
     (_, delivered), (_, failing) = holding.held
     holding.held.clear()
@@ -469,11 +466,7 @@ def test_a_delivery_acknowledged_just_before_a_failure_does_not_make_the_broker_
 
 def test_the_spool_file_kept_at_stop_is_oldest_first_whatever_order_the_producer_failed_messages_back_in(
         tmp_path: Path) -> None:
-    harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_dir=tmp_path)
-    harness.publisher.start()
-    for frame_id in range(60):
-        harness.submit(make_result(make_frame("cam-1", frame_id)))
-    holding = only_producer(harness)
+    harness, holding = held_by_a_down_broker(60, spool_dir=tmp_path)
     assert wait_until(lambda: len(holding.held) == 50 and harness.publisher.backlog() == 60)
     harness.publisher.stop(flush_timeout_s=0.2)
     assert harness.publisher.join(5)
@@ -535,10 +528,7 @@ def test_a_result_larger_than_the_spool_byte_bound_costs_only_itself() -> None:
 
 def test_while_deliveries_fail_the_bytes_in_flight_count_against_the_spool_byte_bound() -> None:
     max_bytes = 4096
-    harness = Harness(broker_up=False, producer_class=HoldingProducer, spool_max_bytes=max_bytes)
-    harness.publisher.start()
-    harness.submit(make_result(make_frame("cam-1", 0)))
-    holding = only_producer(harness)
+    harness, holding = held_by_a_down_broker(1, spool_max_bytes=max_bytes)
     assert wait_until(lambda: len(holding.held) == 1)
     holding.fail_held()  # the broker is failing deliveries now
     for frame_id in range(1, 30):
