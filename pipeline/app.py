@@ -325,14 +325,14 @@ class Pipeline:
     def fleet_info(self) -> dict[str, Any] | None:
         return None if self.fleet is None else self.fleet.info()
 
-    def _deliver(self, result: FrameResult) -> None:
+    def _deliver(self, results: list[FrameResult]) -> None:
         """The inference workers' hand-off to the analytics stage."""
         assert self.analytics is not None
         if self._results_abandoned:
             return  # counted as dropped when the stop gave up on its worker
-        self.analytics.submit(result, self._workers_stopping)
+        self.analytics.submit_batch(results, self._workers_stopping)
         with self._processed_lock:
-            self._processed += 1
+            self._processed += len(results)
             if self._max_frames is not None and self._processed >= self._max_frames:
                 self._stop_requested.set()
 

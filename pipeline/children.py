@@ -1,18 +1,34 @@
-"""The one way vap starts a helper process (the Kafka client, the stream decoders, the polygon workers).
+"""The one way vap starts a helper process (the Kafka client, the stream decoders, the polygon and message
+workers), and the pools of workers that take parts of a batch over their sockets.
 
 A fresh interpreter, not multiprocessing: fork would copy CUDA and OpenVINO thread state, and spawn re-runs
 the parent's main script, which breaks any script without a main guard. Isolated (-I), so neither the
 working directory (which may hold another package named `pipeline`) nor PYTHON* variables decide what it
 imports; it gets the parent's sys.path instead.
+
+Worker pools (`WorkerProcesses`) speed a stage up but are never needed. A pool starts its workers when first
+asked for them; a part no worker can take (while they start, after one died, once the pool is closed) is done
+by the caller, in the pipeline's process, the same way. A worker that dies, is not ready within `_START_S` or
+does not answer in time is replaced, after a pause that doubles while its replacements die before they are
+ready.
+
+Every worker says ("ready",) once its imports are done, answers each request with one tuple, or with
+("failed", traceback) when the request raised, and ends on ("quit",) or at the end of its socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any, Generic, TypeVar
 
 
 def start_child(bootstrap: str) -> tuple[subprocess.Popen[bytes], Connection]:
@@ -35,3 +51,125 @@ def end_child(process: subprocess.Popen[bytes], wait_s: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(1.0)
+
+
+log = logging.getLogger(__name__)
+
+_START_S = 60.0  # importing the model library takes a worker 2-3 s; one not ready by then is stuck
+_FIRST_PAUSE_S = 1.0
+_LONGEST_PAUSE_S = 60.0
+QUIT_WAIT_S = 1.0
+
+
+class WorkerProcess:
+    """A helper process and the pipeline's end of its socket."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.process, self.connection = start_child(bootstrap)
+        self.started = time.monotonic()
+        self.ready = False
+
+    def check_ready(self) -> bool:
+        """Whether the worker has said it is ready; raises EOFError or OSError when it is gone."""
+        if not self.ready and self.connection.poll(0):
+            self.ready = self.connection.recv() == ("ready",)
+        return self.ready and self.process.poll() is None
+
+    def stop(self, wait_s: float) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.send(("quit",))
+        end_child(self.process, wait_s)
+        self.connection.close()
+
+
+W = TypeVar("W", bound=WorkerProcess)
+T = TypeVar("T")
+
+
+class WorkerProcesses(Generic[W]):
+    """A fixed number of workers of one kind. Callers hold `lock` while they use them, so one batch at a time
+    goes to the workers and `close` waits for it."""
+
+    def __init__(self, processes: int, start: Callable[[], W], kind: str, meanwhile: str) -> None:
+        """`kind` names a worker in the log ("polygon worker"); `meanwhile` says what becomes of its parts until
+        it is replaced ("its batches are traced in the pipeline's process")."""
+        self._workers: list[W | None] = [None] * processes
+        self._start = start
+        self._start_after = [0.0] * processes
+        self._pause_s = [_FIRST_PAUSE_S] * processes
+        self._kind = kind
+        self._meanwhile = meanwhile
+        self.lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers if worker is not None]
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for worker in self._workers if worker is not None and worker.ready)
+
+    def ready(self) -> list[tuple[int, W]]:
+        """The workers that can take a part of a batch now; starts the ones that are missing and due. Called
+        holding `lock`."""
+        if self.closed:
+            return []
+        ready = []
+        for index, worker in enumerate(self._workers):
+            if worker is None:
+                if time.monotonic() >= self._start_after[index]:
+                    self._workers[index] = self._start()
+                continue
+            try:
+                if worker.check_ready():
+                    self._pause_s[index] = _FIRST_PAUSE_S
+                    ready.append((index, worker))
+                elif worker.process.poll() is not None:
+                    self.replace(index, f"exited with status {worker.process.returncode}")
+                elif not worker.ready and time.monotonic() - worker.started > _START_S:
+                    self.replace(index, f"was not ready {_START_S:.0f} s after it started")
+            except (EOFError, OSError):
+                self.replace(index, "closed its socket")
+        return ready
+
+    def replace(self, index: int, why: str) -> None:
+        worker = self._workers[index]
+        if worker is None:
+            return
+        self._workers[index] = None
+        pause = self._pause_s[index]
+        self._start_after[index] = time.monotonic() + pause
+        self._pause_s[index] = min(pause * 2, _LONGEST_PAUSE_S)
+        log.warning("%s %d (pid %d) %s; %s until a new one starts in %.0f s", self._kind, index, worker.process.pid,
+                    why, self._meanwhile, pause)
+        worker.stop(0.0)
+
+    def answer(self, index: int, worker: W, reply_s: float, read: Callable[[tuple[Any, ...]], T]) -> T | None:
+        """`read` of the worker's answer; None when it has none: a request that failed in the worker, or a worker
+        that died, did not answer within `reply_s` or sent what `read` cannot read (then it is replaced)."""
+        try:
+            if worker.connection.poll(reply_s):
+                answer = worker.connection.recv()
+                if answer[0] == "failed":
+                    log.warning("%s %d failed on a batch, done in the pipeline's process instead\n%s",
+                                self._kind, index, answer[1])
+                    return None
+                return read(answer)
+            why = f"did not answer within {reply_s:.0f} s"
+        except (EOFError, OSError):
+            why = "closed its socket"
+        except Exception as error:  # an answer that does not unpickle or does not read
+            why = f"sent an unreadable answer ({error})"
+        self.replace(index, why)
+        return None
+
+    def close(self) -> None:
+        """Waits for a batch in the workers, then stops them; later ones are done by their callers."""
+        with self.lock:
+            self.closed = True
+            workers = [worker for worker in self._workers if worker is not None]
+            self._workers = [None] * len(self._workers)
+        deadline = time.monotonic() + QUIT_WAIT_S
+        for worker in workers:
+            worker.stop(max(0.0, deadline - time.monotonic()))

@@ -464,6 +464,10 @@ class AnalyticsStageConfig(_Section):
 
     workers: int = Field(2, ge=1, le=64, description="Threads shared by all streams; one stream uses one at a time")
     queue_size: int = Field(8, ge=1, le=1024, description="Results waiting per stream (each holds its image)")
+    message_processes: int = Field(0, ge=0, le=64, description=(
+        "Worker processes that build the messages of streams without tracking, zones or lines, a batch at a time, "
+        "outside the interpreter the inference thread needs (0: built by the stage's threads). For GPU hosts with "
+        "cores to spare; off while kafka.snapshots is set"))
 
 
 def _host_name() -> str:

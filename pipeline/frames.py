@@ -1,10 +1,13 @@
-"""The small typed objects that travel between stages: a frame, a batch, a frame's result."""
+"""The small typed objects that travel between stages: a frame, a batch, a frame's result; and detections as a few
+arrays, as the pipeline and its worker processes (`pipeline.children`) pass them to each other."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -134,3 +137,67 @@ class FrameResult:
     inferred_monotonic: float = 0.0
     timings: BatchTimings | None = field(default=None, compare=False, repr=False)
     zones: tuple[ZoneState, ...] = ()
+
+
+def split_points(points: npt.NDArray[np.float32], lengths: Sequence[int]) -> list[npt.NDArray[np.float32]]:
+    """Outlines stored one after another in `points`, `lengths[i]` points each, as views; none for no lengths."""
+    ends = np.cumsum(lengths, dtype=np.int64).tolist()
+    return [points[start:end] for start, end in zip([0, *ends][:-1], ends, strict=True)]
+
+
+def frame_groups(detections_per_frame: npt.NDArray[np.int64], groups: int) -> list[tuple[int, int]]:
+    """Runs of whole frames, (first, end), at most `groups` of them, with about as many detections each: a
+    batch's frames go to the workers in order, so their answers simply follow one another."""
+    frames = len(detections_per_frame)
+    if frames == 0:
+        return []
+    total = int(detections_per_frame.sum())
+    if total == 0 or groups <= 1:
+        return [(0, frames)]
+    running = np.cumsum(detections_per_frame).tolist()
+    edges = {0, frames}
+    for group in range(1, groups):
+        target = total * group / groups
+        reaching = int(np.searchsorted(running, target, side="left")) + 1  # the first run of frames that gets there
+        short = reaching - 1
+        closer = short > 0 and target - running[short - 1] < running[reaching - 1] - target
+        edges.add(short if closer else reaching)
+    ordered = sorted(edge for edge in edges if 0 <= edge <= frames)
+    return list(itertools.pairwise(ordered))
+
+
+PackedDetections = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.int64],
+                npt.NDArray[np.int64], npt.NDArray[np.float32]]
+
+
+def pack_detections(frames: list[Detections]) -> PackedDetections:
+    """Frames' detections as six arrays, whatever their number: a list of them pickles every small array on its
+    own, and on the finisher thread unpickling that took 170-200 us for 16 frames with 44 masks, against 60-110
+    us for these arrays and the views made from them. A detection without an outline has length -1."""
+    every = [polygon for detections in frames for polygon in detections.polygons]
+    polygons = [polygon for polygon in every if polygon is not None]
+    return (np.array([[len(detections), len(detections.polygons)] for detections in frames], np.int64).reshape(-1, 2),
+            np.concatenate([detections.boxes_xyxy for detections in frames] or [np.zeros((0, 4), np.float32)]),
+            np.concatenate([detections.confidences for detections in frames] or [np.zeros(0, np.float32)]),
+            np.concatenate([detections.class_ids for detections in frames] or [np.zeros(0, np.int64)]),
+            np.array([-1 if polygon is None else len(polygon) for polygon in every], np.int64),
+            np.concatenate(polygons or [np.zeros((0, 2), np.float32)]))
+
+
+def unpack_detections(packed: Sequence[Any]) -> list[Detections]:
+    counts, boxes, confidences, class_ids, lengths, points = packed
+    sizes = lengths.tolist()
+    outlines: list[npt.NDArray[np.float32] | None] = list(split_points(points, [max(size, 0) for size in sizes]))
+    if min(sizes, default=0) < 0:
+        outlines = [None if size < 0 else outline for size, outline in zip(sizes, outlines, strict=True)]
+    row_ends, outline_ends = np.cumsum(counts, 0).T.tolist()
+    frames = []
+    row_start = outline_start = 0
+    for row_end, outline_end in zip(row_ends, outline_ends, strict=True):
+        if row_end == row_start:
+            frames.append(Detections.empty())
+        else:
+            frames.append(Detections(boxes[row_start:row_end], confidences[row_start:row_end],
+                                     class_ids[row_start:row_end], tuple(outlines[outline_start:outline_end])))
+        row_start, outline_start = row_end, outline_end
+    return frames

@@ -247,3 +247,30 @@ def pipelines() -> Iterator[list[Pipeline]]:
     yield made
     for pipeline in made:
         pipeline.stop()
+
+
+Found = dict[tuple[str, int], list[tuple[str, list[float], bool]]]
+
+
+def published_detections(broker: EmbeddedBroker, topic: str, expected: int) -> Found:
+    """Each frame's detections on `topic`: label, box and whether it has a mask, by (stream, frame)."""
+    found = {}
+    for record in read_topic(broker.bootstrap_servers, topic, expected):
+        message = decode(record)
+        found[(message["stream_id"], message["frame_id"])] = [
+            (d["label"], [d["bbox"][k] for k in ("x1", "y1", "x2", "y2")], d["mask"] is not None)
+            for d in message["detections"]]
+    return found
+
+
+def assert_same_detections(found: Found, expected: Found, frames: int) -> None:
+    """Two runs over the same clips found the same things in every frame, and found things at all."""
+    assert found.keys() == expected.keys() and len(expected) == frames
+    for frame, expected_detections in expected.items():
+        detections = found[frame]
+        assert [(label, mask) for label, _, mask in detections] == \
+            [(label, mask) for label, _, mask in expected_detections], frame
+        # Frames batched differently (readers race) differ in the last float bits of the model's output.
+        for (_, box, _), (_, expected_box, _) in zip(detections, expected_detections, strict=True):
+            assert np.allclose(box, expected_box, atol=0.5), (frame, box, expected_box)
+    assert sum(len(detections) for detections in expected.values()) >= frames // 2, "the clips have things to find"

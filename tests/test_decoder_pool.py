@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +17,14 @@ from pipeline.config import StreamConfig
 from pipeline.sources.decoder_pool import DecoderPool, ProcessSource
 from pipeline.sources.opencv import OpenCvSource
 from pipeline.tools.broker import EmbeddedBroker
-from tests.conftest import CLIP_FRAMES, ConfigFactory, decode, read_topic, run_to_completion, unused_topic
+from tests.conftest import (
+    CLIP_FRAMES,
+    ConfigFactory,
+    assert_same_detections,
+    published_detections,
+    run_to_completion,
+    unused_topic,
+)
 
 
 @pytest.fixture
@@ -113,16 +119,6 @@ def test_a_file_that_cannot_be_opened_is_refused_by_the_worker(pool: DecoderPool
     source.close()
 
 
-def _detections(broker: EmbeddedBroker, topic: str, expected: int) -> dict[tuple[str, int], list[Any]]:
-    found = {}
-    for record in read_topic(broker.bootstrap_servers, topic, expected):
-        message = decode(record)
-        found[(message["stream_id"], message["frame_id"])] = [
-            (d["label"], [d["bbox"][k] for k in ("x1", "y1", "x2", "y2")], d["mask"] is not None)
-            for d in message["detections"]]
-    return found
-
-
 def test_decoder_processes_give_the_detections_of_the_in_process_path_and_account_for_every_frame(
         broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> None:
     streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
@@ -133,14 +129,7 @@ def test_decoder_processes_give_the_detections_of_the_in_process_path_and_accoun
                                                  decoding={"processes": processes}))
         totals = pipeline.ledger.overall()
         assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
-        results[processes] = _detections(broker, topic, 2 * CLIP_FRAMES)
+        results[processes] = published_detections(broker, topic, 2 * CLIP_FRAMES)
         if processes:
             assert pipeline._decoders is not None and not pipeline._decoders.running(), "workers stop with vap"
-    assert results[2].keys() == results[0].keys() and len(results[0]) == 2 * CLIP_FRAMES
-    for frame, expected in results[0].items():
-        found = results[2][frame]
-        assert [(label, mask) for label, _, mask in found] == [(label, mask) for label, _, mask in expected], frame
-        # Frames batched differently (readers race) differ in the last float bits of the model's output.
-        for (_, box, _), (_, expected_box, _) in zip(found, expected, strict=True):
-            assert np.allclose(box, expected_box, atol=0.5), (frame, box, expected_box)
-    assert sum(len(found) for found in results[0].values()) >= CLIP_FRAMES, "the clips have things to find"
+    assert_same_detections(results[2], results[0], 2 * CLIP_FRAMES)

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import children
 from pipeline.app import Pipeline
 from pipeline.config import PipelineConfig
-from pipeline.frames import Detections
+from pipeline.frames import Detections, frame_groups
 from pipeline.inference import polygon_pool
 from pipeline.inference.detector import UltralyticsDetector, infer
-from pipeline.inference.polygon_pool import PolygonPool, frame_groups
+from pipeline.inference.polygon_pool import PolygonPool
 from pipeline.inference.postprocess import BatchDetections, assemble, frame_detections, pack_mask_windows
 from pipeline.inference.preprocess import Letterbox, plan_batch
 from pipeline.tools.broker import EmbeddedBroker
@@ -167,7 +168,7 @@ def test_a_worker_that_stops_answering_is_replaced_after_the_reply_wait(pool: Po
 
 
 def test_a_worker_that_never_gets_ready_is_replaced(pool: PolygonPool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(polygon_pool, "_START_S", 1.0)
+    monkeypatch.setattr(children, "_START_S", 1.0)
     found, plan = masks_batch(seed=10)
     expected = frame_detections(found, plan)
     assert_same(pool.frame_detections(found, plan), expected)  # starts the workers; traced here meanwhile
@@ -180,7 +181,7 @@ def test_a_worker_that_never_gets_ready_is_replaced(pool: PolygonPool, monkeypat
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck, signal.SIGCONT)
 
-    monkeypatch.setattr(polygon_pool, "_START_S", 60.0)  # 1 s is too short for a healthy worker on a busy machine
+    monkeypatch.setattr(children, "_START_S", 60.0)  # 1 s is too short for a healthy worker on a busy machine
     assert_same(traced_in_workers(pool, found, plan, workers=2), expected)
 
 

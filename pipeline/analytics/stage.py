@@ -12,6 +12,10 @@ a message that cannot be built drops the frame (`build_error`).
 
 A lane's bound and policy follow its stream's: live streams keep the freshest results (the oldest goes,
 `analytics_queue_full`); files read as fast as possible wait, so nothing of them is lost.
+
+With `analytics.message_processes`, the streams without analytics skip the lanes: each batch's results of
+those streams are built by worker processes while the finisher that hands them over waits
+(`pipeline.publishing.message_pool`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -33,6 +37,7 @@ from pipeline.ops.health import Heartbeats
 from pipeline.ops.metrics import PipelineMetrics, StreamMetrics
 from pipeline.ops.repeated_log import RepeatedErrorLog
 from pipeline.publishing.building import MessageBuilder
+from pipeline.publishing.message_pool import MessagePool
 from pipeline.publishing.spool import OutgoingMessage
 from pipeline.threads import StageThread
 
@@ -93,10 +98,23 @@ class AnalyticsStage:
         self._build_errors = RepeatedErrorLog(log)
         self._threads = [StageThread(f"analytics-{index}", functools.partial(self._work, index), heartbeats)
                          for index in range(config.workers)]
+        self.messages = self._message_pool(config, builder, publish)
+
+    def _message_pool(self, config: AnalyticsStageConfig, builder: MessageBuilder,
+                      publish: Callable[[list[OutgoingMessage]], None]) -> MessagePool | None:
+        if config.message_processes and builder.needs_images:
+            log.warning("analytics.message_processes is ignored while kafka.snapshots is set: the message workers "
+                        "do not get the frames' pixels")
+        if not config.message_processes or builder.needs_images:
+            return None
+        return MessagePool(config.message_processes, builder, publish, self._ledger,
+                           self._seconds["serialize"])
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        if self.messages is not None:
+            self.messages.start()
 
     def add_stream(self, stream_id: str, run: int, analytics: StreamAnalysis | None, wait_when_full: bool) -> None:
         with self._condition:
@@ -112,6 +130,25 @@ class AnalyticsStage:
                 lane.retired = True
                 self._forget_if_done(lane)
             self._condition.notify_all()
+
+    def submit_batch(self, results: Sequence[FrameResult], stop: threading.Event) -> None:
+        """A batch's results, in order; those of streams without analytics go to the message workers at once when
+        there are any. A result that cannot be handed on is dropped (analytics_error)."""
+        direct = []
+        for result in results:
+            lane = self._lanes.get(result.frame.run)
+            if self.messages is not None and (lane is None or lane.analytics is None):
+                direct.append(result)
+                continue
+            try:
+                self.submit(result, stop)
+            except Exception:
+                frame = result.frame
+                log.exception("stream %s: handing on the result of frame %d failed; dropped", frame.stream_id,
+                              frame.frame_id, extra={"stream": frame.stream_id})
+                self._ledger.dropped(frame.ticket, "analytics_error")
+        if direct and self.messages is not None:
+            self.messages.publish(direct)
 
     def submit(self, result: FrameResult, stop: threading.Event) -> None:
         """Hand a result on. Blocks only for a stream that waits (a file read as fast as possible) while its
@@ -156,6 +193,8 @@ class AnalyticsStage:
         left = self.discard_waiting()
         if left:
             log.warning("stopping with %d frame(s) inferred but not analysed; counted as dropped (shutdown)", left)
+        if self.messages is not None:
+            self.messages.close()
 
     def drained(self) -> bool:
         with self._condition:

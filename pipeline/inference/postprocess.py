@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.frames import Detections
+from pipeline.frames import Detections, split_points
 from pipeline.inference.preprocess import Letterbox
 
 if TYPE_CHECKING:
@@ -433,9 +433,3 @@ def _source_outlines(trace: _Tracer, rows: npt.NDArray[np.float32], image_index:
     points /= gains[owner]
     np.minimum(np.maximum(points, 0, out=points), limits[owner], out=points)
     return split_points(points, lengths)
-
-
-def split_points(points: npt.NDArray[np.float32], lengths: Sequence[int]) -> list[npt.NDArray[np.float32]]:
-    """Outlines stored one after another in `points`, `lengths[i]` points each, as views; none for no lengths."""
-    ends = np.cumsum(lengths, dtype=np.int64).tolist()
-    return [points[start:end] for start, end in zip([0, *ends][:-1], ends, strict=True)]

@@ -28,9 +28,9 @@ class InferenceWorker:
 
     Two threads form a two-stage pipeline with at most one batch between them: `infer-<device>` takes a
     batch and queues its device work; `finish-<device>` waits for it, builds the results and hands them to
-    the analytics stage. While the host turns one batch's masks into polygons, the device already runs the
-    next, and batches stay in order, so each stream's results do too. A batch the model fails on drops its
-    frames (inference_error).
+    the analytics stage, a batch at a time. While the host turns one batch's masks into polygons, the device
+    already runs the next, and batches stay in order, so each stream's results do too. A batch the model fails
+    on drops its frames (inference_error).
     """
 
     def __init__(
@@ -38,7 +38,7 @@ class InferenceWorker:
         detector: Detector,
         hub: FrameHub,
         batching: BatchingConfig,
-        deliver: Callable[[FrameResult], None],
+        deliver: Callable[[list[FrameResult]], None],
         ledger: FrameLedger,
         metrics: PipelineMetrics,
         heartbeats: Heartbeats,
@@ -173,22 +173,21 @@ class InferenceWorker:
                 continue
             try:
                 self._observe(batch, results, time.monotonic() - submitted)
-                for result in results:
-                    queue_ms = (batch.formed_monotonic - result.frame.captured_monotonic) * 1000
-                    self._deliver_one(replace(result, queue_ms=max(0.0, queue_ms)))
+                formed = batch.formed_monotonic
+                self._deliver_all([replace(result, queue_ms=max(0.0, (formed - result.frame.captured_monotonic) * 1000))
+                                   for result in results])
             finally:
                 self._hub.batch_done(batch)
 
-    def _deliver_one(self, result: FrameResult) -> None:
-        """A result the next stage cannot take is dropped (analytics_error) and the finisher goes on: every
-        later batch of every stream waits for it."""
+    def _deliver_all(self, results: list[FrameResult]) -> None:
+        """The next stage settles or takes each result itself; one that raises anyway loses the batch's frames
+        (analytics_error) and the finisher goes on: every later batch of every stream waits for it."""
         try:
-            self._deliver(result)
+            self._deliver(results)
         except Exception:
-            frame = result.frame
-            log.exception("stream %s: handing on the result of frame %d failed; dropped", frame.stream_id,
-                          frame.frame_id, extra={"stream": frame.stream_id})
-            self._ledger.dropped(frame.ticket, "analytics_error")
+            log.exception("handing on the results of a batch of %d frames failed; dropped", len(results))
+            for result in results:
+                self._ledger.dropped(result.frame.ticket, "analytics_error")
 
     def _observe(self, batch: Batch, results: list[FrameResult], total_s: float) -> None:
         """Per batch: the model alone (`vap_inference_seconds`, and the infer stage), its pre- and

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from pipeline.analytics.zones import ZoneEvent
 from pipeline.config import SnapshotConfig
-from pipeline.frames import FrameResult
+from pipeline.frames import Frame, FrameResult
 from pipeline.ledger import FrameTicket
 from pipeline.ops.metrics import PipelineMetrics, StreamMetrics
 from pipeline.ops.repeated_log import RepeatedErrorLog
-from pipeline.publishing.messages import build_event, build_message, encode
+from pipeline.publishing.messages import build_event, build_message, detections_by_label, encode
 from pipeline.publishing.snapshot_topic import Picture, PictureEncoder
 from pipeline.publishing.snapshots import SnapshotWriter
 from pipeline.publishing.spool import OutgoingMessage
@@ -49,14 +48,30 @@ class MessageBuilder:
         self._offer_picture(result)
         if snapshot_uri is not None:
             message["snapshot"] = {"uri": snapshot_uri}
-        outgoing = OutgoingMessage(key=frame.stream_id.encode(), value=encode(message),
+        return self.encoded(frame, encode(message), total_s, detections_by_label(message), series)
+
+    @staticmethod
+    def encoded(frame: Frame, value: bytes, total_s: float, labels: Iterable[tuple[str, int]],
+                series: StreamMetrics | None) -> OutgoingMessage:
+        """A frame's message, built here or by a message worker (`pipeline.publishing.message_pool`), and its
+        stream's latency and detection counts."""
+        outgoing = OutgoingMessage(key=frame.stream_id.encode(), value=value,
                                    ticket=FrameTicket(frame.stream_id, frame.run, frame.frame_id),
                                    built_monotonic=time.monotonic())
         if series is not None:
             series.end_to_end_latency.observe(total_s)
-            for label, found in Counter(detection["label"] for detection in message.get("detections", ())).items():
+            for label, found in labels:
                 series.detections(label).inc(found)
         return outgoing
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether messages need their frame's pixels (snapshots), which a message worker does not get."""
+        return self._snapshots is not None or self._encoder is not None
 
     def event_message(self, event: ZoneEvent, series: StreamMetrics | None) -> OutgoingMessage:
         encoded = encode(build_event(event, datetime.now(timezone.utc)))

@@ -6,6 +6,7 @@ The JSON Schema in `schemas/` is the contract; this module is its only writer.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import datetime, timezone
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,11 @@ def build_message(result: FrameResult, model_name: str, published_at: datetime, 
         if finite[index]
     ]
     return message
+
+
+def detections_by_label(message: dict[str, Any]) -> list[tuple[str, int]]:
+    """How many of each label a frame's message reports (`vap_detections_total`)."""
+    return list(Counter(detection["label"] for detection in message.get("detections", ())).items())
 
 
 def encode(message: dict[str, Any]) -> bytes:

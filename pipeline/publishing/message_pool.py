@@ -1,0 +1,236 @@
+"""Frame messages built in worker processes (`analytics.message_processes`), for streams without analytics.
+
+Why: on a GPU host the inference thread waits for the interpreter's lock, and building and encoding messages
+is the largest share of it (`benchmarks/README.md`, "Where the interpreter's lock goes"): 45 us of Python a
+frame with detections, 12 without, and handing results to the analytics stage's lanes one at a time costs as
+much again. A stream without tracking, zones or lines (the default) has nothing else to do in that stage, so
+its results skip the lanes: the finisher hands a whole batch of them here, they are split between the workers
+by frame, and it waits for the encoded messages on their sockets, holding no lock. What stays in the pipeline's
+process is per frame: the envelope for the publisher and the stream's metrics.
+
+Nothing depends on the workers (`pipeline.children`): a frame no worker builds (while they start, after one
+failed, once the pool is closed) is built here with the same functions. Either way a batch's messages reach the
+publisher together and in order, so each stream's stay in frame order.
+
+Snapshots need the frame's pixels, which the workers do not get: the analytics stage leaves the pool off when
+`kafka.snapshots` is set.
+
+Protocol, over the socket each worker inherits:
+    worker -> pipeline, once its imports are done: ("ready",)
+    pipeline -> worker: ("build", model name, labels, each frame's fields, the frames' packed detections) for a
+                        run of frames; answered by ("built", [per frame: (encoded message, end-to-end seconds,
+                        build seconds, detections by label), or None where it could not be built])
+    pipeline -> worker: ("quit",), or end of file when the pipeline goes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.children import WorkerProcess, WorkerProcesses
+from pipeline.frames import Classification, Frame, FrameResult, frame_groups, pack_detections, unpack_detections
+from pipeline.ledger import FrameLedger
+from pipeline.ops.metrics import StreamMetrics
+from pipeline.ops.repeated_log import RepeatedErrorLog
+from pipeline.publishing.building import MessageBuilder
+from pipeline.publishing.messages import build_message, detections_by_label, encode
+from pipeline.publishing.spool import OutgoingMessage
+
+log = logging.getLogger(__name__)
+
+_REPLY_S = 2.0  # a batch takes milliseconds; the stop budget gives a stage 1.5 s
+_READY_WAIT_S = 10.0
+_WORKER_BOOTSTRAP = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from pipeline.publishing.message_pool import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
+)
+
+Built = tuple[bytes, float, float, list[tuple[str, int]]]
+"""A frame's encoded message, its end-to-end seconds, the seconds its building took, its detections by label."""
+
+
+class _Observer(Protocol):
+    """The serialize stage's histogram, as the pool needs it (a prometheus child in the pipeline)."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+class MessagePool:
+    """Builds batches' messages in the workers (or here) and hands them to the publisher. One caller at a time:
+    a second waits for the first."""
+
+    def __init__(self, processes: int, builder: MessageBuilder,
+                 publish: Callable[[list[OutgoingMessage]], None], ledger: FrameLedger,
+                 serialize_seconds: _Observer) -> None:
+        self._workers = WorkerProcesses(processes, lambda: WorkerProcess(_WORKER_BOOTSTRAP), "message worker",
+                                        "its frames' messages are built in the pipeline's process")
+        self._processes = processes
+        self._builder = builder
+        self._publish = publish
+        self._ledger = ledger
+        self._serialize = serialize_seconds
+        self._build_errors = RepeatedErrorLog(log)
+        self.frames_in_workers = 0
+        self.frames_here = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return self._workers.pids
+
+    @property
+    def ready_workers(self) -> int:
+        return self._workers.ready_count
+
+    def start(self) -> None:
+        """Starts the workers and waits for them (a second or so), so that they build the first batch's messages."""
+        started = time.monotonic()
+        while time.monotonic() - started < _READY_WAIT_S:
+            with self._workers.lock:
+                if len(self._workers.ready()) == self._processes:
+                    log.info("%d message worker(s) ready in %.1f s", self._processes, time.monotonic() - started)
+                    return
+            time.sleep(0.05)
+        log.warning("the message workers were not ready within %.0f s; messages are built in the pipeline's process "
+                    "until they are", _READY_WAIT_S)
+
+    def publish(self, results: Sequence[FrameResult]) -> None:
+        """Every result ends as a message handed to the publisher, or dropped (build_error)."""
+        built = self._built_in_workers(results)
+        messages = []
+        series: dict[int, StreamMetrics | None] = {}
+        for result, made in zip(results, built, strict=True):
+            frame = result.frame
+            if frame.run not in series:
+                series[frame.run] = self._ledger.series(frame.stream_id, frame.run)
+            try:
+                if made is None:
+                    started = time.monotonic()
+                    messages.append(self._builder.frame_message(result, series[frame.run]))
+                    build_s = time.monotonic() - started
+                else:
+                    value, total_s, build_s, labels = made
+                    messages.append(self._builder.encoded(frame, value, total_s, labels, series[frame.run]))
+            except Exception:
+                self._build_errors.error("stream %s: cannot build the message of frame %d; dropped", frame.stream_id,
+                                         frame.frame_id, exc_info=True)
+                self._ledger.dropped(frame.ticket, "build_error")
+                continue
+            self._serialize.observe(build_s)
+        if messages:
+            self._publish(messages)
+
+    def close(self) -> None:
+        """Waits for a batch in the workers, then stops them; later batches are built by their caller."""
+        self._workers.close()
+
+    def _built_in_workers(self, results: Sequence[FrameResult]) -> list[Built | None]:
+        """Each frame's message as a worker built it; None for those left to the caller."""
+        built: list[Built | None] = [None] * len(results)
+        labels = results[0].labels
+        portable = [index for index, result in enumerate(results) if _portable(result, labels)]
+        if not portable:
+            self.frames_here += len(results)
+            return built
+        with self._workers.lock:
+            ready = self._workers.ready()
+            if not ready:
+                self.frames_here += len(results)
+                return built
+            weights = np.array([len(results[index].detections) + 1 for index in portable], np.int64)
+            parts = []
+            for (first, end), (worker_index, worker) in zip(frame_groups(weights, len(ready)), ready, strict=False):
+                part = portable[first:end]
+                try:
+                    worker.connection.send(self._request([results[index] for index in part]))
+                except (OSError, ValueError):
+                    self._workers.replace(worker_index, "cannot be written to")
+                    continue
+                parts.append((worker_index, worker, part))
+            for worker_index, worker, part in parts:
+                answer = self._workers.answer(worker_index, worker, _REPLY_S, _reader(len(part)))
+                for index, made in zip(part, answer or [None] * len(part), strict=True):
+                    built[index] = made
+        in_workers = sum(made is not None for made in built)
+        self.frames_in_workers += in_workers
+        self.frames_here += len(results) - in_workers
+        return built
+
+    def _request(self, results: list[FrameResult]) -> tuple[Any, ...]:
+        fields = [(frame.stream_id, frame.frame_id, frame.pts_ms, frame.captured_at, frame.captured_monotonic,
+                   frame.width, frame.height, result.task, result.queue_ms, result.inference_ms,
+                   [(c.class_id, c.label, c.confidence) for c in result.classes])
+                  for result in results for frame in (result.frame,)]
+        return ("build", self._builder.model_name, results[0].labels, fields,
+                pack_detections([result.detections for result in results]))
+
+
+def _portable(result: FrameResult, labels: dict[int, str]) -> bool:
+    """Whether a worker builds the same message from what it is sent: track ids and zones are not sent (the
+    streams that have them have analytics, whose lanes build their messages), and a request carries one
+    model's labels."""
+    return not result.detections.track_ids and not result.zones and result.labels is labels
+
+
+def _reader(frames: int) -> Callable[[tuple[Any, ...]], list[Built | None]]:
+    def read(answer: tuple[Any, ...]) -> list[Built | None]:
+        if answer[0] != "built" or len(answer[1]) != frames:
+            raise ValueError(f"{answer[0]!r} with {len(answer[1])} frames is not an answer to {frames}")
+        built: list[Built | None] = answer[1]
+        return built
+    return read
+
+
+def build_part(model_name: str, labels: dict[int, str], fields: list[tuple[Any, ...]],
+               packed: Sequence[Any]) -> list[Built | None]:
+    """In a worker: the messages of a run of frames, as `MessageBuilder.frame_message` builds them without a
+    snapshot. A frame whose message cannot be built is None: the pipeline builds it again, and logs why."""
+    built: list[Built | None] = []
+    for (stream_id, frame_id, pts_ms, captured_at, captured_monotonic, width, height, task, queue_ms, inference_ms,
+         classes), detections in zip(fields, unpack_detections(packed), strict=True):
+        started = time.monotonic()
+        try:
+            frame = Frame(stream_id, frame_id, pts_ms, captured_at, captured_monotonic,
+                          np.empty((height, width, 0), np.uint8))  # the size, without pixels
+            result = FrameResult(frame, task, detections, labels, tuple(Classification(*c) for c in classes),
+                                 queue_ms, inference_ms)
+            total_s = started - captured_monotonic
+            message = build_message(result, model_name, datetime.now(timezone.utc), total_s * 1000)
+            built.append((encode(message), total_s, time.monotonic() - started, detections_by_label(message)))
+        except Exception:
+            built.append(None)
+    return built
+
+
+def serve_descriptor(descriptor: int) -> None:
+    """The worker process's entry point: build messages from the socket it inherited until told to quit or the
+    pipeline goes."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline stops its workers itself
+    _serve(Connection(descriptor))
+    os._exit(0)
+
+
+def _serve(connection: Connection) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        connection.send(("ready",))
+        while True:
+            message: Any = connection.recv()
+            if message[0] != "build":
+                return
+            try:
+                answer: Any = ("built", build_part(*message[1:]))
+            except Exception:
+                answer = ("failed", traceback.format_exc())
+            connection.send(answer)
