@@ -3,6 +3,7 @@ arrays, as the pipeline and its worker processes (`pipeline.children`) pass them
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,20 +146,22 @@ def split_points(points: npt.NDArray[np.float32], lengths: Sequence[int]) -> lis
     return [points[start:end] for start, end in zip([0, *ends][:-1], ends, strict=True)]
 
 
-def frame_groups(detections_per_frame: npt.NDArray[np.int64], groups: int) -> list[tuple[int, int]]:
+def frame_groups(detections_per_frame: Sequence[int] | npt.NDArray[np.int64], groups: int) -> list[tuple[int, int]]:
     """Runs of whole frames, (first, end), at most `groups` of them, with about as many detections each: a
-    batch's frames go to the workers in order, so their answers simply follow one another."""
-    frames = len(detections_per_frame)
+    batch's frames go to the workers in order, so their answers simply follow one another. In plain Python: for
+    a batch's few dozen frames, NumPy's calls cost more than the work."""
+    counts = detections_per_frame.tolist() if isinstance(detections_per_frame, np.ndarray) else detections_per_frame
+    frames = len(counts)
     if frames == 0:
         return []
-    total = int(detections_per_frame.sum())
+    running = list(itertools.accumulate(counts))
+    total = running[-1]
     if total == 0 or groups <= 1:
         return [(0, frames)]
-    running = np.cumsum(detections_per_frame).tolist()
     edges = {0, frames}
     for group in range(1, groups):
         target = total * group / groups
-        reaching = int(np.searchsorted(running, target, side="left")) + 1  # the first run of frames that gets there
+        reaching = bisect.bisect_left(running, target) + 1  # the first run of frames that gets there
         short = reaching - 1
         closer = short > 0 and target - running[short - 1] < running[reaching - 1] - target
         edges.add(short if closer else reaching)

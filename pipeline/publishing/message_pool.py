@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _REPLY_S = 2.0  # a batch takes milliseconds; the stop budget gives a stage 1.5 s
 _READY_WAIT_S = 10.0
+_SMALLEST_PART = 16  # frames a worker is sent at least: a part costs the pipeline 20-30 us to pack and send
 _WORKER_BOOTSTRAP = (
     "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
     "from pipeline.publishing.message_pool import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
@@ -146,17 +148,7 @@ class MessagePool:
             if not ready:
                 self.frames_here += len(results)
                 return built
-            weights = np.array([len(results[index].detections) + 1 for index in portable], np.int64)
-            parts = []
-            for (first, end), (worker_index, worker) in zip(frame_groups(weights, len(ready)), ready, strict=False):
-                part = portable[first:end]
-                try:
-                    worker.connection.send(self._request([results[index] for index in part]))
-                except (OSError, ValueError):
-                    self._workers.replace(worker_index, "cannot be written to")
-                    continue
-                parts.append((worker_index, worker, part))
-            for worker_index, worker, part in parts:
+            for worker_index, worker, part in self._send(results, portable, ready):
                 answer = self._workers.answer(worker_index, worker, _REPLY_S, _reader(len(part)))
                 for index, made in zip(part, answer or [None] * len(part), strict=True):
                     built[index] = made
@@ -165,11 +157,34 @@ class MessagePool:
         self.frames_here += len(results) - in_workers
         return built
 
+    def _send(self, results: Sequence[FrameResult], portable: list[int],
+              ready: list[tuple[int, WorkerProcess]]) -> list[tuple[int, WorkerProcess, list[int]]]:
+        """Runs of the portable frames, at least `_SMALLEST_PART` each, sent to as many workers; returns who has
+        which. A worker that cannot be written to is replaced, and its part is left to the caller."""
+        parts = min(len(ready), -(-len(portable) // _SMALLEST_PART))
+        groups = [(0, len(portable))] if parts == 1 else \
+            frame_groups([len(results[index].detections) + 1 for index in portable], parts)
+        sent = []
+        for (first, end), (worker_index, worker) in zip(groups, ready, strict=False):
+            part = portable[first:end]
+            request = pickle.dumps(self._request([results[index] for index in part]), pickle.HIGHEST_PROTOCOL)
+            try:
+                worker.connection.send_bytes(request)
+            except (OSError, ValueError):
+                self._workers.replace(worker_index, "cannot be written to")
+                continue
+            sent.append((worker_index, worker, part))
+        return sent
+
     def _request(self, results: list[FrameResult]) -> tuple[Any, ...]:
-        fields = [(frame.stream_id, frame.frame_id, frame.pts_ms, frame.captured_at, frame.captured_monotonic,
-                   frame.width, frame.height, result.task, result.queue_ms, result.inference_ms,
-                   [(c.class_id, c.label, c.confidence) for c in result.classes])
-                  for result in results for frame in (result.frame,)]
+        """Each frame's fields as a tuple (its capture time as seconds: a datetime pickles 5 times slower)."""
+        fields = []
+        for result in results:
+            frame = result.frame
+            classes = [(c.class_id, c.label, c.confidence) for c in result.classes] if result.classes else None
+            fields.append((frame.stream_id, frame.frame_id, frame.pts_ms, frame.captured_at.timestamp(),
+                           frame.captured_monotonic, frame.width, frame.height, result.task, result.queue_ms,
+                           result.inference_ms, classes))
         return ("build", self._builder.model_name, results[0].labels, fields,
                 pack_detections([result.detections for result in results]))
 
@@ -195,13 +210,14 @@ def build_part(model_name: str, labels: dict[int, str], fields: list[tuple[Any, 
     """In a worker: the messages of a run of frames, as `MessageBuilder.frame_message` builds them without a
     snapshot. A frame whose message cannot be built is None: the pipeline builds it again, and logs why."""
     built: list[Built | None] = []
-    for (stream_id, frame_id, pts_ms, captured_at, captured_monotonic, width, height, task, queue_ms, inference_ms,
+    for (stream_id, frame_id, pts_ms, captured_s, captured_monotonic, width, height, task, queue_ms, inference_ms,
          classes), detections in zip(fields, unpack_detections(packed), strict=True):
         started = time.monotonic()
         try:
+            captured_at = datetime.fromtimestamp(captured_s, timezone.utc)
             frame = Frame(stream_id, frame_id, pts_ms, captured_at, captured_monotonic,
                           np.empty((height, width, 0), np.uint8))  # the size, without pixels
-            result = FrameResult(frame, task, detections, labels, tuple(Classification(*c) for c in classes),
+            result = FrameResult(frame, task, detections, labels, tuple(Classification(*c) for c in classes or ()),
                                  queue_ms, inference_ms)
             total_s = started - captured_monotonic
             message = build_message(result, model_name, datetime.now(timezone.utc), total_s * 1000)
