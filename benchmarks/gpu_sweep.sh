@@ -17,10 +17,11 @@
 # contenders on 16 streams of 1080p H.264 decoded by NVDEC, then 16, 32 and 64 cameras at 30 frames/s each.
 # SWEEP=none leaves the camera sweep out and QUICK=1 shortens the rest (`vap bench --quick`), for a run that
 # must fit a shorter window. DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes), and
-# POLYGON_PROCESSES=4 traces mask outlines in 4 (model.polygon_processes): run once with 0 and once with them
-# to choose the defaults for GPU hosts, or let `ab` compare them in one call: it runs vap end to end on the
-# same clips and settings, A as configured and B with each of AB_SET's KEY=VALUE (space separated; default
-# model.polygon_processes=4), in AB-BA order for AB_PAIRS pairs (default 2), and writes
+# POLYGON_PROCESSES=4 traces mask outlines in 4 (model.polygon_processes), MESSAGE_PROCESSES=4 builds messages
+# in 4 (analytics.message_processes): run once with 0 and once with them to choose the defaults for GPU hosts,
+# or let `ab` compare them in one call: it runs vap end to end on the same clips and settings, A as configured
+# and B with each of AB_SET's KEY=VALUE (space separated; default model.polygon_processes=4
+# analytics.message_processes=4), in AB-BA order for AB_PAIRS pairs (default 2), and writes
 # OUT_DIR/results-<gpu>-<date>-ab.json and .txt. `gil` runs vap end to end on the same settings (plus GIL_SET's
 # KEY=VALUE; the clips loop, so 120 frames each by default) and has py-spy sample it for GIL_SECONDS (10) after
 # GIL_WARM_UP (15): the share of the time each stage holds the interpreter's lock, and doing what, in
@@ -62,7 +63,8 @@ run)
         --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \
         --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" "$@" \
         --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
-        --decoding-processes "${DECODING_PROCESSES:-0}" --polygon-processes "${POLYGON_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
+        --decoding-processes "${DECODING_PROCESSES:-0}" --polygon-processes "${POLYGON_PROCESSES:-0}" \
+        --message-processes "${MESSAGE_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
     ;;
 check)
@@ -77,7 +79,7 @@ ab)
     gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")')
     stem="$out/results-$gpu-$(date +%Y-%m-%d)-ab"
     set --
-    for assignment in ${AB_SET:-model.polygon_processes=4}; do set -- "$@" --set "$assignment"; done
+    for assignment in ${AB_SET:-model.polygon_processes=4 analytics.message_processes=4}; do set -- "$@" --set "$assignment"; done
     PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" benchmarks/interleaved_ab.py "$@" \
         --pairs "${AB_PAIRS:-2}" --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \
         --streams "${STREAMS:-16}" --size "${SIZE:-1920x1080}" --frames "${FRAMES:-240}" \

@@ -131,20 +131,15 @@ class Pipeline:
         return self._processed
 
     @property
-    def kafka_client_pid(self) -> int | None:
-        """The Kafka client's child process, when it runs in one (for memory accounting)."""
-        return None if self._kafka_process is None else self._kafka_process.pid
-
-    @property
-    def helper_pids(self) -> list[int]:
-        """Every process working for this pipeline now (for CPU and memory accounting)."""
-        decoders = [] if self._decoders is None else self._decoders.running()
-        return [pid for pid in (self.kafka_client_pid, *decoders, *self.polygon_worker_pids) if pid is not None]
-
-    @property
-    def polygon_worker_pids(self) -> list[int]:
-        """The processes tracing mask outlines for every device's detector (`model.polygon_processes`)."""
-        return [pid for worker in self.workers for pid in getattr(worker.detector, "polygon_worker_pids", ())]
+    def helper_pids(self) -> dict[str, list[int]]:
+        """Every process working for this pipeline now, by role (for CPU and memory accounting)."""
+        messages = None if self.analytics is None else self.analytics.messages
+        kafka = None if self._kafka_process is None else self._kafka_process.pid
+        return {"Kafka client process": [] if kafka is None else [kafka],
+                "decoder processes": [] if self._decoders is None else self._decoders.running(),
+                "polygon processes": [pid for worker in self.workers
+                                      for pid in getattr(worker.detector, "polygon_worker_pids", ())],
+                "message processes": [] if messages is None else messages.pids}
 
     def start(self, max_frames: int | None = None) -> None:
         config = self.config

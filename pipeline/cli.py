@@ -127,6 +127,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
                        help="vap decodes in N worker processes (decoding.processes); 0: on the readers' threads")
     bench.add_argument("--polygon-processes", type=int, default=0, metavar="N",
                        help="on a GPU, vap traces mask outlines in N worker processes (model.polygon_processes)")
+    bench.add_argument("--message-processes", type=int, default=0, metavar="N",
+                       help="vap builds messages in N worker processes (analytics.message_processes)")
     bench.add_argument("--sweep", type=_camera_counts, default=(), metavar="N,N,...",
                        help="also run this many cameras each, paced at --sweep-fps, e.g. 16,32,64")
     bench.add_argument("--sweep-fps", type=float, default=30.0, help="frames/s of each camera in the sweep")
@@ -473,7 +475,7 @@ def _bench(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms, device=args.device, runtime=args.runtime, precision=args.precision,
         decoder=args.decoder, codec=args.codec, weights=args.weights, quick=args.quick,
         soak_s=args.soak, spool_log=args.spool_log, decoding_processes=args.decoding_processes,
-        polygon_processes=args.polygon_processes,
+        polygon_processes=args.polygon_processes, message_processes=args.message_processes,
         sweep=args.sweep, sweep_fps=args.sweep_fps,
         sweep_seconds=args.sweep_seconds, json_path=args.json,
     )

@@ -28,9 +28,7 @@ def _burn(seconds: float) -> None:
 class _Pipeline:
     """What the account reads from a pipeline: its helper processes."""
 
-    kafka_client_pid: int | None
-    helper_pids: list[int] = field(default_factory=list)
-    polygon_worker_pids: list[int] = field(default_factory=list)
+    helper_pids: dict[str, list[int]] = field(default_factory=dict)
 
 
 def test_stage_names_map_to_stages() -> None:
@@ -52,7 +50,7 @@ def test_cpu_is_counted_by_stage_including_a_thread_that_ended_and_the_helper_pr
     try:
         for helper in helpers:
             assert helper.stdout is not None and helper.stdout.readline() == "ready\n"
-        pipeline = _Pipeline(kafka.pid, [kafka.pid, polygons.pid], [polygons.pid])
+        pipeline = _Pipeline({KAFKA_PROCESS: [kafka.pid], POLYGON_PROCESSES: [polygons.pid]})
         with cpu_by_role(pipeline) as account:  # type: ignore[arg-type]
             for helper in helpers:
                 assert helper.stdin is not None

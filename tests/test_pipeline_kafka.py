@@ -19,6 +19,7 @@ from pipeline.app import Pipeline
 from pipeline.cli import main
 from pipeline.publishing.messages import load_schema
 from pipeline.tools.broker import EmbeddedBroker, free_port
+from pipeline.tools.cpu_account import KAFKA_PROCESS
 from tests.conftest import (
     CLIP_FRAMES,
     ConfigFactory,
@@ -113,14 +114,14 @@ def test_every_frame_is_published_with_the_kafka_client_in_a_child_process_or_no
     topic = unused_topic("client")
     config = make_config([{"id": "cam-a", "url": str(clips["landscape"]), "realtime": False}],
                          broker.bootstrap_servers, topic, kafka={"client_process": client_process})
-    children: list[int | None] = []
-    run_to_completion(config, before_stop=lambda pipeline: children.append(pipeline.kafka_client_pid))
+    children: list[int] = []
+    run_to_completion(config, before_stop=lambda pipeline: children.extend(pipeline.helper_pids[KAFKA_PROCESS]))
     if client_process:
-        assert children[0] is not None and children[0] != os.getpid()
+        assert len(children) == 1 and children[0] != os.getpid()
         with pytest.raises(ProcessLookupError):
             os.kill(children[0], 0)  # gone, and reaped
     else:
-        assert children == [None]
+        assert children == []
     records = read_topic(broker.bootstrap_servers, topic, expected=CLIP_FRAMES)
     assert sorted(decode(record)["frame_id"] for record in records) == list(range(CLIP_FRAMES))
 

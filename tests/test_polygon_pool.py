@@ -247,7 +247,7 @@ def test_a_pipeline_on_the_gpu_path_with_polygon_workers_publishes_what_the_cpu_
         pipeline.start()
         try:
             assert pipeline.wait(duration_s=60) == "all sources finished"
-            workers = pipeline.polygon_worker_pids
+            workers = pipeline.helper_pids["polygon processes"]
         finally:
             pipeline.stop()
         totals = pipeline.ledger.overall()

@@ -34,9 +34,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+from prometheus_client import Histogram
 
 from pipeline.children import WorkerProcess, WorkerProcesses
 from pipeline.frames import Classification, Frame, FrameResult, frame_groups, pack_detections, unpack_detections
@@ -61,19 +62,13 @@ Built = tuple[bytes, float, float, list[tuple[str, int]]]
 """A frame's encoded message, its end-to-end seconds, the seconds its building took, its detections by label."""
 
 
-class _Observer(Protocol):
-    """The serialize stage's histogram, as the pool needs it (a prometheus child in the pipeline)."""
-
-    def observe(self, amount: float) -> None: ...
-
-
 class MessagePool:
     """Builds batches' messages in the workers (or here) and hands them to the publisher. One caller at a time:
     a second waits for the first."""
 
     def __init__(self, processes: int, builder: MessageBuilder,
                  publish: Callable[[list[OutgoingMessage]], None], ledger: FrameLedger,
-                 serialize_seconds: _Observer) -> None:
+                 serialize_seconds: Histogram) -> None:
         self._workers = WorkerProcesses(processes, lambda: WorkerProcess(_WORKER_BOOTSTRAP), "message worker",
                                         "its frames' messages are built in the pipeline's process")
         self._processes = processes

@@ -66,6 +66,7 @@ class BenchOptions:
     spool_log: bool = False
     decoding_processes: int = 0
     polygon_processes: int = 0
+    message_processes: int = 0
     sweep: tuple[int, ...] = ()
     sweep_fps: float = 30.0
     sweep_seconds: float = 20.0
@@ -121,7 +122,7 @@ def rss_mb(pid: int | None = None) -> float:
 def pipeline_cpu_seconds(pipeline: Pipeline) -> float:
     """This process, the pipeline's Kafka client process and its decoder processes (not the bench's broker).
     A decoder process started or replaced during the run counts from its start."""
-    return cpu_seconds() + sum(cpu_seconds(pid) for pid in pipeline.helper_pids)
+    return cpu_seconds() + sum(cpu_seconds(pid) for pids in pipeline.helper_pids.values() for pid in pids)
 
 
 def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
@@ -129,7 +130,7 @@ def pipeline_rss_mb(pipeline: Pipeline | None = None) -> float:
     broker)."""
     if pipeline is None:
         return rss_mb()
-    return rss_mb() + sum(rss_mb(pid) for pid in pipeline.helper_pids)
+    return rss_mb() + sum(rss_mb(pid) for pids in pipeline.helper_pids.values() for pid in pids)
 
 
 @contextmanager
@@ -455,6 +456,7 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},
         "decoding": {"processes": options.decoding_processes},
+        "analytics": {"message_processes": options.message_processes},
     })
 
 

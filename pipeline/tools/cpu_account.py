@@ -19,8 +19,7 @@ if TYPE_CHECKING:
     from pipeline.app import Pipeline
 
 NATIVE = "model runtime and native threads"
-KAFKA_PROCESS = "Kafka client process"
-DECODER_PROCESSES = "decoder processes"
+KAFKA_PROCESS = "Kafka client process"  # the helper processes' roles are named by `Pipeline.helper_pids`
 POLYGON_PROCESSES = "polygon processes"
 BENCH = "the bench itself"
 
@@ -109,12 +108,10 @@ class CpuAccount:
         self._names.update({thread.native_id: thread.name for thread in threading.enumerate()
                             if thread.native_id is not None})
         self._last.update({(os.getpid(), tid): seconds for tid, seconds in _thread_seconds().items()})
-        kafka = self._pipeline.kafka_client_pid
-        polygons = set(self._pipeline.polygon_worker_pids)
-        for pid in self._pipeline.helper_pids:
-            self._roles[pid] = (KAFKA_PROCESS if pid == kafka else POLYGON_PROCESSES if pid in polygons
-                                else DECODER_PROCESSES)
-            self._last.update({(pid, tid): seconds for tid, seconds in _thread_seconds(pid).items()})
+        for role, pids in self._pipeline.helper_pids.items():
+            for pid in pids:
+                self._roles[pid] = role
+                self._last.update({(pid, tid): seconds for tid, seconds in _thread_seconds(pid).items()})
 
     def seconds_by_role(self) -> dict[str, float]:
         spent: dict[str, float] = {}
