@@ -9,6 +9,10 @@ the stage as configured by default (messages built by its threads) and then with
 the bench's replayed scenes have, or none with `--empty`. It prints, per frame, the CPU of this process (every
 thread: what needs the interpreter's lock a GPU's inference thread needs too), the CPU of the message workers,
 and the wall time of the hand-over.
+
+With `--tracking` the streams have analytics instead (tracking, a zone over the left half of the image and a
+line down its middle; 2-5 objects a frame moving across it): those results take the lanes either way, so this
+measures what tracking, zones and lines cost on the stage's threads.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from pipeline.analytics.stage import AnalyticsStage
-from pipeline.config import AnalyticsStageConfig, SnapshotConfig
+from pipeline.analytics.zones import StreamAnalytics
+from pipeline.config import AnalyticsConfig, AnalyticsStageConfig, SnapshotConfig
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.ledger import FrameLedger
 from pipeline.ops.health import Heartbeats
@@ -47,6 +52,15 @@ def detections(generator: np.random.Generator, empty: bool) -> Detections:
                       generator.integers(0, 80, count).astype(np.int64), polygons)
 
 
+def moving(frame_id: int, stream: int) -> Detections:
+    """Objects that cross the image from left to right, 8 px a frame, as a tracker expects them."""
+    count = 2 + stream % 4
+    left = (np.arange(count) * 1920 / count + frame_id * 8 + stream * 37) % 1800
+    top = 200 + np.arange(count) * 150.0
+    boxes = np.stack([left, top, left + 90, top + 200], 1).astype(np.float32)
+    return Detections(boxes, np.full(count, 0.8, np.float32), np.zeros(count, np.int64))
+
+
 def children_seconds(pids: list[int]) -> float:
     ticks = 0
     for pid in pids:
@@ -59,7 +73,14 @@ def children_seconds(pids: list[int]) -> float:
     return ticks / 100.0
 
 
-def one_run(processes: int, frames: int, batch: int, empty: bool) -> dict[str, float]:
+def stream_analytics(stream_id: str) -> StreamAnalytics:
+    config = AnalyticsConfig.model_validate({
+        "tracking": True, "zones": [{"id": "left", "polygon": [[0, 0], [960, 0], [960, 1080], [0, 1080]]}],
+        "lines": [{"id": "middle", "start": [960, 0], "end": [960, 1080]}]})
+    return StreamAnalytics(stream_id, config, "bytetrack", _LABELS)
+
+
+def one_run(processes: int, frames: int, batch: int, empty: bool, tracking: bool = False) -> dict[str, float]:
     metrics = PipelineMetrics(CollectorRegistry())
     ledger = FrameLedger(metrics)
     heartbeats = Heartbeats(metrics)
@@ -74,7 +95,8 @@ def one_run(processes: int, frames: int, batch: int, empty: bool) -> dict[str, f
     stage.start()
     runs = [ledger.add_stream(f"cam-{index}") for index in range(_STREAMS)]
     for index, run in enumerate(runs):
-        stage.add_stream(f"cam-{index}", run, None, wait_when_full=True)
+        stage.add_stream(f"cam-{index}", run, stream_analytics(f"cam-{index}") if tracking else None,
+                         wait_when_full=True)
     generator = np.random.default_rng(7)
     results = []
     for frame_id in range(frames):
@@ -82,7 +104,8 @@ def one_run(processes: int, frames: int, batch: int, empty: bool) -> dict[str, f
         frame = Frame(f"cam-{index}", frame_id // _STREAMS, frame_id * 33.3, datetime.now(timezone.utc),
                       time.monotonic(), _IMAGE, runs[index])
         ledger.read(frame.ticket)
-        results.append(FrameResult(frame, "segment", detections(generator, empty), _LABELS, inference_ms=12.5))
+        found = moving(frame.frame_id, index) if tracking else detections(generator, empty)
+        results.append(FrameResult(frame, "segment", found, _LABELS, inference_ms=12.5))
     stop = threading.Event()
     pids = stage.messages.pids if stage.messages is not None else []
     cpu, workers_cpu, wall = time.process_time(), children_seconds(pids), time.monotonic()
@@ -105,12 +128,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="message workers of the second run of a round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--empty", action="store_true", help="frames without detections")
+    parser.add_argument("--tracking", action="store_true", help="streams with tracking, a zone and a line")
     args = parser.parse_args()
-    print(f"{args.frames} frames of {_STREAMS} streams, batches of {args.batch}, "
-          f"{'no detections' if args.empty else '2-5 detections with outlines'} a frame; us per frame:")
+    found = ("2-5 tracked objects" if args.tracking else "no detections" if args.empty
+             else "2-5 detections with outlines")
+    print(f"{args.frames} frames of {_STREAMS} streams, batches of {args.batch}, {found} a frame; us per frame:")
     for round_index in range(args.rounds):
         for processes in (0, args.processes):
-            numbers = one_run(processes, args.frames, args.batch, args.empty)
+            numbers = one_run(processes, args.frames, args.batch, args.empty, args.tracking)
             print(f"round {round_index + 1} message_processes={processes}: this process {numbers['process_us']:6.1f}"
                   f"  workers {numbers['workers_us']:6.1f}  wall {numbers['wall_us']:6.1f}"
                   f"  built in workers {numbers['in_workers']:.0%}", flush=True)
