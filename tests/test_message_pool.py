@@ -4,6 +4,7 @@ pipeline's process builds, every frame is published or counted as dropped, and n
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 from pipeline.analytics.stage import AnalyticsStage
 from pipeline.analytics.zones import ZoneEvent
+from pipeline.app import Pipeline
 from pipeline.config import AnalyticsStageConfig, SnapshotConfig
 from pipeline.frames import Classification, Detections, FrameResult, pack_detections, unpack_detections
 from pipeline.publishing import message_pool
@@ -31,6 +33,7 @@ from tests.conftest import (
     CLIP_FRAMES,
     ConfigFactory,
     assert_same_detections,
+    http_call,
     published_detections,
     run_to_completion,
     unused_topic,
@@ -278,14 +281,22 @@ def test_with_snapshots_the_stage_builds_every_message_itself(stages: Stages, pu
     assert all("snapshot" in message for message in published.frames("cam"))
 
 
+def status_into(statuses: list[dict[str, Any]], pipeline: Pipeline) -> None:
+    assert pipeline.http is not None
+    statuses.append(http_call(pipeline.http.port, "GET", "/api/v1/status")[1])
+
+
 def test_a_pipeline_with_message_workers_publishes_what_one_without_them_publishes(
         broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> None:
     streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
     results = {}
+    statuses: list[dict[str, Any]] = []
     for processes in (0, 2):
         topic = unused_topic(f"message-workers-{processes}")
         pipeline = run_to_completion(make_config(streams, broker.bootstrap_servers, topic,
-                                                 analytics={"message_processes": processes}))
+                                                 analytics={"message_processes": processes}),
+                                     before_stop=functools.partial(status_into, statuses))
+        assert statuses[-1]["helper_processes"].get("message processes", 0) == processes
         totals = pipeline.ledger.overall()
         assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
         results[processes] = published_detections(broker, topic, 2 * CLIP_FRAMES)

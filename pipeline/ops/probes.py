@@ -37,7 +37,8 @@ def list_streams(pipeline: Pipeline) -> list[dict[str, Any]]:
 
 def status(pipeline: Pipeline) -> dict[str, Any]:
     """`frames_processed`: frames published by the streams running now, as `/metrics` and the stream list
-    count them."""
+    count them. `helper_processes`: how many of each kind run now (a worker replaced after it died is missing
+    until its replacement starts)."""
     publisher = pipeline.publisher
     stream_ids = [reader.config.id for reader in pipeline.running_readers()]
     published = sum(totals.published for stream_id in stream_ids
@@ -56,6 +57,7 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         "kafka": None if publisher is None else {
             "topic": pipeline.config.kafka.topic, "connected": publisher.connected, "backlog": publisher.backlog()
         },
+        "helper_processes": {role: len(pids) for role, pids in pipeline.helper_pids.items() if pids},
     }
 
 
