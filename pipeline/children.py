@@ -31,6 +31,15 @@ from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
 
+def bootstrap_for(module: str) -> str:
+    """What a helper runs: the parent's sys.path; SIGINT and SIGTERM ignored from its first line (Ctrl-C in a
+    terminal and a service manager stopping the whole group reach the helpers too, and the pipeline stops them
+    itself, after flushing through them); then `module.serve_descriptor` on the socket passed down."""
+    return ("import json, signal, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+            "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"from {module} import serve_descriptor; serve_descriptor(int(sys.argv[2]))")
+
+
 def start_child(bootstrap: str) -> tuple[subprocess.Popen[bytes], Connection]:
     """Run `bootstrap` (Python source) in a new interpreter and return it with the parent's end of a socket
     pair. The child gets the parent's sys.path as JSON in argv[1] and its socket's descriptor in argv[2]."""

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.children import WorkerProcess, WorkerProcesses
+from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for
 from pipeline.frames import Detections, frame_groups, pack_detections, unpack_detections
 from pipeline.inference.postprocess import BatchDetections, frame_detections, window_bounds
 from pipeline.inference.preprocess import Letterbox
@@ -46,10 +46,7 @@ log = logging.getLogger(__name__)
 
 _REPLY_S = 2.0  # a batch takes milliseconds; the stop budget gives a stage 1.5 s
 _SMALLEST_INBOX = 1 << 20
-_WORKER_BOOTSTRAP = (
-    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from pipeline.inference.polygon_pool import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
-)
+_WORKER_BOOTSTRAP = bootstrap_for("pipeline.inference.polygon_pool")
 
 _HostBatch = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint8]]
 
@@ -170,13 +167,9 @@ def _as_batch(rows: npt.NDArray[np.float32], image_index: npt.NDArray[np.int64],
 
 def serve_descriptor(descriptor: int) -> None:
     """The worker process's entry point: trace batches from the socket it inherited until told to quit or
-    the pipeline goes."""
-    import signal
-
+    the pipeline goes (SIGINT and SIGTERM are ignored: `bootstrap_for`)."""
     from pipeline.inference.offline import keep_model_libraries_offline
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline stops its workers itself
     keep_model_libraries_offline()
     from ultralytics.data.converter import merge_multi_segment  # noqa: F401  # imported now, not mid-batch
 

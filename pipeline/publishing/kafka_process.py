@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 import subprocess
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kafka.future import Future
 
-from pipeline.children import start_child
+from pipeline.children import bootstrap_for, start_child
 from pipeline.ops.health import Heartbeats
 from pipeline.publishing.kafka_client import (
     DeliveryErrorKind,
@@ -49,10 +48,7 @@ _POLL_S = 0.5
 _STARTS_BEFORE_GIVING_UP = 3
 _SEND_BATCH = 512
 _DEFAULT_ANSWER_WITHIN_S = 40.0
-_CHILD_BOOTSTRAP = (
-    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from pipeline.publishing.kafka_process import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
-)
+_CHILD_BOOTSTRAP = bootstrap_for("pipeline.publishing.kafka_process")
 _FORWARDED_LOGGERS = ("", "kafka", "pipeline")
 
 
@@ -409,12 +405,9 @@ class RemoteProducer:
 def serve(connection: Connection) -> None:
     """The child: runs producers as the parent asks and sends acknowledgements back in batches.
 
-    It ignores SIGINT and SIGTERM: Ctrl-C in a terminal and a service manager stopping the whole group
-    reach the child too, and the pipeline still has to flush through it. It exits when told, or when the
-    pipe closes because the pipeline process is gone.
+    It ignores SIGINT and SIGTERM (`bootstrap_for`): the pipeline still has to flush through it. It exits
+    when told, or when the pipe closes because the pipeline process is gone.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _ChildServer(connection).run()
 
 

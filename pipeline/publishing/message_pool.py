@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Histogram
 
-from pipeline.children import WorkerProcess, WorkerProcesses
+from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for
 from pipeline.frames import Classification, Frame, FrameResult, frame_groups, pack_detections, unpack_detections
 from pipeline.ledger import FrameLedger
 from pipeline.ops.metrics import StreamMetrics
@@ -53,10 +53,7 @@ log = logging.getLogger(__name__)
 _REPLY_S = 2.0  # a batch takes milliseconds; the stop budget gives a stage 1.5 s
 _READY_WAIT_S = 10.0
 _SMALLEST_PART = 16  # frames a worker is sent at least: a part costs the pipeline 20-30 us to pack and send
-_WORKER_BOOTSTRAP = (
-    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from pipeline.publishing.message_pool import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
-)
+_WORKER_BOOTSTRAP = bootstrap_for("pipeline.publishing.message_pool")
 
 Built = tuple[bytes, float, float, list[tuple[str, int]]]
 """A frame's encoded message, its end-to-end seconds, the seconds its building took, its detections by label."""
@@ -224,11 +221,7 @@ def build_part(model_name: str, labels: dict[int, str], fields: list[tuple[Any, 
 
 def serve_descriptor(descriptor: int) -> None:
     """The worker process's entry point: build messages from the socket it inherited until told to quit or the
-    pipeline goes."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline stops its workers itself
+    pipeline goes (SIGINT and SIGTERM are ignored: `bootstrap_for`)."""
     _serve(Connection(descriptor))
     os._exit(0)
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.children import end_child, start_child
+from pipeline.children import bootstrap_for, end_child, start_child
 from pipeline.config import StreamConfig
 from pipeline.sources.source import InvalidFrame, VideoSource
 
@@ -54,10 +54,7 @@ _SLOTS = 2
 _OPEN_MARGIN_S = 5.0
 _QUIT_WAIT_S = 1.5  # within the pipeline's wait for its workers (DecoderPool.close)
 _SLOT_FREED = b"f"
-_WORKER_BOOTSTRAP = (
-    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from pipeline.sources.decoder_pool import serve_descriptor; serve_descriptor(int(sys.argv[2]))"
-)
+_WORKER_BOOTSTRAP = bootstrap_for("pipeline.sources.decoder_pool")
 
 
 class DecoderWorker:
@@ -256,11 +253,8 @@ def serve_descriptor(descriptor: int) -> None:
 
 
 def _worker_main(control: Connection) -> None:
-    """Serve streams until told to quit or the pipeline goes (the control socket closes)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline stops its workers itself, after its readers
+    """Serve streams until told to quit or the pipeline goes (the control socket closes). It ignores SIGINT and
+    SIGTERM (`bootstrap_for`): the pipeline stops its workers itself, after its readers."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoders: list[_StreamDecoder] = []
     while True:
