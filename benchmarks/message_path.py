@@ -34,6 +34,7 @@ from pipeline.ops.health import Heartbeats
 from pipeline.ops.metrics import PipelineMetrics
 from pipeline.publishing.building import MessageBuilder
 from pipeline.publishing.spool import OutgoingMessage
+from pipeline.tools.cpu_account import cpu_seconds
 
 _STREAMS = 16
 _LABELS = {index: f"class-{index}" for index in range(80)}
@@ -61,16 +62,8 @@ def moving(frame_id: int, stream: int) -> Detections:
     return Detections(boxes, np.full(count, 0.8, np.float32), np.zeros(count, np.int64))
 
 
-def children_seconds(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return ticks / 100.0
+def workers_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def stream_analytics(stream_id: str) -> StreamAnalytics:
@@ -108,12 +101,12 @@ def one_run(processes: int, frames: int, batch: int, empty: bool, tracking: bool
         results.append(FrameResult(frame, "segment", found, _LABELS, inference_ms=12.5))
     stop = threading.Event()
     pids = stage.messages.pids if stage.messages is not None else []
-    cpu, workers_cpu, wall = time.process_time(), children_seconds(pids), time.monotonic()
+    cpu, workers_cpu, wall = time.process_time(), workers_seconds(pids), time.monotonic()
     for first in range(0, frames, batch):
         stage.submit_batch(results[first:first + batch], stop)
     while ledger.published_total < frames:
         time.sleep(0.001)
-    cpu, workers_cpu, wall = (time.process_time() - cpu, children_seconds(pids) - workers_cpu,
+    cpu, workers_cpu, wall = (time.process_time() - cpu, workers_seconds(pids) - workers_cpu,
                               time.monotonic() - wall)
     in_workers = stage.messages.frames_in_workers if stage.messages is not None else 0
     stage.stop_within(time.monotonic() + 2)

@@ -120,8 +120,8 @@ def rss_mb(pid: int | None = None) -> float:
 
 
 def pipeline_cpu_seconds(pipeline: Pipeline) -> float:
-    """This process, the pipeline's Kafka client process and its decoder processes (not the bench's broker).
-    A decoder process started or replaced during the run counts from its start."""
+    """This process and the pipeline's helper processes (`Pipeline.helper_pids`; not the bench's broker). A
+    helper started or replaced during the run counts from its start."""
     return cpu_seconds() + sum(cpu_seconds(pid) for pids in pipeline.helper_pids.values() for pid in pids)
 
 
