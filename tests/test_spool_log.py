@@ -52,6 +52,18 @@ def test_settled_segments_are_deleted_oldest_first_and_the_size_on_disk_follows(
     assert recovered_sequences(tmp_path) == []
 
 
+def test_messages_written_at_once_fill_segments_to_their_size_and_go_on_into_the_next(tmp_path: Path) -> None:
+    """The publisher writes what arrived since its last turn in one go; a segment that took all of it would stay
+    on disk, beyond kafka.spool.max_bytes, until every message in it was settled."""
+    log = SpoolLog(tmp_path, segment_bytes=1024)
+    log.recover()
+    assert log.append(messages(range(40)), now=0) == []
+    sizes = [path.stat().st_size for path in sorted(tmp_path.glob("spool-*.log"))]
+    assert len(sizes) >= 5 and max(sizes) <= 1024, sizes
+    log.close()
+    assert recovered_sequences(tmp_path) == list(range(40))
+
+
 def test_a_log_cut_in_the_middle_of_a_record_keeps_the_records_before_it_and_counts_the_tear_once(
         tmp_path: Path) -> None:
     log = SpoolLog(tmp_path, segment_bytes=1 << 20)

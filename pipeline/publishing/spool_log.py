@@ -251,25 +251,34 @@ class SpoolLog:
         return recovered
 
     def append(self, messages: Sequence[OutgoingMessage], now: float) -> list[OutgoingMessage]:
-        """Write messages (before they may be sent); returns those it could not write."""
-        if not messages:
-            return []
-        segment = self._writable_segment()
-        if segment is None:
-            return list(messages)
-        if self._put(segment, b"".join(encode_message(message) for message in messages), now):
-            segment.live.update(message.sequence for message in messages)
-            self._next_sequence = max(self._next_sequence, messages[-1].sequence + 1)
-            return []
-        return list(messages)
+        """Write messages (before they may be sent); returns those it could not write. However many come at once,
+        a segment takes them only up to its size and the rest go on into the next: a segment bigger than that
+        would stay on disk beside the bound until all of it was settled."""
+        records = [encode_message(message) for message in messages]
+        start = 0
+        while start < len(messages):
+            segment = self._writable_segment(len(records[start]))
+            if segment is None:
+                return list(messages[start:])
+            end, size = start + 1, segment.size + len(records[start])
+            while end < len(messages) and size + len(records[end]) <= self._segment_bytes:
+                size += len(records[end])
+                end += 1
+            if not self._put(segment, b"".join(records[start:end]), now):
+                return list(messages[start:])
+            segment.live.update(message.sequence for message in messages[start:end])
+            self._next_sequence = max(self._next_sequence, messages[end - 1].sequence + 1)
+            start = end
+        return []
 
     def settle(self, sequences: Iterable[int], now: float) -> None:
         """Record that messages need no resend; segments left with nothing unsettled are deleted, oldest first."""
         known = [sequence for sequence in sequences if self._discard(sequence)]
         if known:
-            segment = self._writable_segment()
+            record = encode_settled(known)
+            segment = self._writable_segment(len(record))
             if segment is not None:
-                self._put(segment, encode_settled(known), now)
+                self._put(segment, record, now)
         self._reclaim()
 
     def forget_through(self, sequence: int) -> None:
@@ -324,9 +333,11 @@ class SpoolLog:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _writable_segment(self) -> _Segment | None:
-        """The newest segment, unless it is full or belongs to an earlier run (whose tail may be torn)."""
-        if self._fd is not None and self._segments and self._segments[-1].size < self._segment_bytes:
+    def _writable_segment(self, room: int) -> _Segment | None:
+        """The newest segment, unless it has less than `room` bytes left (and a record already) or belongs to an
+        earlier run (whose tail may be torn)."""
+        if self._fd is not None and self._segments and (self._segments[-1].size + room <= self._segment_bytes
+                                                        or self._segments[-1].size <= len(_FILE_MAGIC)):
             return self._segments[-1]
         if self._fd is not None:
             self.sync()
