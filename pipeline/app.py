@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 
 from pipeline import __version__
 from pipeline.analytics.stage import AnalyticsStage
-from pipeline.analytics.zones import StreamAnalytics
 from pipeline.batching.hub import FrameHub, OverflowPolicy
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
@@ -133,13 +132,15 @@ class Pipeline:
     @property
     def helper_pids(self) -> dict[str, list[int]]:
         """Every process working for this pipeline now, by role (for CPU and memory accounting)."""
-        messages = None if self.analytics is None else self.analytics.messages
+        messages, processes = (None, None) if self.analytics is None else (self.analytics.messages,
+                                                                          self.analytics.processes)
         kafka = None if self._kafka_process is None else self._kafka_process.pid
         return {"Kafka client process": [] if kafka is None else [kafka],
                 "decoder processes": [] if self._decoders is None else self._decoders.running(),
                 "polygon processes": [pid for worker in self.workers
                                       for pid in getattr(worker.detector, "polygon_worker_pids", ())],
-                "message processes": [] if messages is None else messages.pids}
+                "message processes": [] if messages is None else messages.pids,
+                "analytics processes": [] if processes is None else processes.pids}
 
     def start(self, max_frames: int | None = None) -> None:
         config = self.config
@@ -243,7 +244,8 @@ class Pipeline:
         assert self.detector is not None and self.analytics is not None
         analytics = None
         if stream.analytics.tracks:
-            analytics = StreamAnalytics(stream.id, stream.analytics, self.config.tracking.tracker, self.detector.labels)
+            analytics = self.analytics.new_analysis(stream.id, stream.analytics, self.config.tracking.tracker,
+                                                    self.detector.labels)
         source_factory = _source_factory(self._decoders, stream, max(len(self.config.streams), len(self.readers) + 1))
         run = self.ledger.add_stream(stream.id)
         policy = overflow_policy_for(stream)

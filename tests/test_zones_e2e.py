@@ -93,9 +93,11 @@ def expected_events(truth: list[list[GroundTruthObject]], analytics: dict[str, A
     return expected
 
 
+@pytest.mark.parametrize("analytics_processes", [0, 2])
 def test_two_streams_give_exact_zone_and_line_counts_with_stable_track_ids(
-    tmp_path: Path, broker: EmbeddedBroker
+    tmp_path: Path, broker: EmbeddedBroker, analytics_processes: int
 ) -> None:
+    """With `analytics.processes`, each stream's analytics runs in a worker process, and every count is the same."""
     truth = {name: render_clip(tmp_path / f"{name}.mp4", scene) for name, scene in SCENES.items()}
     frames_topic, events_topic = unused_topic("tracked"), unused_topic("events")
     config = parse_config({
@@ -104,10 +106,15 @@ def test_two_streams_give_exact_zone_and_line_counts_with_stable_track_ids(
         "model": {"weights": str(SHIPPED_WEIGHTS), "imgsz": 320, "agnostic_nms": True},
         "batching": {"max_batch": 4},
         "tracking": {"events_topic": events_topic},
+        "analytics": {"processes": analytics_processes},
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic": frames_topic},
         "http": {"host": "127.0.0.1", "port": 0},
     })
-    pipeline = run_to_completion(config, timeout_s=240)
+    helpers: list[dict[str, list[int]]] = []
+    pipeline = run_to_completion(config, timeout_s=240, before_stop=lambda running: helpers.append(running.helper_pids))
+    workers = pipeline.analytics.processes if pipeline.analytics is not None else None
+    assert len(helpers[0]["analytics processes"]) == analytics_processes
+    assert (workers.frames_in_workers if workers is not None else 0) == (2 * FRAMES if analytics_processes else 0)
 
     wanted = {name: expected_events(truth[name], scene["analytics"]) for name, scene in SCENES.items()}
     # The pipeline has stopped, so every event is in Kafka: reading stops once the expected number came (an

@@ -15,7 +15,9 @@ A lane's bound and policy follow its stream's: live streams keep the freshest re
 
 With `analytics.message_processes`, the streams without analytics skip the lanes: each batch's results of
 those streams are built by worker processes while the finisher that hands them over waits
-(`pipeline.publishing.message_pool`).
+(`pipeline.publishing.message_pool`). With `analytics.processes`, the streams with analytics keep their lanes,
+and a lane's thread hands each frame to its stream's worker process and waits for its track ids and events
+(`pipeline.analytics.processes`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from pipeline.analytics.zones import ZoneEvent
-from pipeline.config import AnalyticsStageConfig
+from pipeline.analytics.processes import AnalyticsProcesses, RemoteAnalytics
+from pipeline.analytics.zones import StreamAnalytics, ZoneEvent
+from pipeline.config import AnalyticsConfig, AnalyticsStageConfig
 from pipeline.frames import FrameResult
 from pipeline.ledger import FrameLedger
 from pipeline.ops.health import Heartbeats
@@ -99,6 +102,7 @@ class AnalyticsStage:
         self._threads = [StageThread(f"analytics-{index}", functools.partial(self._work, index), heartbeats)
                          for index in range(config.workers)]
         self.messages = self._message_pool(config, builder, publish)
+        self.processes = AnalyticsProcesses(config.processes) if config.processes else None
 
     def _message_pool(self, config: AnalyticsStageConfig, builder: MessageBuilder,
                       publish: Callable[[list[OutgoingMessage]], None]) -> MessagePool | None:
@@ -115,6 +119,15 @@ class AnalyticsStage:
             thread.start()
         if self.messages is not None:
             self.messages.start()
+        if self.processes is not None:
+            self.processes.start()
+
+    def new_analysis(self, stream_id: str, config: AnalyticsConfig, tracker: str,
+                     labels: dict[int, str]) -> StreamAnalysis:
+        """A stream's tracking, zones and lines: in a worker process when there are any, else in this one."""
+        if self.processes is None:
+            return StreamAnalytics(stream_id, config, tracker, labels)
+        return self.processes.analysis_for(stream_id, config, tracker, labels)
 
     def add_stream(self, stream_id: str, run: int, analytics: StreamAnalysis | None, wait_when_full: bool) -> None:
         with self._condition:
@@ -195,6 +208,8 @@ class AnalyticsStage:
             log.warning("stopping with %d frame(s) inferred but not analysed; counted as dropped (shutdown)", left)
         if self.messages is not None:
             self.messages.close()
+        if self.processes is not None:
+            self.processes.close()
 
     def drained(self) -> bool:
         with self._condition:
@@ -228,6 +243,8 @@ class AnalyticsStage:
         """Called holding the lock."""
         if lane.retired and not lane.results and not lane.busy:
             self._lanes.pop(lane.run, None)
+            if isinstance(lane.analytics, RemoteAnalytics):
+                lane.analytics.close()
 
     def _work(self, index: int) -> None:
         thread = self._threads[index]

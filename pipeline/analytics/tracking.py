@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.frames import Detections, Image, host_image
 
 _TRACKER_FILES = {"bytetrack": "bytetrack.yaml", "botsort": "botsort.yaml"}
+TRACKERS_READING_PIXELS = frozenset({"botsort"})  # its camera-motion compensation; ByteTrack only needs the size
 
 
 class StreamTracker:
@@ -28,7 +29,7 @@ class StreamTracker:
         from ultralytics.utils.checks import check_yaml
 
         settings = IterableSimpleNamespace(**YAML.load(check_yaml(_TRACKER_FILES[tracker])))
-        self._reads_pixels = tracker == "botsort"  # its camera-motion compensation; ByteTrack only needs the size
+        self._reads_pixels = tracker in TRACKERS_READING_PIXELS
         if tracker == "botsort":
             settings.with_reid = False  # appearance features need a second model; motion and IoU suffice here
             self._tracker: Any = BOTSORT(args=settings)

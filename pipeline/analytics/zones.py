@@ -178,7 +178,8 @@ class StreamAnalytics:
     """Tracker plus zone and line state for one stream; fed that stream's results in frame order."""
 
     def __init__(self, stream_id: str, config: AnalyticsConfig, tracker: str, labels: dict[int, str]) -> None:
-        self._stream_id = stream_id
+        self.stream_id = stream_id
+        self.labels = labels
         self._config = config
         self._zone_classes = {
             zone.id: _class_set(zone.classes, labels, f"stream {stream_id}: analytics.zones[{index}].classes")
@@ -216,7 +217,7 @@ class StreamAnalytics:
         def emit(kind: str, event: str, zone_id: str, track_id: int, state: _TrackState,
                  direction: str | None = None, dwell_s: float | None = None) -> None:
             events.append(ZoneEvent(
-                stream_id=self._stream_id, event=event, zone_id=zone_id, zone_kind=kind, track_id=track_id,
+                stream_id=self.stream_id, event=event, zone_id=zone_id, zone_kind=kind, track_id=track_id,
                 class_id=state.class_id, label=state.label, frame_id=frame.frame_id, pts_ms=frame.pts_ms,
                 occurred_at=frame.captured_at, position=state.anchor, direction=direction, dwell_s=dwell_s,
             ))

@@ -1,0 +1,305 @@
+"""Tracking, zones and lines in worker processes (`analytics.processes`), each stream pinned to one worker.
+
+Why: the tracker is the largest piece of Python per frame where streams are tracked. Ultralytics' ByteTrack
+costs 450-500 us a frame with five objects, and a stream's analytics 550-600 us in all, under the
+interpreter's lock the inference thread needs too (`benchmarks/README.md`, "Messages built in worker
+processes"). At 1,800 frames/s that is one to two cores of work in the pipeline's process.
+
+The stage is unchanged: each stream keeps its lane, and the lane's thread hands one frame's boxes at a time to
+its stream's worker and waits on the worker's socket, holding no lock. So a stream's frames still reach its
+tracker in order, and a slow stream still holds one of the stage's threads at most. The worker keeps the
+stream's state (its tracker, its tracks' zones and lines) and answers with the frame's track ids, zone states,
+events and occupancy; the stage builds the messages from them as before. Streams share a worker: a slow
+stream delays the streams pinned with it by its own analytics time, and no other.
+
+Nothing depends on the workers. A stream that finds no worker ready when it is added keeps its analytics in
+the pipeline's process. When a worker dies, stops answering or the pool closes, each of its streams goes on
+in the pipeline's process with a fresh `StreamAnalytics`: its tracks restart under new ids (an object inside
+a zone enters it again), which the log says. The dead worker is replaced for streams added later. A frame
+whose analytics raised in the worker is published without track ids or events (`analytics_error`), as in
+the pipeline's process.
+
+BoT-SORT reads each frame's pixels (its camera-motion compensation), which the workers do not get: with
+`tracking.tracker: botsort` every stream's analytics stays in the pipeline's process.
+
+Protocol, over the socket each worker inherits:
+    worker -> pipeline, once its imports are done: ("ready",)
+    pipeline -> worker: ("analyse", streams to forget, stream key, (stream id, analytics config, tracker,
+                        labels) on a stream's first frame else None, the frame's fields, its boxes, confidences
+                        and class ids as one float32 array's bytes); answered by ("analysed", track ids, zone
+                        states, events, occupancy), or ("failed", traceback)
+    pipeline -> worker: ("quit",), or end of file when the pipeline goes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from pipeline.analytics.tracking import TRACKERS_READING_PIXELS
+from pipeline.analytics.zones import StreamAnalytics, ZoneEvent
+from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for
+from pipeline.config import AnalyticsConfig
+from pipeline.frames import Detections, Frame, FrameResult
+
+log = logging.getLogger(__name__)
+
+_REPLY_S = 2.0  # a frame takes about a millisecond; the stop budget gives a stage 1.5 s
+_READY_WAIT_S = 10.0
+_WORKER_BOOTSTRAP = bootstrap_for("pipeline.analytics.processes")
+
+Opening = tuple[str, AnalyticsConfig, str, dict[int, str]]
+"""What a worker builds a stream's `StreamAnalytics` from: stream id, its analytics config, tracker, labels."""
+
+
+class AnalyticsFailed(RuntimeError):
+    """A stream's analytics raised in its worker; the message carries the worker's traceback."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One worker and what goes with it. `lock` is held for a request's round trip: one frame at a time."""
+
+    index: int
+    worker: WorkerProcess | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    streams: int = 0
+    forgotten: list[int] = field(default_factory=list)
+    frames: int = 0
+
+
+class AnalyticsProcesses:
+    """`analytics.processes` workers, and the streams pinned to them."""
+
+    def __init__(self, processes: int) -> None:
+        self._slots = [_Slot(index) for index in range(processes)]
+        self._keys = itertools.count()
+        self._assign_lock = threading.Lock()
+        self._pixels_warned = False
+        self.closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [slot.worker.process.pid for slot in self._slots if slot.worker is not None]
+
+    @property
+    def ready_workers(self) -> int:
+        with self._assign_lock:
+            return sum(1 for slot in self._slots if self._is_ready(slot))
+
+    @property
+    def frames_in_workers(self) -> int:
+        """Frames the workers answered, failed analytics included."""
+        return sum(slot.frames for slot in self._slots)
+
+    def start(self) -> None:
+        """Starts the workers and waits for them (importing the tracker takes a worker a few seconds), so that the
+        streams added at the pipeline's start find them ready."""
+        started = time.monotonic()
+        for slot in self._slots:
+            slot.worker = WorkerProcess(_WORKER_BOOTSTRAP)
+        while time.monotonic() - started < _READY_WAIT_S:
+            if self.ready_workers == len(self._slots):
+                log.info("%d analytics worker(s) ready in %.1f s", len(self._slots), time.monotonic() - started)
+                return
+            time.sleep(0.05)
+        log.warning("the analytics workers were not ready within %.0f s; streams added meanwhile keep their analytics "
+                    "in the pipeline's process", _READY_WAIT_S)
+
+    def analysis_for(self, stream_id: str, config: AnalyticsConfig, tracker: str,
+                     labels: dict[int, str]) -> StreamAnalytics | RemoteAnalytics:
+        """The stream's analytics, in the worker with the fewest streams. Its `StreamAnalytics` is built here
+        first: that checks the stream's config, and it is the fallback, fresh, should the worker fail."""
+        local = StreamAnalytics(stream_id, config, tracker, labels)
+        if tracker in TRACKERS_READING_PIXELS:
+            if not self._pixels_warned:
+                self._pixels_warned = True
+                log.warning("analytics.processes is ignored with tracking.tracker %s: it reads each frame's pixels, "
+                            "which the workers do not get", tracker)
+            return local
+        with self._assign_lock:
+            ready = [slot for slot in self._slots if self._is_ready(slot)]
+            if not ready:
+                log.warning("stream %s: no analytics worker is ready; its analytics runs in the pipeline's process",
+                            stream_id, extra={"stream": stream_id})
+                return local
+            slot = min(ready, key=lambda candidate: candidate.streams)
+            slot.streams += 1
+        assert slot.worker is not None
+        return RemoteAnalytics(self, slot, slot.worker, next(self._keys), (stream_id, config, tracker, labels), local)
+
+    def ask(self, slot: _Slot, worker: WorkerProcess, request: tuple[Any, ...]) -> tuple[Any, ...] | str:
+        """The worker's answer; or why there is none, once the worker is found gone (it is then replaced)."""
+        with slot.lock:
+            if slot.worker is not worker or self.closed:
+                return "has stopped"
+            forgotten, slot.forgotten = slot.forgotten, []
+            try:
+                worker.connection.send_bytes(pickle.dumps(("analyse", forgotten, *request), pickle.HIGHEST_PROTOCOL))
+                if worker.connection.poll(_REPLY_S):
+                    answer: tuple[Any, ...] = worker.connection.recv()
+                    slot.frames += 1
+                    return answer
+                why = f"did not answer within {_REPLY_S:.0f} s"
+            except (EOFError, OSError, ValueError):
+                why = "closed its socket"
+            self._replace(slot, why)
+            return why
+
+    def release(self, slot: _Slot, key: int) -> None:
+        """A stream gone from its worker, by removal or fallback; its state there goes with the next request."""
+        with self._assign_lock:
+            slot.streams -= 1
+            slot.forgotten.append(key)
+
+    def close(self) -> None:
+        """Stops the workers, each after the frame it is working on; streams still running fall back."""
+        self.closed = True
+        deadline = time.monotonic() + QUIT_WAIT_S
+        for slot in self._slots:
+            got = slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                worker, slot.worker = slot.worker, None
+                if worker is None:
+                    continue
+                if got:
+                    worker.stop(max(0.0, deadline - time.monotonic()))
+                else:
+                    worker.process.kill()  # its stream's thread then reads the end of the socket and falls back
+            finally:
+                if got:
+                    slot.lock.release()
+
+    def _replace(self, slot: _Slot, why: str) -> None:
+        """Called holding the slot's lock."""
+        worker = slot.worker
+        if worker is None:
+            return
+        log.warning("analytics worker %d (pid %d) %s; its streams go on in the pipeline's process, their tracks "
+                    "restarted", slot.index, worker.process.pid, why)
+        worker.stop(0.0)
+        slot.worker = None if self.closed else WorkerProcess(_WORKER_BOOTSTRAP)
+
+    @staticmethod
+    def _is_ready(slot: _Slot) -> bool:
+        """Called holding `_assign_lock`: a worker not yet ready is read from here, and only from here."""
+        try:
+            return slot.worker is not None and slot.worker.check_ready()
+        except (EOFError, OSError):
+            return False
+
+
+class RemoteAnalytics:
+    """One stream's analytics in a worker, fed by the stream's lane, one frame at a time and in order."""
+
+    def __init__(self, pool: AnalyticsProcesses, slot: _Slot, worker: WorkerProcess, key: int, opening: Opening,
+                 fallback: StreamAnalytics) -> None:
+        self._pool = pool
+        self._slot = slot
+        self._worker: WorkerProcess | None = worker
+        self._key = key
+        self._opening = opening
+        self._opened = False
+        self._fallback = fallback
+        self._occupancy: dict[tuple[str, str], int] = {}
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker the stream's analytics runs in; None once it runs in the pipeline's process."""
+        return None if self._worker is None else self._worker.process.pid
+
+    def process(self, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
+        if self._worker is None:
+            return self._fallback.process(result)
+        frame, detections = result.frame, result.detections
+        boxes = np.concatenate([detections.boxes_xyxy, detections.confidences[:, None],
+                                detections.class_ids[:, None].astype(np.float32)], axis=1, dtype=np.float32)
+        answer = self._pool.ask(self._slot, self._worker, (
+            self._key, None if self._opened else self._opening,
+            (frame.frame_id, frame.pts_ms, frame.captured_at.timestamp(), frame.captured_monotonic, frame.width,
+             frame.height), boxes.tobytes()))
+        if isinstance(answer, str):
+            self._fall_back(answer)
+            return self._fallback.process(result)
+        if answer[0] == "failed":  # the stream's next frame opens it again if it was never opened
+            raise AnalyticsFailed(f"in analytics worker {self._slot.index}:\n{answer[1]}")
+        self._opened = True
+        _, track_ids, zones, events, self._occupancy = answer
+        events = [replace(event, occurred_at=frame.captured_at) for event in events]
+        return replace(result, detections=replace(detections, track_ids=track_ids), zones=zones), events
+
+    def occupancy(self) -> dict[tuple[str, str], int]:
+        return self._occupancy if self._worker is not None else self._fallback.occupancy()
+
+    def close(self) -> None:
+        """The stream is gone: its state in the worker is released."""
+        if self._worker is not None:
+            self._worker = None
+            self._pool.release(self._slot, self._key)
+
+    def _fall_back(self, why: str) -> None:
+        stream_id = self._opening[0]
+        if not self._pool.closed:
+            log.warning("stream %s: its analytics worker %s; its analytics goes on in the pipeline's process, its "
+                        "tracks restarted", stream_id, why, extra={"stream": stream_id})
+        self.close()
+
+
+def _analysed(streams: dict[int, StreamAnalytics], key: int, opening: Opening | None,
+              fields: tuple[Any, ...], boxes: bytes) -> tuple[Any, ...]:
+    """In a worker: one frame through its stream's analytics, as `StreamAnalytics.process` does it in the
+    pipeline's process (the frame's size stands in for its pixels: ByteTrack reads nothing else)."""
+    if opening is not None:
+        streams[key] = StreamAnalytics(*opening)
+    analytics = streams[key]
+    frame_id, pts_ms, captured_s, captured_monotonic, width, height = fields
+    rows = np.frombuffer(boxes, np.float32).reshape(-1, 6)
+    detections = Detections(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64))
+    frame = Frame(analytics.stream_id, frame_id, pts_ms, datetime.fromtimestamp(captured_s, timezone.utc),
+                  captured_monotonic, np.empty((height, width, 0), np.uint8))
+    analysed, events = analytics.process(FrameResult(frame, "detect", detections, analytics.labels))
+    return "analysed", analysed.detections.track_ids, analysed.zones, events, analytics.occupancy()
+
+
+def serve_descriptor(descriptor: int) -> None:
+    """The worker process's entry point: serve the socket it inherited until told to quit or the pipeline goes
+    (SIGINT and SIGTERM are ignored: `bootstrap_for`)."""
+    import ultralytics.trackers.byte_tracker  # noqa: F401  (2-3 s: before "ready", not in a frame's round trip)
+
+    _serve(Connection(descriptor))
+    os._exit(0)
+
+
+def _serve(connection: Connection) -> None:
+    streams: dict[int, StreamAnalytics] = {}
+    with contextlib.suppress(EOFError, OSError):
+        connection.send(("ready",))
+        for message in _requests(connection):
+            for key in message[1]:
+                streams.pop(key, None)
+            try:
+                answer: Any = _analysed(streams, *message[2:])
+            except Exception:
+                answer = ("failed", traceback.format_exc())
+            connection.send(answer)
+
+
+def _requests(connection: Connection) -> Iterator[tuple[Any, ...]]:
+    while True:
+        message: tuple[Any, ...] = connection.recv()
+        if message[0] != "analyse":
+            return
+        yield message

@@ -1,0 +1,234 @@
+"""Analytics workers (`analytics.processes`): a stream's tracking, zones and lines in a worker process give what
+they give in the pipeline's process, frame by frame, and a worker's failure costs a stream its tracks, never
+its frames."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.analytics import processes as analytics_processes
+from pipeline.analytics.processes import AnalyticsFailed, AnalyticsProcesses, RemoteAnalytics
+from pipeline.analytics.stage import AnalyticsStage, StreamAnalysis
+from pipeline.analytics.zones import StreamAnalytics
+from pipeline.config import AnalyticsConfig, AnalyticsStageConfig, SnapshotConfig
+from pipeline.frames import Detections, FrameResult
+from pipeline.publishing.building import MessageBuilder
+from tests.conftest import wait_for
+from tests.fakes import Stages
+from tests.test_analytics_stage import Published
+
+WORKER_START_S = 30
+LABELS = {0: "person", 1: "car"}
+CONFIG = AnalyticsConfig.model_validate({
+    "tracking": True,
+    "zones": [{"id": "left", "polygon": [[0, 0], [160, 0], [160, 180], [0, 180]], "dwell_s": 0.5,
+               "classes": ["person"]}],
+    "lines": [{"id": "middle", "start": [160, 0], "end": [160, 180], "directions": ["east", "west"]}],
+})
+
+
+def crossing(stages: Stages, stream_id: str, frame_id: int) -> FrameResult:
+    """Two people and a car crossing a 320x180 image from left to right and back, 10 frames a second; every
+    tenth frame finds nothing, and frame 7 has no media time."""
+    frame = stages.frame(stream_id, frame_id, width=320, height=180)
+    if frame_id == 7:
+        frame = replace(frame, pts_ms=None)
+    if frame_id % 10 == 9:
+        return FrameResult(frame, "detect", Detections.empty(), LABELS)
+    phase = frame_id % 60
+    left = np.array([10.0, 60.0, 110.0]) + (phase if phase < 30 else 60 - phase) * 6 + len(stream_id)
+    top = np.array([20.0, 70.0, 120.0])
+    boxes = np.stack([left, top, left + 30, top + 40], 1).astype(np.float32)
+    detections = Detections(boxes, np.array([0.9, 0.8, 0.7], np.float32), np.array([0, 1, 0], np.int64))
+    return FrameResult(frame, "detect", detections, LABELS)
+
+
+def outcome(analysis: StreamAnalysis, result: FrameResult) -> tuple[Any, ...]:
+    analysed, events = analysis.process(result)
+    return analysed.detections.track_ids, analysed.zones, events, analysis.occupancy()
+
+
+def assert_same(analysis: StreamAnalysis, reference: StreamAnalysis, result: FrameResult) -> None:
+    assert outcome(analysis, result) == outcome(reference, result), f"frame {result.frame.frame_id}"
+
+
+@pytest.fixture
+def stages() -> Stages:
+    return Stages()
+
+
+@pytest.fixture
+def pool() -> Iterator[AnalyticsProcesses]:
+    made = AnalyticsProcesses(2)
+    made.start()
+    wait_for(lambda: made.ready_workers == 2, WORKER_START_S, "two analytics workers should start")
+    yield made
+    made.close()
+
+
+def in_worker(pool: AnalyticsProcesses, stream_id: str) -> RemoteAnalytics:
+    analysis = pool.analysis_for(stream_id, CONFIG, "bytetrack", LABELS)
+    assert isinstance(analysis, RemoteAnalytics)
+    return analysis
+
+
+def refused_by_its_worker(analysis: StreamAnalysis) -> RemoteAnalytics:
+    """The stream's analytics made to raise in its worker, on every frame: the worker builds it with labels that
+    lack the zone's class (nothing a real stream can send raises in the tracker or the zones)."""
+    assert isinstance(analysis, RemoteAnalytics)
+    analysis._opening = (*analysis._opening[:3], {5: "boat"})
+    return analysis
+
+
+def test_streams_analysed_in_workers_get_the_track_ids_zones_events_and_occupancy_they_get_here(
+        pool: AnalyticsProcesses, stages: Stages) -> None:
+    streams = ("cam-a", "cam-bb")
+    remote = {stream: in_worker(pool, stream) for stream in streams}
+    local = {stream: StreamAnalytics(stream, CONFIG, "bytetrack", LABELS) for stream in streams}
+    got: dict[str, list[Any]] = {stream: [] for stream in streams}
+    wanted: dict[str, list[Any]] = {stream: [] for stream in streams}
+    for frame_id in range(80):
+        for stream in streams:
+            result = crossing(stages, stream, frame_id)
+            got[stream].append(outcome(remote[stream], result))
+            wanted[stream].append(outcome(local[stream], result))
+
+    assert got == wanted
+    events = {event.event for _, _, frame_events, _ in got["cam-a"] for event in frame_events}
+    assert events == {"enter", "exit", "dwell", "cross"}, "the scene should produce every kind of event"
+    assert any(occupancy for *_, occupancy in got["cam-a"])
+    assert remote["cam-a"].worker_pid != remote["cam-bb"].worker_pid, "two streams go to two workers"
+    assert set(pool.pids) == {remote["cam-a"].worker_pid, remote["cam-bb"].worker_pid}
+    assert pool.frames_in_workers == 160
+
+
+def test_a_killed_worker_leaves_its_stream_here_with_tracks_restarted_and_is_replaced(
+        pool: AnalyticsProcesses, stages: Stages, caplog: pytest.LogCaptureFixture) -> None:
+    victim, survivor = in_worker(pool, "cam-a"), in_worker(pool, "cam-b")
+    continuing = StreamAnalytics("cam-b", CONFIG, "bytetrack", LABELS)
+    for frame_id in range(20):
+        outcome(victim, crossing(stages, "cam-a", frame_id))
+        assert_same(survivor, continuing, crossing(stages, "cam-b", frame_id))
+    killed = victim.worker_pid
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+
+    restarted = StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS)
+    with caplog.at_level(logging.WARNING):
+        for frame_id in range(20, 40):
+            assert_same(victim, restarted, crossing(stages, "cam-a", frame_id))
+            assert_same(survivor, continuing, crossing(stages, "cam-b", frame_id))
+    assert victim.worker_pid is None and survivor.worker_pid is not None
+    assert "stream cam-a: its analytics worker closed its socket" in caplog.text
+    assert "tracks restarted" in caplog.text
+
+    wait_for(lambda: pool.ready_workers == 2, WORKER_START_S, "the killed worker should be replaced")
+    assert killed not in pool.pids
+    assert in_worker(pool, "cam-c").worker_pid not in (killed, survivor.worker_pid), "the new stream goes to the " \
+        "replacement, which has no streams"
+
+
+def test_a_worker_that_stops_answering_leaves_its_stream_here(
+        pool: AnalyticsProcesses, stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(analytics_processes, "_REPLY_S", 0.5)
+    stream = in_worker(pool, "cam-a")
+    outcome(stream, crossing(stages, "cam-a", 0))
+    stuck = stream.worker_pid
+    assert stuck is not None
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        restarted = StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS)
+        assert_same(stream, restarted, crossing(stages, "cam-a", 1))
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the pool killed it
+            os.kill(stuck, signal.SIGCONT)
+    assert stream.worker_pid is None and stuck not in pool.pids
+
+
+def test_analytics_that_raise_in_the_worker_raise_here_and_the_worker_serves_on(
+        pool: AnalyticsProcesses, stages: Stages) -> None:
+    failing = refused_by_its_worker(in_worker(pool, "cam-a"))
+    with pytest.raises(AnalyticsFailed, match=r"(?s)in analytics worker \d.*person"):
+        failing.process(crossing(stages, "cam-a", 0))
+    assert failing.worker_pid is not None, "a failed frame is not a failed worker"
+
+    in_worker(pool, "cam-filler")  # to the other worker: the next stream then shares the failing one's
+    healthy = in_worker(pool, "cam-b")
+    assert healthy.worker_pid == failing.worker_pid
+    assert_same(healthy, StreamAnalytics("cam-b", CONFIG, "bytetrack", LABELS), crossing(stages, "cam-b", 0))
+
+
+def test_a_stream_goes_to_the_worker_with_the_fewest_streams_and_a_removed_one_frees_its_place(
+        pool: AnalyticsProcesses) -> None:
+    first, second = in_worker(pool, "cam-a"), in_worker(pool, "cam-b")
+    assert first.worker_pid != second.worker_pid
+    freed = first.worker_pid
+    first.close()
+    assert first.worker_pid is None
+    assert in_worker(pool, "cam-c").worker_pid == freed
+
+
+def test_with_botsort_every_stream_keeps_its_analytics_here(pool: AnalyticsProcesses,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        analysis = pool.analysis_for("cam-a", CONFIG, "botsort", LABELS)
+    assert isinstance(analysis, StreamAnalytics)
+    assert "analytics.processes is ignored with tracking.tracker botsort" in caplog.text
+
+
+def test_a_closed_pool_stops_its_workers_and_its_streams_go_on_here(pool: AnalyticsProcesses,
+                                                                     stages: Stages) -> None:
+    stream = in_worker(pool, "cam-a")
+    outcome(stream, crossing(stages, "cam-a", 0))
+    workers = pool.pids
+    pool.close()
+    for pid in workers:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # already reaped: the pool waited for its end
+    restarted = StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS)
+    assert_same(stream, restarted, crossing(stages, "cam-a", 1))
+    assert pool.pids == [] and stream.worker_pid is None
+    assert isinstance(pool.analysis_for("cam-b", CONFIG, "bytetrack", LABELS), StreamAnalytics)
+
+
+def test_the_stage_runs_each_streams_analytics_in_a_worker_and_counts_what_fails_there(
+        stages: Stages) -> None:
+    published = Published(stages)
+    stage = AnalyticsStage(AnalyticsStageConfig(processes=2), MessageBuilder("test-model", SnapshotConfig()),
+                           published, stages.ledger, stages.metrics, stages.heartbeats)
+    stage.start()
+    never = threading.Event()
+    try:
+        assert stage.processes is not None
+        analyses = {stream: stage.new_analysis(stream, CONFIG, "bytetrack", LABELS) for stream in ("cam-a", "cam-b")}
+        removed, _ = analyses["cam-a"], refused_by_its_worker(analyses["cam-b"])
+        assert isinstance(removed, RemoteAnalytics)
+        for stream, analysis in analyses.items():
+            stage.add_stream(stream, stages.add_stream(stream), analysis, wait_when_full=True)
+        for frame_id in range(30):
+            stage.submit_batch([crossing(stages, stream, frame_id) for stream in analyses], never)
+        wait_for(lambda: len(published.frames("cam-a")) == len(published.frames("cam-b")) == 30, 20,
+                 "every frame should be published")
+        stage.remove_stream(stages.runs["cam-a"])
+        wait_for(lambda: removed.worker_pid is None, 5, "a removed stream leaves its worker")
+    finally:
+        stage.stop_within(0.0)
+
+    local, elsewhere = StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS), Stages()
+    wanted = [outcome(local, crossing(elsewhere, "cam-a", frame_id))[0] for frame_id in range(30)]
+    assert [tuple(d["track_id"] for d in m["detections"]) for m in published.frames("cam-a")] == wanted  # type: ignore[attr-defined]
+    assert any(message.event for _, message in published.messages), "the worker's events are published"
+    assert all(d["track_id"] is None for m in published.frames("cam-b") for d in m["detections"])  # type: ignore[attr-defined]
+    assert stages.value("vap_analytics_errors_total", stream="cam-b") == 30
+    stages.assert_settled("cam-a", "cam-b")
+    assert stage.processes.pids == [], "the workers stop with the stage"
