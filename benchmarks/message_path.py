@@ -11,8 +11,9 @@ thread: what needs the interpreter's lock a GPU's inference thread needs too), t
 and the wall time of the hand-over.
 
 With `--tracking` the streams have analytics instead (tracking, a zone over the left half of the image and a
-line down its middle; 2-5 objects a frame moving across it): those results take the lanes either way, so this
-measures what tracking, zones and lines cost on the stage's threads.
+line down its middle; 2-5 objects a frame moving across it): those results take the lanes, and the second run
+of a round has `--processes` analytics workers (`analytics.processes`) instead, which run each stream's
+tracking, zones and lines while the lanes' threads wait.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from datetime import datetime, timezone
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from pipeline.analytics.stage import AnalyticsStage
-from pipeline.analytics.zones import StreamAnalytics
+from pipeline.analytics.stage import AnalyticsStage, StreamAnalysis
 from pipeline.config import AnalyticsConfig, AnalyticsStageConfig, SnapshotConfig
 from pipeline.frames import Detections, Frame, FrameResult
 from pipeline.ledger import FrameLedger
@@ -66,11 +66,11 @@ def workers_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
-def stream_analytics(stream_id: str) -> StreamAnalytics:
+def stream_analytics(stage: AnalyticsStage, stream_id: str) -> StreamAnalysis:
     config = AnalyticsConfig.model_validate({
         "tracking": True, "zones": [{"id": "left", "polygon": [[0, 0], [960, 0], [960, 1080], [0, 1080]]}],
         "lines": [{"id": "middle", "start": [960, 0], "end": [960, 1080]}]})
-    return StreamAnalytics(stream_id, config, "bytetrack", _LABELS)
+    return stage.new_analysis(stream_id, config, "bytetrack", _LABELS)
 
 
 def one_run(processes: int, frames: int, batch: int, empty: bool, tracking: bool = False) -> dict[str, float]:
@@ -83,12 +83,13 @@ def one_run(processes: int, frames: int, batch: int, empty: bool, tracking: bool
             if message.ticket is not None:
                 ledger.published(message.ticket)
 
-    stage = AnalyticsStage(AnalyticsStageConfig(message_processes=processes), MessageBuilder("bench", SnapshotConfig()),
-                           settle, ledger, metrics, heartbeats)
+    config = AnalyticsStageConfig(processes=processes) if tracking else \
+        AnalyticsStageConfig(message_processes=processes)
+    stage = AnalyticsStage(config, MessageBuilder("bench", SnapshotConfig()), settle, ledger, metrics, heartbeats)
     stage.start()
     runs = [ledger.add_stream(f"cam-{index}") for index in range(_STREAMS)]
     for index, run in enumerate(runs):
-        stage.add_stream(f"cam-{index}", run, stream_analytics(f"cam-{index}") if tracking else None,
+        stage.add_stream(f"cam-{index}", run, stream_analytics(stage, f"cam-{index}") if tracking else None,
                          wait_when_full=True)
     generator = np.random.default_rng(7)
     results = []
@@ -100,7 +101,8 @@ def one_run(processes: int, frames: int, batch: int, empty: bool, tracking: bool
         found = moving(frame.frame_id, index) if tracking else detections(generator, empty)
         results.append(FrameResult(frame, "segment", found, _LABELS, inference_ms=12.5))
     stop = threading.Event()
-    pids = stage.messages.pids if stage.messages is not None else []
+    pids = (stage.messages.pids if stage.messages is not None else []) + \
+        (stage.processes.pids if stage.processes is not None else [])
     cpu, workers_cpu, wall = time.process_time(), workers_seconds(pids), time.monotonic()
     for first in range(0, frames, batch):
         stage.submit_batch(results[first:first + batch], stop)
@@ -108,7 +110,8 @@ def one_run(processes: int, frames: int, batch: int, empty: bool, tracking: bool
         time.sleep(0.001)
     cpu, workers_cpu, wall = (time.process_time() - cpu, workers_seconds(pids) - workers_cpu,
                               time.monotonic() - wall)
-    in_workers = stage.messages.frames_in_workers if stage.messages is not None else 0
+    in_workers = (stage.messages.frames_in_workers if stage.messages is not None else 0) + \
+        (stage.processes.frames_in_workers if stage.processes is not None else 0)
     stage.stop_within(time.monotonic() + 2)
     return {"process_us": cpu / frames * 1e6, "workers_us": workers_cpu / frames * 1e6,
             "wall_us": wall / frames * 1e6, "in_workers": in_workers / frames}
@@ -118,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--processes", type=int, default=2, help="message workers of the second run of a round")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="message workers (analytics workers with --tracking) of the second run of a round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--empty", action="store_true", help="frames without detections")
     parser.add_argument("--tracking", action="store_true", help="streams with tracking, a zone and a line")
@@ -129,9 +133,10 @@ def main() -> None:
     for round_index in range(args.rounds):
         for processes in (0, args.processes):
             numbers = one_run(processes, args.frames, args.batch, args.empty, args.tracking)
-            print(f"round {round_index + 1} message_processes={processes}: this process {numbers['process_us']:6.1f}"
+            key = "processes" if args.tracking else "message_processes"
+            print(f"round {round_index + 1} {key}={processes}: this process {numbers['process_us']:6.1f}"
                   f"  workers {numbers['workers_us']:6.1f}  wall {numbers['wall_us']:6.1f}"
-                  f"  built in workers {numbers['in_workers']:.0%}", flush=True)
+                  f"  {'analysed' if args.tracking else 'built'} in workers {numbers['in_workers']:.0%}", flush=True)
 
 
 if __name__ == "__main__":

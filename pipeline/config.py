@@ -470,8 +470,9 @@ class AnalyticsStageConfig(_Section):
         "cores to spare; off while kafka.snapshots is set"))
     processes: int = Field(0, ge=0, le=64, description=(
         "Worker processes that run the tracking, zones and lines of streams that have them, each stream in one, "
-        "outside the interpreter the inference thread needs (0: run by the stage's threads). For hosts that track "
-        "many cameras with cores to spare; ignored with tracking.tracker botsort"))
+        "outside the interpreter the inference thread needs (0: run by the stage's threads). The stage gets one "
+        "more thread per process, to wait on it. For hosts that track many cameras with cores to spare; ignored "
+        "with tracking.tracker botsort"))
 
 
 def _host_name() -> str:

@@ -11,9 +11,11 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from pipeline.analytics import processes as analytics_processes
@@ -23,6 +25,7 @@ from pipeline.analytics.zones import StreamAnalytics
 from pipeline.config import AnalyticsConfig, AnalyticsStageConfig, SnapshotConfig
 from pipeline.frames import Detections, FrameResult
 from pipeline.publishing.building import MessageBuilder
+from pipeline.publishing.spool import OutgoingMessage
 from tests.conftest import wait_for
 from tests.fakes import Stages
 from tests.test_analytics_stage import Published
@@ -69,7 +72,7 @@ def stages() -> Stages:
 
 @pytest.fixture
 def pool() -> Iterator[AnalyticsProcesses]:
-    made = AnalyticsProcesses(2)
+    made = AnalyticsProcesses(2, "test-model")
     made.start()
     wait_for(lambda: made.ready_workers == 2, WORKER_START_S, "two analytics workers should start")
     yield made
@@ -86,7 +89,7 @@ def refused_by_its_worker(analysis: StreamAnalysis) -> RemoteAnalytics:
     """The stream's analytics made to raise in its worker, on every frame: the worker builds it with labels that
     lack the zone's class (nothing a real stream can send raises in the tracker or the zones)."""
     assert isinstance(analysis, RemoteAnalytics)
-    analysis._opening = (*analysis._opening[:3], {5: "boat"})
+    analysis._opening = (*analysis._opening[:3], {5: "boat"}, analysis._opening[4])
     return analysis
 
 
@@ -232,3 +235,87 @@ def test_the_stage_runs_each_streams_analytics_in_a_worker_and_counts_what_fails
     assert stages.value("vap_analytics_errors_total", stream="cam-b") == 30
     stages.assert_settled("cam-a", "cam-b")
     assert stage.processes.pids == [], "the workers stop with the stage"
+
+
+def comparable(message: OutgoingMessage) -> dict[str, Any]:
+    """A message without what depends on the moment it was built."""
+    decoded: dict[str, Any] = orjson.loads(message.value)
+    decoded.pop("published_at")
+    if not message.event:
+        del decoded["latency_ms"]["total"]
+    return decoded
+
+
+def test_the_worker_builds_the_frames_and_events_messages_the_pipelines_process_builds(
+        pool: AnalyticsProcesses, stages: Stages) -> None:
+    remote, local = in_worker(pool, "cam-a"), StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS)
+    here = MessageBuilder("test-model", SnapshotConfig())
+    series = stages.ledger.series("cam-a", stages.runs.get("cam-a") or stages.add_stream("cam-a"))
+    events = 0
+    for frame_id in range(40):
+        result = crossing(stages, "cam-a", frame_id)
+        polygons = tuple(None if index == 1 else np.array([[1.5, 2.25], [30.125, 2.0], [12.0, 40.0]], np.float32)
+                         + index for index in range(len(result.detections)))  # the car's outline is missing
+        result = replace(result, detections=replace(result.detections, polygons=polygons), queue_ms=2.5,
+                         inference_ms=9.75)
+        _, found = remote.process(result)
+        made = remote.take_messages(result.frame, found, series)
+        assert made is not None, "the worker builds the messages"
+        wanted_result, wanted_events = local.process(result)
+        wanted = [here.frame_message(wanted_result, None)] + [here.event_message(e, None) for e in wanted_events]
+        assert [(m.key, m.event, comparable(m)) for m in made[0]] == [(m.key, m.event, comparable(m)) for m in wanted]
+        assert made[0][0].ticket == result.frame.ticket and made[1] > 0
+        events += len(found)
+    assert events > 0
+    assert remote.take_messages(result.frame, [], series) is None, "a frame's messages are taken once"
+
+
+def run_stage(stages: Stages, processes: int, snapshots: SnapshotConfig | None = None,
+              ) -> tuple[Published, AnalyticsStage]:
+    """Two tracked streams, 40 frames each, through the analytics stage; what it published."""
+    published = Published(stages)
+    stage = AnalyticsStage(AnalyticsStageConfig(processes=processes),
+                           MessageBuilder("test-model", snapshots or SnapshotConfig()), published, stages.ledger,
+                           stages.metrics, stages.heartbeats)
+    stage.start()
+    try:
+        for stream in ("cam-a", "cam-b"):
+            stage.add_stream(stream, stages.add_stream(stream), stage.new_analysis(stream, CONFIG, "bytetrack", LABELS),
+                             wait_when_full=True)
+        for frame_id in range(40):
+            stage.submit_batch([crossing(stages, stream, frame_id) for stream in ("cam-a", "cam-b")],
+                               threading.Event())
+        wait_for(lambda: len(published.frames("cam-a")) == len(published.frames("cam-b")) == 40, 20,
+                 "every frame should be published")
+    finally:
+        stage.stop_within(0.0)
+    stages.assert_settled("cam-a", "cam-b")
+    return published, stage
+
+
+def published_by_stream(published: Published) -> dict[tuple[bytes, bool], list[dict[str, Any]]]:
+    by_stream: dict[tuple[bytes, bool], list[dict[str, Any]]] = {}
+    for _, message in published.messages:
+        decoded = comparable(message)
+        for moment in ("captured_at", "occurred_at"):  # the two runs read their frames at different times
+            decoded.pop(moment, None)
+        by_stream.setdefault((message.key, message.event), []).append(decoded)
+    return by_stream
+
+
+def test_a_stage_with_analytics_workers_publishes_what_one_without_them_publishes() -> None:
+    with_workers, stage = run_stage(Stages(), processes=2)
+    assert stage.processes is not None and stage.processes.frames_in_workers == 80
+    without, _ = run_stage(Stages(), processes=0)
+    got, wanted = published_by_stream(with_workers), published_by_stream(without)
+    assert sum(len(messages) for (_, event), messages in wanted.items() if event) > 0
+    assert got == wanted
+
+
+def test_with_snapshots_the_workers_analyse_and_the_stage_builds_the_messages(tmp_path: Path) -> None:
+    stages = Stages()
+    published, stage = run_stage(stages, 1, SnapshotConfig(dir=tmp_path, every_n_frames=1))
+    assert stage.processes is not None and stage.processes.frames_in_workers == 80
+    frames = published.frames("cam-a")
+    assert all("snapshot" in message for message in frames)
+    assert any(d["track_id"] is not None for m in frames for d in m["detections"])  # type: ignore[attr-defined]

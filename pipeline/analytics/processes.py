@@ -5,12 +5,14 @@ costs 450-500 us a frame with five objects, and a stream's analytics 550-600 us 
 interpreter's lock the inference thread needs too (`benchmarks/README.md`, "Messages built in worker
 processes"). At 1,800 frames/s that is one to two cores of work in the pipeline's process.
 
-The stage is unchanged: each stream keeps its lane, and the lane's thread hands one frame's boxes at a time to
-its stream's worker and waits on the worker's socket, holding no lock. So a stream's frames still reach its
-tracker in order, and a slow stream still holds one of the stage's threads at most. The worker keeps the
-stream's state (its tracker, its tracks' zones and lines) and answers with the frame's track ids, zone states,
-events and occupancy; the stage builds the messages from them as before. Streams share a worker: a slow
-stream delays the streams pinned with it by its own analytics time, and no other.
+Each stream keeps its lane, and the lane's thread hands one frame at a time to its stream's worker and waits on
+the worker's socket, holding no lock. So a stream's frames still reach its tracker in order, and a slow stream
+still holds one of the stage's threads at most. The worker keeps the stream's state (its tracker, its tracks'
+zones and lines), and answers with the frame's track ids, zone states, events and occupancy, and with the
+frame's and events' messages, encoded as the stage would encode them (`pipeline.publishing.message_pool`'s
+functions). The stage then only hands those to the publisher. With snapshots, which need the frame's pixels,
+the stage builds the messages itself from the worker's analysis. Streams share a worker: a slow stream delays
+the streams pinned with it by its own analytics time, and no other.
 
 Nothing depends on the workers. A stream that finds no worker ready when it is added keeps its analytics in
 the pipeline's process. When a worker dies, stops answering or the pool closes, each of its streams goes on
@@ -25,9 +27,10 @@ BoT-SORT reads each frame's pixels (its camera-motion compensation), which the w
 Protocol, over the socket each worker inherits:
     worker -> pipeline, once its imports are done: ("ready",)
     pipeline -> worker: ("analyse", streams to forget, stream key, (stream id, analytics config, tracker,
-                        labels) on a stream's first frame else None, the frame's fields, its boxes, confidences
-                        and class ids as one float32 array's bytes); answered by ("analysed", track ids, zone
-                        states, events, occupancy), or ("failed", traceback)
+                        labels, model name or None) on a stream's first frame else None, the frame's fields, its
+                        detections as bytes); answered by ("analysed", track ids, zone states, events, occupancy,
+                        (the frame's message as the message workers answer it, each event's message) or None),
+                        or ("failed", traceback) when the analytics raised
     pipeline -> worker: ("quit",), or end of file when the pipeline goes
 """
 
@@ -38,6 +41,7 @@ import itertools
 import logging
 import os
 import pickle
+import select
 import threading
 import time
 import traceback
@@ -47,13 +51,16 @@ from datetime import datetime, timezone
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
-
 from pipeline.analytics.tracking import TRACKERS_READING_PIXELS
 from pipeline.analytics.zones import StreamAnalytics, ZoneEvent
 from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for
 from pipeline.config import AnalyticsConfig
-from pipeline.frames import Detections, Frame, FrameResult
+from pipeline.frames import Frame, FrameResult, detections_from_bytes, detections_to_bytes
+from pipeline.ops.metrics import StreamMetrics
+from pipeline.publishing.building import MessageBuilder
+from pipeline.publishing.message_pool import Built, built_message, frame_fields, result_from_fields
+from pipeline.publishing.messages import build_event, encode
+from pipeline.publishing.spool import OutgoingMessage
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +68,19 @@ _REPLY_S = 2.0  # a frame takes about a millisecond; the stop budget gives a sta
 _READY_WAIT_S = 10.0
 _WORKER_BOOTSTRAP = bootstrap_for("pipeline.analytics.processes")
 
-Opening = tuple[str, AnalyticsConfig, str, dict[int, str]]
-"""What a worker builds a stream's `StreamAnalytics` from: stream id, its analytics config, tracker, labels."""
+Opening = tuple[str, AnalyticsConfig, str, dict[int, str], str | None]
+"""What a worker builds a stream's `StreamAnalytics` from (stream id, its analytics config, tracker, labels), and
+the model's name for its messages (None: the pipeline builds them)."""
+
+Made = tuple[Built, list[bytes]]
+"""A frame's message as a worker built it, and its events' messages."""
+
+
+class _Worker(WorkerProcess):
+    def __init__(self) -> None:
+        super().__init__(_WORKER_BOOTSTRAP)
+        self.readable = select.poll()  # made once: Connection.poll builds a selector at every call, once a frame
+        self.readable.register(self.connection.fileno(), select.POLLIN)
 
 
 class AnalyticsFailed(RuntimeError):
@@ -74,7 +92,7 @@ class _Slot:
     """One worker and what goes with it. `lock` is held for a request's round trip: one frame at a time."""
 
     index: int
-    worker: WorkerProcess | None = None
+    worker: _Worker | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     streams: int = 0
     forgotten: list[int] = field(default_factory=list)
@@ -84,7 +102,10 @@ class _Slot:
 class AnalyticsProcesses:
     """`analytics.processes` workers, and the streams pinned to them."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, model_name: str | None) -> None:
+        """`model_name`: the workers build the frames' messages too; None when they need the frames' pixels
+        (snapshots), which the workers do not get."""
+        self._model_name = model_name
         self._slots = [_Slot(index) for index in range(processes)]
         self._keys = itertools.count()
         self._assign_lock = threading.Lock()
@@ -110,7 +131,7 @@ class AnalyticsProcesses:
         streams added at the pipeline's start find them ready."""
         started = time.monotonic()
         for slot in self._slots:
-            slot.worker = WorkerProcess(_WORKER_BOOTSTRAP)
+            slot.worker = _Worker()
         while time.monotonic() - started < _READY_WAIT_S:
             if self.ready_workers == len(self._slots):
                 log.info("%d analytics worker(s) ready in %.1f s", len(self._slots), time.monotonic() - started)
@@ -139,9 +160,10 @@ class AnalyticsProcesses:
             slot = min(ready, key=lambda candidate: candidate.streams)
             slot.streams += 1
         assert slot.worker is not None
-        return RemoteAnalytics(self, slot, slot.worker, next(self._keys), (stream_id, config, tracker, labels), local)
+        return RemoteAnalytics(self, slot, slot.worker, next(self._keys),
+                               (stream_id, config, tracker, labels, self._model_name), local)
 
-    def ask(self, slot: _Slot, worker: WorkerProcess, request: tuple[Any, ...]) -> tuple[Any, ...] | str:
+    def ask(self, slot: _Slot, worker: _Worker, request: tuple[Any, ...]) -> tuple[Any, ...] | str:
         """The worker's answer; or why there is none, once the worker is found gone (it is then replaced)."""
         with slot.lock:
             if slot.worker is not worker or self.closed:
@@ -149,7 +171,7 @@ class AnalyticsProcesses:
             forgotten, slot.forgotten = slot.forgotten, []
             try:
                 worker.connection.send_bytes(pickle.dumps(("analyse", forgotten, *request), pickle.HIGHEST_PROTOCOL))
-                if worker.connection.poll(_REPLY_S):
+                if worker.readable.poll(_REPLY_S * 1000):
                     answer: tuple[Any, ...] = worker.connection.recv()
                     slot.frames += 1
                     return answer
@@ -191,7 +213,7 @@ class AnalyticsProcesses:
         log.warning("analytics worker %d (pid %d) %s; its streams go on in the pipeline's process, their tracks "
                     "restarted", slot.index, worker.process.pid, why)
         worker.stop(0.0)
-        slot.worker = None if self.closed else WorkerProcess(_WORKER_BOOTSTRAP)
+        slot.worker = None if self.closed else _Worker()
 
     @staticmethod
     def _is_ready(slot: _Slot) -> bool:
@@ -205,16 +227,17 @@ class AnalyticsProcesses:
 class RemoteAnalytics:
     """One stream's analytics in a worker, fed by the stream's lane, one frame at a time and in order."""
 
-    def __init__(self, pool: AnalyticsProcesses, slot: _Slot, worker: WorkerProcess, key: int, opening: Opening,
+    def __init__(self, pool: AnalyticsProcesses, slot: _Slot, worker: _Worker, key: int, opening: Opening,
                  fallback: StreamAnalytics) -> None:
         self._pool = pool
         self._slot = slot
-        self._worker: WorkerProcess | None = worker
+        self._worker: _Worker | None = worker
         self._key = key
         self._opening = opening
         self._opened = False
         self._fallback = fallback
         self._occupancy: dict[tuple[str, str], int] = {}
+        self._made: Made | None = None
 
     @property
     def worker_pid(self) -> int | None:
@@ -222,24 +245,35 @@ class RemoteAnalytics:
         return None if self._worker is None else self._worker.process.pid
 
     def process(self, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
+        self._made = None
         if self._worker is None:
             return self._fallback.process(result)
-        frame, detections = result.frame, result.detections
-        boxes = np.concatenate([detections.boxes_xyxy, detections.confidences[:, None],
-                                detections.class_ids[:, None].astype(np.float32)], axis=1, dtype=np.float32)
+        frame = result.frame
         answer = self._pool.ask(self._slot, self._worker, (
-            self._key, None if self._opened else self._opening,
-            (frame.frame_id, frame.pts_ms, frame.captured_at.timestamp(), frame.captured_monotonic, frame.width,
-             frame.height), boxes.tobytes()))
+            self._key, None if self._opened else self._opening, frame_fields(result),
+            detections_to_bytes(result.detections)))
         if isinstance(answer, str):
             self._fall_back(answer)
             return self._fallback.process(result)
         if answer[0] == "failed":  # the stream's next frame opens it again if it was never opened
             raise AnalyticsFailed(f"in analytics worker {self._slot.index}:\n{answer[1]}")
         self._opened = True
-        _, track_ids, zones, events, self._occupancy = answer
+        _, track_ids, zones, events, self._occupancy, self._made = answer
         events = [replace(event, occurred_at=frame.captured_at) for event in events]
-        return replace(result, detections=replace(detections, track_ids=track_ids), zones=zones), events
+        return replace(result, detections=replace(result.detections, track_ids=track_ids), zones=zones), events
+
+    def take_messages(self, frame: Frame, events: list[ZoneEvent],
+                      series: StreamMetrics | None) -> tuple[list[OutgoingMessage], float] | None:
+        """The messages of the frame `process` last analysed, as its worker built them, and the seconds that took;
+        None when the pipeline is to build them (the worker could not, or does not)."""
+        made, self._made = self._made, None
+        if made is None:
+            return None
+        (value, total_s, build_s, labels), event_values = made
+        messages = [MessageBuilder.encoded(frame, value, total_s, labels, series)]
+        messages += [MessageBuilder.encoded_event(event, event_value, series)
+                     for event, event_value in zip(events, event_values, strict=True)]
+        return messages, build_s
 
     def occupancy(self) -> dict[tuple[str, str], int]:
         return self._occupancy if self._worker is not None else self._fallback.occupancy()
@@ -258,20 +292,22 @@ class RemoteAnalytics:
         self.close()
 
 
-def _analysed(streams: dict[int, StreamAnalytics], key: int, opening: Opening | None,
-              fields: tuple[Any, ...], boxes: bytes) -> tuple[Any, ...]:
+def _analysed(streams: dict[int, tuple[StreamAnalytics, str | None]], key: int, opening: Opening | None,
+              fields: tuple[Any, ...], detections: tuple[Any, ...]) -> tuple[Any, ...]:
     """In a worker: one frame through its stream's analytics, as `StreamAnalytics.process` does it in the
-    pipeline's process (the frame's size stands in for its pixels: ByteTrack reads nothing else)."""
+    pipeline's process (the frame's size stands in for its pixels: ByteTrack reads nothing else), then its
+    messages, unless they cannot be built here (the pipeline then builds them, and logs why)."""
     if opening is not None:
-        streams[key] = StreamAnalytics(*opening)
-    analytics = streams[key]
-    frame_id, pts_ms, captured_s, captured_monotonic, width, height = fields
-    rows = np.frombuffer(boxes, np.float32).reshape(-1, 6)
-    detections = Detections(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64))
-    frame = Frame(analytics.stream_id, frame_id, pts_ms, datetime.fromtimestamp(captured_s, timezone.utc),
-                  captured_monotonic, np.empty((height, width, 0), np.uint8))
-    analysed, events = analytics.process(FrameResult(frame, "detect", detections, analytics.labels))
-    return "analysed", analysed.detections.track_ids, analysed.zones, events, analytics.occupancy()
+        streams[key] = (StreamAnalytics(*opening[:4]), opening[4])
+    analytics, model_name = streams[key]
+    analysed, events = analytics.process(result_from_fields(fields, detections_from_bytes(*detections),
+                                                            analytics.labels))
+    made: Made | None = None
+    if model_name is not None:
+        with contextlib.suppress(Exception):
+            now = datetime.now(timezone.utc)
+            made = built_message(analysed, model_name), [encode(build_event(event, now)) for event in events]
+    return "analysed", analysed.detections.track_ids, analysed.zones, events, analytics.occupancy(), made
 
 
 def serve_descriptor(descriptor: int) -> None:
@@ -284,7 +320,7 @@ def serve_descriptor(descriptor: int) -> None:
 
 
 def _serve(connection: Connection) -> None:
-    streams: dict[int, StreamAnalytics] = {}
+    streams: dict[int, tuple[StreamAnalytics, str | None]] = {}
     with contextlib.suppress(EOFError, OSError):
         connection.send(("ready",))
         for message in _requests(connection):

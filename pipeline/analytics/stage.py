@@ -100,9 +100,10 @@ class AnalyticsStage:
         self._analytics_errors = RepeatedErrorLog(log)
         self._build_errors = RepeatedErrorLog(log)
         self._threads = [StageThread(f"analytics-{index}", functools.partial(self._work, index), heartbeats)
-                         for index in range(config.workers)]
+                         for index in range(config.workers + config.processes)]
         self.messages = self._message_pool(config, builder, publish)
-        self.processes = AnalyticsProcesses(config.processes) if config.processes else None
+        self.processes = AnalyticsProcesses(config.processes, None if builder.needs_images else builder.model_name) \
+            if config.processes else None
 
     def _message_pool(self, config: AnalyticsStageConfig, builder: MessageBuilder,
                       publish: Callable[[list[OutgoingMessage]], None]) -> MessagePool | None:
@@ -280,15 +281,19 @@ class AnalyticsStage:
             self._seconds["analytics"].observe(analysed - started)
             started = analysed
         try:
-            messages = [self._builder.frame_message(result, series)]
-            messages += [self._builder.event_message(event, series) for event in events]
+            made = lane.analytics.take_messages(frame, events, series) \
+                if lane is not None and isinstance(lane.analytics, RemoteAnalytics) else None
+            if made is None:
+                messages = [self._builder.frame_message(result, series)]
+                messages += [self._builder.event_message(event, series) for event in events]
+                made = messages, time.monotonic() - started
         except Exception:
             self._build_errors.error("stream %s: cannot build the message of frame %d; dropped", frame.stream_id,
                                      frame.frame_id, exc_info=True)
             self._ledger.dropped(frame.ticket, "build_error")
             return
-        self._seconds["serialize"].observe(time.monotonic() - started)
-        self._publish(messages)
+        self._seconds["serialize"].observe(made[1])
+        self._publish(made[0])
 
     def _analyse(self, lane: _Lane, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
         """Tracking, zones and lines; on failure the frame goes on without them, counted."""

@@ -74,10 +74,15 @@ class MessageBuilder:
         return self._snapshots is not None or self._encoder is not None
 
     def event_message(self, event: ZoneEvent, series: StreamMetrics | None) -> OutgoingMessage:
-        encoded = encode(build_event(event, datetime.now(timezone.utc)))
+        return self.encoded_event(event, encode(build_event(event, datetime.now(timezone.utc))), series)
+
+    @staticmethod
+    def encoded_event(event: ZoneEvent, value: bytes, series: StreamMetrics | None) -> OutgoingMessage:
+        """An event's message, built here or by an analytics worker (`pipeline.analytics.processes`), and its
+        stream's event count."""
         if series is not None:
             series.zone_events(event.zone_id, event.event, event.label).inc()
-        return OutgoingMessage(event.stream_id.encode(), encoded, event=True, built_monotonic=time.monotonic())
+        return OutgoingMessage(event.stream_id.encode(), value, event=True, built_monotonic=time.monotonic())
 
     def _write_snapshot(self, result: FrameResult) -> str | None:
         """A thumbnail that cannot be written (a full disk, say) costs the picture, not the frame's message."""

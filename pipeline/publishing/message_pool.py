@@ -40,7 +40,15 @@ import numpy as np
 from prometheus_client import Histogram
 
 from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for
-from pipeline.frames import Classification, Frame, FrameResult, frame_groups, pack_detections, unpack_detections
+from pipeline.frames import (
+    Classification,
+    Detections,
+    Frame,
+    FrameResult,
+    frame_groups,
+    pack_detections,
+    unpack_detections,
+)
 from pipeline.ledger import FrameLedger
 from pipeline.ops.metrics import StreamMetrics
 from pipeline.ops.repeated_log import RepeatedErrorLog
@@ -169,16 +177,35 @@ class MessagePool:
         return sent
 
     def _request(self, results: list[FrameResult]) -> tuple[Any, ...]:
-        """Each frame's fields as a tuple (its capture time as seconds: a datetime pickles 5 times slower)."""
-        fields = []
-        for result in results:
-            frame = result.frame
-            classes = [(c.class_id, c.label, c.confidence) for c in result.classes] if result.classes else None
-            fields.append((frame.stream_id, frame.frame_id, frame.pts_ms, frame.captured_at.timestamp(),
-                           frame.captured_monotonic, frame.width, frame.height, result.task, result.queue_ms,
-                           result.inference_ms, classes))
-        return ("build", self._builder.model_name, results[0].labels, fields,
+        return ("build", self._builder.model_name, results[0].labels, [frame_fields(result) for result in results],
                 pack_detections([result.detections for result in results]))
+
+
+def frame_fields(result: FrameResult) -> tuple[Any, ...]:
+    """What a worker needs of a result besides its detections and labels, as a tuple (the capture time as seconds:
+    a datetime pickles 5 times slower)."""
+    frame = result.frame
+    classes = [(c.class_id, c.label, c.confidence) for c in result.classes] if result.classes else None
+    return (frame.stream_id, frame.frame_id, frame.pts_ms, frame.captured_at.timestamp(), frame.captured_monotonic,
+            frame.width, frame.height, result.task, result.queue_ms, result.inference_ms, classes)
+
+
+def result_from_fields(fields: tuple[Any, ...], detections: Detections, labels: dict[int, str]) -> FrameResult:
+    """In a worker: the result `frame_fields` was taken from, with the frame's size standing in for its pixels."""
+    (stream_id, frame_id, pts_ms, captured_s, captured_monotonic, width, height, task, queue_ms, inference_ms,
+     classes) = fields
+    frame = Frame(stream_id, frame_id, pts_ms, datetime.fromtimestamp(captured_s, timezone.utc), captured_monotonic,
+                  np.empty((height, width, 0), np.uint8))
+    return FrameResult(frame, task, detections, labels, tuple(Classification(*c) for c in classes or ()),
+                       queue_ms, inference_ms)
+
+
+def built_message(result: FrameResult, model_name: str) -> Built:
+    """In a worker: a frame's message as `MessageBuilder.frame_message` builds it without a snapshot."""
+    started = time.monotonic()
+    total_s = started - result.frame.captured_monotonic
+    message = build_message(result, model_name, datetime.now(timezone.utc), total_s * 1000)
+    return encode(message), total_s, time.monotonic() - started, detections_by_label(message)
 
 
 def _portable(result: FrameResult, labels: dict[int, str]) -> bool:
@@ -202,18 +229,9 @@ def build_part(model_name: str, labels: dict[int, str], fields: list[tuple[Any, 
     """In a worker: the messages of a run of frames, as `MessageBuilder.frame_message` builds them without a
     snapshot. A frame whose message cannot be built is None: the pipeline builds it again, and logs why."""
     built: list[Built | None] = []
-    for (stream_id, frame_id, pts_ms, captured_s, captured_monotonic, width, height, task, queue_ms, inference_ms,
-         classes), detections in zip(fields, unpack_detections(packed), strict=True):
-        started = time.monotonic()
+    for frame, detections in zip(fields, unpack_detections(packed), strict=True):
         try:
-            captured_at = datetime.fromtimestamp(captured_s, timezone.utc)
-            frame = Frame(stream_id, frame_id, pts_ms, captured_at, captured_monotonic,
-                          np.empty((height, width, 0), np.uint8))  # the size, without pixels
-            result = FrameResult(frame, task, detections, labels, tuple(Classification(*c) for c in classes or ()),
-                                 queue_ms, inference_ms)
-            total_s = started - captured_monotonic
-            message = build_message(result, model_name, datetime.now(timezone.utc), total_s * 1000)
-            built.append((encode(message), total_s, time.monotonic() - started, detections_by_label(message)))
+            built.append(built_message(result_from_fields(frame, detections, labels), model_name))
         except Exception:
             built.append(None)
     return built
