@@ -141,6 +141,16 @@ def test_a_killed_worker_leaves_its_stream_here_with_tracks_restarted_and_is_rep
         "replacement, which has no streams"
 
 
+def test_a_worker_that_died_without_a_stream_noticing_is_replaced_when_a_stream_is_added(
+        pool: AnalyticsProcesses) -> None:
+    dead = pool.pids[0]
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: Path(f"/proc/{dead}/stat").read_text().split()[2] == "Z", 5, "the worker should die")
+    assert in_worker(pool, "cam-a").worker_pid != dead, "the stream goes to the worker still alive"
+    assert dead not in pool.pids
+    wait_for(lambda: pool.ready_workers == 2, WORKER_START_S, "the dead worker should be replaced")
+
+
 def test_a_worker_that_stops_answering_leaves_its_stream_here(
         pool: AnalyticsProcesses, stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(analytics_processes, "_REPLY_S", 0.5)

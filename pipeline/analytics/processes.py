@@ -2,8 +2,9 @@
 
 Why: the tracker is the largest piece of Python per frame where streams are tracked. Ultralytics' ByteTrack
 costs 450-500 us a frame with five objects, and a stream's analytics 550-600 us in all, under the
-interpreter's lock the inference thread needs too (`benchmarks/README.md`, "Messages built in worker
-processes"). At 1,800 frames/s that is one to two cores of work in the pipeline's process.
+interpreter's lock the inference thread needs too. At 1,800 frames/s that is one to two cores of work in the
+pipeline's process. With the workers, a tracked frame costs that process 174-198 us in all, against 898-975
+(`benchmarks/README.md`, "Tracking, zones and lines in worker processes").
 
 Each stream keeps its lane, and the lane's thread hands one frame at a time to its stream's worker and waits on
 the worker's socket, holding no lock. So a stream's frames still reach its tracker in order, and a slow stream
@@ -152,6 +153,8 @@ class AnalyticsProcesses:
                             "which the workers do not get", tracker)
             return local
         with self._assign_lock:
+            for slot in self._slots:
+                self._revive(slot)
             ready = [slot for slot in self._slots if self._is_ready(slot)]
             if not ready:
                 log.warning("stream %s: no analytics worker is ready; its analytics runs in the pipeline's process",
@@ -214,6 +217,18 @@ class AnalyticsProcesses:
                     "restarted", slot.index, worker.process.pid, why)
         worker.stop(0.0)
         slot.worker = None if self.closed else _Worker()
+
+    def _revive(self, slot: _Slot) -> None:
+        """A worker that died between its streams' frames (none of them noticed) is replaced, for streams added
+        later. Called holding `_assign_lock`; a slot busy with a frame is left to that frame's round trip."""
+        worker = slot.worker
+        if worker is None or worker.process.poll() is None or not slot.lock.acquire(blocking=False):
+            return
+        try:
+            if slot.worker is worker:
+                self._replace(slot, f"exited with status {worker.process.returncode}")
+        finally:
+            slot.lock.release()
 
     @staticmethod
     def _is_ready(slot: _Slot) -> bool:

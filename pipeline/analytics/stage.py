@@ -16,8 +16,8 @@ A lane's bound and policy follow its stream's: live streams keep the freshest re
 With `analytics.message_processes`, the streams without analytics skip the lanes: each batch's results of
 those streams are built by worker processes while the finisher that hands them over waits
 (`pipeline.publishing.message_pool`). With `analytics.processes`, the streams with analytics keep their lanes,
-and a lane's thread hands each frame to its stream's worker process and waits for its track ids and events
-(`pipeline.analytics.processes`).
+and a lane's thread hands each frame to its stream's worker process and waits for its track ids, events and
+messages (`pipeline.analytics.processes`).
 """
 
 from __future__ import annotations
