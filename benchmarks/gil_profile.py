@@ -93,7 +93,8 @@ def main() -> None:
         finally:
             pipeline.stop()
     profile = summarize(raw, args.seconds, args.rate)
-    heading = (f"vap{' with the instant model' if args.instant else ''}: {options.streams} streams of {args.size} "
+    heading = (f"vap{' with the instant model' if args.instant else ''}: {options.streams} "
+               f"{'tracked ' if options.tracking else ''}streams of {args.size} "
                f"{options.codec}, decoder {options.decoder}, batch {options.batch}, {device}"
                f"{', ' + ' '.join(args.overrides) if args.overrides else ''}; {fps_before:.0f} frames/s before "
                f"sampling, {fps_during:.0f} while sampled")

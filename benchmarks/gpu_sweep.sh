@@ -25,7 +25,8 @@
 # OUT_DIR/results-<gpu>-<date>-ab.json and .txt. `gil` runs vap end to end on the same settings (plus GIL_SET's
 # KEY=VALUE; the clips loop, so 120 frames each by default) and has py-spy sample it for GIL_SECONDS (10) after
 # GIL_WARM_UP (15): the share of the time each stage holds the interpreter's lock, and doing what, in
-# OUT_DIR/gil-<gpu>-<date>/ (py-spy from the wheelhouse, or PY_SPY). Settings can be overridden for a dry run on
+# OUT_DIR/gil-<gpu>-<date>/ (py-spy from the wheelhouse, or PY_SPY); GIL_TRACKING=1 tracks every stream, with a
+# zone and a line (then GIL_SET=analytics.processes=4 runs their analytics in 4 workers). Settings can be overridden for a dry run on
 # a CPU, e.g.
 #   VAP_PYTHON=.venv/bin/python DEVICE=cpu DECODER=cpu SIZE=320x192 FRAMES=30 STREAMS=2 BATCH=4 IMGSZ=160 \
 #     SWEEP=2,4 SWEEP_FPS=5 SWEEP_SECONDS=2 benchmarks/gpu_sweep.sh run /tmp/out
@@ -92,6 +93,7 @@ gil)
     gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")')
     set --
     for assignment in ${GIL_SET:-}; do set -- "$@" --set "$assignment"; done
+    if [ -n "${GIL_TRACKING:-}" ]; then set -- "$@" --tracking; fi
     PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}" "$python" benchmarks/gil_profile.py "$@" \
         --py-spy "${PY_SPY:-$site/bin/py-spy}" --seconds "${GIL_SECONDS:-10}" --warm-up "${GIL_WARM_UP:-15}" \
         --device "${DEVICE:-cuda:0}" --decoder "${DECODER:-cuda:0}" --codec "${CODEC:-h264}" \

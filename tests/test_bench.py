@@ -81,6 +81,20 @@ def test_a_file_run_counts_the_messages_the_broker_acknowledged_and_their_latenc
     assert measured.latency_p50_ms >= own[len(own) // 2] - 1, "send time comes after the message is built"
 
 
+def test_tracked_bench_streams_each_get_a_zone_over_the_left_half_and_a_line_down_the_middle(
+        clips: dict[str, Path], model_weights: str) -> None:
+    options = BenchOptions(streams=2, width=320, height=192, tracking=True)
+    config = vap_config(options, model_weights, [clips["landscape"], clips["portrait"]], "127.0.0.1:9", "t", False,
+                        "cpu")
+    for stream in config.streams:
+        analytics = stream.analytics
+        assert analytics.tracks and analytics.normalized
+        assert [(zone.id, zone.polygon) for zone in analytics.zones] == [("left", [(0, 0), (0.5, 0), (0.5, 1), (0, 1)])]
+        assert [(line.id, line.start, line.end) for line in analytics.lines] == [("middle", (0.5, 0), (0.5, 1))]
+    untracked = vap_config(BenchOptions(), model_weights, [clips["landscape"]], "127.0.0.1:9", "t", False, "cpu")
+    assert not untracked.streams[0].analytics.tracks
+
+
 def test_h264_clips_are_written_as_cameras_send_them_and_decode_frame_for_frame(tmp_path: Path) -> None:
     assert codec_available("h264"), "PyAV with libx264 is a dev dependency"
     path = _write_bench_clip(tmp_path / "clip.mp4", 160, 96, frames=25, fps=10.0, seed=1, codec="h264")

@@ -67,6 +67,7 @@ class BenchOptions:
     decoding_processes: int = 0
     polygon_processes: int = 0
     message_processes: int = 0
+    tracking: bool = False
     sweep: tuple[int, ...] = ()
     sweep_fps: float = 30.0
     sweep_seconds: float = 20.0
@@ -243,6 +244,8 @@ def add_clip_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
     parser.add_argument("--decoder", default="cpu", help="cpu, or cuda[:N] for NVDEC")
     parser.add_argument("--codec", default="auto", choices=["auto", *CODECS],
                         help="of the generated clips (auto: h264 on a GPU, mpeg4 on the CPU, as `vap bench`)")
+    parser.add_argument("--tracking", action="store_true",
+                        help="every stream tracked, with a zone and a line (analytics.processes then applies)")
 
 
 def clip_options(args: argparse.Namespace) -> tuple[BenchOptions, str]:
@@ -250,7 +253,7 @@ def clip_options(args: argparse.Namespace) -> tuple[BenchOptions, str]:
     width, height = (int(value) for value in args.size.lower().split("x"))
     options = BenchOptions(streams=args.streams, frames=args.frames, width=width, height=height, imgsz=args.imgsz,
                            batch=args.batch, device=args.device, runtime=args.runtime, decoder=args.decoder,
-                           codec=args.codec)
+                           codec=args.codec, tracking=args.tracking)
     device = resolve_device(options.device)
     if options.codec == "auto":
         options = replace(options, codec=default_codec(device))
@@ -444,12 +447,17 @@ class ReplayDetector:
         pass
 
 
+_TRACKED = {"normalized": True, "zones": [{"id": "left", "polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}],
+            "lines": [{"id": "middle", "start": [0.5, 0], "end": [0.5, 1]}]}
+"""`--tracking`: each stream tracked, with a zone over the left half of the image and a line down its middle."""
+
+
 def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap: str, topic: str,
                realtime: bool, device: str) -> PipelineConfig:
     """`device`: the one device every other contender runs on; `auto` would give vap every GPU of the host."""
     return parse_config({
-        "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime, "decoder": options.decoder}
-                    for i, path in enumerate(clips)],
+        "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime, "decoder": options.decoder,
+                     **({"analytics": _TRACKED} if options.tracking else {})} for i, path in enumerate(clips)],
         "model": {"weights": weights, "imgsz": options.imgsz, "device": device, "runtime": options.runtime,
                   "precision": options.precision, "polygon_processes": options.polygon_processes},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
