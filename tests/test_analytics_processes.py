@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -329,3 +330,33 @@ def test_with_snapshots_the_workers_analyse_and_the_stage_builds_the_messages(tm
     frames = published.frames("cam-a")
     assert all("snapshot" in message for message in frames)
     assert any(d["track_id"] is not None for m in frames for d in m["detections"])  # type: ignore[attr-defined]
+
+
+def test_a_stop_with_a_stuck_worker_ends_within_its_budget_and_settles_every_frame(stages: Stages) -> None:
+    published = Published(stages)
+    stage = AnalyticsStage(AnalyticsStageConfig(processes=1), MessageBuilder("test-model", SnapshotConfig()),
+                           published, stages.ledger, stages.metrics, stages.heartbeats)
+    stage.start()
+    assert stage.processes is not None
+    stuck = stage.processes.pids[0]
+    try:
+        stage.add_stream("cam-a", stages.add_stream("cam-a"), stage.new_analysis("cam-a", CONFIG, "bytetrack", LABELS),
+                         wait_when_full=False)
+        stage.submit_batch([crossing(stages, "cam-a", 0)], threading.Event())
+        wait_for(lambda: len(published.frames("cam-a")) == 1, 10, "the first frame should be published")
+        os.kill(stuck, signal.SIGSTOP)
+        for frame_id in range(1, 6):
+            stage.submit_batch([crossing(stages, "cam-a", frame_id)], threading.Event())
+        started = time.monotonic()
+        stage.stop_within(started + 0.5)
+        stopped_in = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+    assert stopped_in < 0.5 + 1.5, f"{stopped_in:.1f} s: the stage's 0.5 s and the workers' 1 s to quit"
+    # The frame the stuck worker held goes on in this process once the worker is killed, a moment after the stop.
+    wait_for(lambda: len(published.frames("cam-a")) == 2, 3, "the frame in the stuck worker should be published")
+    assert stages.dropped("cam-a", "shutdown") == 4, "the frames still waiting at the deadline"
+    stages.assert_settled("cam-a")
+    assert stage.processes.pids == []
+    wait_for(lambda: not Path(f"/proc/{stuck}").exists(), 3, "the stuck worker should be killed and reaped")

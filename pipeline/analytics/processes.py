@@ -181,7 +181,10 @@ class AnalyticsProcesses:
                 why = f"did not answer within {_REPLY_S:.0f} s"
             except (EOFError, OSError, ValueError):
                 why = "closed its socket"
-            self._replace(slot, why)
+            if slot.worker is worker:
+                self._replace(slot, why)
+            else:
+                worker.stop(0.0)  # killed by `close` while it had this frame: reaped, and its socket closed, here
             return why
 
     def release(self, slot: _Slot, key: int) -> None:
@@ -204,6 +207,7 @@ class AnalyticsProcesses:
                     worker.stop(max(0.0, deadline - time.monotonic()))
                 else:
                     worker.process.kill()  # its stream's thread then reads the end of the socket and falls back
+                    log.warning("analytics worker %d did not finish its frame in time; killed", slot.index)
             finally:
                 if got:
                     slot.lock.release()
