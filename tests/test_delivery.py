@@ -6,6 +6,7 @@ from pipeline.ledger import FrameTicket
 from pipeline.publishing.delivery import (
     FAILURES_BEFORE_REBUILD,
     MAX_UNEXPLAINED_FAILURES,
+    OVERFLOW_MEMORY_S,
     SILENT_AFTER_S,
     DeliveryState,
     Outcome,
@@ -154,10 +155,13 @@ def test_a_stop_takes_everything_unsettled_oldest_first() -> None:
 
 def test_the_inbox_is_bounded_in_bytes_and_drops_its_oldest_when_the_loop_falls_behind() -> None:
     state = DeliveryState(max_messages=100, max_bytes=10_000, stuck_after_s=60, inbox_max_bytes=250)
-    dropped = state.offer([message(index, size=100) for index in range(4)])
+    assert state.offer([message(0, size=100)], now=0) == [] and not state.overflowing(now=0)
+    dropped = state.offer([message(index, size=100) for index in range(1, 5)], now=1)
     assert [(outcome.reason, outcome.message.ticket.frame_id if outcome.message.ticket else None)
-            for outcome in dropped] == [("publish_queue_full", 0), ("publish_queue_full", 1)]
+            for outcome in dropped] == [("publish_queue_full", 0), ("publish_queue_full", 1), ("publish_queue_full", 2)]
+    assert state.overflowing(now=1), "results lost to the inbox's bound make vap unready, as the spool's do"
+    assert not state.overflowing(now=1 + OVERFLOW_MEMORY_S)
     assert state.backlog() == 2 and state.spooled() == 0
     assert state.admit(now=0) == []
     assert state.spooled() == 2 and not state.has_arrivals()
-    assert frame_ids(send_all(state)) == [2, 3]
+    assert frame_ids(send_all(state)) == [3, 4]

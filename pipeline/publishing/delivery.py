@@ -196,8 +196,9 @@ class DeliveryState:
 
     # Messages in
 
-    def offer(self, messages: Iterable[OutgoingMessage]) -> list[Outcome]:
-        """Messages handed over by other threads, waiting for the loop's next turn."""
+    def offer(self, messages: Iterable[OutgoingMessage], now: float) -> list[Outcome]:
+        """Messages handed over by other threads, waiting for the loop's next turn. Messages lost to the inbox's
+        bound count as an overflow too: results are being lost."""
         dropped: list[Outcome] = []
         for message in messages:
             self._inbox.append(message)
@@ -206,6 +207,8 @@ class DeliveryState:
             oldest = self._inbox.popleft()
             self._inbox_bytes -= oldest.size
             dropped.append(Outcome("dropped", oldest, "publish_queue_full", "the publisher's inbox is full"))
+        if dropped:
+            self._overflowed_at = now
         return dropped
 
     def admit(self, now: float) -> list[Outcome]:

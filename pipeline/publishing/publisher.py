@@ -146,7 +146,7 @@ class KafkaPublisher:
             if self._closed:
                 lost = [Outcome("dropped", message, "shutdown", "the publisher has stopped") for message in messages]
             else:
-                lost = self._state.offer(messages)
+                lost = self._state.offer(messages, time.monotonic())
             self._condition.notify_all()
         self._accounting.record(lost)
 
