@@ -87,10 +87,10 @@ def in_worker(pool: AnalyticsProcesses, stream_id: str) -> RemoteAnalytics:
 
 
 def refused_by_its_worker(analysis: StreamAnalysis) -> RemoteAnalytics:
-    """The stream's analytics made to raise in its worker, on every frame: the worker builds it with labels that
-    lack the zone's class (nothing a real stream can send raises in the tracker or the zones)."""
+    """The stream's analytics made to raise in its worker, on every frame: the state it ships there is broken
+    (nothing a real stream can send raises in the tracker or the zones)."""
     assert isinstance(analysis, RemoteAnalytics)
-    analysis._opening = (*analysis._opening[:3], {5: "boat"}, analysis._opening[4])
+    analysis._here._tracks = None  # type: ignore[assignment]
     return analysis
 
 
@@ -116,8 +116,10 @@ def test_streams_analysed_in_workers_get_the_track_ids_zones_events_and_occupanc
     assert pool.frames_in_workers == 160
 
 
-def test_a_killed_worker_leaves_its_stream_here_with_tracks_restarted_and_is_replaced(
-        pool: AnalyticsProcesses, stages: Stages, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_killed_worker_costs_its_stream_its_tracks_once_and_the_stream_moves_on_into_the_replacement(
+        pool: AnalyticsProcesses, stages: Stages, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(analytics_processes, "_MOVE_AGAIN_S", 0.2)
     victim, survivor = in_worker(pool, "cam-a"), in_worker(pool, "cam-b")
     continuing = StreamAnalytics("cam-b", CONFIG, "bytetrack", LABELS)
     for frame_id in range(20):
@@ -128,18 +130,41 @@ def test_a_killed_worker_leaves_its_stream_here_with_tracks_restarted_and_is_rep
     os.kill(killed, signal.SIGKILL)
 
     restarted = StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS)
-    with caplog.at_level(logging.WARNING):
-        for frame_id in range(20, 40):
+    with caplog.at_level(logging.INFO):
+        for frame_id in range(20, 30):
             assert_same(victim, restarted, crossing(stages, "cam-a", frame_id))
             assert_same(survivor, continuing, crossing(stages, "cam-b", frame_id))
-    assert victim.worker_pid is None and survivor.worker_pid is not None
-    assert "stream cam-a: its analytics worker closed its socket" in caplog.text
-    assert "tracks restarted" in caplog.text
+        assert victim.worker_pid is None and survivor.worker_pid is not None
+        assert "stream cam-a: its analytics worker closed its socket" in caplog.text
+        assert "its tracks restarted" in caplog.text
 
-    wait_for(lambda: pool.ready_workers == 2, WORKER_START_S, "the killed worker should be replaced")
+        wait_for(lambda: pool.ready_workers == 2, WORKER_START_S, "the killed worker should be replaced")
+        time.sleep(0.3)
+        for frame_id in range(30, 60):  # its state moves with it: the tracks restarted once, not twice
+            assert_same(victim, restarted, crossing(stages, "cam-a", frame_id))
+            assert_same(survivor, continuing, crossing(stages, "cam-b", frame_id))
+    assert victim.worker_pid not in (None, killed, survivor.worker_pid)
     assert killed not in pool.pids
-    assert in_worker(pool, "cam-c").worker_pid not in (killed, survivor.worker_pid), "the new stream goes to the " \
-        "replacement, which has no streams"
+    assert "stream cam-a: its analytics moves to analytics worker" in caplog.text
+
+
+def test_a_stream_added_while_no_worker_is_ready_moves_into_one_later_with_its_tracks(
+        stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(analytics_processes, "_MOVE_AGAIN_S", 0.2)
+    pool = AnalyticsProcesses(1, "test-model")
+    try:
+        early = pool.analysis_for("cam-a", CONFIG, "bytetrack", LABELS)  # before the pool starts its workers
+        assert isinstance(early, RemoteAnalytics) and early.worker_pid is None
+        reference = StreamAnalytics("cam-a", CONFIG, "bytetrack", LABELS)
+        for frame_id in range(15):
+            assert_same(early, reference, crossing(stages, "cam-a", frame_id))
+        pool.start()
+        time.sleep(0.3)
+        for frame_id in range(15, 50):
+            assert_same(early, reference, crossing(stages, "cam-a", frame_id))
+        assert early.worker_pid == pool.pids[0] and pool.frames_in_workers == 35
+    finally:
+        pool.close()
 
 
 def test_a_worker_that_died_without_a_stream_noticing_is_replaced_when_a_stream_is_added(
@@ -172,7 +197,7 @@ def test_a_worker_that_stops_answering_leaves_its_stream_here(
 def test_analytics_that_raise_in_the_worker_raise_here_and_the_worker_serves_on(
         pool: AnalyticsProcesses, stages: Stages) -> None:
     failing = refused_by_its_worker(in_worker(pool, "cam-a"))
-    with pytest.raises(AnalyticsFailed, match=r"(?s)in analytics worker \d.*person"):
+    with pytest.raises(AnalyticsFailed, match=r"(?s)in analytics worker \d.*AttributeError"):
         failing.process(crossing(stages, "cam-a", 0))
     assert failing.worker_pid is not None, "a failed frame is not a failed worker"
 

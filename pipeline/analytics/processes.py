@@ -15,20 +15,21 @@ functions). The stage then only hands those to the publisher. With snapshots, wh
 the stage builds the messages itself from the worker's analysis. Streams share a worker: a slow stream delays
 the streams pinned with it by its own analytics time, and no other.
 
-Nothing depends on the workers. A stream that finds no worker ready when it is added keeps its analytics in
-the pipeline's process. When a worker dies, stops answering or the pool closes, each of its streams goes on
-in the pipeline's process with a fresh `StreamAnalytics`: its tracks restart under new ids (an object inside
-a zone enters it again), which the log says. The dead worker is replaced for streams added later. A frame
-whose analytics raised in the worker is published without track ids or events (`analytics_error`), as in
-the pipeline's process.
+Nothing depends on the workers. A stream's `StreamAnalytics` is built in the pipeline's process and shipped to
+its worker pickled; while no worker can take it (none ready yet, or its worker died or stopped answering) it
+runs in the pipeline's process, and every `_MOVE_AGAIN_S` it looks for a ready worker and moves there with its
+state, so its tracks carry on. Only a worker's death costs its streams their tracks: they restart under new ids
+(an object inside a zone enters it again), which the log says. A dead worker is replaced at once. A frame whose
+analytics raised in the worker is published without track ids or events (`analytics_error`), as in the
+pipeline's process.
 
 BoT-SORT reads each frame's pixels (its camera-motion compensation), which the workers do not get: with
 `tracking.tracker: botsort` every stream's analytics stays in the pipeline's process.
 
 Protocol, over the socket each worker inherits:
     worker -> pipeline, once its imports are done: ("ready",)
-    pipeline -> worker: ("analyse", streams to forget, stream key, (stream id, analytics config, tracker,
-                        labels, model name or None) on a stream's first frame else None, the frame's fields, its
+    pipeline -> worker: ("analyse", streams to forget, stream key, (the stream's pickled `StreamAnalytics`,
+                        model name or None) on a stream's first frame there else None, the frame's fields, its
                         detections as bytes); answered by ("analysed", track ids, zone states, events, occupancy,
                         (the frame's message as the message workers answer it, each event's message) or None),
                         or ("failed", traceback) when the analytics raised
@@ -67,11 +68,14 @@ log = logging.getLogger(__name__)
 
 _REPLY_S = 2.0  # a frame takes about a millisecond; the stop budget gives a stage 1.5 s
 _READY_WAIT_S = 10.0
+_MOVE_AGAIN_S = 5.0  # how often a stream in the pipeline's process looks for a ready worker
 _WORKER_BOOTSTRAP = bootstrap_for("pipeline.analytics.processes")
 
-Opening = tuple[str, AnalyticsConfig, str, dict[int, str], str | None]
-"""What a worker builds a stream's `StreamAnalytics` from (stream id, its analytics config, tracker, labels), and
-the model's name for its messages (None: the pipeline builds them)."""
+Opening = tuple[bytes, str | None]
+"""A stream's `StreamAnalytics`, pickled (fresh, or as it stood in the pipeline's process), and the model's name
+for its messages (None: the pipeline builds them)."""
+Arguments = tuple[str, AnalyticsConfig, str, dict[int, str]]
+"""What a stream's `StreamAnalytics` is built from: stream id, its analytics config, tracker, labels."""
 
 Made = tuple[Built, list[bytes]]
 """A frame's message as a worker built it, and its events' messages."""
@@ -152,19 +156,32 @@ class AnalyticsProcesses:
                 log.warning("analytics.processes is ignored with tracking.tracker %s: it reads each frame's pixels, "
                             "which the workers do not get", tracker)
             return local
+        if self.closed:
+            return local
+        analysis = RemoteAnalytics(self, next(self._keys), (stream_id, config, tracker, labels), local)
+        if analysis.worker_pid is None:
+            log.warning("stream %s: no analytics worker is ready; its analytics runs in the pipeline's process until "
+                        "one is", stream_id, extra={"stream": stream_id})
+        return analysis
+
+    @property
+    def model_name(self) -> str | None:
+        return self._model_name
+
+    def home(self) -> tuple[_Slot, _Worker] | None:
+        """A ready worker for a stream, the one with the fewest streams; None when none is ready."""
         with self._assign_lock:
+            if self.closed:
+                return None
             for slot in self._slots:
                 self._revive(slot)
             ready = [slot for slot in self._slots if self._is_ready(slot)]
             if not ready:
-                log.warning("stream %s: no analytics worker is ready; its analytics runs in the pipeline's process",
-                            stream_id, extra={"stream": stream_id})
-                return local
+                return None
             slot = min(ready, key=lambda candidate: candidate.streams)
             slot.streams += 1
         assert slot.worker is not None
-        return RemoteAnalytics(self, slot, slot.worker, next(self._keys),
-                               (stream_id, config, tracker, labels, self._model_name), local)
+        return slot, slot.worker
 
     def ask(self, slot: _Slot, worker: _Worker, request: tuple[Any, ...]) -> tuple[Any, ...] | str:
         """The worker's answer; or why there is none, once the worker is found gone (it is then replaced)."""
@@ -244,39 +261,51 @@ class AnalyticsProcesses:
 
 
 class RemoteAnalytics:
-    """One stream's analytics in a worker, fed by the stream's lane, one frame at a time and in order."""
+    """One stream's analytics, fed by the stream's lane one frame at a time and in order: in a worker, or in the
+    pipeline's process while no worker can take it. It moves to a worker once one is ready, taking its state
+    along (pickled), so its tracks carry on."""
 
-    def __init__(self, pool: AnalyticsProcesses, slot: _Slot, worker: _Worker, key: int, opening: Opening,
-                 fallback: StreamAnalytics) -> None:
+    def __init__(self, pool: AnalyticsProcesses, key: int, arguments: Arguments, here: StreamAnalytics) -> None:
         self._pool = pool
-        self._slot = slot
-        self._worker: _Worker | None = worker
         self._key = key
-        self._opening = opening
+        self._arguments = arguments
+        self._here = here
+        self._here_used = False
+        self._home: tuple[_Slot, _Worker] | None = None
         self._opened = False
-        self._fallback = fallback
+        self._closed = False
+        self._next_move = 0.0
         self._occupancy: dict[tuple[str, str], int] = {}
         self._made: Made | None = None
+        self._move_in()
 
     @property
     def worker_pid(self) -> int | None:
-        """The worker the stream's analytics runs in; None once it runs in the pipeline's process."""
-        return None if self._worker is None else self._worker.process.pid
+        """The worker the stream's analytics runs in; None while it runs in the pipeline's process."""
+        return None if self._home is None else self._home[1].process.pid
 
     def process(self, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
         self._made = None
-        if self._worker is None:
-            return self._fallback.process(result)
-        frame = result.frame
-        answer = self._pool.ask(self._slot, self._worker, (
-            self._key, None if self._opened else self._opening, frame_fields(result),
-            detections_to_bytes(result.detections)))
+        if self._home is None and time.monotonic() >= self._next_move:
+            self._move_in()
+        if self._home is None:
+            self._here_used = True
+            return self._here.process(result)
+        slot, worker = self._home
+        opening = None if self._opened else (pickle.dumps(self._here, pickle.HIGHEST_PROTOCOL), self._pool.model_name)
+        answer = self._pool.ask(slot, worker, (self._key, opening, frame_fields(result),
+                                               detections_to_bytes(result.detections)))
         if isinstance(answer, str):
             self._fall_back(answer)
-            return self._fallback.process(result)
+            self._here_used = True
+            return self._here.process(result)
         if answer[0] == "failed":  # the stream's next frame opens it again if it was never opened
-            raise AnalyticsFailed(f"in analytics worker {self._slot.index}:\n{answer[1]}")
-        self._opened = True
+            raise AnalyticsFailed(f"in analytics worker {slot.index}:\n{answer[1]}")
+        if not self._opened:
+            self._opened = True
+            if self._here_used:  # the worker has that state now; a stream falling back again starts afresh
+                self._here, self._here_used = StreamAnalytics(*self._arguments), False
+        frame = result.frame
         _, track_ids, zones, events, self._occupancy, self._made = answer
         events = [replace(event, occurred_at=frame.captured_at) for event in events]
         return replace(result, detections=replace(result.detections, track_ids=track_ids), zones=zones), events
@@ -295,20 +324,38 @@ class RemoteAnalytics:
         return messages, build_s
 
     def occupancy(self) -> dict[tuple[str, str], int]:
-        return self._occupancy if self._worker is not None else self._fallback.occupancy()
+        return self._occupancy if self._home is not None else self._here.occupancy()
 
     def close(self) -> None:
         """The stream is gone: its state in the worker is released."""
-        if self._worker is not None:
-            self._worker = None
-            self._pool.release(self._slot, self._key)
+        self._closed = True
+        self._leave()
+
+    def _move_in(self) -> None:
+        self._next_move = time.monotonic() + _MOVE_AGAIN_S
+        if self._closed:
+            return
+        self._home = self._pool.home()
+        self._opened = False
+        if self._home is not None and self._here_used:
+            stream_id = self._arguments[0]
+            log.info("stream %s: its analytics moves to analytics worker %d; its tracks carry on", stream_id,
+                     self._home[0].index, extra={"stream": stream_id})
+
+    def _leave(self) -> None:
+        if self._home is not None:
+            slot, self._home = self._home[0], None
+            self._pool.release(slot, self._key)
 
     def _fall_back(self, why: str) -> None:
-        stream_id = self._opening[0]
+        stream_id = self._arguments[0]
         if not self._pool.closed:
-            log.warning("stream %s: its analytics worker %s; its analytics goes on in the pipeline's process, its "
-                        "tracks restarted", stream_id, why, extra={"stream": stream_id})
-        self.close()
+            log.warning("stream %s: its analytics worker %s; its analytics goes on in the pipeline's process until a "
+                        "worker is ready, %s", stream_id, why,
+                        "its tracks restarted" if self._opened else "its tracks carrying on",
+                        extra={"stream": stream_id})
+        self._leave()
+        self._next_move = time.monotonic() + _MOVE_AGAIN_S
 
 
 def _analysed(streams: dict[int, tuple[StreamAnalytics, str | None]], key: int, opening: Opening | None,
@@ -317,7 +364,7 @@ def _analysed(streams: dict[int, tuple[StreamAnalytics, str | None]], key: int, 
     pipeline's process (the frame's size stands in for its pixels: ByteTrack reads nothing else), then its
     messages, unless they cannot be built here (the pipeline then builds them, and logs why)."""
     if opening is not None:
-        streams[key] = (StreamAnalytics(*opening[:4]), opening[4])
+        streams[key] = (pickle.loads(opening[0]), opening[1])
     analytics, model_name = streams[key]
     analysed, events = analytics.process(result_from_fields(fields, detections_from_bytes(*detections),
                                                             analytics.labels))
