@@ -234,8 +234,8 @@ class AnalyticsProcesses:
         worker = slot.worker
         if worker is None:
             return
-        log.warning("analytics worker %d (pid %d) %s; its streams go on in the pipeline's process, their tracks "
-                    "restarted", slot.index, worker.process.pid, why)
+        log.warning("analytics worker %d (pid %d) %s; replaced, and its streams go on in the pipeline's process until "
+                    "the new one is ready, their tracks restarted", slot.index, worker.process.pid, why)
         worker.stop(0.0)
         slot.worker = None if self.closed else _Worker()
 
