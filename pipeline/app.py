@@ -95,7 +95,7 @@ class Pipeline:
         keep_model_libraries_offline()
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.metrics = PipelineMetrics(self.registry)
+        self.metrics = PipelineMetrics(self.registry, helpers=lambda: self.helper_pids)
         self.heartbeats = Heartbeats(self.metrics)
         self._decoders = None if config.decoding.processes == 0 else DecoderPool(config.decoding.processes)
         self.ledger = FrameLedger(self.metrics)

@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 
 from pipeline.analytics.zones import anchor_point, crosses_segment, point_in_polygon
+from pipeline.app import Pipeline
 from pipeline.config import parse_config
 from pipeline.publishing.messages import load_schema
 from pipeline.tools.broker import EmbeddedBroker
@@ -23,7 +24,7 @@ from pipeline.tools.demo import SHIPPED_WEIGHTS
 from pipeline.tools.synth.clips import write_scripted_clip
 from pipeline.tools.synth.evaluate import box_iou
 from pipeline.tools.synth.world import GroundTruthObject, SceneSpec, _Track
-from tests.conftest import decode, read_topic, run_to_completion, unused_topic
+from tests.conftest import decode, metric_value, read_topic, run_to_completion, scrape, unused_topic
 
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="the bundled model is not in the tree")
 
@@ -110,10 +111,16 @@ def test_two_streams_give_exact_zone_and_line_counts_with_stable_track_ids(
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic": frames_topic},
         "http": {"host": "127.0.0.1", "port": 0},
     })
-    helpers: list[dict[str, list[int]]] = []
-    pipeline = run_to_completion(config, timeout_s=240, before_stop=lambda running: helpers.append(running.helper_pids))
+    scraped: list[str] = []
+
+    def scrape_metrics(running: Pipeline) -> None:
+        assert running.http is not None
+        scraped.append(scrape(running.http.port))
+
+    pipeline = run_to_completion(config, timeout_s=240, before_stop=scrape_metrics)
     workers = pipeline.analytics.processes if pipeline.analytics is not None else None
-    assert len(helpers[0]["analytics processes"]) == analytics_processes
+    assert metric_value(scraped[0], "vap_helper_processes", kind="analytics") == analytics_processes
+    assert metric_value(scraped[0], "vap_helper_processes", kind="kafka_client") == 1
     assert (workers.frames_in_workers if workers is not None else 0) == (2 * FRAMES if analytics_processes else 0)
 
     wanted = {name: expected_events(truth[name], scene["analytics"]) for name, scene in SCENES.items()}

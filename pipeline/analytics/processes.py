@@ -66,7 +66,7 @@ from pipeline.publishing.spool import OutgoingMessage
 
 log = logging.getLogger(__name__)
 
-_REPLY_S = 2.0  # a frame takes about a millisecond; the stop budget gives a stage 1.5 s
+_REPLY_S = 2.0  # a frame takes about a millisecond; a stop gives the stage a second, and the workers another
 _READY_WAIT_S = 10.0
 _MOVE_AGAIN_S = 5.0  # how often a stream in the pipeline's process looks for a ready worker
 _WORKER_BOOTSTRAP = bootstrap_for("pipeline.analytics.processes")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
@@ -102,7 +102,9 @@ class StreamMetrics:
 class PipelineMetrics:
     """The metric names and labels of the design contract."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry,
+                 helpers: Callable[[], dict[str, list[int]]] | None = None) -> None:
+        """`helpers`: the pipeline's helper processes by role (`Pipeline.helper_pids`), read at each scrape."""
         self.registry = registry
         self._streams: dict[str, StreamMetrics] = {}
         self._streams_lock = threading.Lock()
@@ -122,6 +124,8 @@ class PipelineMetrics:
         )
         ProcessCollector(registry=registry)
         registry.register(GpuCollector())
+        if helpers is not None:
+            registry.register(HelperProcessCollector(helpers))
 
     def _define_stream_metrics(self, registry: CollectorRegistry) -> None:
         """Per stream: its frames' fates (`pipeline.ledger`), its connection, its latency."""
@@ -260,6 +264,26 @@ class PipelineMetrics:
                 metric.remove(stream_id)
             for reason in DROP_REASONS:
                 self.frames_dropped.remove(stream_id, reason)
+
+
+class HelperProcessCollector(Collector):
+    """How many helper processes of each kind run now, read at scrape time: a kind that keeps dying (replaced
+    after a pause that grows) or cannot start shows below its setting."""
+
+    def __init__(self, helpers: Callable[[], dict[str, list[int]]]) -> None:
+        self._helpers = helpers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running = GaugeMetricFamily("vap_helper_processes", "Helper processes running now: the Kafka client, "
+                                    "decoders, polygon, message and analytics workers", labels=["kind"])
+        for role, pids in self._helpers().items():
+            running.add_metric([helper_kind(role)], float(len(pids)))
+        yield running
+
+
+def helper_kind(role: str) -> str:
+    """The label of a helper role: "Kafka client process" is kafka_client, "analytics processes" analytics."""
+    return role.lower().removesuffix(" processes").removesuffix(" process").replace(" ", "_")
 
 
 class GpuCollector(Collector):
