@@ -77,7 +77,7 @@ def compose_value(text: str) -> str:
 def exported_metric_names() -> set[str]:
     """Every series name the pipeline can expose, from the metrics module itself (histograms by name too)."""
     names: set[str] = set()
-    registry = PipelineMetrics(CollectorRegistry()).registry
+    registry = PipelineMetrics(CollectorRegistry(), helpers=lambda: {}).registry
     FleetMetrics(registry, "worker")  # fleet mode registers its metrics beside the pipeline's
     for family in registry.collect():
         if family.type == "counter":
@@ -470,6 +470,8 @@ tests:
         values: '0 0 0 40 40 40 40'
       - series: 'vap_spool_log_messages_total{{job="vap", instance="box:9108", result="written"}}'
         values: '0+100x20'
+      - series: 'vap_helper_processes{{job="vap", instance="box:9108", kind="analytics"}}'
+        values: '2 2 2 1 2 2 2 1x20'
     alert_rule_test:
       - eval_time: 6m
         alertname: VapStreamDown
@@ -504,6 +506,13 @@ tests:
       - eval_time: 20m
         alertname: VapSpoolLogNotWritten
         exp_alerts: []
+      - eval_time: 10m
+        alertname: VapHelperProcessesMissing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: VapHelperProcessesMissing
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: vap, instance: "box:9108", kind: analytics}}
 """
 
 
