@@ -17,7 +17,7 @@ from pipeline.ops.metrics import PipelineMetrics
 from pipeline.publishing.accounting import DeliveryAccounting
 from pipeline.publishing.delivery import DeliveryState
 from pipeline.publishing.spool import LEGACY_SPOOL_FILE, OutgoingMessage, load_legacy_spool_file
-from pipeline.publishing.spool_log import SpoolLog, WriteFn
+from pipeline.publishing.spool_log import SpoolLog, WriteFn, message_record_bytes
 
 log = logging.getLogger("pipeline.publishing.publisher")
 
@@ -62,8 +62,17 @@ class SpoolJournal:
             (self._directory / LEGACY_SPOOL_FILE).unlink(missing_ok=True)
 
     def write(self, now: float) -> None:
-        self._apply(now)
-        self._keep_within_bound(now)
+        """The turn's settlements first, which frees segments; then room is made for the turn's new messages, and
+        they are written. So the log does not go beyond its bound by a turn's worth even for a moment: a turn
+        under load can bring more than the bound, and the spool drops the oldest of them at once. Those are
+        never written (nothing is left to resend), nor is their settlement."""
+        with self._lock:
+            appended, settled = self._state.take_journal()
+        gone = set(settled)
+        appended = [message for message in appended if message.sequence not in gone]
+        self._log.settle(settled, now)
+        self._keep_within_bound(now, sum(message_record_bytes(message) for message in appended))
+        self._append(appended, now)
         self._log.sync_if_due(now)
         self._metrics.spool_log_bytes.set(self._log.disk_bytes)
 
@@ -80,19 +89,22 @@ class SpoolJournal:
     def _apply(self, now: float) -> None:
         with self._lock:
             appended, settled = self._state.take_journal()
-        unwritten = self._log.append(appended, now)
+        self._append(appended, now)
         self._log.settle(settled, now)
+
+    def _append(self, appended: list[OutgoingMessage], now: float) -> None:
+        unwritten = self._log.append(appended, now)
         counts = self._metrics.spool_log_messages
         if unwritten:
             counts["unwritten"].inc(len(unwritten))
         if len(appended) > len(unwritten):
             counts["written"].inc(len(appended) - len(unwritten))
 
-    def _keep_within_bound(self, now: float) -> None:
-        """Beyond `max_bytes` on disk the oldest segment's waiting messages are dropped (and counted), so the
-        segment can go once those in flight are settled."""
+    def _keep_within_bound(self, now: float, incoming: int) -> None:
+        """Beyond `max_bytes` on disk, with `incoming` bytes still to come, the oldest segment's waiting messages
+        are dropped (and counted), so the segment can go once those in flight are settled."""
         spool_log = self._log
-        while spool_log.disk_bytes > self._max_bytes:
+        while spool_log.disk_bytes + incoming > self._max_bytes:
             last = spool_log.oldest_segment_last_sequence()
             if last is None:
                 return

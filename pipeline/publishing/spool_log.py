@@ -202,6 +202,11 @@ def encode_message(message: OutgoingMessage) -> bytes:
                   + message.key + message.value)
 
 
+def message_record_bytes(message: OutgoingMessage) -> int:
+    """What `encode_message` makes of the message, in bytes, without making it."""
+    return _FRAME.size + _MESSAGE.size + len(message.key) + len(message.value)
+
+
 def encode_settled(sequences: Sequence[int]) -> bytes:
     return _frame(_KIND_SETTLED, struct.pack(f">{len(sequences)}Q", *sequences))
 
