@@ -143,12 +143,12 @@ class AnalyticsProcesses:
                 return
             time.sleep(0.05)
         log.warning("the analytics workers were not ready within %.0f s; streams added meanwhile keep their analytics "
-                    "in the pipeline's process", _READY_WAIT_S)
+                    "in the pipeline's process until one is", _READY_WAIT_S)
 
     def analysis_for(self, stream_id: str, config: AnalyticsConfig, tracker: str,
                      labels: dict[int, str]) -> StreamAnalytics | RemoteAnalytics:
         """The stream's analytics, in the worker with the fewest streams. Its `StreamAnalytics` is built here
-        first: that checks the stream's config, and it is the fallback, fresh, should the worker fail."""
+        first: that checks the stream's config here, and it is what the worker gets, pickled."""
         local = StreamAnalytics(stream_id, config, tracker, labels)
         if tracker in TRACKERS_READING_PIXELS:
             if not self._pixels_warned:
