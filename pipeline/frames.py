@@ -200,19 +200,22 @@ def detections_to_bytes(detections: Detections) -> tuple[bytes, bytes, bytes, li
 
 def detections_from_bytes(boxes: bytes, confidences: bytes, class_ids: bytes, lengths: list[int],
                           points: bytes) -> Detections:
-    outlines: list[npt.NDArray[np.float32] | None] = list(split_points(
-        np.frombuffer(points, np.float32).reshape(-1, 2), [max(length, 0) for length in lengths]))
     return Detections(np.frombuffer(boxes, np.float32).reshape(-1, 4), np.frombuffer(confidences, np.float32),
                       np.frombuffer(class_ids, np.int64),
-                      tuple(None if length < 0 else outline for length, outline in zip(lengths, outlines, strict=True)))
+                      tuple(_outlines(np.frombuffer(points, np.float32).reshape(-1, 2), lengths)))
+
+
+def _outlines(points: npt.NDArray[np.float32], lengths: list[int]) -> list[npt.NDArray[np.float32] | None]:
+    """Outlines stored one after another, as views; None where the length is -1 (a detection without one)."""
+    outlines: list[npt.NDArray[np.float32] | None] = list(split_points(points, [max(size, 0) for size in lengths]))
+    if min(lengths, default=0) < 0:
+        outlines = [None if size < 0 else outline for size, outline in zip(lengths, outlines, strict=True)]
+    return outlines
 
 
 def unpack_detections(packed: Sequence[Any]) -> list[Detections]:
     counts, boxes, confidences, class_ids, lengths, points = packed
-    sizes = lengths.tolist()
-    outlines: list[npt.NDArray[np.float32] | None] = list(split_points(points, [max(size, 0) for size in sizes]))
-    if min(sizes, default=0) < 0:
-        outlines = [None if size < 0 else outline for size, outline in zip(sizes, outlines, strict=True)]
+    outlines = _outlines(points, lengths.tolist())
     row_ends, outline_ends = np.cumsum(counts, 0).T.tolist()
     frames = []
     row_start = outline_start = 0
