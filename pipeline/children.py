@@ -68,6 +68,19 @@ _START_S = 60.0  # importing the model library takes a worker 2-3 s; one not rea
 _FIRST_PAUSE_S = 1.0
 _LONGEST_PAUSE_S = 60.0
 QUIT_WAIT_S = 1.0
+_READY_WAIT_S = 10.0
+
+
+def wait_until_ready(ready: Callable[[], int], wanted: int, kind: str, meanwhile: str) -> None:
+    """Waits up to `_READY_WAIT_S` until `ready()` counts `wanted` workers of a pool, so that the pipeline's first
+    frames find them; `meanwhile` says what happens if they are late ("messages are built in ...")."""
+    started = time.monotonic()
+    while time.monotonic() - started < _READY_WAIT_S:
+        if ready() == wanted:
+            log.info("%d %s(s) ready in %.1f s", wanted, kind, time.monotonic() - started)
+            return
+        time.sleep(0.05)
+    log.warning("the %ss were not ready within %.0f s; %s", kind, _READY_WAIT_S, meanwhile)
 
 
 class WorkerProcess:

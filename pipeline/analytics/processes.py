@@ -55,7 +55,7 @@ from typing import Any
 
 from pipeline.analytics.tracking import TRACKERS_READING_PIXELS
 from pipeline.analytics.zones import StreamAnalytics, ZoneEvent
-from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for
+from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for, wait_until_ready
 from pipeline.config import AnalyticsConfig
 from pipeline.frames import Frame, FrameResult, detections_from_bytes, detections_to_bytes
 from pipeline.ops.metrics import StreamMetrics
@@ -67,7 +67,6 @@ from pipeline.publishing.spool import OutgoingMessage
 log = logging.getLogger(__name__)
 
 _REPLY_S = 2.0  # a frame takes about a millisecond; a stop gives the stage a second, and the workers another
-_READY_WAIT_S = 10.0
 _MOVE_AGAIN_S = 5.0  # how often a stream in the pipeline's process looks for a ready worker
 _WORKER_BOOTSTRAP = bootstrap_for("pipeline.analytics.processes")
 
@@ -134,16 +133,10 @@ class AnalyticsProcesses:
     def start(self) -> None:
         """Starts the workers and waits for them (importing the tracker takes a worker a few seconds), so that the
         streams added at the pipeline's start find them ready."""
-        started = time.monotonic()
         for slot in self._slots:
             slot.worker = _Worker()
-        while time.monotonic() - started < _READY_WAIT_S:
-            if self.ready_workers == len(self._slots):
-                log.info("%d analytics worker(s) ready in %.1f s", len(self._slots), time.monotonic() - started)
-                return
-            time.sleep(0.05)
-        log.warning("the analytics workers were not ready within %.0f s; streams added meanwhile keep their analytics "
-                    "in the pipeline's process until one is", _READY_WAIT_S)
+        wait_until_ready(lambda: self.ready_workers, len(self._slots), "analytics worker",
+                         "streams added meanwhile keep their analytics in the pipeline's process until one is")
 
     def analysis_for(self, stream_id: str, config: AnalyticsConfig, tracker: str,
                      labels: dict[int, str]) -> StreamAnalytics | RemoteAnalytics:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Histogram
 
-from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for
+from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for, wait_until_ready
 from pipeline.frames import (
     Classification,
     Detections,
@@ -59,7 +59,6 @@ from pipeline.publishing.spool import OutgoingMessage
 log = logging.getLogger(__name__)
 
 _REPLY_S = 2.0  # a batch takes milliseconds; the stop budget gives a stage 1.5 s
-_READY_WAIT_S = 10.0
 _SMALLEST_PART = 16  # frames a worker is sent at least: a part costs the pipeline 20-30 us to pack and send
 _WORKER_BOOTSTRAP = bootstrap_for("pipeline.publishing.message_pool")
 
@@ -95,15 +94,12 @@ class MessagePool:
 
     def start(self) -> None:
         """Starts the workers and waits for them (a second or so), so that they build the first batch's messages."""
-        started = time.monotonic()
-        while time.monotonic() - started < _READY_WAIT_S:
+        def ready() -> int:
             with self._workers.lock:
-                if len(self._workers.ready()) == self._processes:
-                    log.info("%d message worker(s) ready in %.1f s", self._processes, time.monotonic() - started)
-                    return
-            time.sleep(0.05)
-        log.warning("the message workers were not ready within %.0f s; messages are built in the pipeline's process "
-                    "until they are", _READY_WAIT_S)
+                return len(self._workers.ready())  # starts the workers, at the first call
+
+        wait_until_ready(ready, self._processes, "message worker",
+                         "messages are built in the pipeline's process until they are")
 
     def publish(self, results: Sequence[FrameResult]) -> None:
         """Every result ends as a message handed to the publisher, or dropped (build_error)."""
