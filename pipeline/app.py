@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from pipeline import __version__
 from pipeline.analytics.stage import AnalyticsStage
 from pipeline.batching.hub import FrameHub, OverflowPolicy
+from pipeline.children import HelperPool
 from pipeline.config import KafkaConfig, PipelineConfig, StreamConfig
 from pipeline.errors import NotAcceptingChanges, StreamExists, UnknownStream
 from pipeline.fleet.node import FleetNode
@@ -95,7 +96,7 @@ class Pipeline:
         keep_model_libraries_offline()
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.metrics = PipelineMetrics(self.registry, helpers=lambda: self.helper_pids)
+        self.metrics = PipelineMetrics(self.registry, helpers=lambda: self.helpers)
         self.heartbeats = Heartbeats(self.metrics)
         self._decoders = None if config.decoding.processes == 0 else DecoderPool(config.decoding.processes)
         self.ledger = FrameLedger(self.metrics)
@@ -130,17 +131,19 @@ class Pipeline:
         return self._processed
 
     @property
+    def helpers(self) -> dict[str, list[HelperPool]]:
+        """Every pool of processes working for this pipeline now, by role (for metrics and CPU accounting)."""
+        stage = self.analytics
+        pools: dict[str, list[HelperPool | None]] = {
+            "Kafka client process": [self._kafka_process], "decoder processes": [self._decoders],
+            "polygon processes": [getattr(worker.detector, "polygon_pool", None) for worker in self.workers],
+            "message processes": [None if stage is None else stage.messages],
+            "analytics processes": [None if stage is None else stage.processes]}
+        return {role: [pool for pool in found if pool is not None] for role, found in pools.items()}
+
+    @property
     def helper_pids(self) -> dict[str, list[int]]:
-        """Every process working for this pipeline now, by role (for CPU and memory accounting)."""
-        messages, processes = (None, None) if self.analytics is None else (self.analytics.messages,
-                                                                          self.analytics.processes)
-        kafka = None if self._kafka_process is None else self._kafka_process.pid
-        return {"Kafka client process": [] if kafka is None else [kafka],
-                "decoder processes": [] if self._decoders is None else self._decoders.running(),
-                "polygon processes": [pid for worker in self.workers
-                                      for pid in getattr(worker.detector, "polygon_worker_pids", ())],
-                "message processes": [] if messages is None else messages.pids,
-                "analytics processes": [] if processes is None else processes.pids}
+        return {role: [pid for pool in pools for pid in pool.pids] for role, pools in self.helpers.items()}
 
     def start(self, max_frames: int | None = None) -> None:
         config = self.config

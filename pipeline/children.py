@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 
 def bootstrap_for(module: str) -> str:
@@ -104,6 +104,18 @@ class WorkerProcess:
         self.connection.close()
 
 
+class HelperPool(Protocol):
+    """What the pipeline's metrics and status read of a pool of helper processes of one kind."""
+
+    @property
+    def pids(self) -> list[int]: ...
+
+    @property
+    def replacements(self) -> int:
+        """Workers that died or stopped answering and were replaced, since the pool was made."""
+        ...
+
+
 W = TypeVar("W", bound=WorkerProcess)
 T = TypeVar("T")
 
@@ -123,6 +135,7 @@ class WorkerProcesses(Generic[W]):
         self._meanwhile = meanwhile
         self.lock = threading.Lock()
         self.closed = False
+        self.replacements = 0
 
     @property
     def pids(self) -> list[int]:
@@ -160,6 +173,7 @@ class WorkerProcesses(Generic[W]):
         if worker is None:
             return
         self._workers[index] = None
+        self.replacements += 1
         pause = self._pause_s[index]
         self._start_after[index] = time.monotonic() + pause
         self._pause_s[index] = min(pause * 2, _LONGEST_PAUSE_S)

@@ -67,9 +67,11 @@ def test_a_worker_that_dies_ends_its_streams_reads_and_the_next_open_gets_a_new_
     while source.read() is not None:  # what was decoded ahead may still come; then the stream ends
         assert time.monotonic() - started < 5
     source.close()
+    assert pool.replacements == 0
     again = pool.source_factory(1)(config)
     assert again.open() and again.read() is not None
     assert again._worker is not None and again._worker.pid != worker.pid  # type: ignore[attr-defined]
+    assert pool.replacements == 1
     again.close()
 
 
@@ -100,10 +102,10 @@ def test_closing_the_pool_under_open_streams_stops_its_workers_and_removes_their
         assert isinstance(source, ProcessSource) and source.open() and source.read() is not None
         assert source._memory is not None
         memories.append(Path("/dev/shm") / source._memory.name.lstrip("/"))
-    assert len(pool.running()) == 1
+    assert len(pool.pids) == 1
     started = time.monotonic()
     pool.close(timeout_s=2.0)
-    assert time.monotonic() - started < 2.5 and not pool.running()
+    assert time.monotonic() - started < 2.5 and not pool.pids
     assert not [memory for memory in memories if memory.exists()]
     for source in sources:
         decoded_ahead = 0
@@ -131,5 +133,5 @@ def test_decoder_processes_give_the_detections_of_the_in_process_path_and_accoun
         assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
         results[processes] = published_detections(broker, topic, 2 * CLIP_FRAMES)
         if processes:
-            assert pipeline._decoders is not None and not pipeline._decoders.running(), "workers stop with vap"
+            assert pipeline._decoders is not None and not pipeline._decoders.pids, "workers stop with vap"
     assert_same_detections(results[2], results[0], 2 * CLIP_FRAMES)

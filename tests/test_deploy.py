@@ -472,6 +472,10 @@ tests:
         values: '0+100x20'
       - series: 'vap_helper_processes{{job="vap", instance="box:9108", kind="analytics"}}'
         values: '2 2 2 1 2 2 2 1x20'
+      - series: 'vap_helper_replacements_total{{job="vap", instance="box:9108", kind="message"}}'
+        values: '0 0 1 1 1 1 2 3 3x20'
+      - series: 'vap_helper_replacements_total{{job="vap", instance="box:9108", kind="decoder"}}'
+        values: '0 1 1x20'
     alert_rule_test:
       - eval_time: 6m
         alertname: VapStreamDown
@@ -513,6 +517,13 @@ tests:
         alertname: VapHelperProcessesMissing
         exp_alerts:
           - exp_labels: {{severity: warning, job: vap, instance: "box:9108", kind: analytics}}
+      - eval_time: 6m
+        alertname: VapHelperProcessesReplaced
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: VapHelperProcessesReplaced
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: vap, instance: "box:9108", kind: message}}
 """
 
 

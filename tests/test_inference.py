@@ -398,8 +398,8 @@ def test_the_gpu_paths_post_processing_gives_the_cpu_paths_detections_from_mask_
     frames = [replace(make_frame("s", index), image=image) for index, (image, _) in enumerate(scene)]
 
     expected, got = infer(cpu, frames), infer(gpu_like, frames)
-    workers = gpu_like.polygon_worker_pids
     pool = gpu_like.polygon_pool
+    workers = [] if pool is None else pool.pids
     if pool is not None:  # the first batch started the workers and was traced here, while they started
 
         def traced_by_the_workers() -> bool:

@@ -201,6 +201,7 @@ def test_a_killed_child_fails_its_messages_back_and_the_publisher_delivers_all_o
     publisher.stop(flush_timeout_s=10)
     assert publisher.join(15)
     assert kafka_process.pid not in (None, first_pid), "a new child serves the new producer"
+    assert kafka_process.replacements == 1
     assert count("dropped") == 0
     records = read_topic(broker.bootstrap_servers, topic, expected=200)
     delivered = {decode(record)["frame_id"] for record in records}
@@ -220,6 +221,7 @@ def test_a_child_that_stops_answering_is_replaced_and_its_messages_delivered_by_
     for frame_id in range(1, 20):
         publisher.submit(make_result(make_frame("cam-1", frame_id)))
     assert wait_until(lambda: kafka_process.pid not in (None, stuck_pid), timeout_s=20), "the stuck child is replaced"
+    assert kafka_process.replacements == 1
     assert wait_until(lambda: count("sent") == 20, timeout_s=20)
     publisher.stop(flush_timeout_s=5)
     assert publisher.join(10)

@@ -188,7 +188,7 @@ def test_a_killed_worker_costs_no_frame_and_is_replaced(pool: MessagePool, stage
     assert pool.frames_in_workers + pool.frames_here == len(results)
     stages.assert_settled("cam-0", "cam-1", "cam-2")
     ready(pool)
-    assert killed not in pool.pids and len(pool.pids) == 2
+    assert killed not in pool.pids and len(pool.pids) == 2 and pool.replacements == 1
 
 
 def test_a_worker_that_stops_answering_is_replaced_after_the_reply_wait(
@@ -204,7 +204,7 @@ def test_a_worker_that_stops_answering_is_replaced_after_the_reply_wait(
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck, signal.SIGCONT)
     assert [comparable(m) for _, m in published.messages] == [comparable(m) for m in built_here(results)]
-    assert stuck not in pool.pids
+    assert stuck not in pool.pids and pool.replacements == 1
 
 
 def test_a_closed_pool_stops_its_workers_and_builds_here(pool: MessagePool, stages: Stages,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +34,7 @@ from tests.conftest import (
     unused_topic,
     vap_process,
     wait_for,
+    write_moving_box_clip,
 )
 
 DESIGN_METRICS = [
@@ -124,6 +126,44 @@ def test_every_frame_is_published_with_the_kafka_client_in_a_child_process_or_no
         assert children == []
     records = read_topic(broker.bootstrap_servers, topic, expected=CLIP_FRAMES)
     assert sorted(decode(record)["frame_id"] for record in records) == list(range(CLIP_FRAMES))
+
+
+def test_helpers_killed_mid_run_are_replaced_cost_no_frame_and_are_counted_on_metrics(
+    broker: EmbeddedBroker, tmp_path: Path, make_config: ConfigFactory
+) -> None:
+    """The Kafka client's child and a message worker, SIGKILLed while frames flow: every frame still reaches the
+    broker, and the scraped `/metrics` count one replacement of each kind and none of the others."""
+    frames = 80
+    clip = write_moving_box_clip(tmp_path / "clip.mp4", 320, 180, frames=frames)
+    topic = unused_topic("helpers-killed")
+    config = make_config([{"id": "cam-a", "url": str(clip), "realtime": False}], broker.bootstrap_servers, topic,
+                         analytics={"message_processes": 1})
+    pipeline = Pipeline(config)
+    pipeline.start()
+    try:
+        assert pipeline.http is not None
+        wait_for(lambda: pipeline.ledger.overall().published >= 5 and pipeline.helper_pids["message processes"], 30,
+                 "frames should be published, their messages built by the worker")
+        killed = pipeline.helper_pids[KAFKA_PROCESS] + pipeline.helper_pids["message processes"]
+        assert len(killed) == 2
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        assert pipeline.wait(duration_s=60) == "all sources finished"
+        wait_for(lambda: pipeline.ledger.overall().in_flight == 0, 30, "every frame should be settled")
+        port = pipeline.http.port
+        wait_for(lambda: metric_value(scrape(port), "vap_helper_replacements_total", kind="kafka_client") == 1, 30,
+                 "the Kafka client's child should be replaced")
+        metrics = scrape(port)
+    finally:
+        pipeline.stop()
+    assert metric_value(metrics, "vap_helper_replacements_total", kind="kafka_client") == 1
+    assert metric_value(metrics, "vap_helper_replacements_total", kind="message") == 1
+    assert metric_value(metrics, "vap_helper_replacements_total", kind="decoder") == 0
+    assert metric_value(metrics, "vap_helper_processes", kind="kafka_client") == 1
+    totals = pipeline.ledger.overall()
+    assert totals.read == totals.published == frames
+    delivered = {decode(record)["frame_id"] for record in read_topic(broker.bootstrap_servers, topic, frames)}
+    assert delivered == set(range(frames)), "messages in flight at the kill are resent"
 
 
 def test_health_and_readiness_probes_answer_over_http(

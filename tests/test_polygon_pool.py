@@ -145,7 +145,7 @@ def test_a_killed_worker_costs_no_batch_and_is_replaced(pool: PolygonPool) -> No
     assert_same(pool.frame_detections(found, plan), expected)  # traced by the other worker and here
 
     assert_same(traced_in_workers(pool, found, plan, workers=2), expected)
-    assert killed not in pool.pids and len(pool.pids) == 2
+    assert killed not in pool.pids and len(pool.pids) == 2 and pool.replacements == 1
 
 
 def test_a_worker_that_stops_answering_is_replaced_after_the_reply_wait(pool: PolygonPool,
@@ -163,7 +163,7 @@ def test_a_worker_that_stops_answering_is_replaced_after_the_reply_wait(pool: Po
         with contextlib.suppress(ProcessLookupError):  # gone already if it was replaced
             os.kill(stuck, signal.SIGCONT)
 
-    assert stuck not in pool.pids
+    assert stuck not in pool.pids and pool.replacements == 1
     assert_same(traced_in_workers(pool, found, plan, workers=2), expected)
 
 

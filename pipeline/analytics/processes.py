@@ -115,6 +115,7 @@ class AnalyticsProcesses:
         self._assign_lock = threading.Lock()
         self._pixels_warned = False
         self.closed = False
+        self.replacements = 0
 
     @property
     def pids(self) -> list[int]:
@@ -231,6 +232,7 @@ class AnalyticsProcesses:
                     "the new one is ready, their tracks restarted", slot.index, worker.process.pid, why)
         worker.stop(0.0)
         slot.worker = None if self.closed else _Worker()
+        self.replacements += slot.worker is not None
 
     def _revive(self, slot: _Slot) -> None:
         """A worker that died between its streams' frames (none of them noticed) is replaced, for streams added

@@ -362,9 +362,6 @@ class UltralyticsDetector:
     def polygon_pool(self) -> PolygonPool | None:
         return self._polygons
 
-    @property
-    def polygon_worker_pids(self) -> list[int]:
-        return [] if self._polygons is None else self._polygons.pids
 
     def close(self) -> None:
         """Ends the upload copy threads and polygon workers; `submit` must not be called afterwards."""

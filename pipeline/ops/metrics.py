@@ -10,8 +10,10 @@ import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pipeline.children import HelperPool
 
 # What a frame can be dropped for (the `reason` label; DESIGN.md's four first). `pipeline.ledger` decides which
 # applies; every frame read ends published or dropped for exactly one of these.
@@ -103,8 +105,8 @@ class PipelineMetrics:
     """The metric names and labels of the design contract."""
 
     def __init__(self, registry: CollectorRegistry,
-                 helpers: Callable[[], dict[str, list[int]]] | None = None) -> None:
-        """`helpers`: the pipeline's helper processes by role (`Pipeline.helper_pids`), read at each scrape."""
+                 helpers: Callable[[], dict[str, list[HelperPool]]] | None = None) -> None:
+        """`helpers`: the pipeline's pools of helper processes by role (`Pipeline.helpers`), read at each scrape."""
         self.registry = registry
         self._streams: dict[str, StreamMetrics] = {}
         self._streams_lock = threading.Lock()
@@ -267,18 +269,23 @@ class PipelineMetrics:
 
 
 class HelperProcessCollector(Collector):
-    """How many helper processes of each kind run now, read at scrape time: a kind that keeps dying (replaced
-    after a pause that grows) or cannot start shows below its setting."""
+    """The helper processes of each kind, read at scrape time. How many run now: a kind that keeps dying (replaced
+    after a pause that grows) or cannot start shows below its setting. How many were replaced: a worker that dies
+    and is replaced at once is missing from the first for a moment only, and shows in the second."""
 
-    def __init__(self, helpers: Callable[[], dict[str, list[int]]]) -> None:
+    def __init__(self, helpers: Callable[[], dict[str, list[HelperPool]]]) -> None:
         self._helpers = helpers
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         running = GaugeMetricFamily("vap_helper_processes", "Helper processes running now: the Kafka client, "
                                     "decoders, polygon, message and analytics workers", labels=["kind"])
-        for role, pids in self._helpers().items():
-            running.add_metric([helper_kind(role)], float(len(pids)))
+        replaced = CounterMetricFamily("vap_helper_replacements", "Helper processes that died or stopped "
+                                       "answering and were replaced", labels=["kind"])
+        for role, pools in self._helpers().items():
+            running.add_metric([helper_kind(role)], float(sum(len(pool.pids) for pool in pools)))
+            replaced.add_metric([helper_kind(role)], float(sum(pool.replacements for pool in pools)))
         yield running
+        yield replaced
 
 
 def helper_kind(role: str) -> str:

@@ -108,12 +108,24 @@ class KafkaProcess:
         self._closed = False
         self._last_heard = 0.0
         self._starts_unanswered = 0
+        self._starts = 0
         self._local = False  # the child cannot run here: producers are this process's own
 
     @property
     def pid(self) -> int | None:
         with self._lock:
             return None if self._process is None else int(self._process.pid)
+
+    @property
+    def pids(self) -> list[int]:
+        pid = self.pid
+        return [] if pid is None else [pid]
+
+    @property
+    def replacements(self) -> int:
+        """Children started after the first: each one replaced a child that died, was killed as stuck or could
+        not open a producer."""
+        return max(0, self._starts - 1)
 
     def start(self) -> None:
         """Starts the child now rather than at the first `open_producer`."""
@@ -231,6 +243,7 @@ class KafkaProcess:
                                  self._connection)
             self._pending = {}
         process, connection = start_child(_CHILD_BOOTSTRAP)
+        self._starts += 1
         self._connection, self._process = connection, process
         self._outbox.clear()
         self._threads = [

@@ -89,6 +89,11 @@ class MessagePool:
         return self._workers.pids
 
     @property
+    def replacements(self) -> int:
+        """Workers that died or stopped answering and were replaced, since the pool started."""
+        return self._workers.replacements
+
+    @property
     def ready_workers(self) -> int:
         return self._workers.ready_count
 

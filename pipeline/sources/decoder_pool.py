@@ -108,6 +108,7 @@ class DecoderPool:
         self._workers: list[DecoderWorker | None] = [None] * processes
         self._lock = threading.Lock()
         self._closed = False
+        self.replacements = 0
 
     def source_factory(self, threads: int) -> Callable[[StreamConfig], VideoSource]:
         def make(config: StreamConfig) -> VideoSource:
@@ -124,6 +125,7 @@ class DecoderPool:
                 if worker is None or not worker.alive:
                     if worker is not None:
                         log.warning("decoder process %d is gone; starting a new one", index)
+                        self.replacements += 1
                     self._workers[index] = DecoderWorker()
             live = [worker for worker in self._workers if worker is not None]
             chosen = min(live, key=lambda worker: worker.streams)
@@ -134,7 +136,8 @@ class DecoderPool:
         with self._lock:
             worker.streams -= 1
 
-    def running(self) -> list[int]:
+    @property
+    def pids(self) -> list[int]:
         """The process ids of the workers still running."""
         with self._lock:
             return [worker.pid for worker in self._workers if worker is not None and worker.alive]
