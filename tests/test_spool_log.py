@@ -52,6 +52,37 @@ def test_settled_segments_are_deleted_oldest_first_and_the_size_on_disk_follows(
     assert recovered_sequences(tmp_path) == []
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["same-run", "after-a-restart"])
+def test_settled_segments_behind_a_pinned_one_go_and_a_crash_resends_none_of_their_settled_messages(
+        tmp_path: Path, restart: bool) -> None:
+    """Messages 0 and 1 are in flight to a broker that went away; everything after them is settled, mostly by
+    records in the segments that go. The settlements of the pinned segment are written again first, so the next
+    start resends 0 and 1 and the unsettled newest, nothing else (also after a restart, which reads back what is
+    settled in each segment)."""
+    log = SpoolLog(tmp_path, segment_bytes=1024)
+    log.recover()
+    log.append(messages(range(14)), now=0)
+    log.settle(range(2, 7), now=0)  # recorded in the second segment, which goes
+    log.append(messages(range(14, 44)), now=0)
+    log.settle(range(7, 40), now=0)
+    if restart:
+        log.close()
+        log = SpoolLog(tmp_path, segment_bytes=1024)
+        log.recover()
+    before = log.segments
+    pinned = log.last_sequence_of(0)
+    assert before > 3 and pinned is not None and pinned >= 2, "the oldest segment holds settled messages too"
+
+    log.delete_settled_segments(now=0)
+
+    # The four settled ones between the pinned oldest and the one that holds 40 and 41 went; after a restart the
+    # settlements are written again into a new segment, as a previous run's last one is never written to again.
+    assert log.segments == before - 4 + restart
+    assert log.disk_bytes == sum(path.stat().st_size for path in tmp_path.glob("spool-*.log"))
+    log.close()
+    assert recovered_sequences(tmp_path) == [0, 1, 40, 41, 42, 43]
+
+
 def test_messages_written_at_once_fill_segments_to_their_size_and_go_on_into_the_next(tmp_path: Path) -> None:
     """The publisher writes what arrived since its last turn in one go; a segment that took all of it would stay
     on disk, beyond kafka.spool.max_bytes, until every message in it was settled."""

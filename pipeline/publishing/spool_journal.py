@@ -1,9 +1,10 @@
 """Keeps the spool's log on disk (`spool_log.py`) in step with the delivery state machine (`delivery.py`).
 
 The publisher's loop calls `write` every turn: messages that entered the spool are written before they can
-be sent, then the settlements; the log is kept within `kafka.spool.max_bytes` by dropping the oldest
-waiting messages (counted); and it is synced at most half a second after a write. `recover` runs once at
-start, `close` once at the end; all three on the loop's side of the thread, never concurrently.
+be sent, then the settlements. The log is kept within `kafka.spool.max_bytes` by dropping the oldest waiting
+messages (counted); what a broker that went away still holds in flight counts against it. It is synced at
+most half a second after a write. `recover` runs once at start, `close` once at the end; all three on the
+loop's side of the thread, never concurrently.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class SpoolJournal:
         appended = [message for message in appended if message.sequence not in gone]
         self._log.settle(settled, now)
         self._keep_within_bound(now, sum(message_record_bytes(message) for message in appended))
-        self._append(appended, now)
+        self._append(self._fitting(appended, now), now)
         self._log.sync_if_due(now)
         self._metrics.spool_log_bytes.set(self._log.disk_bytes)
 
@@ -100,12 +101,31 @@ class SpoolJournal:
         if len(appended) > len(unwritten):
             counts["written"].inc(len(appended) - len(unwritten))
 
+    def _fitting(self, appended: list[OutgoingMessage], now: float) -> list[OutgoingMessage]:
+        """The newest of the turn's messages that fit in the room left, once nothing older can go; the others are
+        dropped (and counted) unwritten, with every waiting message older than they."""
+        room = self._max_bytes - self._log.disk_bytes
+        cut = len(appended)
+        while cut > 0 and (size := message_record_bytes(appended[cut - 1])) <= room:
+            room -= size
+            cut -= 1
+        if cut == 0:
+            return appended
+        with self._lock:
+            outcomes = self._state.drop_spooled_through(
+                appended[cut - 1].sequence, now, f"the spool's log reached kafka.spool.max_bytes ({self._max_bytes})")
+        self._accounting.record(outcomes)
+        return appended[cut:]
+
     def _keep_within_bound(self, now: float, incoming: int) -> None:
-        """Beyond `max_bytes` on disk, with `incoming` bytes still to come, the oldest segment's waiting messages
-        are dropped (and counted), so the segment can go once those in flight are settled."""
+        """Beyond `max_bytes` on disk, with `incoming` bytes still to come, the waiting messages of the oldest
+        segment are dropped (and counted), so that it goes. A segment pinned by messages in flight stays until
+        they come back, so the next one's waiting messages go, and so on, and the settled segments behind the
+        pinned ones are deleted."""
         spool_log = self._log
+        index = 0
         while spool_log.disk_bytes + incoming > self._max_bytes:
-            last = spool_log.oldest_segment_last_sequence()
+            last = spool_log.last_sequence_of(index)
             if last is None:
                 return
             with self._lock:
@@ -117,5 +137,6 @@ class SpoolJournal:
             self._apply(now)
             if not held:
                 spool_log.forget_through(last)
-            if spool_log.segments == segments:
-                return
+            else:
+                spool_log.delete_settled_segments(now)
+            index = 0 if spool_log.segments < segments else index + 1

@@ -10,8 +10,10 @@ and a CRC-32, so a tear (a power cut mid-write, a full disk) is found where it s
 is kept, the rest of that segment is skipped and counted. Two kinds of record: a message (its sequence
 number, lane, key and value) and a list of settled sequence numbers. New records go to the newest segment,
 which rolls over at a size; the oldest segments are deleted, in order, once all their messages are settled.
-Deleting only from the oldest end means a settlement record is never gone while the message it settles is
-still on disk.
+A settled segment behind an older one still pinned (its messages in flight to a broker that went away, which
+fails them only after its request timeout) goes too when the log needs the room: the settlements of the
+older segments are written again first, so a settlement record is never gone while the message it settles
+is still on disk.
 
 Writes are not synced one by one: `sync` (fsync) runs at most `SYNC_INTERVAL_S` after a write, so a crash
 loses at most the last half second of messages, for one fsync twice a second rather than one per message.
@@ -82,6 +84,11 @@ class _Segment:
     size: int
     first_sequence: int
     live: set[int] = field(default_factory=set)
+    last_written: int = -1
+
+    def settled(self) -> list[int]:
+        """The numbers of its messages that are settled (and of any the spool numbered but dropped unwritten)."""
+        return [sequence for sequence in range(self.first_sequence, self.last_written + 1) if sequence not in self.live]
 
 
 @dataclass
@@ -175,6 +182,7 @@ def _scan(directory: Path, repair: bool) -> tuple[Recovered, list[_Segment]]:
         settled |= parsed.settled
         highest = max([highest, *parsed.messages, *parsed.settled])
     for segment in segments:
+        segment.last_written = max(segment.live, default=-1)
         segment.live -= settled
     live = [messages[sequence] for sequence in sorted(messages.keys() - settled)]
     last_number = found[-1][0] if found else 0
@@ -272,6 +280,7 @@ class SpoolLog:
             if not self._put(segment, b"".join(records[start:end]), now):
                 return list(messages[start:])
             segment.live.update(message.sequence for message in messages[start:end])
+            segment.last_written = max(segment.last_written, messages[end - 1].sequence)
             self._next_sequence = max(self._next_sequence, messages[end - 1].sequence + 1)
             start = end
         return []
@@ -293,11 +302,37 @@ class SpoolLog:
                 segment.live = {live for live in segment.live if live > sequence}
         self._reclaim()
 
-    def oldest_segment_last_sequence(self) -> int | None:
-        """The largest sequence the oldest segment can hold, while there is a newer one to keep."""
-        if len(self._segments) < 2:
+    def last_sequence_of(self, index: int) -> int | None:
+        """The largest sequence segment `index` (the oldest is 0) can hold, while there is a newer one to keep."""
+        if index + 1 >= len(self._segments):
             return None
-        return self._segments[1].first_sequence - 1
+        return self._segments[index + 1].first_sequence - 1
+
+    def delete_settled_segments(self, now: float) -> None:
+        """Delete every settled segment but the newest, also those behind an older one still pinned by messages
+        in flight. Their records may settle messages of those older segments, so every settlement of the older
+        ones is written again, and synced, before anything goes: a crash then resends no message that was settled.
+        Costs a record of the older segments' settled numbers, so it is for when the log needs the room."""
+        self._reclaim()
+        doomed = [segment for segment in self._segments[1:-1] if not segment.live]
+        if not doomed:
+            return
+        behind = [segment for segment in self._segments if segment.number < doomed[-1].number and segment.live]
+        carried = [sequence for segment in behind for sequence in segment.settled()]
+        if carried:
+            record = encode_settled(carried)
+            segment = self._writable_segment(len(record))
+            if segment is None or not self._put(segment, record, now):
+                return
+            self.sync()
+        for segment in doomed:
+            try:
+                segment.path.unlink(missing_ok=True)
+            except OSError as error:
+                self._errors.error("cannot delete %s: %s", segment.path, error)
+                return
+            self._disk_bytes -= segment.size
+            self._segments.remove(segment)
 
     def holds(self, sequence: int) -> bool:
         segment = self._segment_of(sequence)
