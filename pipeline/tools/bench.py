@@ -528,6 +528,8 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
             per_frame = {role: 1000 * seconds / max(1, measured_frames)
                          for role, seconds in account.seconds_by_role().items()}
             dropped = _dropped_while_running(pipeline.registry)
+            replaced = {role: count for role, pools in pipeline.helpers.items()
+                        if (count := sum(pool.replacements for pool in pools))}
             pipeline.stop()
             peak_mb = peak()
     finally:
@@ -543,6 +545,9 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
              f"per stage: {_stage_means(registry)}")
     if len(latencies) < acknowledged:
         notes += f"; {acknowledged - len(latencies)} acknowledged message(s) could not be read back"
+    if replaced:  # a helper that died mid-run moved its work into vap's process for a while: numbers to distrust
+        notes += "; helpers replaced during the run: " + ", ".join(f"{count} of the {role}" for role, count in
+                                                                   replaced.items())
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
                        gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores,
