@@ -66,14 +66,18 @@ class SpoolJournal:
         """The turn's settlements first, which frees segments; then room is made for the turn's new messages, and
         they are written. So the log does not go beyond its bound by a turn's worth even for a moment: a turn
         under load can bring more than the bound, and the spool drops the oldest of them at once. Those are
-        never written (nothing is left to resend), nor is their settlement."""
+        never written (nothing is left to resend), nor is their settlement. When nothing older can go (messages
+        in flight hold the rest), the oldest of the turn's own messages are dropped unwritten."""
         with self._lock:
             appended, settled = self._state.take_journal()
         gone = set(settled)
         appended = [message for message in appended if message.sequence not in gone]
         self._log.settle(settled, now)
-        self._keep_within_bound(now, sum(message_record_bytes(message) for message in appended))
-        self._append(self._fitting(appended, now), now)
+        incoming = sum(message_record_bytes(message) for message in appended)
+        self._keep_within_bound(now, incoming)
+        if self._log.disk_bytes + incoming > self._max_bytes:
+            appended = self._fitting(appended, now)
+        self._append(appended, now)
         self._log.sync_if_due(now)
         self._metrics.spool_log_bytes.set(self._log.disk_bytes)
 
