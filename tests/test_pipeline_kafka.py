@@ -26,6 +26,7 @@ from tests.conftest import (
     ConfigFactory,
     closed_port_address,
     decode,
+    http_call,
     metric_value,
     read_topic,
     run_to_completion,
@@ -154,8 +155,10 @@ def test_helpers_killed_mid_run_are_replaced_cost_no_frame_and_are_counted_on_me
         wait_for(lambda: metric_value(scrape(port), "vap_helper_replacements_total", kind="kafka_client") == 1, 30,
                  "the Kafka client's child should be replaced")
         metrics = scrape(port)
+        status = http_call(port, "GET", "/api/v1/status")[1]
     finally:
         pipeline.stop()
+    assert status["helper_replacements"] == {KAFKA_PROCESS: 1, "message processes": 1}
     assert metric_value(metrics, "vap_helper_replacements_total", kind="kafka_client") == 1
     assert metric_value(metrics, "vap_helper_replacements_total", kind="message") == 1
     assert metric_value(metrics, "vap_helper_replacements_total", kind="decoder") == 0

@@ -38,7 +38,7 @@ def list_streams(pipeline: Pipeline) -> list[dict[str, Any]]:
 def status(pipeline: Pipeline) -> dict[str, Any]:
     """`frames_processed`: frames published by the streams running now, as `/metrics` and the stream list
     count them. `helper_processes`: how many of each kind run now (a worker replaced after it died is missing
-    until its replacement starts)."""
+    until its replacement starts); `helper_replacements`: how many of each kind were replaced since the start."""
     publisher = pipeline.publisher
     stream_ids = [reader.config.id for reader in pipeline.running_readers()]
     published = sum(totals.published for stream_id in stream_ids
@@ -58,6 +58,8 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
             "topic": pipeline.config.kafka.topic, "connected": publisher.connected, "backlog": publisher.backlog()
         },
         "helper_processes": {role: len(pids) for role, pids in pipeline.helper_pids.items() if pids},
+        "helper_replacements": {role: count for role, pools in pipeline.helpers.items()
+                                if (count := sum(pool.replacements for pool in pools))},
     }
 
 

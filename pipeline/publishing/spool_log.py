@@ -317,8 +317,8 @@ class SpoolLog:
         doomed = [segment for segment in self._segments[1:-1] if not segment.live]
         if not doomed:
             return
-        behind = [segment for segment in self._segments if segment.number < doomed[-1].number and segment.live]
-        carried = [sequence for segment in behind for sequence in segment.settled()]
+        pinned = [segment for segment in self._segments if segment.number < doomed[-1].number and segment.live]
+        carried = [sequence for segment in pinned for sequence in segment.settled()]
         if carried:
             record = encode_settled(carried)
             segment = self._writable_segment(len(record))
