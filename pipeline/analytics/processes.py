@@ -6,14 +6,16 @@ interpreter's lock the inference thread needs too. At 1,800 frames/s that is one
 pipeline's process. With the workers, a tracked frame costs that process 174-198 us in all, against 898-975
 (`benchmarks/README.md`, "Tracking, zones and lines in worker processes").
 
-Each stream keeps its lane, and the lane's thread hands one frame at a time to its stream's worker and waits on
-the worker's socket, holding no lock. So a stream's frames still reach its tracker in order, and a slow stream
-still holds one of the stage's threads at most. The worker keeps the stream's state (its tracker, its tracks'
-zones and lines), and answers with the frame's track ids, zone states, events and occupancy, and with the
-frame's and events' messages, encoded as the stage would encode them (`pipeline.publishing.message_pool`'s
-functions). The stage then only hands those to the publisher. With snapshots, which need the frame's pixels,
-the stage builds the messages itself from the worker's analysis. Streams share a worker: a slow stream delays
-the streams pinned with it by its own analytics time, and no other.
+Each stream keeps its lane, and the lane's thread hands the frames waiting in it (up to `LANE_FRAMES`, in order)
+to its stream's worker in one request and waits on the worker's socket, holding no lock. So a stream's frames
+still reach its tracker in order, and a slow stream still holds one of the stage's threads at most. A live
+camera rarely has more than one frame waiting; a file read faster than real time, or a stage that fell behind,
+has several, and one round trip for them all costs both processes less per frame. The worker keeps the stream's
+state (its tracker, its tracks' zones and lines), and answers with each frame's track ids, zone states, events
+and occupancy, and with the frame's and events' messages, encoded as the stage would encode them
+(`pipeline.publishing.message_pool`'s functions). The stage then only hands those to the publisher. With
+snapshots, which need the frame's pixels, the stage builds the messages itself from the worker's analysis.
+Streams share a worker: a slow stream delays the streams pinned with it by its own analytics time, and no other.
 
 Nothing depends on the workers. A stream's `StreamAnalytics` is built in the pipeline's process and shipped to
 its worker pickled; while no worker can take it (none ready yet, or its worker died or stopped answering) it
@@ -29,10 +31,11 @@ BoT-SORT reads each frame's pixels (its camera-motion compensation), which the w
 Protocol, over the socket each worker inherits:
     worker -> pipeline, once its imports are done: ("ready",)
     pipeline -> worker: ("analyse", streams to forget, stream key, (the stream's pickled `StreamAnalytics`,
-                        model name or None) on a stream's first frame there else None, the frame's fields, its
-                        detections as bytes); answered by ("analysed", track ids, zone states, events, occupancy,
-                        (the frame's message as the message workers answer it, each event's message) or None),
-                        or ("failed", traceback) when the analytics raised
+                        model name or None) on a stream's first request there else None, [(a frame's fields, its
+                        detections as bytes), ...]); answered by a list with, for each frame in order, ("analysed",
+                        track ids, zone states, events, occupancy, (the frame's message as the message workers
+                        answer it, each event's message) or None), or ("failed", traceback) when its analytics
+                        raised
     pipeline -> worker: ("quit",), or end of file when the pipeline goes
 """
 
@@ -47,6 +50,7 @@ import select
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -67,6 +71,7 @@ from pipeline.publishing.spool import OutgoingMessage
 log = logging.getLogger(__name__)
 
 _REPLY_S = 2.0  # a frame takes about a millisecond; a stop gives the stage a second, and the workers another
+LANE_FRAMES = 8  # frames of one stream per request at most: a few milliseconds of analytics
 _MOVE_AGAIN_S = 5.0  # how often a stream in the pipeline's process looks for a ready worker
 _WORKER_BOOTSTRAP = bootstrap_for("pipeline.analytics.processes")
 
@@ -78,6 +83,9 @@ Arguments = tuple[str, AnalyticsConfig, str, dict[int, str]]
 
 Made = tuple[Built, list[bytes]]
 """A frame's message as a worker built it, and its events' messages."""
+
+Analysed = tuple[FrameResult, list[ZoneEvent]]
+"""A frame with its track ids and zone states, and the events it gave."""
 
 
 class _Worker(WorkerProcess):
@@ -93,7 +101,7 @@ class AnalyticsFailed(RuntimeError):
 
 @dataclass(eq=False)
 class _Slot:
-    """One worker and what goes with it. `lock` is held for a request's round trip: one frame at a time."""
+    """One worker and what goes with it. `lock` is held for a request's round trip: one stream at a time."""
 
     index: int
     worker: _Worker | None = None
@@ -101,6 +109,7 @@ class _Slot:
     streams: int = 0
     forgotten: list[int] = field(default_factory=list)
     frames: int = 0
+    requests: int = 0
 
 
 class AnalyticsProcesses:
@@ -130,6 +139,11 @@ class AnalyticsProcesses:
     def frames_in_workers(self) -> int:
         """Frames the workers answered, failed analytics included."""
         return sum(slot.frames for slot in self._slots)
+
+    @property
+    def requests(self) -> int:
+        """Round trips to the workers: fewer than frames when lanes had several waiting."""
+        return sum(slot.requests for slot in self._slots)
 
     def start(self) -> None:
         """Starts the workers and waits for them (importing the tracker takes a worker a few seconds), so that the
@@ -177,8 +191,9 @@ class AnalyticsProcesses:
         assert slot.worker is not None
         return slot, slot.worker
 
-    def ask(self, slot: _Slot, worker: _Worker, request: tuple[Any, ...]) -> tuple[Any, ...] | str:
-        """The worker's answer; or why there is none, once the worker is found gone (it is then replaced)."""
+    def ask(self, slot: _Slot, worker: _Worker, request: tuple[Any, ...]) -> list[tuple[Any, ...]] | str:
+        """The worker's answers, one per frame; or why there are none, once the worker is found gone (it is then
+        replaced)."""
         with slot.lock:
             if slot.worker is not worker or self.closed:
                 return "has stopped"
@@ -186,9 +201,10 @@ class AnalyticsProcesses:
             try:
                 worker.connection.send_bytes(pickle.dumps(("analyse", forgotten, *request), pickle.HIGHEST_PROTOCOL))
                 if worker.readable.poll(_REPLY_S * 1000):
-                    answer: tuple[Any, ...] = worker.connection.recv()
-                    slot.frames += 1
-                    return answer
+                    answers: list[tuple[Any, ...]] = worker.connection.recv()
+                    slot.frames += len(answers)
+                    slot.requests += 1
+                    return answers
                 why = f"did not answer within {_REPLY_S:.0f} s"
             except (EOFError, OSError, ValueError):
                 why = "closed its socket"
@@ -256,7 +272,7 @@ class AnalyticsProcesses:
 
 
 class RemoteAnalytics:
-    """One stream's analytics, fed by the stream's lane one frame at a time and in order: in a worker, or in the
+    """One stream's analytics, fed by the stream's lane in order, a few frames at a time: in a worker, or in the
     pipeline's process while no worker can take it. It moves to a worker once one is ready, taking its state
     along (pickled), so its tracks carry on."""
 
@@ -271,7 +287,7 @@ class RemoteAnalytics:
         self._closed = False
         self._next_move = 0.0
         self._occupancy: dict[tuple[str, str], int] = {}
-        self._made: Made | None = None
+        self._made: deque[Made | None] = deque()
         self._move_in()
 
     @property
@@ -279,37 +295,64 @@ class RemoteAnalytics:
         """The worker the stream's analytics runs in; None while it runs in the pipeline's process."""
         return None if self._home is None else self._home[1].process.pid
 
-    def process(self, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
-        self._made = None
+    def process(self, result: FrameResult) -> Analysed:
+        outcome = self.process_many([result])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def process_many(self, results: list[FrameResult]) -> list[Analysed | Exception]:
+        """Each frame's analysis, or what its analytics raised, in order; `take_messages` then gives each frame's
+        messages in the same order."""
+        self._made.clear()
         if self._home is None and time.monotonic() >= self._next_move:
             self._move_in()
-        if self._home is None:
-            self._here_used = True
-            return self._here.process(result)
-        slot, worker = self._home
+        if self._home is not None:
+            outcomes = self._in_worker(results, *self._home)
+            if outcomes is not None:
+                return outcomes
+        self._here_used = True
+        here: list[Analysed | Exception] = []
+        for result in results:
+            try:
+                here.append(self._here.process(result))
+            except Exception as error:
+                here.append(error)
+        return here
+
+    def _in_worker(self, results: list[FrameResult], slot: _Slot, worker: _Worker) -> list[Analysed | Exception] | None:
+        """None when the worker is gone: the stream falls back."""
         opening = None if self._opened else (pickle.dumps(self._here, pickle.HIGHEST_PROTOCOL), self._pool.model_name)
-        answer = self._pool.ask(slot, worker, (self._key, opening, frame_fields(result),
-                                               detections_to_bytes(result.detections)))
-        if isinstance(answer, str):
-            self._fall_back(answer)
-            self._here_used = True
-            return self._here.process(result)
-        if answer[0] == "failed":  # the stream's next frame opens it again if it was never opened
-            raise AnalyticsFailed(f"in analytics worker {slot.index}:\n{answer[1]}")
-        if not self._opened:
+        frames = [(frame_fields(result), detections_to_bytes(result.detections)) for result in results]
+        answers = self._pool.ask(slot, worker, (self._key, opening, frames))
+        if isinstance(answers, str):
+            self._fall_back(answers)
+            return None
+        outcomes: list[Analysed | Exception] = []
+        made: list[Made | None] = []
+        for result, answer in zip(results, answers, strict=True):
+            if answer[0] == "failed":
+                outcomes.append(AnalyticsFailed(f"in analytics worker {slot.index}:\n{answer[1]}"))
+                made.append(None)
+                continue
+            _, track_ids, zones, events, self._occupancy, messages = answer
+            events = [replace(event, occurred_at=result.frame.captured_at) for event in events]
+            outcomes.append((replace(result, detections=replace(result.detections, track_ids=track_ids),
+                                     zones=zones), events))
+            made.append(messages)
+        self._made.extend(made)
+        analysed_there = any(not isinstance(outcome, Exception) for outcome in outcomes)
+        if not self._opened and analysed_there:  # a stream none of whose frames was analysed there opens again
             self._opened = True
             if self._here_used:  # the worker has that state now; a stream falling back again starts afresh
                 self._here, self._here_used = StreamAnalytics(*self._arguments), False
-        frame = result.frame
-        _, track_ids, zones, events, self._occupancy, self._made = answer
-        events = [replace(event, occurred_at=frame.captured_at) for event in events]
-        return replace(result, detections=replace(result.detections, track_ids=track_ids), zones=zones), events
+        return outcomes
 
     def take_messages(self, frame: Frame, events: list[ZoneEvent],
                       series: StreamMetrics | None) -> tuple[list[OutgoingMessage], float] | None:
-        """The messages of the frame `process` last analysed, as its worker built them, and the seconds that took;
-        None when the pipeline is to build them (the worker could not, or does not)."""
-        made, self._made = self._made, None
+        """The messages of the next frame `process_many` last analysed, as its worker built them, and the seconds that
+        took; None when the pipeline is to build them (the worker could not, or does not)."""
+        made = self._made.popleft() if self._made else None
         if made is None:
             return None
         (value, total_s, build_s, labels), event_values = made
@@ -387,11 +430,16 @@ def _serve(connection: Connection) -> None:
         for message in _requests(connection):
             for key in message[1]:
                 streams.pop(key, None)
-            try:
-                answer: Any = _analysed(streams, *message[2:])
-            except Exception:
-                answer = ("failed", traceback.format_exc())
-            connection.send(answer)
+            key, opening, frames = message[2:]
+            answers: list[tuple[Any, ...]] = []
+            for fields, detections in frames:
+                try:
+                    answers.append(_analysed(streams, key, opening, fields, detections))
+                except Exception:
+                    answers.append(("failed", traceback.format_exc()))
+                if key in streams:
+                    opening = None
+            connection.send(answers)
 
 
 def _requests(connection: Connection) -> Iterator[tuple[Any, ...]]:

@@ -1,9 +1,10 @@
 """The analytics stage: each stream's tracking, zones and lines, then the frame's messages.
 
-Every stream has a lane: its own bounded queue of results. A pool of `analytics.workers` threads takes
-lanes in turn, one result at a time, and never two threads on one lane, so a stream's results stay in
-order and feed its tracker in frame order. A stream whose analytics is slow holds one thread at a time at
-most; the other threads go on with the other streams, so a slow stream delays only itself.
+Every stream has a lane: its own bounded queue of results. A pool of `analytics.workers` threads takes lanes
+in turn, one result at a time (up to eight for a stream analysed in a worker process), and never two threads
+on one lane, so a stream's results stay in order and feed its tracker in frame order. A stream whose
+analytics is slow holds one thread at a time at most; the other threads go on with the other streams, so a
+slow stream delays only itself.
 
 After analytics (at once for a stream without any), the same thread builds the frame's message and its
 zone events' messages and hands them to the publisher; the frame's image is released then. An analytics
@@ -16,8 +17,8 @@ A lane's bound and policy follow its stream's: live streams keep the freshest re
 With `analytics.message_processes`, the streams without analytics skip the lanes: each batch's results of
 those streams are built by worker processes while the finisher that hands them over waits
 (`pipeline.publishing.message_pool`). With `analytics.processes`, the streams with analytics keep their lanes,
-and a lane's thread hands each frame to its stream's worker process and waits for its track ids, events and
-messages (`pipeline.analytics.processes`).
+and a lane's thread hands the frames waiting in it to its stream's worker process and waits for their track
+ids, events and messages (`pipeline.analytics.processes`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from pipeline.analytics.processes import AnalyticsProcesses, RemoteAnalytics
+from pipeline.analytics.processes import LANE_FRAMES, Analysed, AnalyticsProcesses, RemoteAnalytics
 from pipeline.analytics.zones import StreamAnalytics, ZoneEvent
 from pipeline.config import AnalyticsConfig, AnalyticsStageConfig
 from pipeline.frames import FrameResult
@@ -184,7 +185,7 @@ class AnalyticsStage:
             reason = "shutdown" if overflow is result else "analytics_queue_full"
             self._ledger.dropped(overflow.frame.ticket, reason)
         elif lane is None or lane.retired:
-            self._process(None, result)  # a stream removed meanwhile: published, without its analytics
+            self._process(None, [result])  # a stream removed meanwhile: published, without its analytics
 
     def stop(self) -> None:
         """The threads end once every lane is empty."""
@@ -258,11 +259,12 @@ class AnalyticsStage:
                     thread.beat()
                 lane = self._ready.popleft()
                 lane.queued, lane.busy = False, True
-                result = lane.results.popleft()
-                self._count_waiting(-1)
+                taken = min(len(lane.results), LANE_FRAMES if isinstance(lane.analytics, RemoteAnalytics) else 1)
+                results = [lane.results.popleft() for _ in range(taken)]
+                self._count_waiting(-taken)
                 self._condition.notify_all()
             try:
-                self._process(lane, result)
+                self._process(lane, results)
             finally:
                 with self._condition:
                     lane.busy = False
@@ -270,16 +272,24 @@ class AnalyticsStage:
                     self._forget_if_done(lane)
             thread.beat()
 
-    def _process(self, lane: _Lane | None, result: FrameResult) -> None:
+    def _process(self, lane: _Lane | None, results: list[FrameResult]) -> None:
+        """A lane's results in order (several only for a stream analysed in a worker): analytics, then each one's
+        messages."""
+        started = time.monotonic()
+        analysed: list[Analysed] = [(result, []) for result in results]
+        if lane is not None and lane.analytics is not None:
+            analysed = self._analyse(lane, results)
+            now = time.monotonic()
+            for _ in results:
+                self._seconds["analytics"].observe((now - started) / len(results))
+            started = now
+        for result, events in analysed:
+            self._publish_frame(lane, result, events, started)
+            started = time.monotonic()
+
+    def _publish_frame(self, lane: _Lane | None, result: FrameResult, events: list[ZoneEvent], started: float) -> None:
         frame = result.frame
         series = lane.series if lane is not None else self._ledger.series(frame.stream_id, frame.run)
-        started = time.monotonic()
-        events: list[ZoneEvent] = []
-        if lane is not None and lane.analytics is not None:
-            result, events = self._analyse(lane, result)
-            analysed = time.monotonic()
-            self._seconds["analytics"].observe(analysed - started)
-            started = analysed
         try:
             made = lane.analytics.take_messages(frame, events, series) \
                 if lane is not None and isinstance(lane.analytics, RemoteAnalytics) else None
@@ -295,19 +305,34 @@ class AnalyticsStage:
         self._seconds["serialize"].observe(made[1])
         self._publish(made[0])
 
-    def _analyse(self, lane: _Lane, result: FrameResult) -> tuple[FrameResult, list[ZoneEvent]]:
-        """Tracking, zones and lines; on failure the frame goes on without them, counted."""
-        assert lane.analytics is not None
-        try:
-            analysed, events = lane.analytics.process(result)
-            self._set_occupancy(lane, lane.analytics.occupancy())
-            return analysed, events
-        except Exception:
+    def _analyse(self, lane: _Lane, results: list[FrameResult]) -> list[Analysed]:
+        """Tracking, zones and lines; a frame whose analytics failed goes on without them, counted."""
+        analytics = lane.analytics
+        assert analytics is not None
+        outcomes: list[Analysed | Exception] = []
+        if isinstance(analytics, RemoteAnalytics):
+            try:
+                outcomes = analytics.process_many(results)
+            except Exception as error:
+                outcomes = [error] * len(results)
+        else:
+            for result in results:
+                try:
+                    outcomes.append(analytics.process(result))
+                except Exception as error:
+                    outcomes.append(error)
+        analysed: list[Analysed] = []
+        for result, outcome in zip(results, outcomes, strict=True):
+            if not isinstance(outcome, Exception):
+                analysed.append(outcome)
+                continue
             self._analytics_errors.error("stream %s: analytics failed on frame %d; publishing it without track ids "
-                                         "or events", lane.stream_id, result.frame.frame_id, exc_info=True)
+                                         "or events", lane.stream_id, result.frame.frame_id, exc_info=outcome)
             if lane.series is not None:
                 lane.series.analytics_errors.inc()
-            return replace(result, detections=replace(result.detections, track_ids=())), []
+            analysed.append((replace(result, detections=replace(result.detections, track_ids=())), []))
+        self._set_occupancy(lane, analytics.occupancy())
+        return analysed
 
     @staticmethod
     def _set_occupancy(lane: _Lane, counts: dict[tuple[str, str], int]) -> None:

@@ -19,7 +19,7 @@ class RepeatedErrorLog:
         self._next_at = 0.0
         self._suppressed = 0
 
-    def error(self, message: str, *args: object, exc_info: bool = False) -> None:
+    def error(self, message: str, *args: object, exc_info: bool | BaseException = False) -> None:
         with self._lock:
             now = time.monotonic()
             if now < self._next_at:
