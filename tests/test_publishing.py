@@ -342,15 +342,16 @@ def test_the_log_on_disk_stays_within_max_bytes_and_what_it_pushes_out_is_counte
             for frame_id in range(first, first + 30):
                 harness.submit(make_result(make_frame("cam-1", frame_id)))
             time.sleep(0.02)
-        assert wait_until(lambda: harness.publisher.backlog() + harness.count("dropped") == 300)
+        assert wait_until(lambda: harness.publisher.backlog() + harness.count("dropped") == 300), \
+            f"backlog {harness.publisher.backlog()}, dropped {harness.count('dropped')}"
         time.sleep(0.3)
         largest = max(sizes)
         kept = logged_frame_ids(tmp_path)
-        assert kept == list(range(300 - len(kept), 300)), "the newest are kept, in order"
-        assert len(kept) + harness.count("dropped") == 300
+        assert kept == list(range(300 - len(kept), 300)), f"the newest are kept, in order: {kept}"
+        assert len(kept) + harness.count("dropped") == 300, f"{len(kept)} kept, {harness.count('dropped')} dropped"
     finally:
         harness.publisher.stop(flush_timeout_s=0.2)
-        assert harness.publisher.join(5)
+        assert harness.publisher.join(5), "the publisher did not stop within 5 s"
     # Measured here: 15.1-15.4 KB, with room kept for settlement records (16.4-16.5 KB without); 16.1-21.3 KB while
     # the segments pinned by messages in flight at a producer's replacement stayed, with the settled ones behind
     # them; 27-83 KB before room was made ahead of each turn.
