@@ -324,16 +324,22 @@ def test_a_full_disk_is_counted_and_logged_and_every_message_still_reaches_kafka
     assert "No space left on device" in caplog.text and "kept in memory only" in caplog.text
 
 
-def test_the_log_on_disk_stays_within_max_bytes_and_what_it_pushes_out_is_counted(tmp_path: Path) -> None:
-    max_bytes = 16 * 1024
+def size_watching_write(directory: Path) -> tuple[Callable[[int, bytes], int], list[int]]:
+    """A write for the spool's log that notes the log's size on disk after every write: the largest it ever was,
+    not a sample."""
     sizes: list[int] = []
 
     def write(fd: int, data: bytes) -> int:
-        """Every write, and the log's size on disk right after it: the largest it ever was, not a sample."""
         written = os.write(fd, data)
-        sizes.append(sum(path.stat().st_size for path in tmp_path.glob("spool-*.log")))
+        sizes.append(sum(path.stat().st_size for path in directory.glob("spool-*.log")))
         return written
 
+    return write, sizes
+
+
+def test_the_log_on_disk_stays_within_max_bytes_and_what_it_pushes_out_is_counted(tmp_path: Path) -> None:
+    max_bytes = 16 * 1024
+    write, sizes = size_watching_write(tmp_path)
     harness = Harness(broker_up=False, spool_dir=tmp_path, spool_max_bytes=max_bytes, spool_max_messages=100_000,
                       log_write=write)
     harness.publisher.start()
@@ -366,13 +372,7 @@ def test_messages_a_dying_broker_holds_in_flight_do_not_take_the_log_past_max_by
     dropping the oldest waiting messages (counted). What it holds is what a crash would resend: the held
     messages and the newest waiting ones, never one it dropped."""
     max_bytes = 16 * 1024
-    sizes: list[int] = []
-
-    def write(fd: int, data: bytes) -> int:
-        written = os.write(fd, data)
-        sizes.append(sum(path.stat().st_size for path in tmp_path.glob("spool-*.log")))
-        return written
-
+    write, sizes = size_watching_write(tmp_path)
     harness, holding = held_by_a_down_broker(30, spool_dir=tmp_path, spool_max_bytes=max_bytes,
                                              spool_max_messages=100_000, log_write=write)
     try:

@@ -123,11 +123,18 @@ class SpoolJournal:
             cut -= 1
         if cut == 0:
             return appended
+        self._drop_waiting_through(appended[cut - 1].sequence, now)
+        return appended[cut:]
+
+    def _drop_waiting_through(self, sequence: int, now: float) -> bool:
+        """Drops (and counts) the waiting messages numbered up to `sequence`; whether one of those numbers is still
+        held here (in flight)."""
         with self._lock:
             outcomes = self._state.drop_spooled_through(
-                appended[cut - 1].sequence, now, f"the spool's log reached kafka.spool.max_bytes ({self._max_bytes})")
+                sequence, now, f"the spool's log reached kafka.spool.max_bytes ({self._max_bytes})")
+            held = self._state.holds_through(sequence)
         self._accounting.record(outcomes)
-        return appended[cut:]
+        return held
 
     def _keep_within_bound(self, now: float, incoming: int) -> None:
         """Beyond `max_bytes` on disk, with `incoming` bytes still to come, the waiting messages of the oldest
@@ -140,11 +147,7 @@ class SpoolJournal:
             last = spool_log.last_sequence_of(index)
             if last is None:
                 return
-            with self._lock:
-                outcomes = self._state.drop_spooled_through(
-                    last, now, f"the spool's log reached kafka.spool.max_bytes ({self._max_bytes})")
-                held = self._state.holds_through(last)
-            self._accounting.record(outcomes)
+            held = self._drop_waiting_through(last, now)
             segments = spool_log.segments
             self._apply(now)
             if not held:

@@ -289,10 +289,7 @@ class SpoolLog:
         """Record that messages need no resend; segments left with nothing unsettled are deleted, oldest first."""
         known = [sequence for sequence in sequences if self._discard(sequence)]
         if known:
-            record = encode_settled(known)
-            segment = self._writable_segment(len(record))
-            if segment is not None:
-                self._put(segment, record, now)
+            self._put_settled(known, now)
         self._reclaim()
 
     def forget_through(self, sequence: int) -> None:
@@ -320,19 +317,12 @@ class SpoolLog:
         pinned = [segment for segment in self._segments if segment.number < doomed[-1].number and segment.live]
         carried = [sequence for segment in pinned for sequence in segment.settled()]
         if carried:
-            record = encode_settled(carried)
-            segment = self._writable_segment(len(record))
-            if segment is None or not self._put(segment, record, now):
+            if not self._put_settled(carried, now):
                 return
             self.sync()
         for segment in doomed:
-            try:
-                segment.path.unlink(missing_ok=True)
-            except OSError as error:
-                self._errors.error("cannot delete %s: %s", segment.path, error)
+            if not self._delete(segment):
                 return
-            self._disk_bytes -= segment.size
-            self._segments.remove(segment)
 
     def holds(self, sequence: int) -> bool:
         segment = self._segment_of(sequence)
@@ -442,13 +432,23 @@ class SpoolLog:
                 if oldest.size < self._segment_bytes:
                     return
                 self._drop_fd()
-            try:
-                oldest.path.unlink(missing_ok=True)
-            except OSError as error:
-                self._errors.error("cannot delete %s: %s", oldest.path, error)
+            if not self._delete(oldest):
                 return
-            self._disk_bytes -= oldest.size
-            self._segments.pop(0)
+
+    def _delete(self, segment: _Segment) -> bool:
+        try:
+            segment.path.unlink(missing_ok=True)
+        except OSError as error:
+            self._errors.error("cannot delete %s: %s", segment.path, error)
+            return False
+        self._disk_bytes -= segment.size
+        self._segments.remove(segment)
+        return True
+
+    def _put_settled(self, sequences: Sequence[int], now: float) -> bool:
+        record = encode_settled(sequences)
+        segment = self._writable_segment(len(record))
+        return segment is not None and self._put(segment, record, now)
 
     def _drop_newest_segment(self) -> None:
         segment = self._segments.pop()
