@@ -51,7 +51,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
@@ -86,6 +86,17 @@ Made = tuple[Built, list[bytes]]
 
 Analysed = tuple[FrameResult, list[ZoneEvent]]
 """A frame with its track ids and zone states, and the events it gave."""
+
+
+def analyse_each(process: Callable[[FrameResult], Analysed], results: list[FrameResult]) -> list[Analysed | Exception]:
+    """Each result through `process`, in order; what one raises is its outcome, and the others go on."""
+    outcomes: list[Analysed | Exception] = []
+    for result in results:
+        try:
+            outcomes.append(process(result))
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
 
 
 class _Worker(WorkerProcess):
@@ -312,13 +323,7 @@ class RemoteAnalytics:
             if outcomes is not None:
                 return outcomes
         self._here_used = True
-        here: list[Analysed | Exception] = []
-        for result in results:
-            try:
-                here.append(self._here.process(result))
-            except Exception as error:
-                here.append(error)
-        return here
+        return analyse_each(self._here.process, results)
 
     def _in_worker(self, results: list[FrameResult], slot: _Slot, worker: _Worker) -> list[Analysed | Exception] | None:
         """None when the worker is gone: the stream falls back."""

@@ -32,7 +32,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from pipeline.analytics.processes import LANE_FRAMES, Analysed, AnalyticsProcesses, RemoteAnalytics
+from pipeline.analytics.processes import (
+    LANE_FRAMES,
+    Analysed,
+    AnalyticsProcesses,
+    RemoteAnalytics,
+    analyse_each,
+)
 from pipeline.analytics.zones import StreamAnalytics, ZoneEvent
 from pipeline.config import AnalyticsConfig, AnalyticsStageConfig
 from pipeline.frames import FrameResult
@@ -309,18 +315,13 @@ class AnalyticsStage:
         """Tracking, zones and lines; a frame whose analytics failed goes on without them, counted."""
         analytics = lane.analytics
         assert analytics is not None
-        outcomes: list[Analysed | Exception] = []
         if isinstance(analytics, RemoteAnalytics):
             try:
                 outcomes = analytics.process_many(results)
             except Exception as error:
                 outcomes = [error] * len(results)
         else:
-            for result in results:
-                try:
-                    outcomes.append(analytics.process(result))
-                except Exception as error:
-                    outcomes.append(error)
+            outcomes = analyse_each(analytics.process, results)
         analysed: list[Analysed] = []
         for result, outcome in zip(results, outcomes, strict=True):
             if not isinstance(outcome, Exception):
