@@ -116,6 +116,11 @@ class HelperPool(Protocol):
         ...
 
 
+def replacements_by_role(helpers: dict[str, list[HelperPool]]) -> dict[str, int]:
+    """How many helpers of each role were replaced, for the roles with any."""
+    return {role: count for role, pools in helpers.items() if (count := sum(pool.replacements for pool in pools))}
+
+
 W = TypeVar("W", bound=WorkerProcess)
 T = TypeVar("T")
 

@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
+from pipeline.children import replacements_by_role
 from pipeline.ops.http import Probe
 
 if TYPE_CHECKING:
@@ -58,8 +59,7 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
             "topic": pipeline.config.kafka.topic, "connected": publisher.connected, "backlog": publisher.backlog()
         },
         "helper_processes": {role: len(pids) for role, pids in pipeline.helper_pids.items() if pids},
-        "helper_replacements": {role: count for role, pools in pipeline.helpers.items()
-                                if (count := sum(pool.replacements for pool in pools))},
+        "helper_replacements": replacements_by_role(pipeline.helpers),
     }
 
 

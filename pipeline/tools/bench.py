@@ -34,6 +34,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from pipeline.app import GIL_SWITCH_INTERVAL_S, Pipeline
+from pipeline.children import replacements_by_role
 from pipeline.config import ModelConfig, PipelineConfig, apply_override, parse_config
 from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, PendingBatch, infer
@@ -528,8 +529,7 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
             per_frame = {role: 1000 * seconds / max(1, measured_frames)
                          for role, seconds in account.seconds_by_role().items()}
             dropped = _dropped_while_running(pipeline.registry)
-            replaced = {role: count for role, pools in pipeline.helpers.items()
-                        if (count := sum(pool.replacements for pool in pools))}
+            replaced = replacements_by_role(pipeline.helpers)
             pipeline.stop()
             peak_mb = peak()
     finally:
