@@ -33,6 +33,7 @@ from pipeline.frames import Frame, FrameResult
 from pipeline.inference.detector import Detector, UltralyticsDetector
 from pipeline.inference.devices import resolve_devices, worker_for_decoder
 from pipeline.inference.offline import keep_model_libraries_offline
+from pipeline.inference.process_detector import ProcessDetector
 from pipeline.inference.worker import InferenceWorker, drain_and_stop
 from pipeline.ledger import FrameLedger
 from pipeline.ops import probes
@@ -133,13 +134,7 @@ class Pipeline:
     @property
     def helpers(self) -> dict[str, list[HelperPool]]:
         """Every pool of processes working for this pipeline now, by role (for metrics and CPU accounting)."""
-        stage = self.analytics
-        pools: dict[str, list[HelperPool | None]] = {
-            "Kafka client process": [self._kafka_process], "decoder processes": [self._decoders],
-            "polygon processes": [getattr(worker.detector, "polygon_pool", None) for worker in self.workers],
-            "message processes": [None if stage is None else stage.messages],
-            "analytics processes": [None if stage is None else stage.processes]}
-        return {role: [pool for pool in found if pool is not None] for role, found in pools.items()}
+        return _helper_pools(self._kafka_process, self._decoders, self.workers, self.analytics)
 
     @property
     def helper_pids(self) -> dict[str, list[int]]:
@@ -452,8 +447,22 @@ def _check_runnable_here(stream: StreamConfig) -> None:
                          "(pip install 'vap[nvdec]'), or use decoder: cpu")
 
 
+def _helper_pools(kafka: KafkaProcess | None, decoders: DecoderPool | None, workers: list[InferenceWorker],
+                  stage: AnalyticsStage | None) -> dict[str, list[HelperPool]]:
+    pools: dict[str, list[HelperPool | None]] = {
+        "Kafka client process": [kafka], "decoder processes": [decoders],
+        "inference processes": [worker.detector if isinstance(worker.detector, ProcessDetector) else None
+                                for worker in workers],
+        "polygon processes": [getattr(worker.detector, "polygon_pool", None) for worker in workers],
+        "message processes": [None if stage is None else stage.messages],
+        "analytics processes": [None if stage is None else stage.processes]}
+    return {role: [pool for pool in found if pool is not None] for role, found in pools.items()}
+
+
 def _ultralytics_detector(config: PipelineConfig, device: str) -> Detector:
     urls = [stream.url for stream in config.streams]
+    if config.model.inference_process:
+        return ProcessDetector(config.model, device, config.batching.max_batch, calibration_urls=urls)
     return UltralyticsDetector(config.model, device, config.batching.max_batch, calibration_urls=urls)
 
 

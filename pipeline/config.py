@@ -284,6 +284,10 @@ class ModelConfig(_Section):
     polygon_processes: int = Field(0, ge=0, le=64, description=(
         "Segmentation on a GPU: trace mask outlines in this many worker processes per GPU instead of the pipeline's, "
         "whose interpreter the GPU's inference thread needs; 0 traces them in the pipeline's process"))
+    inference_process: bool = Field(False, description=(
+        "Run each device's model in a process of its own, which the pipeline's other threads never hold up behind "
+        "the interpreter lock; frames are copied to it through shared memory. Off: on a CPU host the model runs "
+        "at its own limit in the pipeline's process"))
     runtime: Literal["auto", "torch", "onnx", "openvino", "tensorrt"] = Field(
         "auto", description="auto: TensorRT on CUDA, OpenVINO on CPU when installed, else PyTorch"
     )

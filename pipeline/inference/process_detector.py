@@ -1,0 +1,430 @@
+"""The model in a process of its own (`model.inference_process`): one per device, fed whole batches.
+
+Why: in vap's process the inference thread shares one interpreter lock with the readers, the finisher, the
+analytics lanes and the publisher. On a GPU it needs the lock to prepare and launch every batch, so whatever
+else holds it leaves the device idle. Here the device's model runs in a child interpreter of its own: vap's
+inference thread copies the batch's pixels into memory both processes map and waits on a socket, holding no
+lock, and the child letterboxes, runs the model, NMS and masks, traces the polygons and sends back a few arrays
+(`pipeline.frames.pack_detections`).
+
+The cost is one copy of each frame's pixels (about 0.1 ms for 640x360, 1-2 ms for 1080p) and a round trip. On
+a CPU host the model already runs at its own limit in vap's process (`benchmarks/README.md`), so the option is
+off by default. Frames a GPU decoded (`decoder: cuda`) are copied down to the host for the child; keeping them
+on the device (CUDA IPC) is the next step.
+
+Unlike the other helpers (`pipeline.children`), no part of the work falls back to vap's process: a second copy
+of the model would double its device memory. A child that dies or stops answering is replaced, after a pause
+that doubles while its replacements fail to load; the batches it held, and those taken until its successor is
+ready, fail, and their frames are dropped as `inference_error`.
+
+Protocol, over the socket the child inherits:
+    pipeline -> child: ("load", ModelConfig, device, max_batch, calibration urls); answered by
+                       ("loaded", name, task, runtime, labels, precision) or ("load failed", kind, detail)
+    pipeline -> child: ("warmup", batch sizes); answered by ("warm",)
+    pipeline -> child: ("inbox", slot, size), then a memfd's descriptor: the memory a batch's pixels are copied
+                       into, one per slot, sent before a slot's first batch and whenever a batch needs more
+    pipeline -> child: ("infer", request, slot, [(offset, height, width), ...]); answered in order by
+                       ("inferred", request, packed detections, classes per frame, inference ms, BatchTimings) or
+                       ("failed", request, traceback)
+    pipeline -> child: ("quit",), or end of file when the pipeline goes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+from typing import Any
+
+import numpy as np
+
+from pipeline.children import WorkerProcess, bootstrap_for
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError, ModelMismatch
+from pipeline.frames import Frame, FrameResult, host_image, pack_detections, unpack_detections
+
+log = logging.getLogger(__name__)
+
+_BOOTSTRAP = bootstrap_for("pipeline.inference.process_detector")
+_LOAD_S = 900.0  # an INT8 model is quantized on first use, which takes minutes on a small CPU
+_REPLY_S = 60.0  # a batch takes milliseconds on a GPU and seconds at most on a CPU
+_READY_WAIT_S = 1.0  # how long a batch waits for a replacement to load before it fails
+_FIRST_PAUSE_S = 1.0
+_LONGEST_PAUSE_S = 60.0
+_SLOTS = 4  # the inference worker holds at most three batches: submitting, handed over, collecting
+_SMALLEST_INBOX = 1 << 20
+
+
+class InferenceProcessFailed(RuntimeError):
+    """The batch is lost: the child failed on it, died, or did not answer."""
+
+
+@dataclass
+class _Request:
+    number: int
+    frames: Sequence[Frame]
+    slot: int
+    child: int
+
+
+class _Child(WorkerProcess):
+    """One child, the generation it is (a replacement is the next), and the inboxes it maps."""
+
+    def __init__(self, generation: int) -> None:
+        super().__init__(_BOOTSTRAP)
+        self.generation = generation
+        self.inboxes: list[mmap.mmap | None] = [None] * _SLOTS
+
+
+class ProcessDetector:
+    """A `Detector` whose model runs in a child process. `submit` is called by the inference thread and
+    `collect` by the finisher, in the order of submission."""
+
+    def __init__(self, config: ModelConfig, device: str, max_batch: int = 1,
+                 calibration_urls: Sequence[str] = ()) -> None:
+        self.device = device
+        self._load_message = ("load", config, device, max_batch, list(calibration_urls))
+        self._lock = threading.Lock()
+        self._slots_free = threading.Semaphore(_SLOTS)
+        self._free_slots = list(range(_SLOTS))
+        self._inboxes: list[mmap.mmap | None] = [None] * _SLOTS
+        self._descriptors = [-1] * _SLOTS
+        self._requests = 0
+        self._answers: dict[int, tuple[Any, ...]] = {}
+        self._start_after = 0.0
+        self._pause_s = _FIRST_PAUSE_S
+        self._closed = False
+        self._warned_device_frames = False
+        self.replacements = 0
+        self._child: _Child | None = _Child(0)
+        self._child.connection.send(self._load_message)
+        loaded = self._wait_loaded(self._child, _LOAD_S, first=True)
+        self.name, self.task, self.runtime, self.labels, self.precision = loaded
+
+    @property
+    def pids(self) -> list[int]:
+        child = self._child
+        return [] if child is None else [child.process.pid]
+
+    @property
+    def polygon_pool(self) -> None:
+        """Polygons are traced in the child (its own `model.polygon_processes`, if any)."""
+        return None
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        child = self._ready_child()
+        child.connection.send(("warmup", list(batch_sizes)))
+        if not child.connection.poll(_LOAD_S) or child.connection.recv() != ("warm",):
+            raise InferenceProcessFailed("the inference process did not finish its warm-up")
+
+    def submit(self, frames: Sequence[Frame]) -> _Request:
+        child = self._ready_child()
+        images = [self._host_image(frame) for frame in frames]
+        if not self._slots_free.acquire(timeout=_REPLY_S):
+            raise InferenceProcessFailed("no inbox came free: batches were submitted and never collected")
+        with self._lock:
+            slot = self._free_slots.pop()
+            self._requests += 1
+            request = _Request(self._requests, frames, slot, child.generation)
+        try:
+            shapes = self._copy_in(child, slot, images)
+            child.connection.send(("infer", request.number, slot, shapes))
+        except (OSError, ValueError) as error:
+            self._release(request)
+            self._replace(child, f"cannot be written to ({error})")
+            raise InferenceProcessFailed("the inference process went while a batch was sent to it") from error
+        return request
+
+    def collect(self, pending: _Request) -> list[FrameResult]:
+        try:
+            answer = self._answer_to(pending)
+        finally:
+            self._release(pending)
+        if answer[0] == "failed":
+            raise InferenceProcessFailed(f"the inference process failed on the batch:\n{answer[2]}")
+        _, _, packed, classes, inference_ms, timings = answer
+        finished = time.monotonic()
+        return [FrameResult(frame=frame, task=self.task, detections=detections, classes=frame_classes,
+                            labels=self.labels, inference_ms=inference_ms, inferred_monotonic=finished,
+                            timings=timings)
+                for frame, detections, frame_classes in zip(pending.frames, unpack_detections(packed), classes,
+                                                            strict=True)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            child, self._child = self._child, None
+        if child is not None:
+            child.stop(2.0)
+        for slot in range(_SLOTS):
+            self._close_inbox(slot)
+
+    def _host_image(self, frame: Frame) -> np.ndarray[Any, Any]:
+        if not isinstance(frame.image, np.ndarray) and not self._warned_device_frames:
+            self._warned_device_frames = True
+            log.warning("frames decoded on %s are copied to the host for the inference process; decode them on "
+                        "the CPU (decoding.processes), or set model.inference_process: false", self.device)
+        return np.ascontiguousarray(host_image(frame.image))
+
+    def _copy_in(self, child: _Child, slot: int, images: list[np.ndarray[Any, Any]]) -> list[tuple[int, int, int]]:
+        inbox = self._inbox_for(child, slot, sum(image.nbytes for image in images))
+        shapes = []
+        offset = 0
+        for image in images:
+            np.frombuffer(inbox, np.uint8, image.nbytes, offset)[:] = image.reshape(-1)
+            shapes.append((offset, int(image.shape[0]), int(image.shape[1])))
+            offset += image.nbytes
+        return shapes
+
+    def _inbox_for(self, child: _Child, slot: int, needed: int) -> mmap.mmap:
+        """The slot's memory, `needed` bytes at least, mapped by the child too. The slot is free, so neither the
+        child nor a batch still reads its old memory."""
+        inbox = self._inboxes[slot]
+        if inbox is None or len(inbox) < needed:
+            self._close_inbox(slot)
+            self._descriptors[slot] = descriptor = os.memfd_create(f"vap-inference-inbox-{slot}")
+            size = max(2 * needed, _SMALLEST_INBOX)
+            os.ftruncate(descriptor, size)
+            self._inboxes[slot] = inbox = mmap.mmap(descriptor, size)
+        if child.inboxes[slot] is not inbox:
+            child.connection.send(("inbox", slot, len(inbox)))
+            send_handle(child.connection, self._descriptors[slot], child.process.pid)
+            child.inboxes[slot] = inbox
+        return inbox
+
+    def _close_inbox(self, slot: int) -> None:
+        inbox, descriptor = self._inboxes[slot], self._descriptors[slot]
+        self._inboxes[slot], self._descriptors[slot] = None, -1
+        if inbox is not None:
+            with contextlib.suppress(BufferError):
+                inbox.close()
+        if descriptor >= 0:
+            os.close(descriptor)
+
+    def _release(self, request: _Request) -> None:
+        with self._lock:
+            self._free_slots.append(request.slot)
+        self._slots_free.release()
+
+    def _answer_to(self, request: _Request) -> tuple[Any, ...]:
+        """The child's answer to `request`; answers come in order, so earlier ones (of batches already failed
+        here) are read past."""
+        child = self._child
+        if child is None or child.generation != request.child:
+            raise InferenceProcessFailed("the inference process that had the batch was replaced")
+        deadline = time.monotonic() + _REPLY_S
+        try:
+            while time.monotonic() < deadline:
+                if not child.connection.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
+                    if child.process.poll() is not None:
+                        break
+                    continue
+                answer = child.connection.recv()
+                if answer[1] == request.number:
+                    return tuple(answer)
+            why = (f"exited with status {child.process.returncode}" if child.process.poll() is not None
+                   else f"did not answer within {_REPLY_S:.0f} s")
+        except (EOFError, OSError) as error:
+            why = f"closed its socket ({error})"
+        self._replace(child, why)
+        raise InferenceProcessFailed(f"the inference process {why}; its batches are lost")
+
+    def _ready_child(self) -> _Child:
+        """The child, loaded. While it is being replaced, a batch waits up to `_READY_WAIT_S` for the successor
+        to be due, start and load, and fails after that: the streams lose a batch a second at most meanwhile."""
+        deadline = time.monotonic() + _READY_WAIT_S
+        with self._lock:
+            if self._closed:
+                raise InferenceProcessFailed("the detector is closed")
+            child, due_in = self._child, self._start_after - time.monotonic()
+        if child is None:
+            time.sleep(max(0.0, min(due_in, _READY_WAIT_S)))
+            with self._lock:
+                if self._child is None and not self._closed and time.monotonic() >= self._start_after:
+                    self._child = _Child(self.replacements)
+                    self._child.connection.send(self._load_message)
+                child = self._child
+            if child is None:
+                raise InferenceProcessFailed(f"the inference process is being replaced; the next starts in "
+                                             f"{max(0.0, self._start_after - time.monotonic()):.0f} s")
+        if not child.ready:
+            self._wait_loaded(child, max(0.0, deadline - time.monotonic()), first=False)
+        return child
+
+    def _wait_loaded(self, child: _Child, wait_s: float, first: bool) -> tuple[Any, ...]:
+        """What the child says it loaded. The first child's failure to load is the pipeline's, raised as loading
+        in this process would raise it; a replacement's only delays the next batches."""
+        try:
+            if child.connection.poll(wait_s):
+                answer = child.connection.recv()
+                if answer[0] == "loaded":
+                    child.ready = True
+                    with self._lock:
+                        self._pause_s = _FIRST_PAUSE_S
+                    log.info("the model runs in process %d on %s", child.process.pid, self.device)
+                    return tuple(answer[1:])
+                if first:
+                    child.stop(0.0)
+                    _raise_load_failure(answer)
+                why = f"could not load the model ({answer[-1]})"
+            elif child.process.poll() is not None:
+                why = f"exited with status {child.process.returncode}"
+            elif time.monotonic() - child.started < _LOAD_S:
+                raise InferenceProcessFailed("the inference process is still loading the model")
+            else:
+                why = f"did not load the model within {_LOAD_S:.0f} s"
+        except (EOFError, OSError) as error:
+            why = f"closed its socket ({error})"
+        self._replace(child, why)
+        raise InferenceProcessFailed(f"the inference process {why}")
+
+    def _replace(self, child: _Child, why: str) -> None:
+        """Stops `child` unless it was already replaced; the next batch starts its successor once due."""
+        with self._lock:
+            if self._child is not child:
+                return
+            self._child = None
+            self.replacements += 1
+            pause = self._pause_s
+            self._start_after = time.monotonic() + pause
+            self._pause_s = min(pause * 2, _LONGEST_PAUSE_S)
+        log.warning("the inference process on %s (pid %d) %s; its batches are lost, and a new one starts in %.0f s",
+                    self.device, child.process.pid, why, pause)
+        child.stop(0.0)
+
+
+def _raise_load_failure(answer: tuple[Any, ...]) -> None:
+    """The child's load failure as the error loading in vap's process raises, so the CLI answers the same."""
+    if answer[0] != "load failed":
+        raise InferenceProcessFailed(f"the inference process answered {answer[0]!r} to loading the model")
+    kind, detail = answer[1], answer[2]
+    if kind == "config":
+        raise ConfigError(detail)
+    if kind == "mismatch":
+        raise ModelMismatch(detail)
+    raise RuntimeError(detail)
+
+
+def serve_descriptor(descriptor: int) -> None:
+    """The child's entry point (SIGINT and SIGTERM are ignored: `bootstrap_for`)."""
+    from pipeline.inference.offline import keep_model_libraries_offline
+
+    keep_model_libraries_offline()
+    _Server(Connection(descriptor)).serve()
+    os._exit(0)  # nothing to flush, and tearing down the model library's interpreter takes a second
+
+
+class _Server:
+    """The child: its main thread reads requests and queues each batch's device work; a second thread waits for
+    it and answers, so the next batch is letterboxed and launched while this one finishes, as in vap's
+    process (`InferenceWorker`)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._send_lock = threading.Lock()
+        self._inboxes: list[mmap.mmap | None] = [None] * _SLOTS
+        self._submitted: queue.Queue[tuple[int, Any, BaseException | None] | None] = queue.Queue(maxsize=1)
+        self._detector: Any = None
+
+    def serve(self) -> None:
+        finisher = threading.Thread(target=self._answer_batches, name="inference-finish", daemon=True)
+        try:
+            message: Any = self._connection.recv()
+            if message[0] != "load" or not self._load(*message[1:]):
+                return
+            finisher.start()
+            while True:
+                message = self._connection.recv()
+                if message[0] == "infer":
+                    self._submit(*message[1:])
+                elif message[0] == "inbox":
+                    self._map_inbox(message[1], message[2])
+                elif message[0] == "warmup":
+                    self._detector.warmup(message[1])
+                    self._send(("warm",))
+                else:
+                    return
+        except (EOFError, OSError):
+            return
+        finally:
+            if finisher.is_alive():
+                self._submitted.put(None)
+                finisher.join(5.0)
+
+    def _load(self, config: ModelConfig, device: str, max_batch: int, urls: list[str]) -> bool:
+        from pipeline.inference.detector import UltralyticsDetector
+        from pipeline.inference.devices import use_device_in_this_thread
+
+        try:
+            use_device_in_this_thread(device)
+            self._detector = UltralyticsDetector(config, device, max_batch, calibration_urls=urls)
+        except ConfigError as error:
+            self._send(("load failed", "config", error.problems))
+            return False
+        except ModelMismatch as error:
+            self._send(("load failed", "mismatch", str(error)))
+            return False
+        except Exception as error:
+            self._send(("load failed", "other", f"{error}\n{traceback.format_exc()}"))
+            return False
+        detector = self._detector
+        self._send(("loaded", detector.name, detector.task, detector.runtime, detector.labels,
+                    getattr(detector, "precision", "")))
+        return True
+
+    def _map_inbox(self, slot: int, size: int) -> None:
+        descriptor = recv_handle(self._connection)
+        old = self._inboxes[slot]
+        self._inboxes[slot] = mmap.mmap(descriptor, size)
+        os.close(descriptor)
+        if old is not None:
+            with contextlib.suppress(BufferError):
+                old.close()
+
+    def _submit(self, number: int, slot: int, shapes: list[tuple[int, int, int]]) -> None:
+        now = time.monotonic()
+        stamp = datetime.now(timezone.utc)
+        inbox = self._inboxes[slot]
+        try:
+            assert inbox is not None, f"no inbox for slot {slot}"
+            frames = [Frame("batch", index, None, stamp, now,
+                            np.frombuffer(inbox, np.uint8, height * width * 3, offset).reshape(height, width, 3))
+                      for index, (offset, height, width) in enumerate(shapes)]
+            self._submitted.put((number, self._detector.submit(frames), None))
+        except Exception as error:
+            self._submitted.put((number, None, error))
+
+    def _answer_batches(self) -> None:
+        from pipeline.inference.devices import use_device_in_this_thread
+
+        use_device_in_this_thread(self._detector.device)
+        while (item := self._submitted.get()) is not None:
+            number, pending, error = item
+            try:
+                if error is not None:
+                    raise error
+                results = self._detector.collect(pending)
+                answer: tuple[Any, ...] = (
+                    "inferred", number, pack_detections([result.detections for result in results]),
+                    [result.classes for result in results], results[0].inference_ms if results else 0.0,
+                    results[0].timings if results else None)
+            except Exception:
+                answer = ("failed", number, traceback.format_exc())
+            try:
+                self._send(answer)
+            except (OSError, ValueError):
+                return
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._connection.send(message)
