@@ -42,6 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", required=True, metavar="KEY.PATH=VALUE",
                         help="what B changes; repeat for several keys")
+    parser.add_argument("--both", dest="shared", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="what A and B both change from the bench's configuration; repeat for several keys")
     parser.add_argument("--pairs", type=int, default=4)
     add_clip_arguments(parser, frames=300)
     parser.add_argument("--instant", action="store_true",
@@ -65,6 +67,7 @@ def main() -> None:
                                     f"ab.{pair}.{variant}", realtime=False, device=device)
                 if args.instant:
                     config = looping(config)
+                config = with_overrides(config, args.shared)
                 if variant == "B":
                     config = with_overrides(config, args.overrides)
                 measured = run_vap(config, variant, device, timeout_s=600, **instant)
@@ -78,8 +81,10 @@ def main() -> None:
     ratios = [b / a for a, b in zip(fps["A"], fps["B"], strict=True)]
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_facts(device), "options": asdict(options) | {
-            "json_path": str(args.json)}, "b_sets": args.overrides, "runs": runs, "b_over_a": ratios}, indent=2))
-    print(f"A (bench config): mean {statistics.mean(fps['A']):.1f} frames/s")
+            "json_path": str(args.json)}, "both_sets": args.shared, "b_sets": args.overrides, "runs": runs,
+            "b_over_a": ratios}, indent=2))
+    shared = "".join(f", {assignment}" for assignment in args.shared)
+    print(f"A (bench config{shared}): mean {statistics.mean(fps['A']):.1f} frames/s")
     print(f"B ({', '.join(args.overrides)}): mean {statistics.mean(fps['B']):.1f} frames/s")
     print(f"B/A per pair: {' '.join(f'{ratio:.3f}' for ratio in ratios)}; mean {statistics.mean(ratios):.3f}, "
           f"median {statistics.median(ratios):.3f}, B ahead in {sum(ratio > 1 for ratio in ratios)} of {len(ratios)}")
