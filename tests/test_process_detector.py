@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ from tests.conftest import (
 )
 from tests.fakes import scene_frames
 
+REPO = Path(__file__).resolve().parent.parent
 LOAD_S = 120  # a child imports the model library and loads the model: seconds on a busy 2-core machine
 
 
@@ -207,3 +210,37 @@ def test_a_pipeline_whose_inference_process_is_killed_drops_only_its_batches_and
     assert metric_value(metrics, "vap_helper_processes", kind="inference") == 1
     assert replacement and replacement != killed
     assert not os.path.exists(f"/proc/{replacement[0]}"), "the replacement ends with vap"
+
+
+def test_the_child_ends_when_vap_is_killed_in_the_middle_of_batches(model_weights: str) -> None:
+    """No orphan: SIGKILL gives vap no chance to say quit, and the child must see its socket close and go."""
+    script = f"""
+import sys
+from pipeline.config import ModelConfig
+from pipeline.inference.process_detector import ProcessDetector
+from tests.fakes import scene_frames
+detector = ProcessDetector(ModelConfig(weights={model_weights!r}, imgsz=160, device="cpu"), "cpu", max_batch=4)
+frames = scene_frames(320, 180, 4, seed=3)
+detector.collect(detector.submit(frames))
+held = [detector.submit(frames) for _ in range(3)]
+print(detector.pids[0], flush=True)
+sys.stdin.read()
+"""
+    vap = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert vap.stdout is not None
+        child = int(vap.stdout.readline())
+        vap.kill()
+        vap.wait(10)
+        wait_for(lambda: not os.path.exists(f"/proc/{child}") or _is_zombie(child), 20,
+                 "the child should end once vap is gone")
+    finally:
+        vap.kill()
+        vap.wait(10)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Ended, waiting for the init process to reap it (vap, its parent, is gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    return True

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.children import WorkerProcess, bootstrap_for
+from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, ModelMismatch
 from pipeline.frames import Frame, FrameResult, host_image, pack_detections, unpack_detections
@@ -165,7 +165,7 @@ class ProcessDetector:
             self._closed = True
             child, self._child = self._child, None
         if child is not None:
-            child.stop(2.0)
+            child.stop(QUIT_WAIT_S)
         for slot in range(_SLOTS):
             self._close_inbox(slot)
 
@@ -358,7 +358,8 @@ class _Server:
             return
         finally:
             if finisher.is_alive():
-                self._submitted.put(None)
+                with contextlib.suppress(queue.Full):
+                    self._submitted.put(None, timeout=5.0)  # the finisher may still be in a batch
                 finisher.join(5.0)
 
     def _load(self, config: ModelConfig, device: str, max_batch: int, urls: list[str]) -> bool:
@@ -423,7 +424,7 @@ class _Server:
             try:
                 self._send(answer)
             except (OSError, ValueError):
-                return
+                os._exit(0)  # the pipeline is gone, and the main thread may be blocked handing over a batch
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
