@@ -100,7 +100,6 @@ class ProcessDetector:
         self._inboxes: list[mmap.mmap | None] = [None] * _SLOTS
         self._descriptors = [-1] * _SLOTS
         self._requests = 0
-        self._answers: dict[int, tuple[Any, ...]] = {}
         self._start_after = 0.0
         self._pause_s = _FIRST_PAUSE_S
         self._closed = False
