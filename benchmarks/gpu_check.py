@@ -1,9 +1,10 @@
 """Does vap's GPU path give the right detections? A correctness check to run before timing anything on a GPU.
 
-The GPU path has parts the CPU test suite can only run with CUDA stubbed: CUDA graphs, NMS and masks on the
-finisher thread while the next batch is already queued, only each mask's window copied to the host, and
-polygon workers. Each configuration below runs the bundled segmentation model on the synthetic scenes, with
-batches queued two at a time as the inference worker does, and is compared with the plainest GPU path
+The GPU path has parts the CPU test suite can only run with CUDA stubbed, or not at all: CUDA graphs, NMS and
+masks on the finisher thread while the next batch is already queued, only each mask's window copied to the
+host, polygon workers, and the model in a process of its own taking frames on the GPU through CUDA IPC. Each
+configuration below runs the bundled segmentation model on the synthetic scenes, with batches queued two at a
+time as the inference worker does, and is compared with the plainest GPU path
 (no graph, one batch at a time, polygons traced in-process) and, loosely, with the CPU.
 
     python benchmarks/gpu_check.py [--device cuda:0] [--json OUT.json]
@@ -18,7 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.frames import Detections, Frame, FrameResult
-from pipeline.inference.detector import UltralyticsDetector, infer
+from pipeline.inference.detector import Detector, UltralyticsDetector, infer
+from pipeline.inference.process_detector import ProcessDetector
 from pipeline.tools.demo import SHIPPED_WEIGHTS
 from pipeline.tools.synth.world import SceneSpec, render_scene
 
@@ -54,7 +56,7 @@ def scene_batches(batches: int) -> list[list[Frame]]:
     return [frames[start:start + _BATCH] for start in range(0, len(frames), _BATCH)]
 
 
-def run_overlapped(detector: UltralyticsDetector, batches: Sequence[list[Frame]]) -> list[list[FrameResult]]:
+def run_overlapped(detector: Detector, batches: Sequence[list[Frame]]) -> list[list[FrameResult]]:
     """Each batch queued before the previous one is collected, as the inference worker's two threads do."""
     results: list[list[FrameResult]] = []
     pending: Any = None
@@ -121,6 +123,28 @@ def traced_in_workers(model: UltralyticsDetector, batches: Sequence[list[Frame]]
         time.sleep(0.2)
 
 
+def in_its_own_process(device: str, batches: Sequence[list[Frame]], reference: Sequence[Sequence[FrameResult]],
+                       on_device: bool) -> Check:
+    """`model.inference_process`: frames from host memory through the shared inbox, or frames on the GPU (as
+    NVDEC leaves them) through CUDA IPC handles."""
+    import torch
+
+    config = ModelConfig(weights=str(SHIPPED_WEIGHTS), imgsz=640, runtime="torch")
+    model = ProcessDetector(config, device, max_batch=_BATCH)
+    try:
+        model.warmup([_BATCH])
+        sent = [[replace(frame, image=torch.from_numpy(frame.image).to(device)) for frame in batch]
+                for batch in batches] if on_device else batches
+        got = run_overlapped(model, sent)
+    except Exception as error:
+        return Check(f"model.inference_process, frames on {'the GPU' if on_device else 'the host'}", False,
+                     f"failed: {error}")
+    finally:
+        model.close()
+    return compare(f"model.inference_process, frames on {'the GPU (CUDA IPC)' if on_device else 'the host'}, "
+                   "two batches in flight", reference, got, _BOX_TOLERANCE_PX, exact_counts=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0")
@@ -148,6 +172,9 @@ def main() -> int:
         if replaced:
             check = Check(check.name, False, check.detail + "; polygon workers were replaced during the run")
         checks.append(check)
+        print(f"{'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name}: {checks[-1].detail}", flush=True)
+    for on_device in (False, True) if args.device.startswith("cuda") else (False,):
+        checks.append(in_its_own_process(args.device, batches, reference, on_device))
         print(f"{'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name}: {checks[-1].detail}", flush=True)
     if args.device != "cpu":
         cpu_model = detector("cpu", graphs=False, polygon_processes=0)

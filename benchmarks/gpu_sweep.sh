@@ -23,8 +23,7 @@
 # and B with each of AB_SET's KEY=VALUE (space separated; default model.polygon_processes=4
 # analytics.message_processes=4; AB_BOTH's apply to both), in AB-BA order for AB_PAIRS pairs (default 2), and
 # writes OUT_DIR/results-<gpu>-<date>-ab.json and .txt. The model in a process of its own, for instance:
-#   DECODER=cpu AB_BOTH="decoding.processes=8 analytics.message_processes=4" AB_SET=model.inference_process=true
-# (its child takes frames from host memory: NVDEC's would be copied down). `gil` runs vap end to end on the same settings (plus GIL_SET's
+#   AB_BOTH="analytics.message_processes=4" AB_SET=model.inference_process=true   (NVDEC frames by CUDA IPC) `gil` runs vap end to end on the same settings (plus GIL_SET's
 # KEY=VALUE; the clips loop, so 120 frames each by default) and has py-spy sample it for GIL_SECONDS (10) after
 # GIL_WARM_UP (15): the share of the time each stage holds the interpreter's lock, and doing what, in
 # OUT_DIR/gil-<gpu>-<date>/ (py-spy from the wheelhouse, or PY_SPY); GIL_TRACKING=1 tracks every stream, with a

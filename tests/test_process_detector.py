@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.app import Pipeline
 from pipeline.config import ModelConfig
@@ -102,6 +104,19 @@ def test_the_child_finds_what_the_model_finds_in_this_process_bit_for_bit(remote
     assert (remote.name, remote.task, remote.labels) == (here.name, here.task, here.labels)
     assert got[0][0].timings is not None and got[0][0].inference_ms > 0
     assert len(remote.pids) == 1 and remote.pids[0] != os.getpid()
+
+
+def test_frames_held_as_tensors_off_the_gpu_are_copied_to_the_host_and_found_alike(remote: ProcessDetector) -> None:
+    """Frames not in a NumPy array: a tensor a GPU decoded goes through CUDA IPC (checked on a GPU by
+    `benchmarks/gpu_check.py`); any other tensor is copied to the host like an array."""
+    frames = mixed_frames()[:4]
+    expected = infer(remote, frames)
+    as_tensors = [replace(frame, image=torch.from_numpy(frame.image)) for frame in frames]
+    got = infer(remote, as_tensors)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert np.array_equal(ours.detections.boxes_xyxy, theirs.detections.boxes_xyxy)
+        assert np.array_equal(ours.detections.class_ids, theirs.detections.class_ids)
+    assert all(result.frame is frame for result, frame in zip(got, as_tensors, strict=True))
 
 
 def test_a_killed_child_loses_only_the_batches_it_held_and_is_replaced(remote: ProcessDetector,

@@ -9,8 +9,8 @@ lock, and the child letterboxes, runs the model, NMS and masks, traces the polyg
 
 The cost is one copy of each frame's pixels (about 0.1 ms for 640x360, 1-2 ms for 1080p) and a round trip. On
 a CPU host the model already runs at its own limit in vap's process (`benchmarks/README.md`), so the option is
-off by default. Frames a GPU decoded (`decoder: cuda`) are copied down to the host for the child; keeping them
-on the device (CUDA IPC) is the next step.
+off by default. Frames a GPU decoded (`decoder: cuda`) stay on it: they go to the child as CUDA IPC handles
+(`torch.multiprocessing`), and the pipeline keeps each tensor alive until the child has answered for its batch.
 
 Unlike the other helpers (`pipeline.children`), no part of the work falls back to vap's process: a second copy
 of the model would double its device memory. A child that dies or stops answering is replaced, after a pause
@@ -23,7 +23,8 @@ Protocol, over the socket the child inherits:
     pipeline -> child: ("warmup", batch sizes); answered by ("warm",)
     pipeline -> child: ("inbox", slot, size), then a memfd's descriptor: the memory a batch's pixels are copied
                        into, one per slot, sent before a slot's first batch and whenever a batch needs more
-    pipeline -> child: ("infer", request, slot, [(offset, height, width), ...]); answered in order by
+    pipeline -> child: ("infer", request, slot, [(offset, height, width) in the slot's inbox, or a CUDA tensor
+                       for a frame a GPU decoded, ...]); answered in order by
                        ("inferred", request, packed detections, classes per frame, inference ms, BatchTimings) or
                        ("failed", request, traceback)
     pipeline -> child: ("quit",), or end of file when the pipeline goes
@@ -51,7 +52,7 @@ import numpy as np
 from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, ModelMismatch
-from pipeline.frames import Frame, FrameResult, host_image, pack_detections, unpack_detections
+from pipeline.frames import Frame, FrameResult, Image, host_image, pack_detections, unpack_detections
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class ProcessDetector:
         self._start_after = 0.0
         self._pause_s = _FIRST_PAUSE_S
         self._closed = False
-        self._warned_device_frames = False
+        self._share_device_frames = True
         self.replacements = 0
         self._child: _Child | None = _Child(0)
         self._child.connection.send(self._load_message)
@@ -128,7 +129,7 @@ class ProcessDetector:
 
     def submit(self, frames: Sequence[Frame]) -> _Request:
         child = self._ready_child()
-        images = [self._host_image(frame) for frame in frames]
+        images = [self._image_to_send(frame.image) for frame in frames]
         if not self._slots_free.acquire(timeout=_REPLY_S):
             raise InferenceProcessFailed("no inbox came free: batches were submitted and never collected")
         with self._lock:
@@ -136,12 +137,18 @@ class ProcessDetector:
             self._requests += 1
             request = _Request(self._requests, frames, slot, child.generation)
         try:
-            shapes = self._copy_in(child, slot, images)
-            child.connection.send(("infer", request.number, slot, shapes))
+            parts = self._copy_in(child, slot, images)
+            child.connection.send(("infer", request.number, slot, parts))
         except (OSError, ValueError) as error:
             self._release(request)
             self._replace(child, f"cannot be written to ({error})")
             raise InferenceProcessFailed("the inference process went while a batch was sent to it") from error
+        except RuntimeError as error:  # pickling a CUDA IPC handle failed: nothing was sent
+            self._release(request)
+            self._share_device_frames = False
+            log.warning("frames on %s cannot be shared with the inference process (%s); from now on they are "
+                        "copied to the host for it", self.device, error)
+            raise InferenceProcessFailed("a batch's frames could not be shared with the inference process") from error
         return request
 
     def collect(self, pending: _Request) -> list[FrameResult]:
@@ -168,22 +175,33 @@ class ProcessDetector:
         for slot in range(_SLOTS):
             self._close_inbox(slot)
 
-    def _host_image(self, frame: Frame) -> np.ndarray[Any, Any]:
-        if not isinstance(frame.image, np.ndarray) and not self._warned_device_frames:
-            self._warned_device_frames = True
-            log.warning("frames decoded on %s are copied to the host for the inference process; decode them on "
-                        "the CPU (decoding.processes), or set model.inference_process: false", self.device)
-        return np.ascontiguousarray(host_image(frame.image))
+    def _image_to_send(self, image: Image) -> Image:
+        """A host image as a contiguous array to copy; a frame a GPU decoded (`decoder: cuda`) as it is, to go
+        as a CUDA IPC handle, or copied down when sharing it failed once."""
+        if isinstance(image, np.ndarray):
+            return np.ascontiguousarray(image)
+        if image.is_cuda and self._share_device_frames:
+            import torch.multiprocessing  # noqa: F401  # teaches the socket's pickler to send CUDA IPC handles
 
-    def _copy_in(self, child: _Child, slot: int, images: list[np.ndarray[Any, Any]]) -> list[tuple[int, int, int]]:
-        inbox = self._inbox_for(child, slot, sum(image.nbytes for image in images))
-        shapes = []
+            return image
+        return np.ascontiguousarray(host_image(image))
+
+    def _copy_in(self, child: _Child, slot: int, images: list[Image]) -> list[tuple[int, int, int] | Image]:
+        """What the child is sent for each image: where its pixels are in the slot's inbox, or the device
+        tensor itself."""
+        on_host = [image for image in images if isinstance(image, np.ndarray)]
+        inbox = self._inbox_for(child, slot, sum(image.nbytes for image in on_host)) if on_host else None
+        parts: list[tuple[int, int, int] | Image] = []
         offset = 0
         for image in images:
+            if not isinstance(image, np.ndarray):
+                parts.append(image)
+                continue
+            assert inbox is not None
             np.frombuffer(inbox, np.uint8, image.nbytes, offset)[:] = image.reshape(-1)
-            shapes.append((offset, int(image.shape[0]), int(image.shape[1])))
+            parts.append((offset, int(image.shape[0]), int(image.shape[1])))
             offset += image.nbytes
-        return shapes
+        return parts
 
     def _inbox_for(self, child: _Child, slot: int, needed: int) -> mmap.mmap:
         """The slot's memory, `needed` bytes at least, mapped by the child too. The slot is free, so neither the
@@ -391,18 +409,24 @@ class _Server:
             with contextlib.suppress(BufferError):
                 old.close()
 
-    def _submit(self, number: int, slot: int, shapes: list[tuple[int, int, int]]) -> None:
+    def _submit(self, number: int, slot: int, parts: list[tuple[int, int, int] | Image]) -> None:
         now = time.monotonic()
         stamp = datetime.now(timezone.utc)
-        inbox = self._inboxes[slot]
         try:
-            assert inbox is not None, f"no inbox for slot {slot}"
-            frames = [Frame("batch", index, None, stamp, now,
-                            np.frombuffer(inbox, np.uint8, height * width * 3, offset).reshape(height, width, 3))
-                      for index, (offset, height, width) in enumerate(shapes)]
+            frames = [Frame("batch", index, None, stamp, now, self._image(slot, part))
+                      for index, part in enumerate(parts)]
             self._submitted.put((number, self._detector.submit(frames), None))
         except Exception as error:
             self._submitted.put((number, None, error))
+
+    def _image(self, slot: int, part: tuple[int, int, int] | Image) -> Image:
+        """A view of the pixels in the slot's inbox, or the tensor a GPU decoded, received as a CUDA IPC handle."""
+        if not isinstance(part, tuple):
+            return part
+        offset, height, width = part
+        inbox = self._inboxes[slot]
+        assert inbox is not None, f"no inbox for slot {slot}"
+        return np.frombuffer(inbox, np.uint8, height * width * 3, offset).reshape(height, width, 3)
 
     def _answer_batches(self) -> None:
         from pipeline.inference.devices import use_device_in_this_thread
