@@ -129,20 +129,22 @@ def in_its_own_process(device: str, batches: Sequence[list[Frame]], reference: S
     NVDEC leaves them) through CUDA IPC handles."""
     import torch
 
-    config = ModelConfig(weights=str(SHIPPED_WEIGHTS), imgsz=640, runtime="torch")
+    config = ModelConfig(weights=str(SHIPPED_WEIGHTS), imgsz=640, runtime="torch",
+                         polygon_processes=2 if on_device else 0)
     model = ProcessDetector(config, device, max_batch=_BATCH)
+    where = "the GPU (CUDA IPC), polygon_processes=2 in the child" if on_device else "the host"
     try:
         model.warmup([_BATCH])
         sent = [[replace(frame, image=torch.from_numpy(frame.image).to(device)) for frame in batch]
                 for batch in batches] if on_device else batches
         got = run_overlapped(model, sent)
+        workers = model.polygon_pool.pids if model.polygon_pool is not None else []
     except Exception as error:
-        return Check(f"model.inference_process, frames on {'the GPU' if on_device else 'the host'}", False,
-                     f"failed: {error}")
+        return Check(f"model.inference_process, frames on {where}", False, f"failed: {error}")
     finally:
         model.close()
-    return compare(f"model.inference_process, frames on {'the GPU (CUDA IPC)' if on_device else 'the host'}, "
-                   "two batches in flight", reference, got, _BOX_TOLERANCE_PX, exact_counts=True)
+    return compare(f"model.inference_process, frames on {where}, two batches in flight (polygon workers the "
+                   f"child reported: {len(workers)})", reference, got, _BOX_TOLERANCE_PX, exact_counts=True)
 
 
 def main() -> int:

@@ -259,3 +259,24 @@ def _is_zombie(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     return True
+
+
+def test_the_childs_polygon_workers_are_reported_and_their_replacements_outlive_the_child(
+        model_config: ModelConfig) -> None:
+    """vap's metrics and the bench's CPU accounting read a detector's `polygon_pool`; in the child's case, what
+    its answers say. The CPU never starts polygon workers (its masks are not windows), so none run here."""
+    detector = ProcessDetector(model_config.model_copy(update={"polygon_processes": 1}), "cpu", max_batch=4)
+    try:
+        pool = detector.polygon_pool
+        assert pool is not None
+        infer(detector, mixed_frames()[:4])
+        assert (pool.pids, pool.replacements) == ([], 0)
+    finally:
+        detector.close()
+
+    reported = process_detector._ChildPolygonWorkers()
+    reported.reported([11, 12], 2)
+    assert (reported.pids, reported.replacements) == ([11, 12], 2)
+    reported.child_gone()
+    reported.reported([13], 1)
+    assert (reported.pids, reported.replacements) == ([13], 3), "the next child counts from zero"

@@ -25,8 +25,8 @@ Protocol, over the socket the child inherits:
                        into, one per slot, sent before a slot's first batch and whenever a batch needs more
     pipeline -> child: ("infer", request, slot, [(offset, height, width) in the slot's inbox, or a CUDA tensor
                        for a frame a GPU decoded, ...]); answered in order by
-                       ("inferred", request, packed detections, classes per frame, inference ms, BatchTimings) or
-                       ("failed", request, traceback)
+                       ("inferred", request, packed detections, classes per frame, inference ms, BatchTimings,
+                       its polygon workers' pids and replacements or None) or ("failed", request, traceback)
     pipeline -> child: ("quit",), or end of file when the pipeline goes
 """
 
@@ -87,6 +87,27 @@ class _Child(WorkerProcess):
         self.inboxes: list[mmap.mmap | None] = [None] * _SLOTS
 
 
+class _ChildPolygonWorkers:
+    """The child's polygon workers (`model.polygon_processes`) as its answers report them, so vap's metrics and
+    the bench's CPU accounting see them beside vap's other helpers."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self._replaced_before = 0  # by the children before this one
+        self._replaced_now = 0
+
+    @property
+    def replacements(self) -> int:
+        return self._replaced_before + self._replaced_now
+
+    def reported(self, pids: list[int], replacements: int) -> None:
+        self.pids, self._replaced_now = pids, replacements
+
+    def child_gone(self) -> None:
+        """Its workers end with it, and the next child's count from zero."""
+        self.pids, self._replaced_before, self._replaced_now = [], self.replacements, 0
+
+
 class ProcessDetector:
     """A `Detector` whose model runs in a child process. `submit` is called by the inference thread and
     `collect` by the finisher, in the order of submission."""
@@ -105,6 +126,7 @@ class ProcessDetector:
         self._pause_s = _FIRST_PAUSE_S
         self._closed = False
         self._share_device_frames = True
+        self._polygons = _ChildPolygonWorkers() if config.polygon_processes else None
         self.replacements = 0
         self._child: _Child | None = _Child(0)
         self._child.connection.send(self._load_message)
@@ -117,9 +139,9 @@ class ProcessDetector:
         return [] if child is None else [child.process.pid]
 
     @property
-    def polygon_pool(self) -> None:
-        """Polygons are traced in the child (its own `model.polygon_processes`, if any)."""
-        return None
+    def polygon_pool(self) -> _ChildPolygonWorkers | None:
+        """Polygons are traced in the child, in its own workers when `model.polygon_processes` asks for some."""
+        return self._polygons
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         child = self._ready_child()
@@ -158,7 +180,9 @@ class ProcessDetector:
             self._release(pending)
         if answer[0] == "failed":
             raise InferenceProcessFailed(f"the inference process failed on the batch:\n{answer[2]}")
-        _, _, packed, classes, inference_ms, timings = answer
+        _, _, packed, classes, inference_ms, timings, polygon_workers = answer
+        if self._polygons is not None and polygon_workers is not None:
+            self._polygons.reported(*polygon_workers)
         finished = time.monotonic()
         return [FrameResult(frame=frame, task=self.task, detections=detections, classes=frame_classes,
                             labels=self.labels, inference_ms=inference_ms, inferred_monotonic=finished,
@@ -315,6 +339,8 @@ class ProcessDetector:
             pause = self._pause_s
             self._start_after = time.monotonic() + pause
             self._pause_s = min(pause * 2, _LONGEST_PAUSE_S)
+            if self._polygons is not None:
+                self._polygons.child_gone()
         log.warning("the inference process on %s (pid %d) %s; its batches are lost, and a new one starts in %.0f s",
                     self.device, child.process.pid, why, pause)
         child.stop(0.0)
@@ -441,13 +467,17 @@ class _Server:
                 answer: tuple[Any, ...] = (
                     "inferred", number, pack_detections([result.detections for result in results]),
                     [result.classes for result in results], results[0].inference_ms if results else 0.0,
-                    results[0].timings if results else None)
+                    results[0].timings if results else None, self._polygon_workers())
             except Exception:
                 answer = ("failed", number, traceback.format_exc())
             try:
                 self._send(answer)
             except (OSError, ValueError):
                 os._exit(0)  # the pipeline is gone, and the main thread may be blocked handing over a batch
+
+    def _polygon_workers(self) -> tuple[list[int], int] | None:
+        pool = self._detector.polygon_pool
+        return None if pool is None else (pool.pids, pool.replacements)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
