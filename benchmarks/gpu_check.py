@@ -139,12 +139,14 @@ def in_its_own_process(device: str, batches: Sequence[list[Frame]], reference: S
                 for batch in batches] if on_device else batches
         got = run_overlapped(model, sent)
         workers = model.polygon_pool.pids if model.polygon_pool is not None else []
+        peak_mb = model.device_peak_mb
     except Exception as error:
         return Check(f"model.inference_process, frames on {where}", False, f"failed: {error}")
     finally:
         model.close()
     return compare(f"model.inference_process, frames on {where}, two batches in flight (polygon workers the "
-                   f"child reported: {len(workers)})", reference, got, _BOX_TOLERANCE_PX, exact_counts=True)
+                   f"child reported: {len(workers)}; its GPU memory peak: {peak_mb} MB)", reference, got,
+                   _BOX_TOLERANCE_PX, exact_counts=True)
 
 
 def main() -> int:

@@ -104,6 +104,7 @@ def test_the_child_finds_what_the_model_finds_in_this_process_bit_for_bit(remote
     assert (remote.name, remote.task, remote.labels) == (here.name, here.task, here.labels)
     assert got[0][0].timings is not None and got[0][0].inference_ms > 0
     assert len(remote.pids) == 1 and remote.pids[0] != os.getpid()
+    assert remote.device_peak_mb is None, "no GPU memory to report on the CPU"
 
 
 def test_frames_held_as_tensors_off_the_gpu_are_copied_to_the_host_and_found_alike(remote: ProcessDetector) -> None:

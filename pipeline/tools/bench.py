@@ -297,6 +297,15 @@ def _cuda_peak_mb(device: str) -> float | None:
     return float(torch.cuda.max_memory_allocated(device)) / 2**20
 
 
+def _pipeline_gpu_peak_mb(pipeline: Pipeline, device: str) -> float | None:
+    """This process's peak, plus what each inference process (`model.inference_process`) said of its own: the
+    model's memory is there, not here. The children's peaks include their warm-up."""
+    peak = _cuda_peak_mb(device)
+    children = [peak_mb for worker in pipeline.workers
+                if (peak_mb := getattr(worker.detector, "device_peak_mb", None)) is not None]
+    return None if peak is None else peak + sum(children)
+
+
 def _reset_cuda_peak(device: str) -> None:
     import torch
 
@@ -550,8 +559,8 @@ def run_vap(config: PipelineConfig, name: str, device: str, timeout_s: float,
                                                                    replaced.items())
     return Measurement(name, measured_frames, elapsed, peak_mb,
                        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
-                       gpu_peak_mb=_cuda_peak_mb(device), notes=notes, dropped=dropped, cpu_cores=cores,
-                       cpu_ms_per_frame=per_frame, cpu_stolen=stolen_fraction)
+                       gpu_peak_mb=_pipeline_gpu_peak_mb(pipeline, device), notes=notes, dropped=dropped,
+                       cpu_cores=cores, cpu_ms_per_frame=per_frame, cpu_stolen=stolen_fraction)
 
 
 def _stage_means(registry: CollectorRegistry) -> str:
