@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from pipeline.frames import Frame, FrameResult
 from pipeline.inference import process_detector
 from pipeline.inference.detector import UltralyticsDetector, infer
 from pipeline.inference.process_detector import InferenceProcessFailed, ProcessDetector
+from pipeline.ops.metrics import GpuCollector
 from pipeline.tools.broker import EmbeddedBroker
 from tests.conftest import (
     CLIP_FRAMES,
@@ -281,3 +283,14 @@ def test_the_childs_polygon_workers_are_reported_and_their_replacements_outlive_
     reported.child_gone()
     reported.reported([13], 1)
     assert (reported.pids, reported.replacements) == ([13], 3), "the next child counts from zero"
+
+
+def test_gpu_memory_counts_what_the_inference_processes_hold_beside_this_processs() -> None:
+    """`vap_gpu_memory_bytes` is read where the model is: with it in a child, this process holds little."""
+    child = SimpleNamespace(device="cuda:0", device_reserved_bytes=2e9, pids=[101], replacements=0)
+    other_gpu = SimpleNamespace(device="cuda:1", device_reserved_bytes=1e9, pids=[102], replacements=0)
+    no_gpu_memory = SimpleNamespace(pids=[103], replacements=0)
+    collector = GpuCollector(lambda: {"inference processes": [child, other_gpu, child],
+                                      "message processes": [no_gpu_memory]})
+    assert collector._helpers_memory() == {"cuda:0": 4e9, "cuda:1": 1e9}
+    assert GpuCollector()._helpers_memory() == {}

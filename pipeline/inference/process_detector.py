@@ -26,8 +26,8 @@ Protocol, over the socket the child inherits:
     pipeline -> child: ("infer", request, slot, [(offset, height, width) in the slot's inbox, or a CUDA tensor
                        for a frame a GPU decoded, ...]); answered in order by
                        ("inferred", request, packed detections, classes per frame, inference ms, BatchTimings,
-                       its polygon workers' pids and replacements or None, the most GPU memory it has held
-                       in MB or None) or ("failed", request, traceback)
+                       its polygon workers' pids and replacements or None, (the most GPU memory it has held
+                       in MB, what it holds now in bytes) or None) or ("failed", request, traceback)
     pipeline -> child: ("quit",), or end of file when the pipeline goes
 """
 
@@ -130,6 +130,8 @@ class ProcessDetector:
         self._polygons = _ChildPolygonWorkers() if config.polygon_processes else None
         self.device_peak_mb: float | None = None
         """The most GPU memory the child's PyTorch has held, as of its last answer (None on the CPU)."""
+        self.device_reserved_bytes = 0.0
+        """GPU memory the child's PyTorch holds now, as of its last answer (`vap_gpu_memory_bytes` adds it)."""
         self.replacements = 0
         self._child: _Child | None = _Child(0)
         self._child.connection.send(self._load_message)
@@ -183,7 +185,9 @@ class ProcessDetector:
             self._release(pending)
         if answer[0] == "failed":
             raise InferenceProcessFailed(f"the inference process failed on the batch:\n{answer[2]}")
-        _, _, packed, classes, inference_ms, timings, polygon_workers, self.device_peak_mb = answer
+        _, _, packed, classes, inference_ms, timings, polygon_workers, device_memory = answer
+        if device_memory is not None:
+            self.device_peak_mb, self.device_reserved_bytes = device_memory
         if self._polygons is not None and polygon_workers is not None:
             self._polygons.reported(*polygon_workers)
         finished = time.monotonic()
@@ -470,7 +474,7 @@ class _Server:
                 answer: tuple[Any, ...] = (
                     "inferred", number, pack_detections([result.detections for result in results]),
                     [result.classes for result in results], results[0].inference_ms if results else 0.0,
-                    results[0].timings if results else None, self._polygon_workers(), self._device_peak_mb())
+                    results[0].timings if results else None, self._polygon_workers(), self._device_memory())
             except Exception:
                 answer = ("failed", number, traceback.format_exc())
             try:
@@ -478,12 +482,14 @@ class _Server:
             except (OSError, ValueError):
                 os._exit(0)  # the pipeline is gone, and the main thread may be blocked handing over a batch
 
-    def _device_peak_mb(self) -> float | None:
-        if not self._detector.device.startswith("cuda"):
+    def _device_memory(self) -> tuple[float, float] | None:
+        """The most GPU memory PyTorch has held here (MB), and what it holds now (bytes); None on the CPU."""
+        device = self._detector.device
+        if not device.startswith("cuda"):
             return None
         import torch
 
-        return float(torch.cuda.max_memory_allocated(self._detector.device)) / 2**20
+        return float(torch.cuda.max_memory_allocated(device)) / 2**20, float(torch.cuda.memory_reserved(device))
 
     def _polygon_workers(self) -> tuple[list[int], int] | None:
         pool = self._detector.polygon_pool

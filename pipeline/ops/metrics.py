@@ -125,7 +125,7 @@ class PipelineMetrics:
             ["thread"], registry=registry,
         )
         ProcessCollector(registry=registry)
-        registry.register(GpuCollector())
+        registry.register(GpuCollector(helpers))
         if helpers is not None:
             registry.register(HelperProcessCollector(helpers))
 
@@ -294,7 +294,21 @@ def helper_kind(role: str) -> str:
 
 
 class GpuCollector(Collector):
-    """GPU memory and utilisation per CUDA device, read at scrape time; nothing on machines without one."""
+    """GPU memory and utilisation per CUDA device, read at scrape time; nothing on machines without one. The
+    memory is vap's: this process's, and what its inference processes (`model.inference_process`) last said
+    they hold, read from the helper pools that report it (`device`, `device_reserved_bytes`)."""
+
+    def __init__(self, helpers: Callable[[], dict[str, list[HelperPool]]] | None = None) -> None:
+        self._helpers = helpers
+
+    def _helpers_memory(self) -> dict[str, float]:
+        held: dict[str, float] = {}
+        for pools in ({} if self._helpers is None else self._helpers()).values():
+            for pool in pools:
+                device, reserved = getattr(pool, "device", None), getattr(pool, "device_reserved_bytes", None)
+                if isinstance(device, str) and reserved is not None:
+                    held[device] = held.get(device, 0.0) + float(reserved)
+        return held
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
@@ -303,13 +317,15 @@ class GpuCollector(Collector):
             return
         if not torch.cuda.is_available():
             return
-        memory = GaugeMetricFamily("vap_gpu_memory_bytes", "GPU memory held by this process", labels=["device"])
+        memory = GaugeMetricFamily("vap_gpu_memory_bytes", "GPU memory held by vap: this process and its "
+                                   "inference processes", labels=["device"])
+        helpers = self._helpers_memory()
         utilisation = GaugeMetricFamily(
             "vap_gpu_utilization_ratio", "GPU busy fraction over the last sample period (NVML)", labels=["device"]
         )
         for index in range(torch.cuda.device_count()):
             device = f"cuda:{index}"
-            memory.add_metric([device], float(torch.cuda.memory_reserved(index)))
+            memory.add_metric([device], float(torch.cuda.memory_reserved(index)) + helpers.get(device, 0.0))
             with contextlib.suppress(Exception):  # NVML missing: memory alone is still worth exporting
                 utilisation.add_metric([device], torch.cuda.utilization(index) / 100.0)
         yield memory
