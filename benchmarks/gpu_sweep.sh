@@ -18,7 +18,8 @@
 # SWEEP=none leaves the camera sweep out and QUICK=1 shortens the rest (`vap bench --quick`), for a run that
 # must fit a shorter window. DECODING_PROCESSES=4 decodes in 4 worker processes (decoding.processes), and
 # POLYGON_PROCESSES=4 traces mask outlines in 4 (model.polygon_processes), MESSAGE_PROCESSES=4 builds messages
-# in 4 (analytics.message_processes): run once with 0 and once with them to choose the defaults for GPU hosts,
+# in 4 (analytics.message_processes), INFERENCE_PROCESS=1 runs the model in a process of its own
+# (model.inference_process): run once with 0 and once with them to choose the defaults for GPU hosts,
 # or let `ab` compare them in one call: it runs vap end to end on the same clips and settings, A as configured
 # and B with each of AB_SET's KEY=VALUE (space separated; default model.polygon_processes=4
 # analytics.message_processes=4; AB_BOTH's apply to both), in AB-BA order for AB_PAIRS pairs (default 2), and
@@ -66,7 +67,8 @@ run)
         --batch "${BATCH:-32}" --imgsz "${IMGSZ:-640}" "$@" \
         --sweep-fps "${SWEEP_FPS:-30}" --sweep-seconds "${SWEEP_SECONDS:-15}" \
         --decoding-processes "${DECODING_PROCESSES:-0}" --polygon-processes "${POLYGON_PROCESSES:-0}" \
-        --message-processes "${MESSAGE_PROCESSES:-0}" --json "$stem.json" > "$stem.txt"
+        --message-processes "${MESSAGE_PROCESSES:-0}" ${INFERENCE_PROCESS:+--inference-process} \
+        --json "$stem.json" > "$stem.txt"
     cat "$stem.txt"
     ;;
 check)

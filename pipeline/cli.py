@@ -129,6 +129,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
                        help="on a GPU, vap traces mask outlines in N worker processes (model.polygon_processes)")
     bench.add_argument("--message-processes", type=int, default=0, metavar="N",
                        help="vap builds messages in N worker processes (analytics.message_processes)")
+    bench.add_argument("--inference-process", action="store_true",
+                       help="vap runs the model in a process of its own (model.inference_process)")
     bench.add_argument("--sweep", type=_camera_counts, default=(), metavar="N,N,...",
                        help="also run this many cameras each, paced at --sweep-fps, e.g. 16,32,64")
     bench.add_argument("--sweep-fps", type=float, default=30.0, help="frames/s of each camera in the sweep")
@@ -476,7 +478,7 @@ def _bench(args: argparse.Namespace) -> int:
         decoder=args.decoder, codec=args.codec, weights=args.weights, quick=args.quick,
         soak_s=args.soak, spool_log=args.spool_log, decoding_processes=args.decoding_processes,
         polygon_processes=args.polygon_processes, message_processes=args.message_processes,
-        sweep=args.sweep, sweep_fps=args.sweep_fps,
+        inference_process=args.inference_process, sweep=args.sweep, sweep_fps=args.sweep_fps,
         sweep_seconds=args.sweep_seconds, json_path=args.json,
     )
     report = run_bench(options)

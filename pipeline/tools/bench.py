@@ -68,6 +68,7 @@ class BenchOptions:
     decoding_processes: int = 0
     polygon_processes: int = 0
     message_processes: int = 0
+    inference_process: bool = False
     tracking: bool = False
     sweep: tuple[int, ...] = ()
     sweep_fps: float = 30.0
@@ -469,7 +470,8 @@ def vap_config(options: BenchOptions, weights: str, clips: list[Path], bootstrap
         "streams": [{"id": f"bench-{i}", "url": str(path), "realtime": realtime, "decoder": options.decoder,
                      **({"analytics": _TRACKED} if options.tracking else {})} for i, path in enumerate(clips)],
         "model": {"weights": weights, "imgsz": options.imgsz, "device": device, "runtime": options.runtime,
-                  "precision": options.precision, "polygon_processes": options.polygon_processes},
+                  "precision": options.precision, "polygon_processes": options.polygon_processes,
+                  "inference_process": options.inference_process},
         "batching": {"max_batch": options.batch, "max_wait_ms": options.max_wait_ms},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "spool": {"max_messages": 100_000}},
         "http": {"host": "127.0.0.1", "port": 0},
