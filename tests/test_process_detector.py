@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -166,6 +167,18 @@ def test_a_closed_detector_ends_its_child_and_takes_no_more_batches(remote: Proc
     wait_for(lambda: not os.path.exists(f"/proc/{child}"), 10, "the child should end")
     with pytest.raises(InferenceProcessFailed, match="closed"):
         remote.submit(mixed_frames()[:1])
+
+
+def test_closing_lets_the_batch_in_flight_come_back_first(remote: ProcessDetector) -> None:
+    """The inference thread closes the detector as it stops, while the finisher may still wait for a batch."""
+    frames = mixed_frames()[:4]
+    expected = infer(remote, frames)
+    pending = remote.submit(frames)
+    closing = threading.Thread(target=remote.close, name="closing")
+    closing.start()
+    assert_same_results(remote.collect(pending), expected)
+    closing.join(5)
+    assert remote.pids == []
 
 
 def test_a_model_the_child_cannot_load_fails_as_loading_it_here_does(model_config: ModelConfig,

@@ -198,6 +198,11 @@ class ProcessDetector:
                                                             strict=True)]
 
     def close(self) -> None:
+        """Waits up to `QUIT_WAIT_S` for the batches in flight to be collected (the worker's finisher may still
+        be on one when its inference thread closes the detector), then stops the child."""
+        deadline = time.monotonic() + QUIT_WAIT_S
+        while len(self._free_slots) < _SLOTS and self._child is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
         with self._lock:
             self._closed = True
             child, self._child = self._child, None
