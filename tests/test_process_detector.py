@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.app import Pipeline
 from pipeline.config import ModelConfig
@@ -27,7 +28,7 @@ from pipeline.inference import process_detector
 from pipeline.inference.detector import UltralyticsDetector, infer
 from pipeline.inference.process_detector import InferenceProcessFailed, ProcessDetector
 from pipeline.ops.metrics import GpuCollector
-from pipeline.tools.broker import EmbeddedBroker
+from pipeline.tools.broker import EmbeddedBroker, free_port
 from tests.conftest import (
     CLIP_FRAMES,
     ConfigFactory,
@@ -36,7 +37,9 @@ from tests.conftest import (
     published_detections,
     run_to_completion,
     scrape,
+    stop_with_sigterm,
     unused_topic,
+    vap_process,
     wait_for,
     write_moving_box_clip,
 )
@@ -307,3 +310,28 @@ def test_gpu_memory_counts_what_the_inference_processes_hold_beside_this_process
                                       "message processes": [no_gpu_memory]})
     assert collector._helpers_memory() == {"cuda:0": 4e9, "cuda:1": 1e9}
     assert GpuCollector()._helpers_memory() == {}
+
+
+def test_sigterm_stops_vap_with_its_inference_process_within_10_s_and_leaves_no_child(
+        tmp_path: Path, model_weights: str, broker: EmbeddedBroker) -> None:
+    """The child ignores SIGTERM (as every helper does, so a service manager's signal to the whole group cannot
+    end it before vap flushes through it); vap ends it within its stop budget."""
+    port = free_port()
+    clip = write_moving_box_clip(tmp_path / "clip.mp4", 96, 64, frames=20)
+    config = tmp_path / "vap.yaml"
+    config.write_text(yaml.safe_dump({
+        "streams": [{"id": "file", "url": str(clip), "loop": True}],
+        "model": {"weights": model_weights, "imgsz": 160, "inference_process": True},
+        "batching": {"max_batch": 2},
+        "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic": unused_topic("inference-process-sigterm")},
+        "http": {"host": "127.0.0.1", "port": port},
+    }), encoding="utf-8")
+    with vap_process(["run", "-c", str(config)]) as vap:
+        wait_for(lambda: (metric_value(scrape(port), "vap_helper_processes", kind="inference") or 0) == 1
+                 and (metric_value(scrape(port), "vap_stage_seconds_count", stage="infer") or 0) > 0, 90,
+                 "vap should infer through its inference process", ignore=(OSError,))
+        children = [int(pid) for pid in Path(f"/proc/{vap.pid}/task/{vap.pid}/children").read_text().split()]
+        assert children
+        stop_with_sigterm(vap)
+    wait_for(lambda: all(not os.path.exists(f"/proc/{pid}") or _is_zombie(pid) for pid in children), 10,
+             "vap's children should end with it")
