@@ -9,8 +9,9 @@ lock, and the child letterboxes, runs the model, NMS and masks, traces the polyg
 
 The cost is one copy of each frame's pixels (0.02 ms for 640x360, 0.17 ms for 1080p, measured hot on a 2-core
 EPYC host) and a round trip. On a CPU host the model already runs at its own limit in vap's process
-(`benchmarks/README.md`), so the option is off by default. Frames a GPU decoded (`decoder: cuda`) stay on it: they go to the child as CUDA IPC handles
-(`torch.multiprocessing`), and the pipeline keeps each tensor alive until the child has answered for its batch.
+(`benchmarks/README.md`), so the option is off by default. Frames a GPU decoded (`decoder: cuda`) stay on it:
+they go to the child as CUDA IPC handles (`torch.multiprocessing`), and the pipeline keeps each tensor alive
+until the child has answered for its batch.
 
 Unlike the other helpers (`pipeline.children`), no part of the work falls back to vap's process: a second copy
 of the model would double its device memory. A child that dies or stops answering is replaced, after a pause
