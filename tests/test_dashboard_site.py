@@ -218,7 +218,20 @@ def test_pictures_reach_the_snapshots_topic_keyed_by_stream_with_their_frame_and
     frames = [decode(record) for record in read_topic(site.dashboard.settings.kafka.bootstrap_servers, site.topic,
                                                       LONG_FRAMES + SHORT_FRAMES, timeout_s=10)]
     published = {(message["stream_id"], message["frame_id"]) for message in frames}
-    pictures = read_topic(site.dashboard.settings.kafka.bootstrap_servers, site.snapshots_topic, 1000, timeout_s=3)
+    per_stream = {stream_id: sum(1 for message in frames if message["stream_id"] == stream_id)
+                  for stream_id in ("cam-long", "cam-short")}
+    offered = {stream_id: (count + PICTURE_EVERY - 1) // PICTURE_EVERY for stream_id, count in per_stream.items()}
+
+    def settled() -> tuple[float, float]:
+        return (sample(site.pipeline, "vap_snapshot_messages_total", result="sent"),
+                sample(site.pipeline, "vap_snapshot_messages_total", result="dropped"))
+
+    # A picture still waiting when its stream's next one comes is replaced and counted as dropped, by design: on
+    # a busy machine a few are.
+    wait_for(lambda: sum(settled()) >= sum(offered.values()), 10, "every picture should be sent or dropped")
+    sent, dropped = settled()
+    pictures = read_topic(site.dashboard.settings.kafka.bootstrap_servers, site.snapshots_topic, int(sent),
+                          timeout_s=10)
     assert pictures
     for record in pictures:
         headers = dict(record.headers)
@@ -227,12 +240,11 @@ def test_pictures_reach_the_snapshots_topic_keyed_by_stream_with_their_frame_and
         assert (stream_id, frame_id) in published
         image = cv2.imdecode(np.frombuffer(record.value, np.uint8), cv2.IMREAD_COLOR)
         assert image is not None and image.shape[1] == 320 and image.shape[0] == round(SIZE[1] * 320 / SIZE[0])
-    per_stream = {stream_id: sum(1 for message in frames if message["stream_id"] == stream_id)
-                  for stream_id in ("cam-long", "cam-short")}
-    for stream_id, count in per_stream.items():
+    for stream_id, expected in offered.items():
         got = sum(1 for record in pictures if record.key.decode() == stream_id)
-        assert got == (count + PICTURE_EVERY - 1) // PICTURE_EVERY
-    assert sample(site.pipeline, "vap_snapshot_messages_total", result="sent") == len(pictures)
+        assert expected - dropped <= got <= expected, (stream_id, got, expected, dropped)
+    assert len(pictures) == sent and sent + dropped == sum(offered.values())
+    assert dropped <= sum(offered.values()) // 4, "most pictures should be sent"
 
 
 def test_the_json_endpoint_and_the_pushed_updates_give_the_same_state(site: Site) -> None:
