@@ -4,6 +4,7 @@ a child that dies or hangs costs only the batches it held, and a pipeline runnin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -126,8 +127,12 @@ def test_frames_held_as_tensors_off_the_gpu_are_copied_to_the_host_and_found_ali
     assert all(result.frame is frame for result, frame in zip(got, as_tensors, strict=True))
 
 
-def test_a_killed_child_loses_only_the_batches_it_held_and_is_replaced(remote: ProcessDetector,
-                                                                      model_config: ModelConfig) -> None:
+def test_a_killed_child_loses_only_the_batches_it_held_and_is_replaced_warmed_up(
+        remote: ProcessDetector, caplog: pytest.LogCaptureFixture) -> None:
+    """The replacement warms up before its first batch, as its predecessor did (on a GPU a cold one would capture
+    its CUDA graphs mid-stream)."""
+    caplog.set_level(logging.INFO, logger="pipeline.inference.process_detector")
+    remote.warmup([1, 4])
     frames = mixed_frames()[:4]
     expected = infer(remote, frames)
     first = remote.pids[0]
@@ -140,6 +145,7 @@ def test_a_killed_child_loses_only_the_batches_it_held_and_is_replaced(remote: P
     assert_same_results(infer_when_back(remote, frames), expected)
     assert remote.pids and remote.pids[0] != first
     assert not os.path.exists(f"/proc/{first}")
+    assert f"the model runs in process {remote.pids[0]} on cpu, warmed up for batches of 1, 4" in caplog.text
 
 
 def test_a_child_that_stops_answering_is_replaced_after_the_reply_wait(remote: ProcessDetector,

@@ -19,7 +19,8 @@ that doubles while its replacements fail to load; the batches it held, and those
 ready, fail, and their frames are dropped as `inference_error`.
 
 Protocol, over the socket the child inherits:
-    pipeline -> child: ("load", ModelConfig, device, max_batch, calibration urls); answered by
+    pipeline -> child: ("load", ModelConfig, device, max_batch, calibration urls, batch sizes to warm up first:
+                       none for the first child, those of its `warmup` for a replacement); answered by
                        ("loaded", name, task, runtime, labels, precision) or ("load failed", kind, detail)
     pipeline -> child: ("warmup", batch sizes); answered by ("warm",)
     pipeline -> child: ("inbox", slot, size), then a memfd's descriptor: the memory a batch's pixels are copied
@@ -117,7 +118,7 @@ class ProcessDetector:
     def __init__(self, config: ModelConfig, device: str, max_batch: int = 1,
                  calibration_urls: Sequence[str] = ()) -> None:
         self.device = device
-        self._load_message = ("load", config, device, max_batch, list(calibration_urls))
+        self._load_message: tuple[Any, ...] = ("load", config, device, max_batch, list(calibration_urls), [])
         self._lock = threading.Lock()
         self._slots_free = threading.Semaphore(_SLOTS)
         self._free_slots = list(range(_SLOTS))
@@ -150,6 +151,9 @@ class ProcessDetector:
         return self._polygons
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Warms the child up, and every replacement too before it takes a batch: on a GPU a cold one would
+        capture its CUDA graphs mid-stream."""
+        self._load_message = (*self._load_message[:-1], list(batch_sizes))
         child = self._ready_child()
         child.connection.send(("warmup", list(batch_sizes)))
         if not child.connection.poll(_LOAD_S) or child.connection.recv() != ("warm",):
@@ -325,7 +329,9 @@ class ProcessDetector:
                     child.ready = True
                     with self._lock:
                         self._pause_s = _FIRST_PAUSE_S
-                    log.info("the model runs in process %d on %s", child.process.pid, self.device)
+                    warmed = self._load_message[-1]
+                    log.info("the model runs in process %d on %s%s", child.process.pid, self.device,
+                             f", warmed up for batches of {', '.join(map(str, warmed))}" if warmed else "")
                     return tuple(answer[1:])
                 if first:
                     child.stop(0.0)
@@ -418,13 +424,15 @@ class _Server:
                     self._submitted.put(None, timeout=5.0)  # the finisher may still be in a batch
                 finisher.join(5.0)
 
-    def _load(self, config: ModelConfig, device: str, max_batch: int, urls: list[str]) -> bool:
+    def _load(self, config: ModelConfig, device: str, max_batch: int, urls: list[str], warmup: list[int]) -> bool:
         from pipeline.inference.detector import UltralyticsDetector
         from pipeline.inference.devices import use_device_in_this_thread
 
         try:
             use_device_in_this_thread(device)
             self._detector = UltralyticsDetector(config, device, max_batch, calibration_urls=urls)
+            if warmup:
+                self._detector.warmup(warmup)
         except ConfigError as error:
             self._send(("load failed", "config", error.problems))
             return False
