@@ -263,6 +263,20 @@ def published_detections(broker: EmbeddedBroker, topic: str, expected: int) -> F
     return found
 
 
+def publish_clips(broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory, name: str,
+                  before_stop: Callable[[Pipeline], object] | None = None,
+                  **sections: Any) -> tuple[Pipeline, Found]:
+    """The session's two clips through a pipeline with `sections` of config, to a topic of their own: every
+    frame read is published, and each frame's detections are read back (to compare two ways of running)."""
+    streams = [{"id": f"cam-{clip}", "url": str(path), "realtime": False} for clip, path in clips.items()]
+    topic = unused_topic(name)
+    pipeline = run_to_completion(make_config(streams, broker.bootstrap_servers, topic, **sections),
+                                 before_stop=before_stop)
+    totals = pipeline.ledger.overall()
+    assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
+    return pipeline, published_detections(broker, topic, 2 * CLIP_FRAMES)
+
+
 def assert_same_detections(found: Found, expected: Found, frames: int) -> None:
     """Two runs over the same clips found the same things in every frame, and found things at all."""
     assert found.keys() == expected.keys() and len(expected) == frames

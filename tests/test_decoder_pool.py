@@ -21,9 +21,7 @@ from tests.conftest import (
     CLIP_FRAMES,
     ConfigFactory,
     assert_same_detections,
-    published_detections,
-    run_to_completion,
-    unused_topic,
+    publish_clips,
 )
 
 
@@ -123,15 +121,10 @@ def test_a_file_that_cannot_be_opened_is_refused_by_the_worker(pool: DecoderPool
 
 def test_decoder_processes_give_the_detections_of_the_in_process_path_and_account_for_every_frame(
         broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> None:
-    streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
     results = {}
     for processes in (0, 2):
-        topic = unused_topic(f"decoders-{processes}")
-        pipeline = run_to_completion(make_config(streams, broker.bootstrap_servers, topic,
-                                                 decoding={"processes": processes}))
-        totals = pipeline.ledger.overall()
-        assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
-        results[processes] = published_detections(broker, topic, 2 * CLIP_FRAMES)
+        pipeline, results[processes] = publish_clips(broker, clips, make_config, f"decoders-{processes}",
+                                                     decoding={"processes": processes})
         if processes:
             assert pipeline._decoders is not None and not pipeline._decoders.pids, "workers stop with vap"
     assert_same_detections(results[2], results[0], 2 * CLIP_FRAMES)

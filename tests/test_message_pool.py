@@ -34,9 +34,7 @@ from tests.conftest import (
     ConfigFactory,
     assert_same_detections,
     http_call,
-    published_detections,
-    run_to_completion,
-    unused_topic,
+    publish_clips,
     wait_for,
 )
 from tests.fakes import Stages, make_result
@@ -288,18 +286,13 @@ def status_into(statuses: list[dict[str, Any]], pipeline: Pipeline) -> None:
 
 def test_a_pipeline_with_message_workers_publishes_what_one_without_them_publishes(
         broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> None:
-    streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
     results = {}
     statuses: list[dict[str, Any]] = []
     for processes in (0, 2):
-        topic = unused_topic(f"message-workers-{processes}")
-        pipeline = run_to_completion(make_config(streams, broker.bootstrap_servers, topic,
-                                                 analytics={"message_processes": processes}),
-                                     before_stop=functools.partial(status_into, statuses))
+        pipeline, results[processes] = publish_clips(
+            broker, clips, make_config, f"message-workers-{processes}",
+            before_stop=functools.partial(status_into, statuses), analytics={"message_processes": processes})
         assert statuses[-1]["helper_processes"].get("message processes", 0) == processes
-        totals = pipeline.ledger.overall()
-        assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
-        results[processes] = published_detections(broker, topic, 2 * CLIP_FRAMES)
         workers = pipeline.analytics.messages if pipeline.analytics is not None else None
         if processes:
             assert workers is not None and workers.frames_in_workers == 2 * CLIP_FRAMES

@@ -35,8 +35,7 @@ from tests.conftest import (
     ConfigFactory,
     assert_same_detections,
     metric_value,
-    published_detections,
-    run_to_completion,
+    publish_clips,
     scrape,
     stop_with_sigterm,
     unused_topic,
@@ -202,15 +201,10 @@ def test_a_model_the_child_cannot_load_fails_as_loading_it_here_does(model_confi
 
 def test_a_pipeline_with_the_model_in_its_own_process_publishes_what_the_in_process_one_does(
         broker: EmbeddedBroker, clips: dict[str, Path], make_config: ConfigFactory) -> None:
-    streams = [{"id": f"cam-{name}", "url": str(path), "realtime": False} for name, path in clips.items()]
     results = {}
     for own_process in (False, True):
-        topic = unused_topic(f"inference-process-{own_process}")
-        pipeline = run_to_completion(make_config(streams, broker.bootstrap_servers, topic,
-                                                 model={"inference_process": own_process}))
-        totals = pipeline.ledger.overall()
-        assert totals.read == totals.published == 2 * CLIP_FRAMES and totals.in_flight == 0
-        results[own_process] = published_detections(broker, topic, 2 * CLIP_FRAMES)
+        pipeline, results[own_process] = publish_clips(broker, clips, make_config, f"inference-process-{own_process}",
+                                                       model={"inference_process": own_process})
         detector = pipeline.workers[0].detector
         assert isinstance(detector, ProcessDetector) == own_process
         if own_process:
