@@ -83,6 +83,30 @@ def wait_until_ready(ready: Callable[[], int], wanted: int, kind: str, meanwhile
     log.warning("the %ss were not ready within %.0f s; %s", kind, _READY_WAIT_S, meanwhile)
 
 
+class RestartPause:
+    """When a replaced helper's successor may start: at once the first time, then after a pause that doubles
+    while successors die before they are ready, so a helper that cannot start does not spin."""
+
+    def __init__(self) -> None:
+        self.start_after = 0.0
+        self._pause_s = _FIRST_PAUSE_S
+
+    @property
+    def due(self) -> bool:
+        return time.monotonic() >= self.start_after
+
+    def replaced(self) -> float:
+        """The pause before the successor starts, from now."""
+        pause = self._pause_s
+        self.start_after = time.monotonic() + pause
+        self._pause_s = min(pause * 2, _LONGEST_PAUSE_S)
+        return pause
+
+    def ready(self) -> None:
+        """The helper got ready: its next replacement starts after the first pause again."""
+        self._pause_s = _FIRST_PAUSE_S
+
+
 class WorkerProcess:
     """A helper process and the pipeline's end of its socket."""
 
@@ -134,8 +158,7 @@ class WorkerProcesses(Generic[W]):
         it is replaced ("its batches are traced in the pipeline's process")."""
         self._workers: list[W | None] = [None] * processes
         self._start = start
-        self._start_after = [0.0] * processes
-        self._pause_s = [_FIRST_PAUSE_S] * processes
+        self._pauses = [RestartPause() for _ in range(processes)]
         self._kind = kind
         self._meanwhile = meanwhile
         self.lock = threading.Lock()
@@ -158,12 +181,12 @@ class WorkerProcesses(Generic[W]):
         ready = []
         for index, worker in enumerate(self._workers):
             if worker is None:
-                if time.monotonic() >= self._start_after[index]:
+                if self._pauses[index].due:
                     self._workers[index] = self._start()
                 continue
             try:
                 if worker.check_ready():
-                    self._pause_s[index] = _FIRST_PAUSE_S
+                    self._pauses[index].ready()
                     ready.append((index, worker))
                 elif worker.process.poll() is not None:
                     self.replace(index, f"exited with status {worker.process.returncode}")
@@ -179,9 +202,7 @@ class WorkerProcesses(Generic[W]):
             return
         self._workers[index] = None
         self.replacements += 1
-        pause = self._pause_s[index]
-        self._start_after[index] = time.monotonic() + pause
-        self._pause_s[index] = min(pause * 2, _LONGEST_PAUSE_S)
+        pause = self._pauses[index].replaced()
         log.warning("%s %d (pid %d) %s; %s until a new one starts in %.0f s", self._kind, index, worker.process.pid,
                     why, self._meanwhile, pause)
         worker.stop(0.0)

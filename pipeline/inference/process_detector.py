@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.children import QUIT_WAIT_S, WorkerProcess, bootstrap_for
+from pipeline.children import QUIT_WAIT_S, RestartPause, WorkerProcess, bootstrap_for
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, ModelMismatch
 from pipeline.frames import Frame, FrameResult, Image, host_image, pack_detections, unpack_detections
@@ -63,8 +63,6 @@ _BOOTSTRAP = bootstrap_for("pipeline.inference.process_detector")
 _LOAD_S = 900.0  # an INT8 model is quantized on first use, which takes minutes on a small CPU
 _REPLY_S = 60.0  # a batch takes milliseconds on a GPU and seconds at most on a CPU
 _READY_WAIT_S = 1.0  # how long a batch waits for a replacement to load before it fails
-_FIRST_PAUSE_S = 1.0
-_LONGEST_PAUSE_S = 60.0
 _SLOTS = 4  # the inference worker holds at most three batches: submitting, handed over, collecting
 _SMALLEST_INBOX = 1 << 20
 
@@ -125,8 +123,7 @@ class ProcessDetector:
         self._inboxes: list[mmap.mmap | None] = [None] * _SLOTS
         self._descriptors = [-1] * _SLOTS
         self._requests = 0
-        self._start_after = 0.0
-        self._pause_s = _FIRST_PAUSE_S
+        self._restart = RestartPause()
         self._closed = False
         self._share_device_frames = True
         self._polygons = _ChildPolygonWorkers() if config.polygon_processes else None
@@ -304,17 +301,17 @@ class ProcessDetector:
         with self._lock:
             if self._closed:
                 raise InferenceProcessFailed("the detector is closed")
-            child, due_in = self._child, self._start_after - time.monotonic()
+            child, due_in = self._child, self._restart.start_after - time.monotonic()
         if child is None:
             time.sleep(max(0.0, min(due_in, _READY_WAIT_S)))
             with self._lock:
-                if self._child is None and not self._closed and time.monotonic() >= self._start_after:
+                if self._child is None and not self._closed and self._restart.due:
                     self._child = _Child(self.replacements)
                     self._child.connection.send(self._load_message)
                 child = self._child
             if child is None:
                 raise InferenceProcessFailed(f"the inference process is being replaced; the next starts in "
-                                             f"{max(0.0, self._start_after - time.monotonic()):.0f} s")
+                                             f"{max(0.0, self._restart.start_after - time.monotonic()):.0f} s")
         if not child.ready:
             self._wait_loaded(child, max(0.0, deadline - time.monotonic()), first=False)
         return child
@@ -328,7 +325,7 @@ class ProcessDetector:
                 if answer[0] == "loaded":
                     child.ready = True
                     with self._lock:
-                        self._pause_s = _FIRST_PAUSE_S
+                        self._restart.ready()
                     warmed = self._load_message[-1]
                     log.info("the model runs in process %d on %s%s", child.process.pid, self.device,
                              f", warmed up for batches of {', '.join(map(str, warmed))}" if warmed else "")
@@ -355,9 +352,7 @@ class ProcessDetector:
                 return
             self._child = None
             self.replacements += 1
-            pause = self._pause_s
-            self._start_after = time.monotonic() + pause
-            self._pause_s = min(pause * 2, _LONGEST_PAUSE_S)
+            pause = self._restart.replaced()
             if self._polygons is not None:
                 self._polygons.child_gone()
         log.warning("the inference process on %s (pid %d) %s; its batches are lost, and a new one starts in %.0f s",
