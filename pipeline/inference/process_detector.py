@@ -118,8 +118,9 @@ class ProcessDetector:
         self.device = device
         self._load_message: tuple[Any, ...] = ("load", config, device, max_batch, list(calibration_urls), [])
         self._lock = threading.Lock()
-        self._slots_free = threading.Semaphore(_SLOTS)
-        self._free_slots = list(range(_SLOTS))
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for slot in range(_SLOTS):
+            self._free_slots.put(slot)
         self._inboxes: list[mmap.mmap | None] = [None] * _SLOTS
         self._descriptors = [-1] * _SLOTS
         self._requests = 0
@@ -159,10 +160,11 @@ class ProcessDetector:
     def submit(self, frames: Sequence[Frame]) -> _Request:
         child = self._ready_child()
         images = [self._image_to_send(frame.image) for frame in frames]
-        if not self._slots_free.acquire(timeout=_REPLY_S):
-            raise InferenceProcessFailed("no inbox came free: batches were submitted and never collected")
+        try:
+            slot = self._free_slots.get(timeout=_REPLY_S)
+        except queue.Empty:
+            raise InferenceProcessFailed("no inbox came free: batches were submitted and never collected") from None
         with self._lock:
-            slot = self._free_slots.pop()
             self._requests += 1
             request = _Request(self._requests, frames, slot, child.generation)
         try:
@@ -203,7 +205,7 @@ class ProcessDetector:
         """Waits up to `QUIT_WAIT_S` for the batches in flight to be collected (the worker's finisher may still
         be on one when its inference thread closes the detector), then stops the child."""
         deadline = time.monotonic() + QUIT_WAIT_S
-        while len(self._free_slots) < _SLOTS and self._child is not None and time.monotonic() < deadline:
+        while self._free_slots.qsize() < _SLOTS and self._child is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         with self._lock:
             self._closed = True
@@ -267,9 +269,7 @@ class ProcessDetector:
             os.close(descriptor)
 
     def _release(self, request: _Request) -> None:
-        with self._lock:
-            self._free_slots.append(request.slot)
-        self._slots_free.release()
+        self._free_slots.put(request.slot)
 
     def _answer_to(self, request: _Request) -> tuple[Any, ...]:
         """The child's answer to `request`; answers come in order, so earlier ones (of batches already failed
