@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
+import os
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Generic, Protocol, TypeVar
 
 
@@ -60,6 +63,33 @@ def end_child(process: subprocess.Popen[bytes], wait_s: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(1.0)
+
+
+def new_inbox(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """Memory a helper maps too, to pass it a batch's pixels without pickling them: a memfd, whose descriptor
+    `send_inbox` hands over and the caller closes once no helper needs it any more."""
+    descriptor = os.memfd_create(name)
+    try:
+        os.ftruncate(descriptor, size)
+        return descriptor, mmap.mmap(descriptor, size)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def send_inbox(connection: Connection, pid: int, header: tuple[Any, ...], descriptor: int) -> None:
+    """`header` (which says the size, and whatever else the helper needs to place it), then the descriptor."""
+    connection.send(header)
+    send_handle(connection, descriptor, pid)
+
+
+def receive_inbox(connection: Connection, size: int) -> mmap.mmap:
+    """The helper's side of `send_inbox`, once it has read the header."""
+    descriptor = recv_handle(connection)
+    try:
+        return mmap.mmap(descriptor, size)
+    finally:
+        os.close(descriptor)
 
 
 log = logging.getLogger(__name__)

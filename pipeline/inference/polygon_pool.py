@@ -31,13 +31,12 @@ import os
 import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for
+from pipeline.children import WorkerProcess, WorkerProcesses, bootstrap_for, new_inbox, receive_inbox, send_inbox
 from pipeline.frames import Detections, frame_groups, pack_detections, unpack_detections
 from pipeline.inference.postprocess import BatchDetections, frame_detections, window_bounds
 from pipeline.inference.preprocess import Letterbox
@@ -69,12 +68,9 @@ class _PolygonWorker(WorkerProcess):
         self.connection.send(("trace", rows, image_index, windows, pixels.nbytes, plan))
 
     def _new_inbox(self, size: int) -> None:
-        descriptor = os.memfd_create("vap-polygon-inbox")
+        descriptor, inbox = new_inbox("vap-polygon-inbox", size)
         try:
-            os.ftruncate(descriptor, size)
-            inbox = mmap.mmap(descriptor, size)
-            self.connection.send(("inbox", size))
-            send_handle(self.connection, descriptor, self.process.pid)
+            send_inbox(self.connection, self.process.pid, ("inbox", size), descriptor)
         finally:
             os.close(descriptor)
         self._close_inbox()
@@ -189,11 +185,9 @@ def _serve(connection: Connection) -> None:
         while True:
             message: Any = connection.recv()
             if message[0] == "inbox":
-                descriptor = recv_handle(connection)
                 if inbox is not None:
                     inbox.close()
-                inbox = mmap.mmap(descriptor, message[1])
-                os.close(descriptor)
+                inbox = receive_inbox(connection, message[1])
                 continue
             if message[0] != "trace" or inbox is None:
                 return

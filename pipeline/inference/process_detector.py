@@ -47,12 +47,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 
-from pipeline.children import QUIT_WAIT_S, RestartPause, WorkerProcess, bootstrap_for
+from pipeline.children import (
+    QUIT_WAIT_S,
+    RestartPause,
+    WorkerProcess,
+    bootstrap_for,
+    new_inbox,
+    receive_inbox,
+    send_inbox,
+)
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, ModelMismatch
 from pipeline.frames import Frame, FrameResult, Image, host_image, pack_detections, unpack_detections
@@ -249,13 +256,10 @@ class ProcessDetector:
         inbox = self._inboxes[slot]
         if inbox is None or len(inbox) < needed:
             self._close_inbox(slot)
-            self._descriptors[slot] = descriptor = os.memfd_create(f"vap-inference-inbox-{slot}")
-            size = max(2 * needed, _SMALLEST_INBOX)
-            os.ftruncate(descriptor, size)
-            self._inboxes[slot] = inbox = mmap.mmap(descriptor, size)
+            self._descriptors[slot], inbox = new_inbox(f"vap-inference-inbox-{slot}", max(2 * needed, _SMALLEST_INBOX))
+            self._inboxes[slot] = inbox
         if child.inboxes[slot] is not inbox:
-            child.connection.send(("inbox", slot, len(inbox)))
-            send_handle(child.connection, self._descriptors[slot], child.process.pid)
+            send_inbox(child.connection, child.process.pid, ("inbox", slot, len(inbox)), self._descriptors[slot])
             child.inboxes[slot] = inbox
         return inbox
 
@@ -443,10 +447,8 @@ class _Server:
         return True
 
     def _map_inbox(self, slot: int, size: int) -> None:
-        descriptor = recv_handle(self._connection)
         old = self._inboxes[slot]
-        self._inboxes[slot] = mmap.mmap(descriptor, size)
-        os.close(descriptor)
+        self._inboxes[slot] = receive_inbox(self._connection, size)
         if old is not None:
             with contextlib.suppress(BufferError):
                 old.close()
